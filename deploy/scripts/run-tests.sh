@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Everything the test suite needs, on a fresh machine: Mosquitto (the wire tests start
+# their own broker on a free port), a virtual environment with the dev extras, pytest.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    echo "installing Mosquitto (apt-get)..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".[dev]"
+exec .venv/bin/python -m pytest "$@"

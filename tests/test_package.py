@@ -1,0 +1,52 @@
+"""Package-level contracts: public names are pinned; the edge stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import plasma.protocol
+
+PROTOCOL_NAMES = {
+    "SCHEMA_VERSION", "SLOTS", "DEFAULT_MAX_PACKET_BYTES",
+    "AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason", "SimulationResult",
+    "Slot", "StateTrace", "Status", "Verdict", "WorldState", "new_id",
+    "Adapter", "adapter_from_arrays", "load_adapter_npz", "save_adapter_npz",
+    "DecodedPacket", "decode_packet", "encode_packet", "peek_header",
+    "check_base_model", "check_expiry", "check_layers", "check_target", "check_version",
+    "TraceBatch", "decode_traces", "encode_traces",
+    "SigningKey", "TrustStore", "key_id_of", "load_public_key", "topics",
+    "PlasmaError", "PacketError", "PacketTooLarge", "PacketTruncated", "PacketBadMagic",
+    "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",
+    "SignatureUnknownKey", "SignatureInvalid", "PayloadDigestMismatch", "HeaderInvalid",
+    "PayloadInvalid", "TelemetryError", "TopicError", "KeyFileError", "AdapterFileError",
+}
+
+
+def test_protocol_public_names_are_pinned() -> None:
+    assert set(plasma.protocol.__all__) == PROTOCOL_NAMES
+    for name in PROTOCOL_NAMES:
+        assert hasattr(plasma.protocol, name), name
+
+
+FORBIDDEN_ON_EDGE = ("plasma.server", "onnx", "onnxruntime.quantization", "gymnasium", "torch",
+                     "matplotlib", "amqtt")
+
+
+def test_edge_import_stays_light() -> None:
+    """Importing every edge module must not load server code, onnx or gymnasium."""
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        "import plasma.edge\n"
+        "for m in pkgutil.iter_modules(plasma.edge.__path__):\n"
+        "    if m.name != 'bench':\n"  # benchmarks build models with the server exporter
+        "        importlib.import_module('plasma.edge.' + m.name)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    loaded = set(json.loads(out.stdout))
+    bad = sorted(m for m in loaded for f in FORBIDDEN_ON_EDGE if m == f or m.startswith(f + "."))
+    assert not bad, f"plasma.edge loaded server-only modules: {bad}"
+    assert "onnxruntime" in loaded or "plasma.edge.policy" not in loaded
