@@ -1,0 +1,257 @@
+"""Server base policies: an MPPI expert on the true simulator, cloned into an MLP with DAgger."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .phantom import PlannerConfig, SimDynamics, mppi_plan, policy_plan
+from .policy_net import Adam, LoRA, MLPPolicy
+from .tasks import TaskSpec, get_task, make_env
+
+log = logging.getLogger(__name__)
+
+PolicyFn = Callable[[np.ndarray], np.ndarray]
+"""obs (batch, obs_dim) -> actions (batch, act_dim)."""
+
+EVAL_SEED0 = 10_000
+"""First of the fixed evaluation seeds (training never resets with seeds in this range)."""
+
+
+@dataclass
+class TrainBaseConfig:
+    """``plasma-server train-base``: train an MLP policy at given physics and export a bundle."""
+
+    env_id: str = "Pendulum-v1"
+    """Gymnasium id of a task in ``plasma.server.tasks.TASKS``."""
+    physics: dict[str, float] = field(default_factory=dict)
+    """Physics overrides (e.g. {"m": 1.6, "g": 12.0}); empty = defaults."""
+    out_dir: str | None = None
+    """Bundle directory to export to (None: do not export)."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Hidden widths of the policy MLP."""
+    expert_episodes: int = 16
+    """Episodes of receding-horizon MPPI on the true simulator, run as one batch."""
+    expert_iterations: int = 2
+    """MPPI refinements per control step in the expert (warm-started plans need few)."""
+    dagger_iters: int = 3
+    """DAgger rounds: roll the MLP, relabel its states with the planner, refit."""
+    dagger_episodes: int = 16
+    """Policy episodes per DAgger round (batched on the true simulator)."""
+    label_states: int = 2000
+    """States relabelled per DAgger round."""
+    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(candidates=128, horizon=30, iterations=4))
+    """MPPI settings used for labelling (and, with ``expert_iterations``, for the expert)."""
+    bc_steps: int = 1500
+    """Adam steps of behaviour cloning per fit."""
+    batch_size: int = 256
+    """Behaviour-cloning minibatch."""
+    lr: float = 3e-3
+    """Behaviour-cloning learning rate."""
+    eval_episodes: int = 10
+    """Evaluation episodes on the real gym env, seeds EVAL_SEED0 ... EVAL_SEED0 + n - 1."""
+    seed: int = 0
+    """Seed for init, sampling and training resets."""
+
+
+def evaluate(act: PolicyFn, env_id: str, physics: Mapping[str, float] | None, episodes: int = 10,
+             seed0: int = EVAL_SEED0) -> dict[str, Any]:
+    """Mean return over fixed seeds on the real gym env; all episodes step in lock-step as one batch."""
+    envs = [make_env(env_id, physics) for _ in range(episodes)]
+    obs = np.stack([e.reset(seed=seed0 + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
+    returns = np.zeros(episodes)
+    done = np.zeros(episodes, bool)
+    while not done.all():
+        actions = act(obs)
+        for i, e in enumerate(envs):
+            if done[i]:
+                continue
+            o, r, term, trunc, _ = e.step(actions[i])
+            returns[i] += r
+            obs[i] = o
+            done[i] = term or trunc
+    return {"mean": float(returns.mean()), "std": float(returns.std()),
+            "sem": float(returns.std() / np.sqrt(episodes)), "returns": returns.tolist()}
+
+
+def collect(act: PolicyFn, env_id: str, physics: Mapping[str, float] | None, episodes: int, seed0: int,
+            noise: float = 0.0, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Real transitions of ``episodes`` lock-stepped episodes: obs, act, rew, next_obs (flat) and returns."""
+    task = get_task(env_id)
+    rng = rng or np.random.default_rng(seed0)
+    envs = [make_env(env_id, physics) for _ in range(episodes)]
+    obs = np.stack([e.reset(seed=seed0 + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
+    rows: dict[str, list[np.ndarray]] = {"obs": [], "act": [], "rew": [], "next_obs": []}
+    returns = np.zeros(episodes)
+    alive = np.ones(episodes, bool)
+    sigma = noise * 0.5 * (task.act_high - task.act_low)
+    while alive.any():
+        a = act(obs)
+        if noise > 0:
+            a = np.clip(a + sigma * rng.standard_normal(a.shape), task.act_low, task.act_high).astype(np.float32)
+        for i, e in enumerate(envs):
+            if not alive[i]:
+                continue
+            o, r, term, trunc, _ = e.step(a[i])
+            rows["obs"].append(obs[i].copy())
+            rows["act"].append(a[i].copy())
+            rows["rew"].append(np.float32(r))
+            rows["next_obs"].append(np.asarray(o, np.float32))
+            returns[i] += r
+            obs[i] = o
+            alive[i] = not (term or trunc)
+    out = {k: np.asarray(v, np.float32) for k, v in rows.items()}
+    out["returns"] = returns
+    return out
+
+
+def behaviour_clone(policy: MLPPolicy, obs: np.ndarray, labels: np.ndarray, steps: int, batch: int, lr: float,
+                    rng: np.random.Generator) -> float:
+    """Fit all policy weights to planner labels by MSE in half-range-normalized action units."""
+    opt = Adam(policy.params(), lr=lr)
+    half = 0.5 * (policy.act_high - policy.act_low)
+    loss = 0.0
+    for i in range(steps):
+        idx = rng.integers(0, len(obs), min(batch, len(obs)))
+        a, cache = policy.forward_cache(obs[idx])
+        err = (a - labels[idx]) / half  # (batch, act_dim)
+        loss = float(np.mean(err**2))
+        grads, _ = policy.backward(cache, 2 * err / half / err.size)
+        for g_i, g in enumerate(grads):
+            grads[g_i] = g.astype(np.float32)
+        opt.lr = lr * (1 - i / steps) + 1e-4  # linear decay
+        opt.step(grads)
+    return loss
+
+
+def _reset_states(task: TaskSpec, physics: Mapping[str, float], n: int, seed0: int) -> np.ndarray:
+    envs = [make_env(task.env_id, physics) for _ in range(1)]
+    return np.stack([envs[0].reset(seed=seed0 + i)[0] for i in range(n)]).astype(np.float32)
+
+
+def mppi_expert(task: TaskSpec, physics: Mapping[str, float], start: np.ndarray, steps: int, cfg: PlannerConfig,
+                iterations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Receding-horizon MPPI on the true simulator for a batch of episodes.
+
+    Returns visited obs (steps, E, od), actions (steps, E, ad), and returns (E,)."""
+    dyn = SimDynamics(task, physics)
+    step_cfg = PlannerConfig(**{**cfg.__dict__, "iterations": iterations})
+    plan = np.zeros((len(start), cfg.horizon, task.act_dim), np.float32)
+    obs = start.astype(np.float32)
+    all_obs, all_act, ret = [], [], np.zeros(len(start))
+    for _ in range(steps):
+        res = mppi_plan(dyn, task, obs, plan, step_cfg, rng)
+        act = res.actions
+        all_obs.append(obs)
+        all_act.append(act)
+        nxt = task.sim_step(obs, act, task.physics(physics))  # type: ignore[misc]
+        ret += task.reward(obs, act, nxt)  # type: ignore[misc]
+        obs = nxt.astype(np.float32)
+        plan = np.concatenate([res.plan[:, 1:], res.plan[:, -1:]], axis=1)  # shift the warm start
+    return np.stack(all_obs), np.stack(all_act), ret
+
+
+def sim_rollout_states(task: TaskSpec, physics: Mapping[str, float], policy: MLPPolicy, lora: LoRA | None,
+                       start: np.ndarray, steps: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """States visited by the policy on the true simulator: (steps * E, obs_dim)."""
+    obs = start.astype(np.float32)
+    sigma = noise * 0.5 * (task.act_high - task.act_low)
+    out = []
+    for _ in range(steps):
+        out.append(obs)
+        a = policy.forward(obs, lora)
+        a = np.clip(a + sigma * rng.standard_normal(a.shape), task.act_low, task.act_high)
+        obs = task.sim_step(obs, a, task.physics(physics)).astype(np.float32)  # type: ignore[misc]
+    return np.concatenate(out)
+
+
+def train_policy(cfg: TrainBaseConfig) -> tuple[MLPPolicy, dict[str, Any]]:
+    """MPPI expert on the true simulator -> behaviour cloning -> DAgger. No gym env in the loop."""
+    task = get_task(cfg.env_id)
+    if task.sim_step is None or task.reward is None:
+        raise ValueError(f"{cfg.env_id}: train-base needs a vectorized simulator and a known reward")
+    physics = task.physics(cfg.physics)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    start = _reset_states(task, physics, cfg.expert_episodes, seed0=cfg.seed * 1000)
+    e_obs, e_act, e_ret = mppi_expert(task, physics, start, task.episode_steps, cfg.planner,
+                                      cfg.expert_iterations, rng)
+    data_obs = e_obs.reshape(-1, task.obs_dim)
+    data_act = e_act.reshape(-1, task.act_dim)
+    log.info("expert: mean return %.1f on the true simulator (%.1fs)", e_ret.mean(), time.perf_counter() - t0)
+    policy = MLPPolicy.init(task.obs_dim, task.act_dim, cfg.hidden, obs_mean=task.obs_mean, obs_std=task.obs_std,
+                            act_low=task.act_low, act_high=task.act_high, seed=cfg.seed)
+    loss = behaviour_clone(policy, data_obs, data_act, cfg.bc_steps, cfg.batch_size, cfg.lr, rng)
+    dyn = SimDynamics(task, physics)
+    for it in range(cfg.dagger_iters):
+        start = _reset_states(task, physics, cfg.dagger_episodes, seed0=cfg.seed * 1000 + 100 * (it + 1))
+        states = sim_rollout_states(task, physics, policy, None, start, task.episode_steps, 0.1, rng)
+        states = states[rng.choice(len(states), min(cfg.label_states, len(states)), replace=False)]
+        prior = policy_plan(dyn, task, policy, None, states, cfg.planner.horizon)
+        labels = mppi_plan(dyn, task, states, prior, cfg.planner, rng).actions
+        data_obs = np.concatenate([data_obs, states])
+        data_act = np.concatenate([data_act, labels])
+        loss = behaviour_clone(policy, data_obs, data_act, cfg.bc_steps, cfg.batch_size, cfg.lr, rng)
+        log.info("dagger %d: %d labels, bc loss %.4f (%.1fs)", it, len(data_obs), loss, time.perf_counter() - t0)
+    info = {"expert_return_sim": float(e_ret.mean()), "bc_loss": loss, "labels": len(data_obs),
+            "train_s": time.perf_counter() - t0}
+    return policy, info
+
+
+def export_policy(policy: MLPPolicy, out_dir: str | Path, task: TaskSpec, physics: Mapping[str, float],
+                  meta: Mapping[str, Any] | None = None) -> Path:
+    """Write a bundle with helper-1's exporter, plus our own ``policy.npz`` beside it."""
+    from .export import export_bundle
+
+    out = export_bundle(Path(out_dir), policy.layers, obs_mean=policy.obs_mean, obs_std=policy.obs_std,
+                        act_low=policy.act_low, act_high=policy.act_high, hidden_activation="tanh",
+                        obs_low=task.obs_low, obs_high=task.obs_high, env_id=task.env_id,
+                        physics=dict(physics), meta=dict(meta or {}))
+    policy.save_npz(Path(out) / "policy.npz")
+    return Path(out)
+
+
+def train_base(cfg: TrainBaseConfig) -> dict[str, Any]:
+    """Train, evaluate on the real gym env over fixed seeds, and export a bundle if ``out_dir`` is set."""
+    policy, info = train_policy(cfg)
+    score = evaluate(policy.forward, cfg.env_id, cfg.physics, cfg.eval_episodes)
+    result: dict[str, Any] = {"env_id": cfg.env_id, "physics": dict(cfg.physics), "mean_return": score["mean"],
+                              "std_return": score["std"], "eval_episodes": cfg.eval_episodes,
+                              "eval_seed0": EVAL_SEED0, **info}
+    log.info("base policy %s %s: mean return %.1f +- %.1f", cfg.env_id, cfg.physics, score["mean"], score["sem"])
+    if cfg.out_dir:
+        task = get_task(cfg.env_id)
+        result["bundle"] = str(export_policy(policy, cfg.out_dir, task, task.physics(cfg.physics),
+                                             meta={"train": "mppi-expert+dagger", "mean_return": score["mean"]}))
+    result["policy"] = policy
+    return result
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "plasma"
+
+
+def physics_key(env_id: str, physics: Mapping[str, float], hidden: Sequence[int], seed: int) -> str:
+    parts = [env_id] + [f"{k}={float(v):g}" for k, v in sorted(physics.items())]
+    return "_".join(parts + ["h" + "x".join(map(str, hidden)), f"s{seed}"]).replace("/", "-")
+
+
+def cached_policy(cfg: TrainBaseConfig, cache_dir: str | Path | None = None) -> tuple[MLPPolicy, dict[str, Any]]:
+    """``train_policy`` with its result cached under ``cache_dir`` keyed by env, physics, width and seed."""
+    import json
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    d = root / physics_key(cfg.env_id, cfg.physics, cfg.hidden, cfg.seed)
+    if (d / "policy.npz").exists() and (d / "info.json").exists():
+        return MLPPolicy.load_npz(d / "policy.npz"), json.loads((d / "info.json").read_text())
+    policy, info = train_policy(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    policy.save_npz(d / "policy.npz")
+    (d / "info.json").write_text(json.dumps(info))
+    return policy, info

@@ -1,0 +1,284 @@
+"""Server stage 3: world model + policy -> batched phantom paths and planner actions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .policy_net import LoRA, MLPPolicy
+from .tasks import TaskSpec
+from .worldmodel import WorldModel, WorldModelConfig
+
+
+class Dynamics(Protocol):
+    """Anything that steps a batch with one of ``n_members`` models (the ensemble or the true sim)."""
+
+    n_members: int
+
+    def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """obs (batch, obs_dim), act (batch, act_dim) -> next target (batch, obs_dim [+1 reward])."""
+        ...
+
+
+@dataclass
+class SimDynamics:
+    """The true simulator as a one-member ``Dynamics`` (base/oracle training and tests only)."""
+
+    task: TaskSpec
+    physics: Mapping[str, float]
+    n_members: int = 1
+
+    def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        if self.task.sim_step is None:
+            raise ValueError(f"{self.task.env_id} has no vectorized simulator")
+        return self.task.sim_step(obs, act, self.task.physics(self.physics))
+
+
+class ModelDynamics:
+    """A ``WorldModel`` seen as ``Dynamics``: member i is one ensemble member."""
+
+    def __init__(self, model: WorldModel) -> None:
+        self.model = model
+        self.n_members = len(model.members)
+
+    def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        return self.model.step_member(member, obs, act)
+
+
+def member_blocks(n_paths: int, n_members: int) -> list[tuple[int, slice]]:
+    """TS-inf assignment: path p uses member p * n_members // n_paths, as contiguous slices.
+
+    Contiguous blocks keep every member a plain 2-D matmul on a view (no gather): measured
+    (DESIGN.md 7) about 5x faster than one 3-D np.matmul over members."""
+    edges = [(m * n_paths) // n_members for m in range(n_members + 1)]
+    return [(m, slice(edges[m], edges[m + 1])) for m in range(n_members) if edges[m + 1] > edges[m]]
+
+
+def step_paths(dyn: Dynamics, task: TaskSpec, obs: np.ndarray, act: np.ndarray,
+               blocks: list[tuple[int, slice]]) -> tuple[np.ndarray, np.ndarray]:
+    """One step of every path: obs (paths, obs_dim), act (paths, act_dim) -> next_obs, reward (paths,)."""
+    out = np.empty((len(obs), task.obs_dim + (0 if task.reward is not None else 1)), np.float32)
+    for member, sl in blocks:
+        out[sl] = dyn.step_member(member, obs[sl], act[sl])
+    next_obs = task.project_obs(out[:, : task.obs_dim])
+    if task.reward is not None:
+        rew = task.reward(obs, act, next_obs)
+    else:
+        rew = out[:, task.obs_dim]
+    return next_obs, rew.astype(np.float32)
+
+
+@dataclass
+class PlannerConfig:
+    """MPPI over open-loop action sequences, centred on the policy's own plan."""
+
+    candidates: int = 64
+    """Sampled action sequences per start state."""
+    horizon: int = 30
+    """Planning horizon in steps (Pendulum: 30 steps = 1.5 s, enough to see a swing pay off)."""
+    iterations: int = 3
+    """MPPI refinements per call."""
+    noise_std: float = 0.5
+    """Sampling std as a fraction of the half action range."""
+    kappa: float = 10.0
+    """MPPI inverse temperature on returns rescaled to [0, 1] over the candidates."""
+    discount: float = 1.0
+    """Reward discount inside the horizon."""
+    seed: int = 0
+    """Seed of the sampling noise."""
+
+
+@dataclass
+class PlanResult:
+    """What the planner found for a batch of start states."""
+
+    actions: np.ndarray
+    """(states, act_dim) first action of the refined plan (the label for distillation)."""
+    plan: np.ndarray
+    """(states, horizon, act_dim) refined open-loop plan (to warm-start receding-horizon control)."""
+    plan_return: np.ndarray
+    """(states,) model return of the refined plan."""
+    prior_return: np.ndarray
+    """(states,) model return of the prior (policy) plan."""
+
+
+def _sequence_returns(dyn: Dynamics, task: TaskSpec, start: np.ndarray, seqs: np.ndarray,
+                      discount: float) -> np.ndarray:
+    """Returns of open-loop sequences. start (S, od); seqs (C, S, H, ad) -> (C, S)."""
+    n_cand, n_states, horizon, ad = seqs.shape
+    obs = np.tile(start, (n_cand, 1)).astype(np.float32)  # (C*S, od), candidate-major
+    # Candidate-major layout: member blocks cover whole candidates, so every start state is
+    # planned under every member (TS-inf across candidates).
+    blocks = member_blocks(n_cand * n_states, min(dyn.n_members, n_cand))
+    flat = seqs.reshape(n_cand * n_states, horizon, ad)
+    ret = np.zeros(n_cand * n_states, np.float32)
+    g = 1.0
+    for t in range(horizon):
+        obs, rew = step_paths(dyn, task, obs, flat[:, t], blocks)
+        ret += g * rew
+        g *= discount
+    return ret.reshape(n_cand, n_states)
+
+
+def policy_plan(dyn: Dynamics, task: TaskSpec, policy: MLPPolicy, lora: LoRA | None, start: np.ndarray,
+                horizon: int) -> np.ndarray:
+    """The policy's own action sequence along its mean-model rollout: (S, H, act_dim)."""
+    obs = start.astype(np.float32)
+    blocks = member_blocks(len(obs), dyn.n_members)
+    acts = np.empty((len(obs), horizon, task.act_dim), np.float32)
+    for t in range(horizon):
+        acts[:, t] = policy.forward(obs, lora)
+        obs, _ = step_paths(dyn, task, obs, acts[:, t], blocks)
+    return acts
+
+
+def mppi_plan(dyn: Dynamics, task: TaskSpec, start: np.ndarray, prior: np.ndarray, cfg: PlannerConfig,
+              rng: np.random.Generator | None = None) -> PlanResult:
+    """Refine the prior plans (S, H, ad) from start states (S, od) by MPPI; all states in one batch."""
+    rng = rng or np.random.default_rng(cfg.seed)
+    low, high = task.act_low, task.act_high
+    sigma = cfg.noise_std * 0.5 * (high - low)
+    mean = prior.astype(np.float32).copy()  # (S, H, ad)
+    prior_ret = None
+    for _ in range(cfg.iterations):
+        noise = rng.standard_normal((cfg.candidates, *mean.shape)).astype(np.float32) * sigma
+        noise[0] = 0.0  # candidate 0 is the current mean: the plan never gets worse in the model
+        seqs = np.clip(mean[None] + noise, low, high)  # (C, S, H, ad)
+        ret = _sequence_returns(dyn, task, start, seqs, cfg.discount)  # (C, S)
+        if prior_ret is None:
+            prior_ret = ret[0].copy()
+        spread = ret.max(0) - ret.min(0) + 1e-6
+        w = np.exp(cfg.kappa * (ret - ret.max(0)) / spread)  # (C, S)
+        w /= w.sum(0)
+        mean = np.einsum("cs,csha->sha", w, seqs).astype(np.float32)
+    final = _sequence_returns(dyn, task, start, mean[None], cfg.discount)[0]
+    return PlanResult(mean[:, 0].copy(), mean, final, prior_ret if prior_ret is not None else final)
+
+
+@dataclass
+class PhantomRollout:
+    """Batched phantom paths (the lead wraps this into ``plasma.protocol.SimulationResult``)."""
+
+    obs: np.ndarray
+    """(paths, horizon + 1, obs_dim) observations along each path."""
+    actions: np.ndarray
+    """(paths, horizon, act_dim) actions taken."""
+    rewards: np.ndarray
+    """(paths, horizon) rewards."""
+    returns: np.ndarray
+    """(paths,) undiscounted path returns."""
+    disagreement: np.ndarray
+    """(paths, horizon) ensemble disagreement at each step (zeros if not computed)."""
+    members: np.ndarray
+    """(paths,) ensemble member that drove each path (TS-inf)."""
+
+
+@dataclass
+class PhantomConfig:
+    """Phantom paths: how many, how long, how noisy."""
+
+    paths: int = 1000
+    """Paths per batch."""
+    horizon: int = 30
+    """Steps per path."""
+    action_noise: float = 0.0
+    """Gaussian exploration noise added to policy actions, fraction of the half action range."""
+    with_disagreement: bool = True
+    """Evaluate every member on every path each step to record disagreement (about 5x the compute)."""
+    seed: int = 0
+    """Seed for start-state sampling and noise."""
+
+
+class PhantomPathSimulator:
+    """Rolls a (LoRA-adapted) policy through the world model from real start states."""
+
+    def __init__(self, model: WorldModel, task: TaskSpec, cfg: PhantomConfig | None = None) -> None:
+        self.model = model
+        self.task = task
+        self.cfg = cfg or PhantomConfig()
+        self.dyn = ModelDynamics(model)
+        self.rng = np.random.default_rng(self.cfg.seed)
+
+    def rollout(self, start_pool: np.ndarray, policy: MLPPolicy, lora: LoRA | None = None,
+                paths: int | None = None, horizon: int | None = None) -> PhantomRollout:
+        """Start states are drawn from ``start_pool`` (real observations, (n, obs_dim))."""
+        n = paths or self.cfg.paths
+        h = horizon or self.cfg.horizon
+        task = self.task
+        obs = start_pool[self.rng.integers(0, len(start_pool), n)].astype(np.float32)  # (paths, od)
+        blocks = member_blocks(n, self.dyn.n_members)
+        members = np.empty(n, np.int64)
+        for m, sl in blocks:
+            members[sl] = m
+        out_obs = np.empty((n, h + 1, task.obs_dim), np.float32)
+        out_act = np.empty((n, h, task.act_dim), np.float32)
+        out_rew = np.empty((n, h), np.float32)
+        dis = np.zeros((n, h), np.float32)
+        out_obs[:, 0] = obs
+        sigma = self.cfg.action_noise * 0.5 * (task.act_high - task.act_low)
+        for t in range(h):
+            act = policy.forward(obs, lora)
+            if self.cfg.action_noise > 0:
+                act = np.clip(act + sigma * self.rng.standard_normal(act.shape).astype(np.float32),
+                              task.act_low, task.act_high)
+            if self.cfg.with_disagreement:
+                dis[:, t] = self.model.disagreement(obs, act)
+            obs, rew = step_paths(self.dyn, task, obs, act, blocks)
+            out_act[:, t], out_rew[:, t], out_obs[:, t + 1] = act, rew, obs
+        return PhantomRollout(out_obs, out_act, out_rew, out_rew.sum(1), dis, members)
+
+    def plan(self, states: np.ndarray, policy: MLPPolicy, lora: LoRA | None = None,
+             cfg: PlannerConfig | None = None) -> PlanResult:
+        """Planner actions for visited states (S, obs_dim), with the policy's plan as MPPI prior."""
+        cfg = cfg or PlannerConfig()
+        prior = policy_plan(self.dyn, self.task, policy, lora, states, cfg.horizon)
+        return mppi_plan(self.dyn, self.task, states, prior, cfg, self.rng)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@dataclass
+class PhantomBenchConfig:
+    """``plasma-server bench phantom``: raw batched-rollout throughput."""
+
+    members: int = 5
+    """Ensemble size."""
+    hidden: tuple[int, ...] = (200, 200)
+    """Hidden widths of each member."""
+    paths: int = 1000
+    """Paths per batch."""
+    horizon: int = 30
+    """Steps per path."""
+    repeats: int = 5
+    """Timed repetitions (best is reported)."""
+    env_id: str = "Pendulum-v1"
+    """Task whose dimensions and reward are used."""
+
+
+def bench_phantom(cfg: PhantomBenchConfig | None = None) -> dict[str, float]:
+    """Model steps per second of batched phantom paths through an (untrained) ensemble."""
+    from .tasks import get_task
+
+    cfg = cfg or PhantomBenchConfig()
+    task = get_task(cfg.env_id)
+    model = WorldModel(task.obs_dim, task.act_dim, WorldModelConfig(ensemble_size=cfg.members, hidden=cfg.hidden))
+    policy = MLPPolicy.init(task.obs_dim, task.act_dim, (64, 64), obs_mean=task.obs_mean, obs_std=task.obs_std,
+                            act_low=task.act_low, act_high=task.act_high)
+    rng = np.random.default_rng(0)
+    pool = rng.uniform(task.obs_low, task.obs_high, (4096, task.obs_dim)).astype(np.float32)
+    result: dict[str, float] = {"paths": cfg.paths, "horizon": cfg.horizon, "members": cfg.members}
+    for key, with_dis in (("model_steps_per_s", False), ("model_steps_per_s_with_disagreement", True)):
+        sim = PhantomPathSimulator(model, task, PhantomConfig(cfg.paths, cfg.horizon, with_disagreement=with_dis))
+        best = np.inf
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            sim.rollout(pool, policy)
+            best = min(best, time.perf_counter() - t0)
+        result[key] = cfg.paths * cfg.horizon / best
+        result[key.replace("model_steps_per_s", "rollout_s")] = best
+    return result
