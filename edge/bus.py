@@ -1,0 +1,342 @@
+"""The broker seam: one small Bus interface, paho-mqtt behind it, an in-memory stand-in.
+
+paho is touched here and nowhere else; its failures become ``BusError`` here.
+``MqttBus`` speaks MQTT 5 when the broker does and falls back to 3.1.1 (amqtt, older
+brokers); it keeps a persistent session, resubscribes after every reconnect and lets
+paho reconnect with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from plasma.protocol import PlasmaError
+
+log = logging.getLogger(__name__)
+
+
+class BusError(PlasmaError):
+    code = "bus_error"
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 0
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where and how to connect; parsed once from flags or a config file."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    session_expiry_s: int = 24 * 3600
+    """How long the broker keeps a disconnected client's session (MQTT 5)."""
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: object) -> BrokerConfig:
+        """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (user:password@ allowed)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise BusError(f"broker URL {url!r} must look like mqtt://HOST:PORT or "
+                           "mqtts://HOST:PORT", code="bad_broker_url")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise BusError(f"broker URL {url!r} has a bad port", code="bad_broker_url") from None
+        fields: dict[str, object] = {"host": parts.hostname, "port": port, "tls": tls}
+        if parts.username:
+            fields["username"] = unquote(parts.username)
+        if parts.password:
+            fields["password"] = unquote(parts.password)
+        fields.update({k: v for k, v in kwargs.items() if v is not None})
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+Handler = Callable[[Message], None]
+
+
+class Bus:
+    """What the rest of Plasma needs from a broker. Handlers run on the bus thread."""
+
+    def connect(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        raise NotImplementedError
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        raise NotImplementedError
+
+    @property
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def protocol(self) -> str:
+        """"5" or "3.1.1" once connected."""
+        raise NotImplementedError
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT wildcard matching (``+`` one level, ``#`` the rest; ``$share/G/`` stripped)."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]
+    f_parts, t_parts = topic_filter.split("/"), topic.split("/")
+    for i, part in enumerate(f_parts):
+        if part == "#":
+            return True
+        if i >= len(t_parts) or (part != "+" and part != t_parts[i]):
+            return False
+    return len(f_parts) == len(t_parts)
+
+
+@dataclass
+class _Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class MqttBus(Bus):
+    """paho-mqtt 2.x client with CallbackAPIVersion.VERSION2."""
+
+    def __init__(self, config: BrokerConfig, client_id: str | None = None,
+                 will: tuple[str, bytes] | None = None, clean: bool = False,
+                 max_payload: int = 1 << 20) -> None:
+        self.config = config
+        self.client_id = client_id or f"plasma-{uuid.uuid4().hex[:12]}"
+        self._will = _Will(*will) if will else None
+        self._clean = clean
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._client = None
+        self._protocol = "5"
+        self.max_payload = max_payload
+        self.dropped_oversize = 0
+
+    # ---- lifecycle
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect (MQTT 5 first, then 3.1.1); raises BusError if neither answers."""
+        errors = []
+        for protocol in ("5", "3.1.1"):
+            try:
+                self._connect_once(protocol, timeout if protocol == "5" else timeout)
+                log.info("connected to %s:%d over MQTT %s", self.config.host, self.config.port,
+                         protocol)
+                return
+            except BusError as exc:
+                errors.append(f"MQTT {protocol}: {exc}")
+                if exc.code in ("not_authorized", "bad_credentials"):
+                    break
+        raise BusError(f"cannot connect to {self.config.host}:{self.config.port} "
+                       f"({'; '.join(errors)})", code="connect_failed")
+
+    def _connect_once(self, protocol: str, timeout: float) -> None:
+        from paho.mqtt.enums import MQTTErrorCode
+
+        self._teardown()
+        self._protocol = protocol
+        client = self._make_client(protocol)
+        self._connected.clear()
+        self._refused = None
+        try:
+            if protocol == "5":
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self.config.session_expiry_s
+                rc = client.connect(self.config.host, self.config.port, self.config.keepalive,
+                                    clean_start=self._clean, properties=props)
+            else:
+                rc = client.connect(self.config.host, self.config.port, self.config.keepalive)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise BusError(str(exc) or type(exc).__name__, code="connect_failed") from None
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise BusError(f"connect returned {rc}", code="connect_failed")
+        self._client = client
+        client.loop_start()
+        if not self._connected.wait(timeout):
+            self._teardown()
+            raise BusError(self._refused or "no CONNACK", code="connect_failed")
+
+    def _make_client(self, protocol: str):  # -> paho.mqtt.client.Client
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        kwargs = {"client_id": self.client_id}
+        if protocol == "5":
+            kwargs["protocol"] = paho.MQTTv5
+        else:
+            kwargs.update(protocol=paho.MQTTv311, clean_session=self._clean)
+        client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
+        if self.config.username is not None:
+            client.username_pw_set(self.config.username, self.config.password)
+        if self.config.tls:
+            client.tls_set(ca_certs=self.config.ca_file, certfile=self.config.cert_file,
+                           keyfile=self.config.key_file)
+        if self._will is not None:
+            client.will_set(self._will.topic, self._will.payload, qos=1, retain=self._will.retain)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def close(self) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        client, self._client = self._client, None
+        self._connected.clear()  # before disconnect: a requested disconnect is not news
+        if client is not None:
+            try:
+                client.disconnect()
+            finally:
+                client.loop_stop()
+        self._connected.clear()
+
+    # ---- paho callbacks (bus thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = f"broker refused the connection: {reason_code}"
+            log.warning("%s", self._refused)
+            return
+        with self._lock:
+            subs = list(self._subs.items())
+        for topic_filter, (qos, _) in subs:  # a persistent session may keep them; be sure
+            client.subscribe(topic_filter, qos=qos)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected.is_set():
+            log.warning("disconnected from broker (%s); paho reconnects with backoff",
+                        reason_code)
+        self._connected.clear()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if len(msg.payload) > self.max_payload:
+            self.dropped_oversize += 1
+            log.warning("dropped a %d-byte message on %s (cap %d)", len(msg.payload), msg.topic,
+                        self.max_payload)
+            return
+        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos))
+        with self._lock:
+            handlers = [h for f, (_, h) in self._subs.items() if topic_matches(f, msg.topic)]
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
+                log.exception("handler for %s failed", msg.topic)
+
+    # ---- operations
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        client = self._client
+        if client is None:
+            raise BusError("publish on a closed bus", code="not_connected")
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (0, 4):  # 4 = no connection: paho queues it for the reconnect
+            raise BusError(f"publish to {topic} failed: rc={info.rc}", code="publish_failed")
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic_filter] = (qos, handler)
+        client = self._client
+        if client is not None and self._connected.is_set():
+            client.subscribe(topic_filter, qos=qos)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def protocol(self) -> str:
+        return self._protocol
+
+
+@dataclass
+class MemoryBroker:
+    """In-memory broker for unit tests of a single stage: retained messages and wildcards."""
+
+    retained: dict[str, Message] = field(default_factory=dict)
+    buses: list[MemoryBus] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def route(self, message: Message) -> None:
+        with self.lock:
+            if message.retain:
+                if message.payload:
+                    self.retained[message.topic] = message
+                else:
+                    self.retained.pop(message.topic, None)
+            buses = list(self.buses)
+        for bus in buses:
+            bus._deliver(message)
+
+
+class MemoryBus(Bus):
+    """A Bus on a MemoryBroker: synchronous delivery on the publisher's thread."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+        self._subs: dict[str, Handler] = {}
+        self._up = False
+
+    def connect(self, timeout: float = 10.0) -> None:
+        with self.broker.lock:
+            self.broker.buses.append(self)
+        self._up = True
+
+    def close(self) -> None:
+        with self.broker.lock:
+            if self in self.broker.buses:
+                self.broker.buses.remove(self)
+        self._up = False
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self.broker.route(Message(topic, bytes(payload), retain, qos))
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        self._subs[topic_filter] = handler
+        with self.broker.lock:
+            retained = [m for t, m in self.broker.retained.items()
+                        if topic_matches(topic_filter, t)]
+        for message in retained:
+            handler(message)
+
+    def _deliver(self, message: Message) -> None:
+        for topic_filter, handler in list(self._subs.items()):
+            if topic_matches(topic_filter, message.topic):
+                handler(Message(message.topic, message.payload, False, message.qos))
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    @property
+    def protocol(self) -> str:
+        return "memory"
