@@ -1,0 +1,228 @@
+"""Edge stage 9: merge, requantization from the master, atomic flip and rollback, on real ORT sessions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from plasma.edge.bundle import Bundle
+from plasma.edge.merge import MergeEngine, MergeError, merged_weights
+from plasma.edge.policy import PolicyRuntime, quantize_weight, reference_forward
+from plasma.protocol import Adapter
+
+SWAPS = ["rebuild", "inplace"]
+
+
+def random_adapter(bundle: Bundle, seed: int, rank: int = 4, size: float = 0.1,
+                   layers: list[str] | None = None) -> Adapter:
+    """delta W with entries ~ size * typical |W| (random A, B); alpha = 2 * rank."""
+    rng = np.random.default_rng(seed)
+    factors = {}
+    for name, n_in, n_out in bundle.layer_specs:
+        if layers is not None and name not in layers:
+            continue
+        a = rng.standard_normal((rank, n_in)).astype(np.float32) / np.sqrt(n_in)
+        b = (size / np.sqrt(n_in) / np.sqrt(2 * rank) * rng.standard_normal((n_out, rank))).astype(np.float32)
+        factors[name] = (a, b)
+    return Adapter(alpha=2.0 * rank, rank=rank, layers=factors)
+
+
+def delta(adapter: Adapter, name: str) -> np.ndarray:
+    a, b = adapter.layers[name]
+    return (adapter.alpha / adapter.rank) * (b.astype(np.float64) @ a)  # (out, in)
+
+
+def probes(bundle: Bundle, n: int = 400, seed: int = 5) -> np.ndarray:
+    m = bundle.manifest
+    rng = np.random.default_rng(seed)
+    return (np.array(m.obs_mean) + np.array(m.obs_std) * rng.standard_normal((n, m.obs_dim))).astype(np.float32)
+
+
+@pytest.fixture(params=SWAPS)
+def engine(request: pytest.FixtureRequest, bundle: Bundle) -> MergeEngine:
+    runtime = PolicyRuntime(bundle, swap=request.param)
+    assert runtime.swap == request.param  # the in-place self-test passed
+    return MergeEngine(runtime)
+
+
+def side_weights(engine: MergeEngine, index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    side = engine.runtime.sides[index]
+    return {n: (side.q[n].copy(), side.scale[n].copy()) for n in side.q}
+
+
+# -- pure merge ---------------------------------------------------------------------------------
+
+def test_merged_weights_is_base_plus_deltas(bundle: Bundle) -> None:
+    x, y = random_adapter(bundle, 1), random_adapter(bundle, 2, rank=2, layers=["l1"])
+    merged = merged_weights(bundle.weights, {"fleet": x, "device": y})
+    for name, w in bundle.weights.items():
+        want = w + delta(x, name) + (delta(y, name) if name == "l1" else 0)
+        assert merged[name].dtype == np.float32 and merged[name].shape == w.shape
+        assert np.abs(merged[name] - want).max() < 1e-6
+    assert all(np.array_equal(merged_weights(bundle.weights, {"fleet": None})[n], w) for n, w in bundle.weights.items())
+
+
+# -- engine -------------------------------------------------------------------------------------
+
+def test_merged_int8_policy_matches_fp32_within_int8_tolerance(engine: MergeEngine) -> None:
+    bundle, rt = engine.runtime.bundle, engine.runtime
+    x = random_adapter(bundle, 1, size=0.3)
+    obs = probes(bundle)
+    engine.activate(engine.stage({"fleet": x}))
+    fp32 = reference_forward(bundle, obs, merged_weights(bundle.weights, {"fleet": x}))
+    base_err = np.abs(rt.base_act_batch(obs) - reference_forward(bundle, obs)).max()
+    err = np.abs(rt.act_batch(obs) - fp32).max()
+    assert np.abs(fp32 - reference_forward(bundle, obs)).max() > 10 * base_err  # the adapter matters
+    assert err <= 1.5 * base_err + 1e-6
+    for name, w in merged_weights(bundle.weights, {"fleet": x}).items():  # buffers hold the requantized merge
+        q, scale = quantize_weight(w)
+        side = rt.sides[rt.active_index]
+        assert np.array_equal(side.q[name], q) and np.array_equal(side.scale[name], scale)
+
+
+def test_twenty_merges_do_not_drift(engine: MergeEngine, bundle: Bundle) -> None:
+    final = random_adapter(bundle, 99)
+    for seed in range(20):
+        engine.activate(engine.stage({"fleet": random_adapter(bundle, seed), "device": random_adapter(bundle, seed + 50)}))
+    engine.activate(engine.stage({"fleet": final, "device": None}))
+    fresh = MergeEngine(PolicyRuntime(bundle))
+    fresh.activate(fresh.stage({"fleet": final}))
+    chained, single = side_weights(engine, engine.runtime.active_index), side_weights(fresh, fresh.runtime.active_index)
+    for name in chained:
+        assert np.array_equal(chained[name][0], single[name][0]) and np.array_equal(chained[name][1], single[name][1])
+    obs = probes(bundle)
+    assert np.array_equal(engine.runtime.act_batch(obs), fresh.runtime.act_batch(obs))
+
+
+def test_stage_is_invisible_until_activate_and_rollback_is_instant(engine: MergeEngine, bundle: Bundle) -> None:
+    rt, obs = engine.runtime, probes(bundle)
+    base_row, base = rt.act(obs[0]).copy(), rt.act_batch(obs)
+    staged = engine.stage({"fleet": random_adapter(bundle, 1)})
+    assert np.array_equal(rt.act(obs[0]), base_row) and np.array_equal(rt.act_batch(obs), base)
+    candidate = staged.act_batch(obs)
+    assert not np.array_equal(candidate, base)
+    engine.activate(staged)
+    assert np.array_equal(rt.act_batch(obs), candidate) and engine.active["fleet"] is staged.adapters["fleet"]
+    sessions = [s.session for s in rt.sides]
+    t0 = time.perf_counter()
+    restored = engine.rollback()
+    elapsed = time.perf_counter() - t0
+    assert [s.session for s in rt.sides] == sessions  # nothing rebuilt or rewritten: a flip
+    assert elapsed < 0.005  # measured ~10 us; generous for loaded CI machines
+    assert restored["fleet"] is None and engine.active["fleet"] is None
+    assert np.array_equal(rt.act_batch(obs), base) and np.array_equal(rt.act(obs[0]), base_row)
+    with pytest.raises(MergeError, match="no_rollback"):
+        engine.rollback()
+
+
+def test_rollback_after_a_later_stage_rebuilds_the_previous_state(engine: MergeEngine, bundle: Bundle) -> None:
+    obs = probes(bundle)
+    x, y = random_adapter(bundle, 1), random_adapter(bundle, 2)
+    engine.activate(engine.stage({"fleet": x}))
+    with_x = engine.runtime.act_batch(obs)
+    engine.activate(engine.stage({"fleet": y}))
+    engine.stage({"fleet": random_adapter(bundle, 3)})  # overwrites the side that held x
+    assert engine.rollback()["fleet"] is x
+    assert np.array_equal(engine.runtime.act_batch(obs), with_x)
+
+
+def test_two_slots_add_up_and_unlisted_slots_are_kept(engine: MergeEngine, bundle: Bundle) -> None:
+    x, y = random_adapter(bundle, 1), random_adapter(bundle, 2, rank=3, layers=["l0", "l2"])
+    engine.activate(engine.stage({"fleet": x}))
+    engine.activate(engine.stage({"device": y}))
+    assert engine.active["fleet"] is x and engine.active["device"] is y
+    both = side_weights(engine, engine.runtime.active_index)
+    for name, w in bundle.weights.items():
+        want = w.astype(np.float64) + delta(x, name) + (delta(y, name) if name in y.layers else 0)
+        q, scale = quantize_weight(want.astype(np.float32))
+        assert np.abs(both[name][0].astype(int) - q).max() <= 1  # float32 sum order: within 1 LSB
+        assert np.allclose(both[name][1], scale, rtol=1e-6)
+
+
+def test_removing_every_slot_returns_to_base_exactly(engine: MergeEngine, bundle: Bundle) -> None:
+    obs = probes(bundle)
+    base = engine.runtime.act_batch(obs)
+    engine.activate(engine.stage({"fleet": random_adapter(bundle, 1), "device": random_adapter(bundle, 2)}))
+    engine.activate(engine.stage({"fleet": None}))
+    assert not np.array_equal(engine.runtime.act_batch(obs), base)  # device slot still live
+    engine.activate(engine.stage({"device": None}))
+    assert np.array_equal(engine.runtime.act_batch(obs), base)
+    assert np.array_equal(engine.runtime.act_batch(obs), engine.runtime.base_act_batch(obs))
+    for name, (q, scale) in side_weights(engine, engine.runtime.active_index).items():
+        assert np.array_equal(q, engine.runtime.base_q[name][0]) and np.array_equal(scale, engine.runtime.base_q[name][1])
+
+
+def test_restore_brings_a_known_state(bundle: Bundle) -> None:
+    x = random_adapter(bundle, 1)
+    first = MergeEngine(PolicyRuntime(bundle))
+    first.restore({"fleet": x, "device": None})
+    again = MergeEngine(PolicyRuntime(bundle))
+    again.restore(dict(first.active))
+    obs = probes(bundle)
+    assert np.array_equal(first.runtime.act_batch(obs), again.runtime.act_batch(obs))
+
+
+@pytest.mark.parametrize("swap", SWAPS)
+def test_flip_is_atomic_under_a_running_control_loop(bundle: Bundle, swap: str) -> None:
+    """Every act() during 100 swaps returns exactly the old or the new policy's action, never a mix."""
+    engine = MergeEngine(PolicyRuntime(bundle, swap=swap))  # type: ignore[arg-type]
+    rt, obs = engine.runtime, probes(bundle, 1)[0]
+    adapters = [random_adapter(bundle, 1, size=0.5), random_adapter(bundle, 2, size=0.5)]
+    expected = []
+    for a in adapters:
+        engine.activate(engine.stage({"fleet": a}))
+        expected.append(rt.act(obs).copy())
+    assert not np.array_equal(*expected)
+    seen, stop = [], threading.Event()
+
+    def control_loop() -> None:
+        while not stop.is_set():
+            seen.append(rt.act(obs).copy())
+
+    thread = threading.Thread(target=control_loop)
+    thread.start()
+    for i in range(100):
+        engine.activate(engine.stage({"fleet": adapters[i % 2]}))
+    stop.set()
+    thread.join()
+    assert len(seen) > 100
+    assert all(np.array_equal(s, expected[0]) or np.array_equal(s, expected[1]) for s in seen)
+
+
+# -- contract violations ------------------------------------------------------------------------
+
+def test_bad_adapters_are_refused_before_any_write(engine: MergeEngine, bundle: Bundle) -> None:
+    good = random_adapter(bundle, 1)
+    a, b = good.layers["l1"]
+    cases = [
+        {"cloud": good},
+        {"fleet": Adapter(alpha=1.0, rank=4, layers={"l9": (a, b)})},
+        {"fleet": Adapter(alpha=1.0, rank=4, layers={"l0": (a, b)})},  # l1's shapes on l0
+    ]
+    for case in cases:
+        with pytest.raises(MergeError) as err:
+            engine.stage(case)  # type: ignore[arg-type]
+        assert err.value.code == "bad_adapter"
+    huge = Adapter(alpha=1e30, rank=4, layers={"l1": (a * 1e10, b * 1e10)})
+    with pytest.raises(MergeError, match="non_finite"):
+        engine.stage({"fleet": huge})
+    engine.activate(engine.stage({"fleet": good}))  # a failed stage leaves the engine usable
+    assert engine.active["fleet"] is good
+    fresh = MergeEngine(PolicyRuntime(bundle))
+    fresh.restore({"fleet": good})
+    obs = probes(bundle)
+    assert np.array_equal(engine.runtime.act_batch(obs), fresh.runtime.act_batch(obs))
+
+
+def test_stale_staged_handles_are_refused(engine: MergeEngine, bundle: Bundle) -> None:
+    first = engine.stage({"fleet": random_adapter(bundle, 1)})
+    second = engine.stage({"fleet": random_adapter(bundle, 2)})  # same side, overwritten
+    for call in (lambda: engine.activate(first), lambda: first.act_batch(probes(bundle))):
+        with pytest.raises(MergeError, match="stale"):
+            call()
+    engine.activate(second)
+    with pytest.raises(MergeError, match="stale"):
+        engine.activate(second)  # already active
