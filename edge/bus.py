@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from plasma.protocol import PlasmaError
 
 log = logging.getLogger(__name__)
+V5_PROBE_S = 1.5
 
 
 class BusError(PlasmaError):
@@ -48,6 +49,8 @@ class BrokerConfig:
     keepalive: int = 30
     session_expiry_s: int = 24 * 3600
     """How long the broker keeps a disconnected client's session (MQTT 5)."""
+    protocol: str = "auto"
+    """"5", "3.1.1" or "auto" (try MQTT 5 briefly, then 3.1.1)."""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> BrokerConfig:
@@ -131,6 +134,7 @@ class MqttBus(Bus):
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._settled = threading.Event()  # CONNACK or a refusal/close during a connect attempt
         self._refused: str | None = None
         self._client = None
         self._protocol = "5"
@@ -141,9 +145,14 @@ class MqttBus(Bus):
     def connect(self, timeout: float = 10.0) -> None:
         """Connect (MQTT 5 first, then 3.1.1); raises BusError if neither answers."""
         errors = []
-        for protocol in ("5", "3.1.1"):
+        protocols = ("5", "3.1.1") if self.config.protocol == "auto" else (self.config.protocol,)
+        for protocol in protocols:
+            # amqtt (3.1.1 only) never answers an MQTT 5 CONNECT that carries properties:
+            # measured, it hangs until the timeout, so the MQTT 5 probe is kept short.
+            probe = min(timeout, V5_PROBE_S) if len(protocols) > 1 and protocol == "5" \
+                else timeout
             try:
-                self._connect_once(protocol, timeout if protocol == "5" else timeout)
+                self._connect_once(protocol, probe)
                 log.info("connected to %s:%d over MQTT %s", self.config.host, self.config.port,
                          protocol)
                 return
@@ -161,6 +170,7 @@ class MqttBus(Bus):
         self._protocol = protocol
         client = self._make_client(protocol)
         self._connected.clear()
+        self._settled.clear()
         self._refused = None
         try:
             if protocol == "5":
@@ -179,7 +189,9 @@ class MqttBus(Bus):
             raise BusError(f"connect returned {rc}", code="connect_failed")
         self._client = client
         client.loop_start()
-        if not self._connected.wait(timeout):
+        # A 3.1.1-only broker (amqtt) refuses or drops an MQTT 5 CONNECT: settle at once.
+        self._settled.wait(timeout)
+        if not self._connected.is_set():
             self._teardown()
             raise BusError(self._refused or "no CONNACK", code="connect_failed")
 
@@ -224,15 +236,20 @@ class MqttBus(Bus):
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._refused = f"broker refused the connection: {reason_code}"
-            log.warning("%s", self._refused)
+            log.debug("%s", self._refused)
+            self._settled.set()
             return
         with self._lock:
             subs = list(self._subs.items())
         for topic_filter, (qos, _) in subs:  # a persistent session may keep them; be sure
             client.subscribe(topic_filter, qos=qos)
         self._connected.set()
+        self._settled.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._settled.is_set():
+            self._refused = f"connection closed before CONNACK ({reason_code})"
+            self._settled.set()
         if self._connected.is_set():
             log.warning("disconnected from broker (%s); paho reconnects with backoff",
                         reason_code)
