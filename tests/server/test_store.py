@@ -1,0 +1,139 @@
+"""Trace store: schema and migrations, range queries as numpy, versions across reopen, acks."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plasma.protocol import AuditRecord, TraceBatch
+from plasma.server.store import MIGRATIONS, SCHEMA_VERSION, StoreError, TraceStore
+
+
+def make_batch(fleet: str, device: str, t0: float, n: int = 8, seq: int = 0, obs_dim: int = 3,
+               act_dim: int = 1) -> TraceBatch:
+    rng = np.random.default_rng(int(t0 * 10) + seq)
+    return TraceBatch(
+        fleet=fleet, device=device, episode=np.zeros(n, np.uint32),
+        step=np.arange(n, dtype=np.uint32),
+        obs=rng.standard_normal((n, obs_dim)).astype(np.float32),
+        action=rng.standard_normal((n, act_dim)).astype(np.float32),
+        reward=rng.standard_normal(n).astype(np.float32),
+        next_obs=rng.standard_normal((n, obs_dim)).astype(np.float32),
+        terminated=np.zeros(n, bool), truncated=np.arange(n) == n - 1,
+        fleet_version=np.full(n, 2, np.uint32), device_version=np.full(n, 3, np.uint32),
+        timestamp=t0 + np.arange(n, dtype=np.float64), seq=seq)
+
+
+@pytest.fixture(params=["memory", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> TraceStore:
+    s = TraceStore(":memory:" if request.param == "memory" else tmp_path / "plasma.db")
+    yield s
+    s.close()
+
+
+def test_schema_is_current_and_wal(tmp_path: Path) -> None:
+    with TraceStore(tmp_path / "s.db") as s:
+        assert s.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+    conn = sqlite3.connect(tmp_path / "s.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"chunks_device_time", "chunks_device_id"} <= indexes
+
+
+def test_old_schema_is_migrated_and_newer_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    conn.close()
+    with TraceStore(path) as s:
+        assert s.schema_version == SCHEMA_VERSION
+        s.add_audit(AuditRecord(auditor="judicial", subject="x", fleet="f", verdict="blocked"))
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version"):
+        TraceStore(path)
+
+
+def test_round_trip_and_time_range(store: TraceStore) -> None:
+    a, b = make_batch("f1", "d1", 100.0, seq=0), make_batch("f1", "d1", 108.0, seq=1)
+    assert store.add_traces(a) and store.add_traces(b)
+    assert not store.add_traces(a)  # QoS 1 redelivery is ignored
+    store.add_traces(make_batch("f1", "d2", 100.0))
+    everything = store.transitions("f1", "d1")
+    assert len(everything) == 16
+    np.testing.assert_array_equal(everything.obs[:8], a.obs)
+    np.testing.assert_array_equal(everything.truncated[8:], b.truncated)
+    assert everything.obs.dtype == np.float32 and everything.obs.shape == (16, 3)
+    recent = store.transitions("f1", "d1", since=105.0)
+    assert len(recent) == 11 and recent.timestamp.min() == 105.0
+    assert store.transitions("f1", "d1", since=1e9) is None
+    assert len(store.transitions("f1")) == 24  # the whole fleet
+    assert store.devices("f1") == ["d1", "d2"]
+
+
+def test_cursor_counts_new_rows(store: TraceStore) -> None:
+    store.add_traces(make_batch("f2", "d1", 0.0, n=5))
+    cursor = store.last_chunk_id("f2", "d1")
+    assert store.count_rows("f2", "d1", after_id=cursor) == 0
+    store.add_traces(make_batch("f2", "d1", 10.0, n=7, seq=1))
+    assert store.count_rows("f2", "d1", after_id=cursor) == 7
+    assert len(store.transitions("f2", "d1", after_id=cursor)) == 7
+
+
+def test_mixed_dims_keep_the_newest(store: TraceStore) -> None:
+    store.add_traces(make_batch("f3", "d1", 0.0, obs_dim=3))
+    store.add_traces(make_batch("f3", "d1", 50.0, obs_dim=4, seq=1))
+    assert store.transitions("f3", "d1").obs.shape == (8, 4)
+
+
+def test_versions_strictly_increase_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "v.db"
+    with TraceStore(path) as s:
+        assert [s.next_version("f", "fleet", "f") for _ in range(3)] == [1, 2, 3]
+        assert s.next_version("f", "device", "d1") == 1
+    with TraceStore(path) as s:
+        assert s.next_version("f", "fleet", "f") == 4
+        s.raise_version_floor("f", "fleet", "f", 10)
+        s.raise_version_floor("f", "fleet", "f", 2)  # never lowers
+        assert s.next_version("f", "fleet", "f") == 11
+        assert s.current_version("f", "device", "d1") == 1
+
+
+def test_versions_are_unique_under_threads(tmp_path: Path) -> None:
+    with TraceStore(tmp_path / "t.db") as s:
+        got: list[int] = []
+        lock = threading.Lock()
+
+        def reserve() -> None:
+            for _ in range(25):
+                v = s.next_version("f", "fleet", "f")
+                with lock:
+                    got.append(v)
+
+        threads = [threading.Thread(target=reserve) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(got) == list(range(1, 101))
+
+
+def test_audits_and_acks(store: TraceStore) -> None:
+    rec = AuditRecord(auditor="judicial", subject="candidate:x", fleet="f", device="d1",
+                      slot="device", verdict="blocked", scores={"gain": 1.0})
+    store.add_audit(rec)
+    assert store.audits("f", "d1") == [rec]
+    ack = AuditRecord(auditor="edge", subject="packet:y", fleet="f", device="d1", slot="device",
+                      version=2, verdict="accepted")
+    assert store.add_ack(ack) and not store.add_ack(ack)
+    store.add_ack(AuditRecord(auditor="edge", subject="packet:y", fleet="f", device="d1",
+                              slot="device", version=2, verdict="rolled_back"))
+    state = store.device_state("f", "d1", "device")
+    assert state == {"accepted_version": 2, "last_version": 2, "last_verdict": "rolled_back"}
+    assert [a.verdict for a in store.acks("f", "d1")] == ["accepted", "rolled_back"]
