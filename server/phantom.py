@@ -204,10 +204,12 @@ class PhantomPathSimulator:
         self.rng = np.random.default_rng(self.cfg.seed)
 
     def rollout(self, start_pool: np.ndarray, policy: MLPPolicy, lora: LoRA | None = None,
-                paths: int | None = None, horizon: int | None = None) -> PhantomRollout:
+                paths: int | None = None, horizon: int | None = None,
+                with_disagreement: bool | None = None) -> PhantomRollout:
         """Start states are drawn from ``start_pool`` (real observations, (n, obs_dim))."""
         n = paths or self.cfg.paths
         h = horizon or self.cfg.horizon
+        with_dis = self.cfg.with_disagreement if with_disagreement is None else with_disagreement
         task = self.task
         obs = start_pool[self.rng.integers(0, len(start_pool), n)].astype(np.float32)  # (paths, od)
         blocks = member_blocks(n, self.dyn.n_members)
@@ -225,7 +227,7 @@ class PhantomPathSimulator:
             if self.cfg.action_noise > 0:
                 act = np.clip(act + sigma * self.rng.standard_normal(act.shape).astype(np.float32),
                               task.act_low, task.act_high)
-            if self.cfg.with_disagreement:
+            if with_dis:
                 dis[:, t] = self.model.disagreement(obs, act)
             obs, rew = step_paths(self.dyn, task, obs, act, blocks)
             out_act[:, t], out_rew[:, t], out_obs[:, t + 1] = act, rew, obs

@@ -56,7 +56,7 @@ class LoRA:
     def delta(self, name: str) -> np.ndarray:
         """(out, in) weight delta of one layer."""
         a, b = self.factors[name]
-        return (self.scale * (b @ a)).astype(np.float32)
+        return self.scale * (b @ a)
 
     def params(self) -> list[np.ndarray]:
         """Flat list [A_0, B_0, A_1, B_1, ...] in factor order (views, for an optimizer)."""
@@ -175,7 +175,7 @@ class MLPPolicy:
 
     def forward_cache(self, obs: np.ndarray, lora: LoRA | None = None) -> tuple[np.ndarray, ForwardCache]:
         single = obs.ndim == 1
-        h = ((np.atleast_2d(obs) - self.obs_mean) / self.obs_std).astype(np.float32)  # (batch, obs_dim)
+        h = (np.atleast_2d(obs) - self.obs_mean) / self.obs_std  # (batch, obs_dim)
         weights = self._weights(lora)
         inputs = []
         for k, (w, (_, b)) in enumerate(zip(weights, self.layers)):
