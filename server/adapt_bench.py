@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .basepolicy import (EVAL_SEED0, PolicyFn, TrainBaseConfig, cached_policy, collect, default_cache_dir,
-                         evaluate, export_policy, physics_key)
+                         evaluate, export_policy)
 from .distill import DistillConfig, LoRADistiller
 from .phantom import PhantomConfig, PhantomPathSimulator, PlannerConfig
 from .policy_net import LoRA, MLPPolicy
@@ -55,6 +55,8 @@ class AdaptBenchConfig:
     """MPPI in the world model, the policy's own plan as prior."""
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(rank=4, steps=300, anchor=0.05))
     """LoRA distillation settings."""
+    train: TrainBaseConfig = field(default_factory=TrainBaseConfig)
+    """Template for training the base and oracle policies (its env_id and physics are replaced)."""
     eval_episodes: int = 10
     """Evaluation episodes per policy, fixed seeds from EVAL_SEED0."""
     edge_eval: bool = True
@@ -114,9 +116,10 @@ def _policy_fn(policy: MLPPolicy, lora: LoRA | None) -> PolicyFn:
     return lambda obs: merged.forward(obs.astype(np.float32))
 
 
-def _base_bundle(cfg: AdaptBenchConfig, policy: MLPPolicy, root: Path) -> Path:
+def _base_bundle(cfg: AdaptBenchConfig, policy: MLPPolicy, cache: Path) -> Path:
+    """The cached base policy's bundle, exported once next to it."""
     task = get_task(cfg.env_id)
-    d = root / (physics_key(cfg.env_id, cfg.base_physics, [len(b) for _, b in policy.layers[:-1]], cfg.seed) + "_bundle")
+    d = cache / "bundle"
     if not (d / "manifest.json").exists():
         export_policy(policy, d, task, task.physics(cfg.base_physics))
     return d
@@ -134,9 +137,9 @@ def bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
         base = MLPPolicy.load_npz(Path(cfg.base_dir) / "policy.npz")
         base_bundle = Path(cfg.base_dir)
     else:
-        base, _ = cached_policy(TrainBaseConfig(env_id=cfg.env_id, physics=dict(cfg.base_physics)), root)
-        base_bundle = _base_bundle(cfg, base, root) if cfg.edge_eval else Path()
-    oracle, _ = cached_policy(TrainBaseConfig(env_id=cfg.env_id, physics=dict(cfg.physics)), root)
+        base, _, base_cache = cached_policy(replace(cfg.train, env_id=cfg.env_id, physics=dict(cfg.base_physics)), root)
+        base_bundle = _base_bundle(cfg, base, base_cache) if cfg.edge_eval else Path()
+    oracle, _, _ = cached_policy(replace(cfg.train, env_id=cfg.env_id, physics=dict(cfg.physics)), root)
     edge = _EdgeSide(base_bundle) if cfg.edge_eval else None
     t_loop = time.perf_counter()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,21 +237,28 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "plasma"
 
 
-def physics_key(env_id: str, physics: Mapping[str, float], hidden: Sequence[int], seed: int) -> str:
-    parts = [env_id] + [f"{k}={float(v):g}" for k, v in sorted(physics.items())]
-    return "_".join(parts + ["h" + "x".join(map(str, hidden)), f"s{seed}"]).replace("/", "-")
+def cache_key(cfg: TrainBaseConfig) -> str:
+    """Readable env + physics prefix, then a digest of every training setting (budgets included)."""
+    import hashlib
+
+    parts = [cfg.env_id] + [f"{k}={float(v):g}" for k, v in sorted(cfg.physics.items())]
+    digest = hashlib.sha1(repr(replace(cfg, out_dir=None, physics={})).encode()).hexdigest()[:10]
+    return "_".join(parts + [digest]).replace("/", "-")
 
 
-def cached_policy(cfg: TrainBaseConfig, cache_dir: str | Path | None = None) -> tuple[MLPPolicy, dict[str, Any]]:
-    """``train_policy`` with its result cached under ``cache_dir`` keyed by env, physics, width and seed."""
+def cached_policy(cfg: TrainBaseConfig, cache_dir: str | Path | None = None
+                  ) -> tuple[MLPPolicy, dict[str, Any], Path]:
+    """``train_policy`` cached under ``cache_dir`` (default ~/.cache/plasma) keyed by ``cache_key``.
+
+    Returns the policy, its training info and its cache directory."""
     import json
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    d = root / physics_key(cfg.env_id, cfg.physics, cfg.hidden, cfg.seed)
+    d = root / cache_key(cfg)
     if (d / "policy.npz").exists() and (d / "info.json").exists():
-        return MLPPolicy.load_npz(d / "policy.npz"), json.loads((d / "info.json").read_text())
+        return MLPPolicy.load_npz(d / "policy.npz"), json.loads((d / "info.json").read_text()), d
     policy, info = train_policy(cfg)
     d.mkdir(parents=True, exist_ok=True)
     policy.save_npz(d / "policy.npz")
     (d / "info.json").write_text(json.dumps(info))
-    return policy, info
+    return policy, info, d
