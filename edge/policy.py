@@ -5,16 +5,21 @@ every layer's int8 weight (in, out) and float32 scale (out,), handed to ONNX Run
 ``SessionOptions.add_initializer``. ``act()`` reads ``_active`` once per call, so a call runs
 wholly on one side; ``plasma.edge.merge`` writes the other side and flips the reference.
 
-Two ways to make a written side visible (``swap=``), both measured on this 2-core x86 box with
-onnxruntime 1.32 and MLP 64-256x3-8 (dynamic int8):
+Two ways to make a written side visible (``swap=``), both measured on this 2-core x86 VM with
+onnxruntime 1.32 and MLP 64-256x3-8 (dynamic int8), control loop calling act() non-stop while
+another thread merged rank-8 adapters 5 ms apart:
 
-- ``"rebuild"`` (default): prepacking on; after writing the buffers, build a new session for
-  that side from graph bytes ORT optimized once at load (0.54 ms p50, off the control thread;
-  the control loop's longest gap while sessions were built was 0.7 ms, not the 12 ms of
-  DESIGN.md section 6, with intra_op_num_threads=1).
-- ``"inplace"``: ``session.disable_prepacking=1`` so writes show on the next run with no
-  rebuild. But MatMulInteger then repacks B on every call: run() went from 18.7 us to 29.8 us
-  (+60 % on every control step). Guarded by a self-test at load; falls back to "rebuild".
+- ``"inplace"`` (default): ``session.disable_prepacking=1``, so writes show on the next run with
+  no new session (DESIGN.md section 6). Merge + activate 0.53 ms p50; longest control-loop gap
+  0.5 ms, the same as with no merges. Cost: MatMulInteger repacks B on every call, act() 28 us
+  against 18.7 us for a default session (+10 us per step). Guarded by a self-test at load; if
+  it fails, the runtime logs a warning and uses "rebuild".
+- ``"rebuild"``: prepacking on (act() 17 us, 0.9x a bare run()); after writing the buffers,
+  build a new session for that side from graph bytes ORT optimized once at load (0.54 ms in
+  isolation, merge + activate 1.5 ms p50). But building holds the GIL: the control loop
+  stalled 3-12 ms on almost every merge (>3 ms on 200 of 200 merges).
+
+A step 10 us slower is far inside a 1 ms control period; a 3-12 ms stall is not, hence the default.
 
 Dynamic int8 quantizes activations per tensor, so a row's action in ``act_batch`` depends on the
 other rows of the batch (differences ~1e-3): compare probes batch-for-batch, never with act().
@@ -98,7 +103,7 @@ class SessionSide:
         m = bundle.manifest
         self.obs_buf = np.zeros((1, m.obs_dim), np.float32)  # bound input
         self.out_buf = np.zeros((1, m.act_dim), np.float32)  # bound output
-        self.out_row = self.out_buf[0]  # (act_dim,) view handed back by act()
+        self.out_row: np.ndarray = self.out_buf[0]  # (act_dim,) view handed back by act()
         self.build()
 
     def build(self) -> None:
@@ -136,7 +141,7 @@ class SessionSide:
 class PolicyRuntime:
     """The device policy: ``act(obs)`` on the active side; two sides for ``plasma.edge.merge``."""
 
-    def __init__(self, bundle: Bundle, *, swap: SwapMode = "rebuild") -> None:
+    def __init__(self, bundle: Bundle, *, swap: SwapMode = "inplace") -> None:
         self.bundle = bundle
         base_q = {name: quantize_weight(w) for name, w in bundle.weights.items()}
         self.base_q: Mapping[str, tuple[np.ndarray, np.ndarray]] = base_q
@@ -147,7 +152,8 @@ class PolicyRuntime:
         self.swap: SwapMode = swap
         graph = _preoptimize(bundle.model_bytes)
         if swap == "inplace" and not self._inplace_works(base_q, graph):
-            log.warning("in-place initializer writes did not show on the next run; swapping by session rebuild")
+            log.warning("in-place initializer writes did not show on the next run; swapping by session rebuild "
+                        "(act() faster, but each merge may stall the control loop for several ms)")
             self.swap = "rebuild"
         prepack = self.swap == "rebuild"
         self.sides = (SessionSide(bundle, base_q, prepack, graph), SessionSide(bundle, base_q, prepack, graph))

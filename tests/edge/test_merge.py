@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,15 @@ def test_stale_staged_handles_are_refused(engine: MergeEngine, bundle: Bundle) -
     engine.activate(second)
     with pytest.raises(MergeError, match="stale"):
         engine.activate(second)  # already active
+
+
+def test_bench_smoke(shared_bundle_dir: Path) -> None:
+    from plasma.edge.bench import bench_inference, bench_merge
+
+    inference = bench_inference(shared_bundle_dir, n=1000)
+    assert {"p50_us", "p99_us", "bare_ort_p50_us", "overhead_ratio"} <= set(inference)
+    assert inference["n"] == 1000 and inference["p50_us"] > 0
+    merge = bench_merge(shared_bundle_dir, rank=2, n=10, spacing_ms=1.0)
+    assert {"merge_activate_p50_ms", "merge_activate_p99_ms", "max_loop_stall_ms", "fidelity_max_abs_err",
+            "int8_base_max_abs_err", "full_reload_p50_ms"} <= set(merge)
+    assert 0 < merge["fidelity_max_abs_err"] < 0.05

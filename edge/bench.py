@@ -1,0 +1,187 @@
+"""Edge benchmarks for stages 9-10: act() latency against bare ORT, merge + activate time, loop stall, fidelity.
+
+Each function returns a dict of figures (times from ``time.perf_counter_ns``, medians unless
+named otherwise) and prints nothing; ``plasma-edge bench inference|merge`` prints them. With no
+bundle directory, a random MLP 64-256-256-256-8 is exported to a temporary directory, which needs
+``plasma.server.export`` (install the ``[server]`` extra); it is imported only then.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from plasma.protocol import Adapter
+
+from .bundle import Bundle, load_bundle
+from .merge import MergeEngine, merged_weights
+from .policy import PolicyRuntime, SwapMode, reference_forward
+
+__all__ = ["bench_inference", "bench_merge"]
+
+DEFAULT_SIZES = [64, 256, 256, 256, 8]
+_BLOCK = 1000  # calls per alternating block: both paths see the same cache and frequency conditions
+
+
+@contextmanager
+def _bundle(bundle_dir: str | Path | None) -> Iterator[Bundle]:
+    if bundle_dir is not None:
+        yield load_bundle(bundle_dir)
+        return
+    try:
+        from plasma.server.export import export_bundle, random_mlp_layers
+    except ImportError as exc:
+        raise RuntimeError(f"a default bench model needs the server extra: pip install 'plasma[server]' ({exc})") from None
+    with tempfile.TemporaryDirectory(prefix="plasma-bench-") as tmp:
+        obs_dim, act_dim = DEFAULT_SIZES[0], DEFAULT_SIZES[-1]
+        root = export_bundle(Path(tmp) / "bundle", random_mlp_layers(DEFAULT_SIZES, seed=0),
+                             obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim),
+                             act_low=-np.ones(act_dim), act_high=np.ones(act_dim))
+        yield load_bundle(root)
+
+
+def _observations(bundle: Bundle, n: int, seed: int = 0) -> np.ndarray:
+    m = bundle.manifest
+    rng = np.random.default_rng(seed)
+    return (np.asarray(m.obs_mean) + np.asarray(m.obs_std) * rng.standard_normal((n, m.obs_dim))).astype(np.float32)
+
+
+def _time_calls(call: Callable[[np.ndarray], object], rows: list[np.ndarray], out: list[int]) -> None:
+    clock = time.perf_counter_ns
+    for row in rows:
+        t0 = clock()
+        call(row)
+        out.append(clock() - t0)
+
+
+def _bare_session(bundle: Bundle) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1  # like for like with the runtime; prepacking and optimizations at defaults
+    return ort.InferenceSession(bundle.model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def bench_inference(bundle_dir: str | Path | None = None, n: int = 20000, swap: SwapMode = "inplace") -> dict[str, Any]:
+    """Batch-1 act() against a plain ``InferenceSession.run`` with a dict feed, in alternating blocks."""
+    with _bundle(bundle_dir) as bundle:
+        runtime, bare = PolicyRuntime(bundle, swap=swap), _bare_session(bundle)
+        rows = list(_observations(bundle, _BLOCK)[:, None, :])  # (1, obs_dim) each, made before timing
+        feed_run = bare.run
+        ours: list[int] = []
+        theirs: list[int] = []
+        _time_calls(runtime.act, rows, [])  # warm-up both
+        _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, [])
+        for _ in range(max(1, n // _BLOCK)):
+            _time_calls(runtime.act, rows, ours)
+            _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, theirs)
+        p50, bare_p50 = np.percentile(ours, 50) / 1e3, np.percentile(theirs, 50) / 1e3
+        return {
+            "model": "-".join(str(s) for s in [bundle.manifest.obs_dim] + [e.out_features for e in bundle.manifest.layers]),
+            "swap": runtime.swap, "n": len(ours),
+            "p50_us": float(p50), "p99_us": float(np.percentile(ours, 99) / 1e3),
+            "bare_ort_p50_us": float(bare_p50), "bare_ort_p99_us": float(np.percentile(theirs, 99) / 1e3),
+            "overhead_ratio": float(p50 / bare_p50),
+        }
+
+
+def random_adapters(bundle: Bundle, rank: int, count: int, rel_size: float = 0.1, seed: int = 0) -> list[Adapter]:
+    """Adapters on every layer whose delta W has a Frobenius norm ~ rel_size x that of W."""
+    rng = np.random.default_rng(seed)
+    adapters = []
+    for _ in range(count):
+        layers = {}
+        for name, n_in, n_out in bundle.layer_specs:
+            a = rng.standard_normal((rank, n_in)).astype(np.float32)  # (rank, in)
+            b = rng.standard_normal((n_out, rank)).astype(np.float32)  # (out, rank)
+            w_norm = float(np.linalg.norm(bundle.weights[name]))
+            b *= rel_size * w_norm / float(np.linalg.norm(b @ a))  # alpha / rank = 1 below
+            layers[name] = (a, b)
+        adapters.append(Adapter(alpha=float(rank), rank=rank, layers=layers))
+    return adapters
+
+
+def _merge_times(engine: MergeEngine, adapters: list[Adapter], n: int, spacing_s: float = 0.0) -> list[int]:
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        engine.activate(engine.stage({"fleet": adapters[i % len(adapters)]}))
+        times.append(time.perf_counter_ns() - t0)
+        if spacing_s:
+            time.sleep(spacing_s)
+    return times
+
+
+def _loop_gaps_ms(runtime: PolicyRuntime, obs: np.ndarray, work: Callable[[], object]) -> np.ndarray:
+    """Gaps (ms) between consecutive act() starts on a control thread while ``work`` runs in this one."""
+    stop = threading.Event()
+    gaps = np.zeros(1 << 22, np.int64)  # preallocated: the loop itself must not allocate (or trigger GC)
+    count = [0]
+
+    def control_loop() -> None:
+        clock, last, i = time.perf_counter_ns, time.perf_counter_ns(), 0
+        while not stop.is_set() and i < len(gaps):
+            now = clock()
+            gaps[i], last, i = now - last, now, i + 1
+            runtime.act(obs)
+        count[0] = i
+
+    loop = threading.Thread(target=control_loop)
+    loop.start()
+    time.sleep(0.02)
+    try:
+        work()
+    finally:
+        stop.set()
+        loop.join()
+    return gaps[1:count[0]] / 1e6
+
+
+def _fidelity(runtime: PolicyRuntime, obs: np.ndarray, want: np.ndarray) -> float:
+    """Max |act(obs_i) - want_i| over rows, batch-1 like the device (dynamic int8 is batch dependent)."""
+    return float(max(np.abs(runtime.act(row) - w).max() for row, w in zip(obs, want)))
+
+
+def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 200, swap: SwapMode = "inplace",
+                spacing_ms: float = 5.0) -> dict[str, Any]:
+    """Stage + activate time, control-loop stall during merges, merged-policy fidelity, full reload time.
+
+    The stall run merges ``n`` adapters ``spacing_ms`` apart (packets are isolated events) while a
+    control thread calls act() non-stop; the idle run measures the same loop for as long with no
+    merges, since this VM alone shows multi-ms scheduling gaps now and then.
+    """
+    with _bundle(bundle_dir) as bundle:
+        engine = MergeEngine(PolicyRuntime(bundle, swap=swap))
+        runtime, adapters = engine.runtime, random_adapters(bundle, rank, 8)
+        _merge_times(engine, adapters, 10)  # warm-up
+        merge_ns = _merge_times(engine, adapters, n)
+        obs = _observations(bundle, 1000, seed=1)
+        duration_s = n * (spacing_ms / 1e3 + float(np.median(merge_ns)) / 1e9)
+        idle = _loop_gaps_ms(runtime, obs[0], lambda: time.sleep(duration_s))
+        busy = _loop_gaps_ms(runtime, obs[0], lambda: _merge_times(engine, adapters, n, spacing_ms / 1e3))
+        engine.restore({"fleet": None, "device": None})
+        base_err = _fidelity(runtime, obs, reference_forward(bundle, obs))
+        engine.restore({"fleet": adapters[0]})
+        merged_err = _fidelity(runtime, obs, reference_forward(bundle, obs, merged_weights(bundle.weights, {"fleet": adapters[0]})))
+        reload_ns = []
+        for _ in range(max(5, n // 10)):
+            t0 = time.perf_counter_ns()
+            _bare_session(bundle)
+            reload_ns.append(time.perf_counter_ns() - t0)
+        return {
+            "swap": runtime.swap, "rank": rank, "n": n,
+            "merge_activate_p50_ms": float(np.percentile(merge_ns, 50) / 1e6),
+            "merge_activate_p99_ms": float(np.percentile(merge_ns, 99) / 1e6),
+            "max_loop_stall_ms": float(busy.max()), "loop_gap_p999_ms": float(np.percentile(busy, 99.9)),
+            "loop_gaps_over_3ms": int((busy > 3).sum()), "idle_max_loop_stall_ms": float(idle.max()),
+            "idle_loop_gaps_over_3ms": int((idle > 3).sum()), "stall_merge_spacing_ms": spacing_ms,
+            "fidelity_max_abs_err": merged_err, "int8_base_max_abs_err": base_err,
+            "fidelity_ratio": merged_err / base_err if base_err > 0 else float("inf"),
+            "full_reload_p50_ms": float(np.percentile(reload_ns, 50) / 1e6),
+        }
