@@ -39,7 +39,8 @@ def _bundle(bundle_dir: str | Path | None) -> Iterator[Bundle]:
     try:
         from plasma.server.export import export_bundle, random_mlp_layers
     except ImportError as exc:
-        raise RuntimeError(f"a default bench model needs the server extra: pip install 'plasma[server]' ({exc})") from None
+        raise RuntimeError(f"a default bench model needs the server extra: pip install 'plasma[server]' ({exc})"
+                           ) from None
     with tempfile.TemporaryDirectory(prefix="plasma-bench-") as tmp:
         obs_dim, act_dim = DEFAULT_SIZES[0], DEFAULT_SIZES[-1]
         root = export_bundle(Path(tmp) / "bundle", random_mlp_layers(DEFAULT_SIZES, seed=0),
@@ -83,7 +84,7 @@ def bench_inference(bundle_dir: str | Path | None = None, n: int = 20000, swap: 
             _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, theirs)
         p50, bare_p50 = np.percentile(ours, 50) / 1e3, np.percentile(theirs, 50) / 1e3
         return {
-            "model": "-".join(str(s) for s in [bundle.manifest.obs_dim] + [e.out_features for e in bundle.manifest.layers]),
+            "model": "-".join(str(w) for w in [bundle.manifest.obs_dim, *(e.out_features for e in bundle.manifest.layers)]),
             "swap": runtime.swap, "n": len(ours),
             "p50_us": float(p50), "p99_us": float(np.percentile(ours, 99) / 1e3),
             "bare_ort_p50_us": float(bare_p50), "bare_ort_p99_us": float(np.percentile(theirs, 99) / 1e3),
@@ -118,18 +119,25 @@ def _merge_times(engine: MergeEngine, adapters: list[Adapter], n: int, spacing_s
     return times
 
 
-def _loop_gaps_ms(runtime: PolicyRuntime, obs: np.ndarray, work: Callable[[], object]) -> np.ndarray:
-    """Gaps (ms) between consecutive act() starts on a control thread while ``work`` runs in this one."""
+def _loop_gaps_ms(runtime: PolicyRuntime, obs: np.ndarray, work: Callable[[], object], period_s: float) -> np.ndarray:
+    """Gaps (ms) between consecutive act() starts on a control thread while ``work`` runs in this one.
+
+    period_s 0: act() back to back; otherwise act() on a fixed schedule (sleeping in between).
+    """
     stop = threading.Event()
     gaps = np.zeros(1 << 22, np.int64)  # preallocated: the loop itself must not allocate (or trigger GC)
     count = [0]
 
     def control_loop() -> None:
-        clock, last, i = time.perf_counter_ns, time.perf_counter_ns(), 0
+        clock, i = time.perf_counter_ns, 0
+        last = tick = clock()
         while not stop.is_set() and i < len(gaps):
             now = clock()
             gaps[i], last, i = now - last, now, i + 1
             runtime.act(obs)
+            if period_s:
+                tick += int(period_s * 1e9)
+                time.sleep(max(0.0, (tick - clock()) / 1e9))
         count[0] = i
 
     loop = threading.Thread(target=control_loop)
@@ -149,12 +157,13 @@ def _fidelity(runtime: PolicyRuntime, obs: np.ndarray, want: np.ndarray) -> floa
 
 
 def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 200, swap: SwapMode = "inplace",
-                spacing_ms: float = 5.0) -> dict[str, Any]:
+                spacing_ms: float = 5.0, loop_hz: float = 0.0) -> dict[str, Any]:
     """Stage + activate time, control-loop stall during merges, merged-policy fidelity, full reload time.
 
     The stall run merges ``n`` adapters ``spacing_ms`` apart (packets are isolated events) while a
-    control thread calls act() non-stop; the idle run measures the same loop for as long with no
-    merges, since this VM alone shows multi-ms scheduling gaps now and then.
+    control thread calls act() non-stop (``loop_hz`` 0) or at ``loop_hz``; the stall is the longest
+    gap between act() starts beyond the period. The idle run measures the same loop for as long
+    with no merges, since this VM alone shows multi-ms scheduling gaps now and then.
     """
     with _bundle(bundle_dir) as bundle:
         engine = MergeEngine(PolicyRuntime(bundle, swap=swap))
@@ -163,12 +172,15 @@ def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 20
         merge_ns = _merge_times(engine, adapters, n)
         obs = _observations(bundle, 1000, seed=1)
         duration_s = n * (spacing_ms / 1e3 + float(np.median(merge_ns)) / 1e9)
-        idle = _loop_gaps_ms(runtime, obs[0], lambda: time.sleep(duration_s))
-        busy = _loop_gaps_ms(runtime, obs[0], lambda: _merge_times(engine, adapters, n, spacing_ms / 1e3))
+        period_ms = 1e3 / loop_hz if loop_hz else 0.0
+        idle = _loop_gaps_ms(runtime, obs[0], lambda: time.sleep(duration_s), period_ms / 1e3) - period_ms
+        busy = _loop_gaps_ms(runtime, obs[0], lambda: _merge_times(engine, adapters, n, spacing_ms / 1e3),
+                             period_ms / 1e3) - period_ms
         engine.restore({"fleet": None, "device": None})
         base_err = _fidelity(runtime, obs, reference_forward(bundle, obs))
         engine.restore({"fleet": adapters[0]})
-        merged_err = _fidelity(runtime, obs, reference_forward(bundle, obs, merged_weights(bundle.weights, {"fleet": adapters[0]})))
+        merged = merged_weights(bundle.weights, {"fleet": adapters[0]})
+        merged_err = _fidelity(runtime, obs, reference_forward(bundle, obs, merged))
         reload_ns = []
         for _ in range(max(5, n // 10)):
             t0 = time.perf_counter_ns()
@@ -181,6 +193,7 @@ def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 20
             "max_loop_stall_ms": float(busy.max()), "loop_gap_p999_ms": float(np.percentile(busy, 99.9)),
             "loop_gaps_over_3ms": int((busy > 3).sum()), "idle_max_loop_stall_ms": float(idle.max()),
             "idle_loop_gaps_over_3ms": int((idle > 3).sum()), "stall_merge_spacing_ms": spacing_ms,
+            "loop_hz": loop_hz,
             "fidelity_max_abs_err": merged_err, "int8_base_max_abs_err": base_err,
             "fidelity_ratio": merged_err / base_err if base_err > 0 else float("inf"),
             "full_reload_p50_ms": float(np.percentile(reload_ns, 50) / 1e6),

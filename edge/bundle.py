@@ -8,7 +8,8 @@ A bundle is what a device is provisioned with (written by ``plasma.server.export
     manifest.json     ``Manifest``
 
 Every problem raises ``BundleError`` with a ``code``: missing_file, bad_manifest, bad_weights,
-digest_mismatch, bad_model. This module imports neither onnx nor onnxruntime.
+digest_mismatch, bad_model (and
+``base_mismatch`` from ``PolicyRuntime``). This module imports neither onnx nor onnxruntime.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ MAX_MODEL_BYTES = 64 * 1024 * 1024  # an edge MLP policy is ~100 KB; refuse to h
 
 
 class BundleError(ValueError):
-    """A bundle that cannot be used; ``code`` is stable (missing_file, bad_manifest, bad_weights, digest_mismatch, bad_model)."""
+    """A bundle that cannot be used.
+
+    ``code`` is stable: missing_file, bad_manifest, bad_weights, digest_mismatch, bad_model, base_mismatch.
+    """
 
     def __init__(self, message: str, *, code: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -106,7 +110,8 @@ class Manifest(BaseModel):
         width = self.obs_dim
         for k, layer in enumerate(self.layers):
             if layer.name != f"l{k}" or layer.in_features != width:
-                raise ValueError(f"layer {k} ({layer.name}, in={layer.in_features}) does not chain: want l{k}, in={width}")
+                raise ValueError(f"layer {k} ({layer.name}, in={layer.in_features}) does not chain: "
+                                 f"want l{k}, in={width}")
             width = layer.out_features
         if width != self.act_dim:
             raise ValueError(f"last layer has {width} outputs, act_dim is {self.act_dim}")

@@ -148,7 +148,7 @@ class PolicyRuntime:
         """name -> (int8 (in, out), scale (out,)) requantized from the fp32 master (== shipped)."""
         self.lock = threading.RLock()
         """Held by writers (merge) and by probes; act() never takes it."""
-        self._base_session: ort.InferenceSession | None = None
+        self._base_session: _PlainSession | None = None
         self.swap: SwapMode = swap
         graph = _preoptimize(bundle.model_bytes)
         if swap == "inplace" and not self._inplace_works(base_q, graph):
@@ -167,9 +167,9 @@ class PolicyRuntime:
     def act(self, obs: np.ndarray) -> np.ndarray:
         """obs (obs_dim,) -> action (act_dim,): a view of the bound output buffer, overwritten by the next call.
 
-        Call from one control thread. No allocation besides the returned view's reuse: the
-        observation is copied into the bound input buffer and ``run_with_iobinding`` writes the
-        bound output buffer. Copy the result if you keep it past the next call.
+        Call from one control thread. Nothing is allocated: the observation is copied into the
+        bound input buffer and ``run_with_iobinding`` writes the bound output buffer, whose
+        preallocated row view is returned. Copy it if you keep it past the next call.
         """
         self._entered += 1
         side = self._active  # read once: the whole call runs on one weight state

@@ -70,7 +70,10 @@ def build_fp32_model(
     """fp32 graph: normalize, (MatMul + Add + act) per hidden layer, MatMul + Add + tanh squash to [low, high]."""
     obs_dim, act_dim = layers[0][0].shape[1], layers[-1][0].shape[0]
     inits = [_f32("obs_mean", obs_mean), _f32("obs_std", obs_std)]
-    nodes = [helper.make_node("Sub", ["obs", "obs_mean"], ["x_c"]), helper.make_node("Div", ["x_c", "obs_std"], ["h_in"])]
+    nodes = [
+        helper.make_node("Sub", ["obs", "obs_mean"], ["x_c"]),
+        helper.make_node("Div", ["x_c", "obs_std"], ["h_in"]),
+    ]
     h = "h_in"
     act_op = {"tanh": "Tanh", "relu": "Relu"}[hidden_activation]
     for k, (w, b) in enumerate(layers):

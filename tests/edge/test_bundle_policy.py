@@ -33,7 +33,8 @@ def numpy_forward(layers: list[tuple[np.ndarray, np.ndarray]], obs: np.ndarray, 
 
 def observations(m: dict, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return (np.array(m["obs_mean"]) + np.array(m["obs_std"]) * rng.standard_normal((n, m["obs_dim"]))).astype(np.float32)
+    noise = rng.standard_normal((n, m["obs_dim"]))
+    return (np.array(m["obs_mean"]) + np.array(m["obs_std"]) * noise).astype(np.float32)
 
 
 def run(path: Path, obs: np.ndarray) -> np.ndarray:

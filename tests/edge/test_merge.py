@@ -87,7 +87,8 @@ def test_merged_int8_policy_matches_fp32_within_int8_tolerance(engine: MergeEngi
 def test_twenty_merges_do_not_drift(engine: MergeEngine, bundle: Bundle) -> None:
     final = random_adapter(bundle, 99)
     for seed in range(20):
-        engine.activate(engine.stage({"fleet": random_adapter(bundle, seed), "device": random_adapter(bundle, seed + 50)}))
+        fleet, device = random_adapter(bundle, seed), random_adapter(bundle, seed + 50)
+        engine.activate(engine.stage({"fleet": fleet, "device": device}))
     engine.activate(engine.stage({"fleet": final, "device": None}))
     fresh = MergeEngine(PolicyRuntime(bundle))
     fresh.activate(fresh.stage({"fleet": final}))
@@ -153,7 +154,8 @@ def test_removing_every_slot_returns_to_base_exactly(engine: MergeEngine, bundle
     assert np.array_equal(engine.runtime.act_batch(obs), base)
     assert np.array_equal(engine.runtime.act_batch(obs), engine.runtime.base_act_batch(obs))
     for name, (q, scale) in side_weights(engine, engine.runtime.active_index).items():
-        assert np.array_equal(q, engine.runtime.base_q[name][0]) and np.array_equal(scale, engine.runtime.base_q[name][1])
+        base_q, base_scale = engine.runtime.base_q[name]
+        assert np.array_equal(q, base_q) and np.array_equal(scale, base_scale)
 
 
 def test_restore_brings_a_known_state(bundle: Bundle) -> None:
