@@ -168,11 +168,13 @@ class MqttBus(Bus):
 
         self._teardown()
         self._protocol = protocol
-        client = self._make_client(protocol)
         self._connected.clear()
         self._settled.clear()
         self._refused = None
         try:
+            # tls_set reads the CA, certificate and key files here: a missing or bad file
+            # is an OSError / ssl.SSLError that must become a BusError like any other.
+            client = self._make_client(protocol)
             if protocol == "5":
                 from paho.mqtt.packettypes import PacketTypes
                 from paho.mqtt.properties import Properties
