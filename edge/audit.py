@@ -3,7 +3,10 @@
 The EdgeAuditor is a list of small named checks, each returning a ``Reason`` or
 ``None`` (Gymnasium's ``check_env`` is the model): never ``assert``, never an
 exception for a rejection.  Protocol checks run first, in the order of DESIGN.md
-section 3 (size cap, signature, length, digest, parse); then the semantic checks.
+section 3 (size cap, signature, length, digest, parse); then the semantic checks
+(``audit_packet``).  The model-level checks (``audit_model``: finite values, delta
+norms, behaviour probes; see ``plasma.edge.probes``) run afterwards on the merge
+engine's staged, inactive side: exactly the weights that would go live.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from plasma.protocol import (
     DEFAULT_MAX_PACKET_BYTES,
@@ -26,6 +31,17 @@ from plasma.protocol import (
     check_target,
     check_version,
     decode_packet,
+)
+
+from .bundle import Manifest
+from .probes import (
+    AuditThresholds,
+    ObservationRing,
+    Policy,
+    behaviour_scores,
+    delta_ratios,
+    judge,
+    probe_observations,
 )
 
 DEFAULT_MAX_RANK = 16
@@ -120,3 +136,76 @@ def _record(subject: str, ctx: AuditContext, packet: DecodedPacket | None, verdi
         slot=header.slot if header else None, version=header.version if header else None,
         verdict=verdict, reasons=reasons, scores=dict(scores or {}),  # type: ignore[arg-type]
     )
+
+
+# -- model-level checks -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelPolicies:
+    """The three policies the probes compare, each (n, obs_dim) -> (n, act_dim)."""
+
+    current: Policy
+    """What act() runs now (``PolicyRuntime.act_batch``)."""
+    candidate: Policy
+    """The staged, inactive side (``Staged.act_batch``)."""
+    base: Policy
+    """The shipped base model (``PolicyRuntime.base_act_batch``)."""
+
+
+@dataclass(frozen=True)
+class ModelSpace:
+    """What the probes need from the bundle manifest, as arrays."""
+
+    obs_low: np.ndarray
+    obs_high: np.ndarray
+    obs_std: np.ndarray
+    act_low: np.ndarray
+    act_high: np.ndarray
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> ModelSpace:
+        """Missing obs bounds become mean +- 3 std."""
+        mean = np.asarray(m.obs_mean, np.float32)
+        std = np.asarray(m.obs_std, np.float32)
+        low = np.asarray(m.obs_low, np.float32) if m.obs_low is not None else mean - 3 * std
+        high = np.asarray(m.obs_high, np.float32) if m.obs_high is not None else mean + 3 * std
+        return cls(obs_low=low, obs_high=high, obs_std=std,
+                   act_low=np.asarray(m.act_low, np.float32),
+                   act_high=np.asarray(m.act_high, np.float32))
+
+
+def audit_model(packet: DecodedPacket, base_weights: Mapping[str, np.ndarray],
+                policies: ModelPolicies, space: ModelSpace, ring: ObservationRing | None,
+                th: AuditThresholds = AuditThresholds(), seed: int = 0
+                ) -> tuple[tuple[Reason, ...], dict[str, float]]:
+    """Model-level reasons (empty: passed) and scores for a packet whose candidate is staged.
+
+    A packet that clears its slot has no delta: only the behaviour probes run.
+    """
+    adapter = packet.adapter
+    ratios = delta_ratios(adapter, base_weights)
+    scores = {f"delta_ratio.{name}": r for name, r in ratios.items()}
+    weight_reasons = judge(adapter, ratios, None, th)
+    if weight_reasons:  # never run a non-finite or huge candidate, even on probes
+        return weight_reasons, _finite_scores(scores)
+    rng = np.random.default_rng(seed)
+    recent = ring.snapshot() if ring is not None else np.zeros((0, len(space.obs_std)), np.float32)
+    obs = probe_observations(recent, th.probe_count, space.obs_low, space.obs_high, rng)
+    probe = behaviour_scores(policies.current, policies.candidate, policies.base, obs,
+                             space.act_low, space.act_high, th, space.obs_std, rng)
+    scores.update(probe)
+    scores["probe_real_fraction"] = min(len(recent), th.probe_count) / th.probe_count
+    return judge(adapter, ratios, probe, th), _finite_scores(scores)
+
+
+def _finite_scores(scores: Mapping[str, float]) -> dict[str, float]:
+    """AuditRecord refuses NaN/Inf: report those as -1 (the reason says what happened)."""
+    return {k: (float(v) if np.isfinite(v) else -1.0) for k, v in scores.items()}
+
+
+def record_for(packet: DecodedPacket | None, ctx: AuditContext, verdict: str,
+               reasons: tuple[Reason, ...] = (), scores: Mapping[str, float] | None = None,
+               subject: str | None = None) -> AuditRecord:
+    """An edge AuditRecord about ``packet`` (or about bytes that never parsed)."""
+    if subject is None:
+        subject = f"packet:{packet.header.packet_id}" if packet is not None else "packet"
+    return _record(subject, ctx, packet, verdict, reasons, scores)

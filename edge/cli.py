@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -10,20 +11,30 @@ from pathlib import Path
 
 from plasma.protocol import KeyFileError, PlasmaError, TrustStore
 from plasma.protocol._cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError
+from plasma.protocol.topics import validate_id
 
 from .audit import AuditContext, audit_packet
+from .bundle import BundleError
 
 DESCRIPTION = """\
 Plasma edge: runs a quantized ONNX policy, receives signed LoRA packets over MQTT,
 audits them, merges them in place and rolls back by itself if real reward drops.
 
+Run a device:
+  plasma-edge run --broker mqtt://HOST:1883 --fleet f1 --device d7 --model bundle/ \
+      --trust keys/ --state /var/lib/plasma --env Pendulum-v1:m=1.6,g=12
 Check packets the way the daemon would:
   plasma-edge check-packet a.pkt b.pkt --trust keys/ --fleet f1 --device d7
-Exit status: 0 all accepted, 2 any rejected, 1 usage error.
+Show a bundle's manifest:
+  plasma-edge model info bundle/
+Exit status: 0 all accepted (or a clean stop), 2 any rejected, 1 usage error.
 """
 
 
 def _check_packet(args: argparse.Namespace) -> int:
+    for flag, value in (("--fleet", args.fleet), ("--device", args.device)):
+        if value is not None:  # a bad id is a usage error, not a crash inside the audit
+            validate_id(value, flag)
     trust = TrustStore.from_dir(args.trust)
     ctx = AuditContext(trust=trust, fleet=args.fleet, device=args.device,
                        **_model_context(args.model))
@@ -65,6 +76,66 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _model_info(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    info = bundle.manifest.model_dump(mode="json", by_alias=True)
+    info["layers"] = [{"name": n, "in": i, "out": o} for n, i, o in bundle.layer_specs]
+    info["model_bytes"] = len(bundle.model_bytes)
+    sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import SCALARS, load_config
+    from .daemon import run
+
+    flags = {name: getattr(args, name, None) for name in (*SCALARS, "config")}
+    return run(load_config(flags))
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the device daemon (control loop + MQTT + audit + merge)",
+                       description="Every option may also come from PLASMA_EDGE_<NAME> or "
+                                   "--config FILE (TOML); flags win.")
+    p.add_argument("--config", metavar="FILE", help="TOML file (keys as below, plus [audit], "
+                   "[canary], [telemetry] tables)")
+    p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--username")
+    p.add_argument("--password", help="prefer PLASMA_EDGE_PASSWORD: flags show in `ps`")
+    p.add_argument("--ca-file", dest="ca_file", metavar="PEM")
+    p.add_argument("--cert-file", dest="cert_file", metavar="PEM")
+    p.add_argument("--key-file", dest="key_file", metavar="PEM")
+    p.add_argument("--fleet")
+    p.add_argument("--device")
+    p.add_argument("--model", metavar="BUNDLE_DIR")
+    p.add_argument("--trust", metavar="KEYS_DIR", help="directory of trusted *.pub keys")
+    p.add_argument("--state", metavar="STATE_DIR", help="journal of accepted packets")
+    p.add_argument("--env", metavar="ENV", help="Gymnasium id with physics overrides "
+                   "(Pendulum-v1:m=1.6,g=12) or module:Class")
+    p.add_argument("--rate-hz", dest="rate_hz", type=float, help="control rate (default 50; "
+                   "0 = as fast as possible)")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int,
+                   help="serve Prometheus metrics on this port")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--episodes", type=int, help="stop after N episodes")
+    budget.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N steps")
+    p.add_argument("--status-interval", dest="status_interval", type=float,
+                   help="seconds between retained status messages (default 5)")
+    p.add_argument("--seed", type=int, help="seed of the first env.reset")
+    p.set_defaults(handler=_run)
+
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="inspect a policy bundle")
+    model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True,
+                                     parser_class=Parser)
+    info = model_sub.add_parser("info", help="the manifest as JSON (base_sha256, layers...)")
+    info.add_argument("bundle", metavar="BUNDLE_DIR")
+    info.set_defaults(handler=_model_info)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="plasma-edge", description=DESCRIPTION,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +156,7 @@ def build_parser() -> Parser:
     return parser
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_model]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
-    except (UsageError, PlasmaError, KeyFileError) as exc:
+    except (UsageError, PlasmaError, KeyFileError, BundleError) as exc:
         print(f"plasma-edge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

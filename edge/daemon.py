@@ -1,0 +1,333 @@
+"""Edge process: assembles the stages into ``plasma-edge run`` (control loop, bus, packet worker).
+
+Threads (all daemon threads except main)::
+
+    main        set-up, signal handling, orderly shutdown
+    control     env.reset/step with act(obs) at --rate-hz; telemetry rows, canary, probe ring.
+                Never touches the network or a merge: it only reads one reference per step.
+    paho        MqttBus network thread: packets -> size cap -> bounded queue (never blocks)
+    worker      packets and canary verdicts from the queue: AdapterPipeline, audit records,
+                retained status every --status-interval seconds
+    connect     first connection with backoff (a broker down at start does not stop acting);
+                later reconnects are paho's
+    telemetry   frames every N rows / T seconds
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from plasma.protocol import AuditRecord, Reason, Status, TrustStore, topics
+
+from .audit import AuditContext, record_for
+from .bundle import Bundle, load_bundle
+from .bus import Bus, BusError, Message, MqttBus
+from .canary import Canary
+from .config import DaemonConfig
+from .envs import Env, make_env
+from .journal import Journal
+from .merge import MergeEngine
+from .metrics import EdgeMetrics
+from .pipeline import AdapterPipeline, Outcome
+from .policy import PolicyRuntime
+from .probes import ObservationRing
+from .telemetry import TelemetryBuffer
+
+__all__ = ["Daemon", "run"]
+
+log = logging.getLogger("plasma.edge")
+_STOP = object()
+MAX_ENV_FAILURES = 10
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig, bus: Bus | None = None, env: Env | None = None) -> None:
+        self.cfg = cfg
+        self.steps = 0
+        self.bundle = _strided_single_rows(load_bundle(cfg.model))
+        self.runtime = PolicyRuntime(self.bundle)
+        m = self.bundle.manifest
+        self.ring = ObservationRing(1024, m.obs_dim)
+        self.canary = Canary(cfg.canary)
+        ctx = AuditContext(trust=TrustStore.from_dir(cfg.trust), fleet=cfg.fleet,
+                           device=cfg.device, base_sha256=self.bundle.base_sha256,
+                           layers={n: (i, o) for n, i, o in self.bundle.layer_specs},
+                           max_rank=cfg.max_rank, max_bytes=cfg.max_packet_bytes)
+        self.pipeline = AdapterPipeline(self.runtime, MergeEngine(self.runtime),
+                                        Journal(cfg.state), ctx, self.canary, self.ring, cfg.audit)
+        self.notes = self.pipeline.restore()  # before the will: it carries the versions
+        self.env = env if env is not None else make_env(cfg.env)
+        self.metrics = EdgeMetrics()
+        self._status_topic = topics.status(cfg.fleet, cfg.device)
+        self.bus = bus if bus is not None else MqttBus(
+            cfg.broker, client_id=f"plasma-edge-{cfg.fleet}-{cfg.device}"[:64],
+            will=(self._status_topic, self._status("offline")), max_payload=16 << 20)
+        self.telemetry = TelemetryBuffer(
+            cfg.fleet, cfg.device, m.obs_dim, m.act_dim,
+            publish=lambda frame: self.bus.publish(topics.telemetry(cfg.fleet, cfg.device), frame),
+            connected=lambda: self.bus.connected, cfg=cfg.telemetry)
+        self.jobs: queue.Queue[Any] = queue.Queue(cfg.queue_size)
+        self.stop = threading.Event()
+        self.failed = False
+        self._latency = np.zeros(4096, np.float64)  # ring of act() seconds for the p50 log line
+        self._unsent: deque[AuditRecord] = deque(maxlen=64)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT or the step/episode budget; 0 on a clean stop."""
+        for note in self.notes:
+            log.error("state: %s", note)
+        f, d = self.pipeline.versions
+        log.info("policy %s ready (base %s...), fleet adapter v%d, device adapter v%d",
+                 self.cfg.model, self.bundle.base_sha256[:12], f, d)
+        if self.cfg.metrics_port is not None:
+            self.metrics.serve(self.cfg.metrics_port)
+        for kind in ("fleet", "device"):
+            self.bus.subscribe(self._adapter_topic(kind), self._on_packet(kind), qos=1)
+        threads = [threading.Thread(target=fn, name=f"plasma-{fn.__name__.strip('_')}",
+                                    daemon=True)
+                   for fn in (self._connect, self._work, self._control)]
+        self.telemetry.start()
+        for t in threads:
+            t.start()
+        self._install_signals()
+        while not self.stop.wait(0.5):
+            pass
+        self._shutdown(threads)
+        return 1 if self.failed else 0
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, frame: object) -> None:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+
+    def _shutdown(self, threads: list[threading.Thread]) -> None:
+        threads[2].join(5)  # control: no more rows after this
+        left = self.telemetry.close()
+        self.jobs.put(_STOP)
+        threads[1].join(10)
+        self._publish(self._status_topic, self._status("offline"), retain=True)
+        lat = self._latency[:min(self.steps, len(self._latency))]
+        if len(lat):
+            log.info("stopped after %d steps; act p50 %.1f us, p99 %.1f us; %d telemetry rows "
+                     "sent, %d dropped", self.steps, np.percentile(lat, 50) * 1e6,
+                     np.percentile(lat, 99) * 1e6, self.telemetry.sent_rows,
+                     self.telemetry.dropped_rows + left)
+        time.sleep(0.2)  # let paho write the last QoS 1 messages before DISCONNECT
+        self.bus.close()
+
+    def _connect(self) -> None:
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                self.bus.connect(timeout=5.0)
+                return
+            except BusError as exc:
+                log.warning("broker unreachable (%s); retrying in %.0f s, still acting", exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- control thread -----------------------------------------------------------------------
+    def _control(self) -> None:
+        cfg, env, runtime = self.cfg, self.env, self.runtime
+        period = 1.0 / cfg.rate_hz if cfg.rate_hz else 0.0
+        obs = self._reset(cfg.seed)
+        episode = step = failures = 0
+        next_tick = time.perf_counter()
+        while not self.stop.is_set() and obs is not None:
+            t0 = time.perf_counter()
+            action = runtime.act(obs).copy()
+            dt = time.perf_counter() - t0
+            try:
+                nxt, reward, term, trunc, _ = env.step(action)
+                failures = 0
+            except Exception:  # noqa: BLE001 - a broken world must not kill the daemon; reset it
+                failures += 1
+                log.exception("env.step failed (%d in a row)", failures)
+                obs = self._reset(None) if failures < MAX_ENV_FAILURES else None
+                continue
+            nxt = np.asarray(nxt, np.float32)
+            self._record_step(episode, step, obs, action, float(reward), nxt, bool(term),
+                              bool(trunc), dt)
+            step += 1
+            if term or trunc:
+                episode, step = episode + 1, 0
+                obs = None if cfg.episodes is not None and episode >= cfg.episodes \
+                    else self._reset(None)
+            else:
+                obs = nxt
+            if cfg.max_steps is not None and self.steps >= cfg.max_steps:
+                obs = None
+            if period:
+                next_tick = max(next_tick + period, time.perf_counter() - period)
+                self.stop.wait(max(0.0, next_tick - time.perf_counter()))
+        if obs is None and not self.stop.is_set():
+            self.failed = failures >= MAX_ENV_FAILURES
+            log.info("control loop finished (%d steps)", self.steps)
+            self.stop.set()
+
+    def _reset(self, seed: int | None) -> np.ndarray | None:
+        try:
+            obs, _ = self.env.reset(seed=seed)
+        except Exception:  # noqa: BLE001 - reported; the loop stops cleanly instead of crashing
+            log.exception("env.reset failed")
+            self.failed = True
+            return None
+        return np.asarray(obs, np.float32)
+
+    def _record_step(self, episode: int, step: int, obs: np.ndarray, action: np.ndarray,
+                     reward: float, nxt: np.ndarray, term: bool, trunc: bool, dt: float) -> None:
+        self._latency[self.steps % len(self._latency)] = dt
+        self.metrics.act_latency.observe(dt)
+        self.metrics.steps.inc()
+        self.telemetry.add(episode, step, obs, action, reward, nxt, term, trunc,
+                           self.pipeline.versions)
+        self.ring.push(obs)
+        self.steps += 1
+        verdict = self.canary.push(reward)
+        if verdict is not None:
+            self._enqueue(("canary", verdict))
+
+    # -- bus thread ---------------------------------------------------------------------------
+    def _adapter_topic(self, kind: str) -> str:
+        return topics.fleet_adapter(self.cfg.fleet) if kind == "fleet" \
+            else topics.device_adapter(self.cfg.fleet, self.cfg.device)
+
+    def _on_packet(self, kind: str) -> Any:
+        def handle(message: Message) -> None:
+            if not message.payload:  # an empty retained message clears the topic: not a packet
+                return
+            if len(message.payload) > self.cfg.max_packet_bytes:  # the cap, before anything else
+                self._enqueue(("too_large", len(message.payload), kind))
+            else:
+                self._enqueue(("packet", message.payload, kind, time.perf_counter()))
+        return handle
+
+    def _enqueue(self, job: tuple[Any, ...]) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            reason = Reason(code="queue_full", check="receive",
+                            message=f"{self.cfg.queue_size} packets already wait; dropped one")
+            self._report(Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)),
+                                 source=str(job[-1])))
+
+    # -- worker thread ------------------------------------------------------------------------
+    def _work(self) -> None:
+        last_status = 0.0
+        while True:
+            try:
+                job = self.jobs.get(timeout=max(0.05, self.cfg.status_interval / 2))
+            except queue.Empty:
+                job = None
+            if job is _STOP:
+                return
+            if job is not None:
+                self._run_job(job)
+            now = time.monotonic()
+            if now - last_status >= self.cfg.status_interval and self.bus.connected:
+                last_status = now
+                self._tick()
+
+    def _run_job(self, job: tuple[Any, ...]) -> None:
+        try:
+            outcome = self._dispatch(job)
+        except Exception as exc:  # noqa: BLE001 - top-level catch: a daemon bug becomes a record
+            log.exception("packet worker failed on a %s job", job[0])
+            reason = Reason(code="internal_error", check="worker", message=repr(exc)[:1000])
+            outcome = Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)))
+        if outcome is not None:
+            self._report(outcome)
+
+    def _dispatch(self, job: tuple[Any, ...]) -> Outcome | None:
+        if job[0] == "packet":
+            return self.pipeline.handle(job[1], source=job[2], received_at=job[3])
+        if job[0] == "too_large":
+            reason = Reason(code="too_large", check="receive",
+                            message=f"packet is {job[1]} bytes, the cap is "
+                                    f"{self.cfg.max_packet_bytes}")
+            return Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)),
+                           size=job[1], source=job[2])
+        outcome = self.pipeline.on_canary(job[1])
+        if outcome is not None:
+            self.metrics.rollbacks.inc()
+        return outcome
+
+    def _report(self, outcome: Outcome) -> None:
+        record = outcome.record
+        log.log(logging.INFO if record.verdict == "accepted" else logging.WARNING, "%s",
+                outcome.describe())
+        self.metrics.packet(record.verdict, record.reasons[0].code if record.reasons else "")
+        if record.verdict == "accepted":
+            self.metrics.accept_latency.observe(outcome.elapsed_s)
+        self._unsent.append(record)
+        self._flush_records()
+        self._tick()
+
+    def _flush_records(self) -> None:
+        topic = topics.audit(self.cfg.fleet, self.cfg.device)
+        while self._unsent and self.bus.connected:
+            if not self._publish(topic, self._unsent[0].model_dump_json().encode()):
+                return
+            self._unsent.popleft()
+
+    def _tick(self) -> None:
+        """Status, gauges and any audit records held while the broker was away."""
+        self._flush_records()
+        f, d = self.pipeline.versions
+        self.metrics.active_version.labels(slot="fleet").set(f)
+        self.metrics.active_version.labels(slot="device").set(d)
+        rolling = self.canary.rolling_mean()
+        if rolling is not None:
+            self.metrics.rolling_reward.set(rolling)
+        self.metrics.telemetry_dropped.set(self.telemetry.dropped_rows)
+        self._publish(self._status_topic, self._status("online"), retain=True)
+
+    def _status(self, state: str) -> bytes:
+        f, d = self.pipeline.versions
+        return Status(fleet=self.cfg.fleet, device=self.cfg.device, state=state,  # type: ignore[arg-type]
+                      base_sha256=self.bundle.base_sha256, fleet_version=f, device_version=d,
+                      steps=self.steps, rolling_reward=self.canary.rolling_mean()
+                      ).model_dump_json().encode()
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        try:
+            self.bus.publish(topic, payload, qos=1, retain=retain)
+            return True
+        except BusError as exc:
+            log.debug("not published to %s: %s", topic, exc)
+            return False
+
+
+def _strided_single_rows(bundle: Bundle) -> Bundle:
+    """WORKAROUND for policy.quantize_weight (helper-1's file): it quantizes in place into
+    ``np.ascontiguousarray(W.T)``, which is W itself when W has one row or one column (Pendulum's
+    last layer: out=1), so loading such a bundle fails on the read-only master. A read-only
+    strided view of a copy makes ``W.T`` non-contiguous, forcing the copy. Remove once fixed."""
+    weights = {}
+    for name, w in bundle.weights.items():
+        if w.T.flags.c_contiguous:
+            holder = np.zeros((w.shape[0], 2 * w.shape[1]), np.float32)
+            holder[:, ::2] = w
+            w = holder[:, ::2]
+            w.flags.writeable = False
+        weights[name] = w
+    return dataclasses.replace(bundle, weights=MappingProxyType(weights))
+
+
+def run(cfg: DaemonConfig) -> int:
+    return Daemon(cfg).run()

@@ -1,0 +1,40 @@
+"""Edge seam: daemon counters -> Prometheus metrics (own registry; served only with --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["EdgeMetrics"]
+
+# act() is ~20 us for a small MLP (policy.py); buckets from 5 us to 10 ms.
+_ACT_BUCKETS = (5e-6, 10e-6, 20e-6, 40e-6, 80e-6, 160e-6, 320e-6, 1e-3, 3e-3, 10e-3)
+
+
+class EdgeMetrics:
+    """Everything the daemon exports; safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.act_latency = Histogram("plasma_edge_act_seconds", "Latency of one act() call",
+                                     buckets=_ACT_BUCKETS, registry=r)
+        self.packets = Counter("plasma_edge_packets", "Packets judged, by verdict and reason",
+                               ["verdict", "reason"], registry=r)
+        self.active_version = Gauge("plasma_edge_active_version",
+                                    "Adapter version live per slot (0 = none)", ["slot"], registry=r)
+        self.rolling_reward = Gauge("plasma_edge_rolling_reward",
+                                    "Mean real reward per step over the canary window", registry=r)
+        self.rollbacks = Counter("plasma_edge_rollbacks", "Canary rollbacks", registry=r)
+        self.steps = Counter("plasma_edge_steps", "Control steps taken", registry=r)
+        self.telemetry_dropped = Gauge("plasma_edge_telemetry_dropped_rows",
+                                       "Telemetry rows dropped (buffer full or send failed)",
+                                       registry=r)
+        self.accept_latency = Histogram("plasma_edge_packet_seconds",
+                                        "Receipt to verdict for one packet", registry=r)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve /metrics on a daemon thread of prometheus_client."""
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    def packet(self, verdict: str, reason: str = "") -> None:
+        self.packets.labels(verdict=verdict, reason=reason).inc()

@@ -1,0 +1,178 @@
+"""Edge stages 7-9 assembled: packet bytes -> audit -> staged merge -> probes -> journal -> live.
+
+One ``AdapterPipeline`` per device, driven by the daemon's packet worker thread (never the
+control thread). Order for a packet: protocol audit (size, signature, digest, parse, target,
+expiry, version, base model, shapes), stage the merge into the inactive side, model audit on
+exactly those staged weights, persist bytes and version (``Journal.commit``), then one
+reference flip makes it live and the canary is armed. Anything that fails before the flip
+leaves the live adapters untouched. Every call ends in an ``Outcome`` holding an AuditRecord.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from plasma.protocol import AuditRecord, DecodedPacket, Reason, Slot
+
+from .audit import (
+    PROTOCOL_CHECKS,
+    AuditContext,
+    ModelPolicies,
+    ModelSpace,
+    audit_model,
+    audit_packet,
+    record_for,
+)
+from .canary import Canary, CanaryVerdict
+from .journal import Journal, JournalError
+from .merge import MergeEngine, MergeError
+from .policy import PolicyRuntime
+from .probes import AuditThresholds, ObservationRing
+
+__all__ = ["AdapterPipeline", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+# On restart the stored bytes are re-verified (signature, digest, target, base model, shapes);
+# expiry and version are not re-judged: they were judged when the packet arrived.
+_RESTORE_CHECKS = tuple((n, c) for n, c in PROTOCOL_CHECKS if n in ("target", "base_model", "shapes"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one packet (or one canary window), ready to log and publish."""
+
+    record: AuditRecord
+    packet: DecodedPacket | None = None
+    size: int = 0
+    elapsed_s: float = 0.0
+    source: str = ""
+
+    def describe(self) -> str:
+        """One line an operator can act on."""
+        r, p = self.record, self.packet
+        what = f"{p.header.slot} adapter v{p.header.version}" if p is not None else \
+            f"packet on the {self.source or '?'} topic"
+        if r.verdict == "accepted" and p is not None:
+            body = "clears the slot" if not p.header.layers else \
+                f"rank {p.header.rank}, {len(p.header.layers)} layers"
+            return f"accepted {what} ({body}, {self.size / 1024:.1f} KB) in " \
+                   f"{self.elapsed_s * 1e3:.1f} ms"
+        reasons = "; ".join(f"{x.message} [{x.code}]" for x in r.reasons) or r.verdict
+        verb = "rolled back" if r.verdict == "rolled_back" else "rejected"
+        return f"{verb} {what}: {reasons}"
+
+
+class AdapterPipeline:
+    """Owns the adapter state of one device: what is live, what was before, what is persisted."""
+
+    def __init__(self, runtime: PolicyRuntime, engine: MergeEngine, journal: Journal,
+                 ctx: AuditContext, canary: Canary, ring: ObservationRing | None,
+                 thresholds: AuditThresholds = AuditThresholds()) -> None:
+        self.runtime, self.engine, self.journal = runtime, engine, journal
+        self.ctx, self.canary, self.ring, self.thresholds = ctx, canary, ring, thresholds
+        self.space = ModelSpace.from_manifest(runtime.bundle.manifest)
+        self._live: dict[Slot, DecodedPacket | None] = {"fleet": None, "device": None}
+        self._before: dict[Slot, DecodedPacket | None] | None = None
+        self._last_tag: tuple[Slot, int] | None = None
+        self._probe_seed = 0
+        self.versions: tuple[int, int] = (0, 0)
+        """(fleet, device) versions live in act(); replaced whole, read by the control thread."""
+
+    # -- restart ------------------------------------------------------------------------------
+    def restore(self) -> tuple[str, ...]:
+        """Re-apply what the journal holds; returns operator notes (damaged files...)."""
+        restored = self.journal.load(self._verify_stored)
+        adapters = {slot: (p.adapter if p.adapter.layers else None)
+                    for slot, p in restored.packets.items()}
+        if adapters:
+            try:
+                self.engine.restore(adapters)
+            except MergeError as exc:  # verified bytes the merge refuses: run the base model
+                return (*restored.problems, f"stored adapters not re-applied ({exc})")
+            self._live.update(restored.packets)
+        self._publish_versions()
+        return restored.problems
+
+    def _verify_stored(self, data: bytes) -> DecodedPacket | str:
+        ctx = replace(self.ctx, highest_version={})
+        verdict = audit_packet(data, ctx, checks=_RESTORE_CHECKS)
+        if verdict.accepted and verdict.packet is not None:
+            return verdict.packet
+        first = verdict.record.reasons[0] if verdict.record.reasons else None
+        return f"{first.code}: {first.message}" if first else "not accepted"
+
+    # -- a packet -----------------------------------------------------------------------------
+    def handle(self, data: bytes, source: str = "", received_at: float | None = None) -> Outcome:
+        """Judge one packet and make it live if it passes. Never raises for bad input."""
+        t0 = time.perf_counter() if received_at is None else received_at
+        ctx = replace(self.ctx, highest_version=self.journal.highest())
+        verdict = audit_packet(data, ctx)
+        packet = verdict.packet
+        if not verdict.accepted or packet is None:
+            return Outcome(verdict.record, packet, len(data), time.perf_counter() - t0, source)
+        record = self._merge(packet, data, ctx)
+        return Outcome(record, packet, len(data), time.perf_counter() - t0, source)
+
+    def _merge(self, packet: DecodedPacket, data: bytes, ctx: AuditContext) -> AuditRecord:
+        slot, version = packet.header.slot, packet.header.version
+        try:
+            staged = self.engine.stage({slot: packet.adapter if packet.adapter.layers else None})
+        except MergeError as exc:
+            return self._reject(packet, ctx, exc.code, f"merge refused the adapter: {exc}", "merge")
+        self._probe_seed += 1
+        policies = ModelPolicies(current=self.runtime.act_batch, candidate=staged.act_batch,
+                                 base=self.runtime.base_act_batch)
+        reasons, scores = audit_model(packet, self.runtime.bundle.weights, policies, self.space,
+                                      self.ring, self.thresholds, seed=self._probe_seed)
+        if reasons:
+            return record_for(packet, ctx, "rejected", reasons, scores)
+        try:
+            self.journal.commit(slot, data, version)  # persisted BEFORE it goes live
+        except JournalError as exc:
+            return self._reject(packet, ctx, exc.code, f"{exc}; keeping the adapters in use",
+                                "journal", scores)
+        self.engine.activate(staged)
+        self._before = dict(self._live)
+        self._live[slot] = packet
+        self._last_tag = (slot, version)
+        self._publish_versions()
+        self.canary.arm(self._last_tag)
+        return record_for(packet, ctx, "accepted", (), scores)
+
+    def _reject(self, packet: DecodedPacket, ctx: AuditContext, code: str, message: str,
+                check: str, scores: Mapping[str, float] | None = None) -> AuditRecord:
+        reason = Reason(code=code, message=message[:1000], check=check)
+        return record_for(packet, ctx, "rejected", (reason,), scores)
+
+    # -- the canary ---------------------------------------------------------------------------
+    def on_canary(self, verdict: CanaryVerdict) -> Outcome | None:
+        """Roll back a merge whose canary window regressed; None if it passed or is stale."""
+        if verdict.tag != self._last_tag or self._before is None:
+            return None  # a later packet replaced the merge this window judged
+        slot, version = verdict.tag  # type: ignore[misc]
+        packet = self._live[slot]
+        if not verdict.regressed:
+            log.info("canary passed for %s adapter v%d: reward per step %.3f -> %.3f", slot,
+                     version, verdict.baseline_mean, verdict.canary_mean)
+            return None
+        reasons = [Reason(code="reward_regression", check="canary",
+                          message=f"real reward per step fell from {verdict.baseline_mean:.3f} to "
+                                  f"{verdict.canary_mean:.3f} over {verdict.canary_steps} steps "
+                                  f"(allowed drop {verdict.threshold:.3f})")]
+        self.engine.rollback()
+        self._live, self._before, self._last_tag = self._before, None, None
+        self._publish_versions()
+        try:
+            self.journal.mark_bad(slot, version)
+        except JournalError as exc:
+            reasons.append(Reason(code=exc.code, check="journal", message=str(exc)[:1000]))
+        record = record_for(packet, self.ctx, "rolled_back", tuple(reasons), verdict.scores())
+        return Outcome(record, packet, packet.size if packet else 0, 0.0, "canary")
+
+    def _publish_versions(self) -> None:
+        f, d = self._live["fleet"], self._live["device"]
+        self.versions = (f.header.version if f else 0, d.header.version if d else 0)

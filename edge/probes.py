@@ -1,0 +1,201 @@
+"""Edge stage 8b: staged candidate weights -> model-level audit scores and reasons (behaviour probes).
+
+Two steps, so each check is a pure table-testable function:
+
+1. measure: ``delta_ratios`` (weights only) and ``behaviour_scores`` (runs the current, the
+   candidate and the shipped base policy on the same probe batch) produce plain floats;
+2. judge: ``check_*`` functions compare those floats with ``AuditThresholds`` and return a
+   ``Reason`` or None.
+
+Probe observations come from the device's own recent real observations (``ObservationRing``,
+written by the control loop), or from the manifest's observation bounds while it is empty.
+Dynamic int8 quantizes activations per tensor, so a row's action depends on the other rows of
+its batch (~1e-3, measured by helper-1): every comparison runs the models on the same batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from plasma.protocol import Adapter, Reason
+
+__all__ = ["AuditThresholds", "ObservationRing", "behaviour_scores", "check_action_bounds",
+           "check_action_change", "check_delta_norm", "check_finite", "check_sensitivity",
+           "delta_ratios", "probe_observations", "judge"]
+
+Policy = Callable[[np.ndarray], np.ndarray]
+"""(n, obs_dim) -> (n, act_dim)."""
+
+
+@dataclass(frozen=True)
+class AuditThresholds:
+    """Limits of the device-side model checks. Defaults are deliberately loose: the server's
+    judicial auditor is the main gate; these catch hostile or broken adapters."""
+
+    max_delta_ratio: float = 0.5
+    """Per layer, ``||delta W||_F / ||W_base||_F``: a LoRA that rewrites half a layer is no fine-tune."""
+    max_mean_action_change: float = 0.25
+    """Mean over probes of the largest per-dimension ``|a_new - a_now|``, as a fraction of the action range."""
+    max_max_action_change: float = 0.9
+    """The same, worst probe. 0.9 allows a near full-range switch on a few states, not everywhere."""
+    action_bound_tolerance: float = 1e-3
+    """How far outside ``[act_low, act_high]`` (fraction of the range) an action may stray (int8 rounding)."""
+    max_sensitivity_ratio: float = 4.0
+    """Adversarial probe: mean action change under small observation perturbations, candidate over base."""
+    perturbation: float = 0.05
+    """Size of those perturbations, as a fraction of the manifest's ``obs_std`` per dimension."""
+    sensitivity_floor: float = 1e-3
+    """Base-policy change (fraction of action range) below which the ratio uses this floor instead."""
+    probe_count: int = 64
+    """Observations per probe batch (recent real ones first)."""
+    perturbation_count: int = 4
+    """Random perturbations per probe observation in the adversarial probe."""
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"audit threshold {name} must be a positive number, got {value!r}")
+
+
+class ObservationRing:
+    """The last ``capacity`` real observations: preallocated, written by the control thread."""
+
+    def __init__(self, capacity: int, obs_dim: int) -> None:
+        self._buf = np.zeros((capacity, obs_dim), np.float32)  # (capacity, obs_dim)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def push(self, obs: np.ndarray) -> None:
+        with self._lock:  # ~0.2 us uncontended; the worker holds it only to copy
+            self._buf[self._count % len(self._buf)] = obs
+            self._count += 1
+
+    def snapshot(self) -> np.ndarray:
+        """(n, obs_dim) copy of what is stored, oldest first."""
+        with self._lock:
+            n, cap = self._count, len(self._buf)
+            if n <= cap:
+                return self._buf[:n].copy()
+            k = n % cap
+            return np.concatenate([self._buf[k:], self._buf[:k]])
+
+    def __len__(self) -> int:
+        return min(self._count, len(self._buf))
+
+
+def probe_observations(recent: np.ndarray, count: int, obs_low: np.ndarray, obs_high: np.ndarray,
+                       rng: np.random.Generator) -> np.ndarray:
+    """(count, obs_dim): a sample of recent real observations, or uniform draws within the bounds."""
+    if len(recent) >= count:
+        return recent[rng.choice(len(recent), size=count, replace=False)].astype(np.float32)
+    fill = rng.uniform(obs_low, obs_high, size=(count - len(recent), len(obs_low)))
+    return np.concatenate([recent, fill]).astype(np.float32)
+
+
+# -- measure ----------------------------------------------------------------------------------
+def delta_ratios(adapter: Adapter, base: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """layer -> ``||delta W||_F / ||W_base||_F`` (inf if delta W is not finite)."""
+    out = {}
+    for name in adapter.layers:
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta = adapter.delta(name)  # (out, in)
+            norm = float(np.linalg.norm(delta))
+        out[name] = norm / max(float(np.linalg.norm(base[name])), 1e-12) if np.isfinite(norm) \
+            else float("inf")
+    return out
+
+
+def behaviour_scores(current: Policy, candidate: Policy, base: Policy, obs: np.ndarray,
+                     act_low: np.ndarray, act_high: np.ndarray, th: AuditThresholds,
+                     obs_std: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """Action change vs the live policy, bound violations and the perturbation sensitivity ratio."""
+    span = (act_high - act_low).astype(np.float32)  # (act_dim,)
+    k, n = th.perturbation_count, len(obs)
+    noise = rng.uniform(-1.0, 1.0, size=(k, n, obs.shape[1])) * th.perturbation * obs_std
+    batch = np.concatenate([obs, (obs[None] + noise).reshape(k * n, -1)]).astype(np.float32)
+    cand = candidate(batch)  # ((k + 1) n, act_dim): one batch, one activation scale
+    now = current(batch)[:n]
+    ref = base(batch)
+    change = (np.abs(cand[:n] - now) / span).max(axis=1)  # (n,)
+    below = ((act_low - cand) / span).max()
+    above = ((cand - act_high) / span).max()
+    moved_cand = _moved(cand, n, k, span)
+    moved_base = max(_moved(ref, n, k, span), th.sensitivity_floor)
+    return {
+        "action_change_mean": float(change.mean()),
+        "action_change_max": float(change.max()),
+        "action_out_of_bounds": float(max(below, above, 0.0)),
+        "action_finite": float(np.isfinite(cand).all()),
+        "sensitivity_ratio": float(moved_cand / moved_base),
+    }
+
+
+def _moved(actions: np.ndarray, n: int, k: int, span: np.ndarray) -> float:
+    """Mean over probes and perturbations of the largest action change (fraction of range)."""
+    clean, perturbed = actions[:n], actions[n:].reshape(k, n, -1)
+    return float((np.abs(perturbed - clean[None]) / span).max(axis=2).mean())
+
+
+# -- judge ------------------------------------------------------------------------------------
+def check_finite(adapter: Adapter, ratios: Mapping[str, float]) -> Reason | None:
+    """Factors and the deltas they make must be finite (fp16/fp32 payloads are checked at decode;
+    B @ A can still overflow float32)."""
+    bad = [name for name, r in ratios.items() if not np.isfinite(r)]
+    if not adapter.is_finite() or bad:
+        return Reason(code="non_finite", check="finite",
+                      message=f"delta W is not finite in layer(s) {', '.join(bad) or '?'}")
+    return None
+
+
+def check_delta_norm(ratios: Mapping[str, float], th: AuditThresholds) -> Reason | None:
+    worst = max(ratios.items(), key=lambda kv: kv[1], default=None)
+    if worst is not None and worst[1] > th.max_delta_ratio:
+        return Reason(code="delta_too_large", check="delta_norm",
+                      message=f"layer {worst[0]}: ||dW||/||W|| = {worst[1]:.3g} exceeds "
+                              f"{th.max_delta_ratio:g}")
+    return None
+
+
+def check_action_change(scores: Mapping[str, float], th: AuditThresholds) -> Reason | None:
+    mean, worst = scores["action_change_mean"], scores["action_change_max"]
+    if not (mean <= th.max_mean_action_change and worst <= th.max_max_action_change):
+        return Reason(code="action_change_too_large", check="action_change",
+                      message=f"actions move {mean:.1%} of their range on average (limit "
+                              f"{th.max_mean_action_change:.0%}), {worst:.1%} at worst (limit "
+                              f"{th.max_max_action_change:.0%}) on recent observations")
+    return None
+
+
+def check_action_bounds(scores: Mapping[str, float], th: AuditThresholds) -> Reason | None:
+    if scores["action_finite"] < 1.0:
+        return Reason(code="non_finite_action", check="action_bounds",
+                      message="the adapted policy outputs NaN or Inf")
+    if scores["action_out_of_bounds"] > th.action_bound_tolerance:
+        return Reason(code="action_out_of_bounds", check="action_bounds",
+                      message=f"actions leave their bounds by {scores['action_out_of_bounds']:.1%}"
+                              " of the range")
+    return None
+
+
+def check_sensitivity(scores: Mapping[str, float], th: AuditThresholds) -> Reason | None:
+    ratio = scores["sensitivity_ratio"]
+    if not ratio <= th.max_sensitivity_ratio:
+        return Reason(code="too_sensitive", check="sensitivity",
+                      message=f"small observation perturbations move the adapted policy "
+                              f"{ratio:.1f}x as much as the base policy (limit "
+                              f"{th.max_sensitivity_ratio:g}x)")
+    return None
+
+
+def judge(adapter: Adapter, ratios: Mapping[str, float], scores: Mapping[str, float] | None,
+          th: AuditThresholds) -> tuple[Reason, ...]:
+    """Every failing check, weights first; ``scores`` None means the probes did not run."""
+    found = [check_finite(adapter, ratios), check_delta_norm(ratios, th)]
+    if scores is not None:
+        found += [check_action_bounds(scores, th), check_action_change(scores, th),
+                  check_sensitivity(scores, th)]
+    return tuple(r for r in found if r is not None)

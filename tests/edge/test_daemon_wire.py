@@ -1,0 +1,243 @@
+"""Wire tests: ``plasma-edge run`` as a subprocess against a real Mosquitto (Pendulum-v1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from plasma.edge.bus import BrokerConfig, Message, MqttBus
+from plasma.protocol import Adapter, SigningKey, encode_packet, topics
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+SIZES = [3, 16, 16, 1]
+
+
+@pytest.fixture(scope="module")
+def pendulum(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A random-MLP Pendulum bundle, a signing key and a trust store."""
+    from plasma.server.export import export_bundle, random_mlp_layers
+
+    root = tmp_path_factory.mktemp("pendulum")
+    bundle = export_bundle(
+        root / "bundle", random_mlp_layers(SIZES, 0), obs_mean=np.zeros(3),
+        obs_std=np.array([1.0, 1.0, 4.0]), act_low=np.array([-2.0]), act_high=np.array([2.0]),
+        hidden_activation="tanh", obs_low=np.array([-1.0, -1.0, -8.0]),
+        obs_high=np.array([1.0, 1.0, 8.0]), env_id="Pendulum-v1")
+    key = SigningKey.generate()
+    key.save(root / "keys")
+    (root / "trust").mkdir()
+    shutil.copyfile(root / "keys" / "signing.pub", root / "trust" / "server.pub")
+    config = root / "edge.toml"
+    config.write_text("status_interval = 0.2\nrate_hz = 200\n[canary]\nenabled = false\n"
+                      "[telemetry]\nflush_s = 0.5\n")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return {"bundle": bundle, "key": key, "trust": root / "trust", "config": config,
+            "base_sha256": manifest["base_sha256"]}
+
+
+def small_adapter(seed: int = 1, scale: float = 0.02) -> Adapter:
+    rng = np.random.default_rng(seed)
+    layers = {f"l{k}": (rng.normal(0, scale, (2, i)).astype(np.float32),
+                        rng.normal(0, scale, (o, 2)).astype(np.float32))
+              for k, (i, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
+    return Adapter(alpha=2.0, rank=2, layers=layers)
+
+
+class Watcher:
+    """A separate MQTT client that records the device's audit and status messages."""
+
+    def __init__(self, url: str, fleet: str, device: str) -> None:
+        self.bus = MqttBus(BrokerConfig.from_url(url), clean=True)
+        self.audits: list[dict[str, Any]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.frames: list[bytes] = []
+        self.cond = threading.Condition()
+        self.bus.connect()
+        self.bus.subscribe(topics.audit(fleet, device), self._add(self.audits))
+        self.bus.subscribe(topics.status(fleet, device), self._add(self.statuses))
+        self.bus.subscribe(topics.telemetry(fleet, device), self._raw)
+
+    def _add(self, into: list[dict[str, Any]]) -> Callable[[Message], None]:
+        def handler(message: Message) -> None:
+            with self.cond:
+                into.append(json.loads(message.payload))
+                self.cond.notify_all()
+        return handler
+
+    def _raw(self, message: Message) -> None:
+        with self.cond:
+            self.frames.append(message.payload)
+            self.cond.notify_all()
+
+    def wait(self, what: Callable[[], Any], timeout: float = 15.0) -> Any:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not (found := what()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out; audits={self.audits[-3:]} "
+                                         f"statuses={self.statuses[-2:]}")
+                self.cond.wait(left)
+            return found
+
+    def audit_for(self, start: int, **fields: Any) -> Callable[[], Any]:
+        return lambda: next((a for a in self.audits[start:]
+                             if all(a.get(k) == v for k, v in fields.items())), None)
+
+    def status(self, pred: Callable[[dict[str, Any]], bool]) -> Callable[[], Any]:
+        return lambda: next((s for s in reversed(self.statuses) if pred(s)), None)
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def start_daemon(p: dict[str, Any], url: str, fleet: str, device: str, state: Path,
+                 log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "plasma.edge.cli", "run", "--broker", url, "--fleet", fleet,
+            "--device", device, "--model", str(p["bundle"]), "--trust", str(p["trust"]),
+            "--state", str(state), "--env", "Pendulum-v1:m=1.6,g=12",
+            "--config", str(p["config"]), *extra]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+
+
+@pytest.fixture
+def device(mosquitto: Any, pendulum: dict[str, Any], tmp_path: Path, request: Any
+           ) -> Iterator[dict[str, Any]]:
+    fleet, dev = f"f{abs(hash(request.node.name)) % 10**8}", "dev1"
+    watcher = Watcher(mosquitto.url, fleet, dev)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = start_daemon(pendulum, mosquitto.url, fleet, dev, tmp_path / "state",
+                            tmp_path / "daemon.log")
+        procs.append(proc)
+        return proc
+
+    yield {"fleet": fleet, "device": dev, "watcher": watcher, "start": start,
+           "url": mosquitto.url, "log": tmp_path / "daemon.log", "state": tmp_path / "state"}
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    watcher.close()
+
+
+def publish(url: str, topic: str, data: bytes, retain: bool = False) -> None:
+    bus = MqttBus(BrokerConfig.from_url(url), clean=True)
+    bus.connect()
+    bus.publish(topic, data, qos=1, retain=retain)
+    time.sleep(0.1)
+    bus.close()
+
+
+def packet(p: dict[str, Any], fleet: str, slot: str, version: int, **kw: Any) -> bytes:
+    fields: dict[str, Any] = dict(key=p["key"], fleet=fleet, slot=slot, version=version,
+                                  base_sha256=p["base_sha256"])
+    if slot == "device":
+        fields["device"] = "dev1"
+    fields.update(kw)
+    adapter = fields.pop("adapter", small_adapter(version))
+    return encode_packet(adapter, **fields)
+
+
+def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict[str, Any]
+                                          ) -> None:
+    w, fleet, url = device["watcher"], device["fleet"], device["url"]
+    proc = device["start"]()
+    w.wait(w.status(lambda s: s["state"] == "online" and s["steps"] > 0))
+
+    start = len(w.audits)
+    publish(url, topics.fleet_adapter(fleet), packet(pendulum, fleet, "fleet", 3), retain=True)
+    record = w.wait(w.audit_for(start, version=3))
+    assert record["verdict"] == "accepted", record
+    assert record["scores"]["sensitivity_ratio"] > 0
+    w.wait(w.status(lambda s: s["fleet_version"] == 3))
+
+    device_topic = topics.device_adapter(fleet, "dev1")
+    cases = [
+        (b"garbage bytes, not a packet", "bad_magic"),
+        (packet(pendulum, fleet, "fleet", 3), "replayed_version"),
+        (packet(pendulum, fleet, "fleet", 2), "rollback_version"),
+        (packet(pendulum, fleet, "device", 1, created_at=time.time() - 1000, expires_in=500),
+         "expired"),
+        (packet(pendulum, fleet, "device", 2, key=SigningKey.generate()), "unknown_key"),
+        (packet(pendulum, fleet, "device", 3, base_sha256="ab" * 32), "wrong_base_model"),
+        (packet(pendulum, fleet, "device", 4, device="dev2"), "wrong_device"),
+        (packet(pendulum, fleet, "device", 5, adapter=small_adapter(5, scale=3.0)),
+         "delta_too_large"),
+    ]
+    for data, code in cases:
+        steps_before = w.wait(w.status(lambda s: True))["steps"]
+        start = len(w.audits)
+        publish(url, device_topic, data)
+        record = w.wait(lambda: next((a for a in w.audits[start:]), None))
+        assert record["verdict"] == "rejected" and record["reasons"][0]["code"] == code, record
+        w.wait(w.status(lambda s: s["steps"] > steps_before))  # still acting
+    final = w.wait(w.status(lambda s: True))
+    assert (final["fleet_version"], final["device_version"]) == (3, 0)
+    assert w.frames, "telemetry frames arrive"
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, device["log"].read_text()[-2000:]
+    w.wait(w.status(lambda s: s["state"] == "offline"))
+
+
+def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
+                                              pendulum: dict[str, Any]) -> None:
+    w, fleet, url = device["watcher"], device["fleet"], device["url"]
+    proc = device["start"]()
+    w.wait(w.status(lambda s: s["state"] == "online"))
+    start = len(w.audits)
+    publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
+    assert w.wait(w.audit_for(start, version=7))["verdict"] == "accepted"
+    proc.kill()  # SIGKILL: no flush, no offline status from the daemon (the will says offline)
+    proc.wait(5)
+    w.wait(w.status(lambda s: s["state"] == "offline"))
+    assert (device["state"] / "device.pkt").exists()
+
+    w.statuses.clear()
+    start = len(w.audits)
+    proc = device["start"]()
+    status = w.wait(w.status(lambda s: s["state"] == "online"))
+    assert status["device_version"] == 7
+    publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
+    record = w.wait(w.audit_for(start, version=7))
+    assert record["reasons"][0]["code"] == "replayed_version"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+def test_broker_down_at_start_does_not_stop_acting(fresh_mosquitto: Any,
+                                                    pendulum: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    fresh_mosquitto.stop()
+    proc = start_daemon(pendulum, fresh_mosquitto.url, "fdown", "dev1", tmp_path / "state",
+                        tmp_path / "daemon.log")
+    try:
+        time.sleep(2.0)
+        assert proc.poll() is None
+        fresh_mosquitto.start()
+        w = Watcher(fresh_mosquitto.url, "fdown", "dev1")
+        status = w.wait(w.status(lambda s: s["state"] == "online" and s["steps"] > 100),
+                        timeout=40)
+        assert status["steps"] > 100  # it kept acting while the broker was away
+        w.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        print((tmp_path / "daemon.log").read_text()[-3000:])
