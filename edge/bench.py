@@ -83,8 +83,9 @@ def bench_inference(bundle_dir: str | Path | None = None, n: int = 20000, swap: 
             _time_calls(runtime.act, rows, ours)
             _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, theirs)
         p50, bare_p50 = np.percentile(ours, 50) / 1e3, np.percentile(theirs, 50) / 1e3
+        widths = [bundle.manifest.obs_dim, *(e.out_features for e in bundle.manifest.layers)]
         return {
-            "model": "-".join(str(w) for w in [bundle.manifest.obs_dim, *(e.out_features for e in bundle.manifest.layers)]),
+            "model": "-".join(str(w) for w in widths),
             "swap": runtime.swap, "n": len(ours),
             "p50_us": float(p50), "p99_us": float(np.percentile(ours, 99) / 1e3),
             "bare_ort_p50_us": float(bare_p50), "bare_ort_p99_us": float(np.percentile(theirs, 99) / 1e3),

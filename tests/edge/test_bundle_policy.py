@@ -228,7 +228,7 @@ def test_inplace_self_test_passes_and_falls_back(bundle: Bundle, monkeypatch: py
 
 def test_edge_import_loads_no_server_modules() -> None:
     code = (
-        "import sys, plasma.edge, plasma.edge.bundle, plasma.edge.policy, plasma.edge.merge\n"
+        "import sys, plasma.edge, plasma.edge.bundle, plasma.edge.policy, plasma.edge.merge, plasma.edge.bench\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('onnx', 'gymnasium', 'torch')\n"
         "       or m.startswith(('plasma.server', 'onnxruntime.quantization'))]\n"
         "print(','.join(bad))\n"
