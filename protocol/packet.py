@@ -61,6 +61,7 @@ CLOCK_SKEW_S = 300.0
 
 _ITEMSIZE = {"int8": 1, "fp16": 2, "fp32": 4}
 _NP_DTYPE = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+_MAX_INT8_SCALE = np.float32(np.finfo(np.float32).max / 128)
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,10 @@ def decode_payload(payload: bytes, header: InstructionPacket) -> Adapter:
     if dtype == "int8":
         n_scales = r * len(cols)
         scales = np.frombuffer(payload, dtype="<f4", count=n_scales).reshape(len(cols), r, 1)
-        if not ((scales >= 0) & (scales < np.inf)).all():
-            raise PayloadInvalid("int8 row scales must be finite and non-negative",
-                                 code="non_finite")
+        # |q| <= 128, so a scale up to max/128 keeps every q * scale finite in float32
+        if not ((scales >= 0) & (scales <= _MAX_INT8_SCALE)).all():
+            raise PayloadInvalid("int8 row scales must be finite, non-negative and small "
+                                 "enough that q * scale stays finite", code="non_finite")
         offset, itemsize, np_dtype = 4 * n_scales, 1, np.dtype(np.int8)
     else:
         np_dtype = _NP_DTYPE[dtype]
