@@ -75,6 +75,7 @@ class AdapterPipeline:
         self.runtime, self.engine, self.journal = runtime, engine, journal
         self.ctx, self.canary, self.ring, self.thresholds = ctx, canary, ring, thresholds
         self.space = ModelSpace.from_manifest(runtime.bundle.manifest)
+        runtime.base_act_batch(self.space.obs_low[None])  # build the base session now, not on packet 1
         self._live: dict[Slot, DecodedPacket | None] = {"fleet": None, "device": None}
         self._before: dict[Slot, DecodedPacket | None] | None = None
         self._last_tag: tuple[Slot, int] | None = None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,21 @@ import numpy as np
 import pytest
 
 from plasma.edge.bus import BrokerConfig, Message, MqttBus
-from plasma.protocol import Adapter, SigningKey, encode_packet, topics
+from plasma.edge.config import load_config
+from plasma.edge.telemetry import TelemetryBuffer, TelemetryConfig
+from plasma.protocol import Adapter, SigningKey, decode_traces, encode_packet, topics
+from plasma.protocol._cli import UsageError
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 SIZES = [3, 16, 16, 1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +131,9 @@ def device(mosquitto: Any, pendulum: dict[str, Any], tmp_path: Path, request: An
     watcher = Watcher(mosquitto.url, fleet, dev)
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(*extra: str) -> subprocess.Popen[bytes]:
         proc = start_daemon(pendulum, mosquitto.url, fleet, dev, tmp_path / "state",
-                            tmp_path / "daemon.log")
+                            tmp_path / "daemon.log", *extra)
         procs.append(proc)
         return proc
 
@@ -153,10 +164,13 @@ def packet(p: dict[str, Any], fleet: str, slot: str, version: int, **kw: Any) ->
     return encode_packet(adapter, **fields)
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict[str, Any]
                                           ) -> None:
     w, fleet, url = device["watcher"], device["fleet"], device["url"]
-    proc = device["start"]()
+    port = free_port()
+    proc = device["start"]("--metrics-port", str(port))
     w.wait(w.status(lambda s: s["state"] == "online" and s["steps"] > 0))
 
     start = len(w.audits)
@@ -188,13 +202,21 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
         w.wait(w.status(lambda s: s["steps"] > steps_before))  # still acting
     final = w.wait(w.status(lambda s: True))
     assert (final["fleet_version"], final["device_version"]) == (3, 0)
-    assert w.frames, "telemetry frames arrive"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    for line in (b'plasma_edge_packets_total{reason="bad_magic",verdict="rejected"} 1.0',
+                 b'plasma_edge_active_version{slot="fleet"} 3.0', b"plasma_edge_act_seconds_count"):
+        assert line in metrics
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0, device["log"].read_text()[-2000:]
-    w.wait(w.status(lambda s: s["state"] == "offline"))
+    offline = w.wait(w.status(lambda s: s["state"] == "offline"))
+    rows = w.wait(lambda: (n := sum(len(decode_traces(f)) for f in w.frames)) >= offline["steps"]
+                  and n)
+    assert rows == offline["steps"]  # SIGTERM flushed every row
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
                                               pendulum: dict[str, Any]) -> None:
     w, fleet, url = device["watcher"], device["fleet"], device["url"]
@@ -220,6 +242,8 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
     assert proc.wait(15) == 0
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_broker_down_at_start_does_not_stop_acting(fresh_mosquitto: Any,
                                                     pendulum: dict[str, Any],
                                                     tmp_path: Path) -> None:
@@ -241,3 +265,60 @@ def test_broker_down_at_start_does_not_stop_acting(fresh_mosquitto: Any,
         if proc.poll() is None:
             proc.kill()
         print((tmp_path / "daemon.log").read_text()[-3000:])
+
+
+# -- no broker: config and the telemetry buffer -------------------------------------------------
+REQUIRED = {"broker": "mqtt://h:1", "fleet": "f", "device": "d", "model": "m", "trust": "t",
+            "state": "s", "env": "Pendulum-v1"}
+
+
+def test_config_precedence_flag_env_file(tmp_path: Path) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text('rate_hz = 10\nfleet = "file"\nusername = "u"\n[canary]\nwindow = 99\n'
+                    "enabled = false\n[audit]\nmax_delta_ratio = 0.3\n")
+    flags = {**REQUIRED, "fleet": None, "rate_hz": None, "config": str(path)}
+    cfg = load_config(flags, {"PLASMA_EDGE_RATE_HZ": "20", "PLASMA_EDGE_PASSWORD": "pw"})
+    assert (cfg.fleet, cfg.rate_hz, cfg.broker.username, cfg.broker.password) == \
+        ("file", 20.0, "u", "pw")
+    assert (cfg.canary.window, cfg.canary.enabled, cfg.audit.max_delta_ratio) == (99, False, 0.3)
+    assert load_config({**flags, "rate_hz": 5.0}, {"PLASMA_EDGE_RATE_HZ": "20"}).rate_hz == 5.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"broker": None}, "missing --broker"),
+    ({"broker": "http://x"}, "mqtt://"),
+    ({"fleet": "../etc"}, "fleet"),
+    ({"rate_hz": -1.0}, "rate_hz"),
+])
+def test_config_errors(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("/", ".")):
+        load_config({**REQUIRED, **change}, {})
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("bogus = 1", "unknown keys bogus"),
+    ("[canary]\nwindow = 'x'", "canary.window"),
+    ("[canary]\nenabled = 1", "true or false"),
+    ("[audit]\nmax_delta_ratio = -1", "positive"),
+    ("rate_hz = [", "config file"),
+])
+def test_config_file_errors(tmp_path: Path, toml: str, message: str) -> None:
+    (tmp_path / "c.toml").write_text(toml)
+    with pytest.raises(UsageError, match=message):
+        load_config({**REQUIRED, "config": str(tmp_path / "c.toml")}, {})
+
+
+def test_telemetry_is_bounded_while_the_broker_is_down() -> None:
+    frames: list[bytes] = []
+    up = {"value": False}
+    buf = TelemetryBuffer("f", "d", 3, 1, frames.append, lambda: up["value"],
+                          TelemetryConfig(flush_rows=4, flush_s=60, capacity=10))
+    row = np.zeros(3, np.float32)
+    for i in range(15):
+        buf.add(0, i, row, np.zeros(1, np.float32), -1.0, row, False, False, (2, 0))
+    assert buf.flush() == 0 and buf.pending == 10 and buf.dropped_rows == 5
+    up["value"] = True
+    assert buf.flush() == 10 and buf.pending == 0
+    batches = [decode_traces(f) for f in frames]
+    assert [len(b) for b in batches] == [4, 4, 2] and [b.seq for b in batches] == [0, 1, 2]
+    assert batches[0].fleet_version.tolist() == [2] * 4 and batches[2].step.tolist() == [8, 9]

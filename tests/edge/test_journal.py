@@ -118,7 +118,7 @@ def test_crash_after_rotation_before_install(tmp_path: Path) -> None:
     j = Journal(tmp_path)
     j.commit("fleet", pkt("fleet", 1), 1)
     os.replace(tmp_path / "fleet.pkt", tmp_path / "fleet.prev.pkt")  # the new file never landed
-    (tmp_path / "fleet.pkt.new.tmp").write_bytes(b"half")
+    (tmp_path / "fleet.pkt.new").write_bytes(b"half")
     assert versions(Journal(tmp_path).load(verify)) == {"fleet": 1}
 
 
