@@ -157,7 +157,13 @@ def build_parser() -> Parser:
     return parser
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _register_commands(sub: argparse._SubParsersAction) -> None:
+    from . import commands
+
+    commands.register(sub)
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

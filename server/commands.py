@@ -1,0 +1,196 @@
+"""``plasma-server`` subcommands beyond keys and packets: training, benchmarks, demo, fuzz.
+
+Each handler imports its stage lazily, so ``plasma-server --help`` and the packet tools
+start fast and a missing optional dependency is reported only by the command needing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+from plasma.protocol._cli import EXIT_OK, Parser, UsageError, parse_kv
+
+log = logging.getLogger("plasma.server")
+
+
+def _print(result: Any) -> int:
+    print(json.dumps(result, default=_jsonable))
+    return EXIT_OK
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return value.item()  # numpy scalars
+    except AttributeError:
+        return str(value)
+
+
+def _physics(text: str | None) -> dict[str, float]:
+    return parse_kv(text or "", "physics override")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be integers separated by commas, got {text!r}") from None
+
+
+def _needs(extra: str, exc: ImportError) -> UsageError:
+    return UsageError(f"{exc.name or 'a dependency'} is missing: pip install 'plasma[{extra}]'")
+
+
+# ------------------------------------------------------------------ train-base
+
+
+def _train_base(args: argparse.Namespace) -> int:
+    try:
+        from .basepolicy import TrainBaseConfig, train_base
+    except ImportError as exc:
+        raise _needs("server", exc) from None
+    cfg = TrainBaseConfig(env_id=args.env, physics=_physics(args.physics), out_dir=args.out,
+                          seed=args.seed)
+    return _print(train_base(cfg))
+
+
+# ------------------------------------------------------------------ benchmarks
+
+
+def _bench_adapt(args: argparse.Namespace) -> int:
+    try:
+        from .adapt_bench import AdaptBenchConfig, bench_adapt
+    except ImportError as exc:
+        raise _needs("server", exc) from None
+    runs = []
+    for seed in _seeds(args.seeds):
+        cfg = AdaptBenchConfig(env_id=args.env, physics=_physics(args.physics), seed=seed,
+                               **({"rounds": args.rounds} if args.rounds else {}))
+        log.info("bench adapt: %s %s seed %d", args.env, args.physics, seed)
+        runs.append(bench_adapt(cfg))
+    if len(runs) == 1:
+        return _print(runs[0])
+    return _print(_aggregate(runs))
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds of the headline figures, and every run in full."""
+    import numpy as np
+
+    keys = ("base_return", "adapted_return", "oracle_return", "gap_closed", "real_steps",
+            "packets", "packet_bytes", "wall_s")
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in keys if k in runs[0]}
+    out["gap_closed_min"] = float(min(r["gap_closed"] for r in runs))
+    out["seeds"] = runs
+    return out
+
+
+def _bench_phantom(args: argparse.Namespace) -> int:
+    from .phantom import PhantomBenchConfig, bench_phantom
+
+    return _print(bench_phantom(PhantomBenchConfig(paths=args.paths, horizon=args.horizon)))
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from .fleet_bench import bench_e2e
+
+    return _print(bench_e2e(args.broker, packets=args.packets, rank=args.rank, model=args.model,
+                            full_model_pushes=args.full_model_pushes))
+
+
+def _bench_fleet(args: argparse.Namespace) -> int:
+    from .fleet_bench import bench_fleet
+
+    return _print(bench_fleet(args.broker, devices=args.devices, processes=args.processes,
+                              rank=args.rank, model=args.model))
+
+
+# ------------------------------------------------------------------ demo and fuzz
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import DemoConfig, run_demo
+    except ImportError as exc:
+        raise _needs("demo", exc) from None
+    physics = tuple(p for p in (args.physics or "").split(";") if p) or DemoConfig.physics
+    cfg = DemoConfig(broker=args.broker, devices=args.devices, duration_s=args.duration,
+                     out_dir=args.out, model=args.model, physics=physics,
+                     rate_hz=args.rate_hz)
+    summary = run_demo(cfg)
+    print(json.dumps(summary, indent=2))
+    return 130 if summary.get("interrupted_by_user") else EXIT_OK
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    from .fuzz import run
+
+    return run(args)
+
+
+# ------------------------------------------------------------------ registration
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train-base", help="train a base policy and export a bundle")
+    train.add_argument("--env", default="Pendulum-v1", help="Gymnasium id (default Pendulum-v1)")
+    train.add_argument("--physics", default=None, metavar="K=V,...",
+                       help="physics overrides, e.g. m=1.6,g=12")
+    train.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=_train_base)
+
+    bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True,
+                                parser_class=Parser)
+    adapt = bsub.add_parser("adapt", help="the adaptation loop without a broker")
+    adapt.add_argument("--env", default="Pendulum-v1")
+    adapt.add_argument("--physics", default="m=1.6,g=12", metavar="K=V,...",
+                       help="the device's shifted physics (default m=1.6,g=12)")
+    adapt.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    adapt.add_argument("--rounds", type=int, default=None, help="packets to ship")
+    adapt.set_defaults(handler=_bench_adapt)
+
+    phantom = bsub.add_parser("phantom", help="batched world-model rollout throughput")
+    phantom.add_argument("--paths", type=int, default=1000)
+    phantom.add_argument("--horizon", type=int, default=30)
+    phantom.set_defaults(handler=_bench_phantom)
+
+    e2e = bsub.add_parser("e2e", help="publish -> device swap latency vs a full-model push")
+    e2e.add_argument("--broker", required=True, metavar="URL")
+    e2e.add_argument("--packets", type=int, default=200)
+    e2e.add_argument("--full-model-pushes", type=int, default=100)
+    e2e.add_argument("--rank", type=int, default=4)
+    e2e.add_argument("--model", default=None, metavar="BUNDLE_DIR",
+                     help="default: a random MLP 64-256-256-256-8")
+    e2e.set_defaults(handler=_bench_e2e)
+
+    fleet = bsub.add_parser("fleet", help="one fleet packet to N devices")
+    fleet.add_argument("--broker", required=True, metavar="URL")
+    fleet.add_argument("--devices", type=int, default=200)
+    fleet.add_argument("--processes", type=int, default=4, help="device worker processes")
+    fleet.add_argument("--rank", type=int, default=4)
+    fleet.add_argument("--model", default=None, metavar="BUNDLE_DIR")
+    fleet.set_defaults(handler=_bench_fleet)
+
+    demo = sub.add_parser("demo", help="the closed loop in one command (broker, server, devices)")
+    demo.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL",
+                      help="used when a broker answers there; else an embedded one starts there")
+    demo.add_argument("--devices", type=int, default=3)
+    demo.add_argument("--duration", type=float, default=240.0, metavar="SECONDS")
+    demo.add_argument("--physics", default=None, metavar="K=V,...;K=V,...",
+                      help="per-device physics, separated by ';' (cycled)")
+    demo.add_argument("--rate-hz", type=float, default=100.0, help="device control rate")
+    demo.add_argument("--model", default=None, metavar="BUNDLE_DIR",
+                      help="base policy (default: deploy/models/pendulum-nominal)")
+    demo.add_argument("--out", default="plasma-demo", metavar="DIR",
+                      help="output: plot, summary, logs, keys, state")
+    demo.set_defaults(handler=_demo)
+
+    from .fuzz import add_arguments
+
+    fuzz = sub.add_parser("fuzz", help="long mutation fuzzing of packet and telemetry decoding")
+    add_arguments(fuzz)
+    fuzz.set_defaults(handler=_fuzz)

@@ -1,0 +1,324 @@
+"""Benchmarks over a real broker: publish -> device swap latency (e2e) and fleet fan-out.
+
+Devices here are the real edge stack without an environment: ``MqttBus`` + the edge
+``AdapterPipeline`` (protocol audit, staged merge, model probes, journal, flip) on a
+``PolicyRuntime``, several per worker process, each with its own MQTT session. They run
+in child processes (``python -m plasma.server.fleet_bench worker ...``) so the publisher
+and the devices do not share a GIL. All timestamps are ``time.time()`` on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plasma.edge.audit import AuditContext
+from plasma.edge.bundle import load_bundle
+from plasma.edge.bus import BrokerConfig, Message, MqttBus
+from plasma.edge.canary import Canary, CanaryConfig
+from plasma.edge.journal import Journal
+from plasma.edge.merge import MergeEngine
+from plasma.edge.pipeline import AdapterPipeline
+from plasma.edge.policy import PolicyRuntime
+from plasma.protocol import Adapter, AuditRecord, SigningKey, TrustStore, encode_packet, topics
+
+log = logging.getLogger("plasma.bench")
+MODEL_TOPIC_SUFFIX = "model"  # bench-only topic for the full-model push
+
+
+# ------------------------------------------------------------------ device side (worker)
+
+
+class BenchDevice:
+    """One device: its own MQTT session, auditor, journal and policy runtime."""
+
+    def __init__(self, broker: BrokerConfig, fleet: str, device: str, bundle_dir: Path,
+                 trust: TrustStore, state: Path) -> None:
+        self.fleet, self.device = fleet, device
+        bundle = load_bundle(bundle_dir)
+        self.runtime = PolicyRuntime(bundle)
+        ctx = AuditContext(trust=trust, fleet=fleet, device=device,
+                           base_sha256=bundle.base_sha256,
+                           layers={n: (i, o) for n, i, o in bundle.layer_specs})
+        self.pipeline = AdapterPipeline(self.runtime, MergeEngine(self.runtime), Journal(state),
+                                        ctx, Canary(CanaryConfig(enabled=False)), None)
+        self.bundle_dir = bundle_dir
+        self.reload_session = None
+        self.bus = MqttBus(broker, client_id=f"bench-{fleet}-{device}"[:64], clean=True)
+        self.audit_topic = topics.audit(fleet, device)
+        self.jobs: queue.Queue[tuple[str, bytes]] = queue.Queue()
+
+    def start(self) -> None:
+        self.bus.connect()
+        self.bus.subscribe(topics.fleet_adapter(self.fleet), self._on_packet, qos=1)
+        self.bus.subscribe(topics.device_adapter(self.fleet, self.device), self._on_packet, qos=1)
+        model_topic = f"{topics.ROOT}/{self.fleet}/device/{self.device}/{MODEL_TOPIC_SUFFIX}"
+        self.bus.subscribe(model_topic, self._on_model, qos=1)
+
+    def _on_packet(self, msg: Message) -> None:
+        if msg.payload:
+            outcome = self.pipeline.handle(msg.payload, source=msg.topic)
+            done = time.time()
+            record = outcome.record.model_copy(update={"scores": {
+                **outcome.record.scores, "t_swap": done, "handle_ms": outcome.elapsed_s * 1e3}})
+            self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
+
+    def _on_model(self, msg: Message) -> None:
+        """Full-model push: check the digest, build a new session from the bytes, swap."""
+        import onnxruntime as ort
+
+        digest, model = msg.payload[:32], msg.payload[32:]
+        ok = hashlib.sha256(model).digest() == digest
+        if ok:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            self.reload_session = session  # the swap: one reference
+        done = time.time()
+        record = AuditRecord(auditor="edge", subject="model-push", fleet=self.fleet,
+                             device=self.device, verdict="accepted" if ok else "rejected",
+                             scores={"t_swap": done})
+        self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fleet_bench worker")
+    p.add_argument("--broker", required=True)
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--devices", required=True, help="comma-separated ids")
+    p.add_argument("--model", required=True)
+    p.add_argument("--trust", required=True)
+    p.add_argument("--state", required=True)
+    args = p.parse_args(argv)
+    broker = BrokerConfig.from_url(args.broker)
+    trust = TrustStore.from_dir(args.trust)
+    devices = [BenchDevice(broker, args.fleet, d, Path(args.model), trust,
+                           Path(args.state) / d) for d in args.devices.split(",")]
+    for dev in devices:
+        dev.start()
+    time.sleep(0.3)  # let SUBACKs land before saying ready
+    print("ready", flush=True)
+    sys.stdin.read()  # the parent closes stdin to stop us
+    for dev in devices:
+        dev.close()
+    return 0
+
+
+# ------------------------------------------------------------------ publisher side
+
+
+@dataclass
+class _Setup:
+    work: Path
+    key: SigningKey
+    trust_dir: Path
+    bundle_dir: Path
+    base_sha256: str
+    layers: list[tuple[str, int, int]]
+
+
+def _setup(model: str | None) -> _Setup:
+    work = Path(tempfile.mkdtemp(prefix="plasma-bench-"))
+    key = SigningKey.generate()
+    key.save(work / "keys")
+    trust = work / "trust"
+    trust.mkdir()
+    shutil.copyfile(work / "keys" / "signing.pub", trust / "server.pub")
+    if model is None:
+        from .export import export_bundle, random_mlp_layers
+
+        layers = random_mlp_layers([64, 256, 256, 256, 8], seed=0)
+        bundle_dir = export_bundle(work / "model", layers, obs_mean=np.zeros(64), obs_std=np.ones(64),
+                                   act_low=-np.ones(8), act_high=np.ones(8))
+    else:
+        bundle_dir = Path(model)
+    bundle = load_bundle(bundle_dir)
+    return _Setup(work, key, trust, bundle_dir, bundle.base_sha256, bundle.layer_specs)
+
+
+def _random_adapter(layers: list[tuple[str, int, int]], rank: int, rng: np.random.Generator,
+                    scale: float = 0.01) -> Adapter:
+    return Adapter(alpha=float(rank), rank=rank, layers={
+        name: (rng.normal(0, scale, (rank, n_in)).astype(np.float32),
+               rng.normal(0, scale, (n_out, rank)).astype(np.float32))
+        for name, n_in, n_out in layers})
+
+
+class _Workers:
+    def __init__(self, setup: _Setup, broker: str, fleet: str, devices: list[str],
+                 processes: int) -> None:
+        self.procs = []
+        chunks = [devices[i::processes] for i in range(processes)]
+        for chunk in filter(None, chunks):
+            argv = [sys.executable, "-m", "plasma.server.fleet_bench", "worker", "--broker", broker,
+                    "--fleet", fleet, "--devices", ",".join(chunk), "--model",
+                    str(setup.bundle_dir), "--trust", str(setup.trust_dir), "--state",
+                    str(setup.work / "state")]
+            self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                               stderr=subprocess.DEVNULL, text=True))
+        for proc in self.procs:
+            line = proc.stdout.readline()
+            if line.strip() != "ready":
+                self.stop()
+                raise RuntimeError(f"a bench worker failed to start (exit {proc.poll()})")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None and proc.stdin:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class _Acks:
+    """Collects device audit records from the fleet's audit topics."""
+
+    def __init__(self, bus: MqttBus, fleet: str) -> None:
+        self.cond = threading.Condition()
+        self.records: list[tuple[str, AuditRecord]] = []
+        bus.subscribe(topics.device_filter(fleet, "audit"), self._on, qos=1)
+
+    def _on(self, msg: Message) -> None:
+        record = AuditRecord.model_validate_json(msg.payload)
+        with self.cond:
+            self.records.append((topics.parse(msg.topic).device or "", record))
+            self.cond.notify_all()
+
+    def wait(self, count: int, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.records) >= count, timeout)
+
+    def take(self) -> list[tuple[str, AuditRecord]]:
+        with self.cond:
+            out, self.records = self.records, []
+            return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 3) if values else float("nan")
+
+
+def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None = None,
+              full_model_pushes: int = 50) -> dict[str, Any]:
+    """Publish -> swap-complete latency for adapter packets and for whole-model pushes."""
+    setup = _setup(model)
+    fleet, device = f"bench{os.getpid()}", "dev-0"
+    workers = _Workers(setup, broker, fleet, [device], 1)
+    bus = MqttBus(BrokerConfig.from_url(broker), clean=True)
+    try:
+        bus.connect()
+        acks = _Acks(bus, fleet)
+        time.sleep(0.3)
+        rng = np.random.default_rng(0)
+        lat, sizes, handle, rejected = [], [], [], 0
+        topic = topics.device_adapter(fleet, device)
+        for version in range(1, packets + 1):
+            data = encode_packet(_random_adapter(setup.layers, rank, rng), key=setup.key,
+                                 fleet=fleet, slot="device", device=device, version=version,
+                                 base_sha256=setup.base_sha256)
+            t0 = time.time()
+            bus.publish(topic, data, qos=1, retain=True)
+            if not acks.wait(1, 10.0):
+                raise RuntimeError(f"no acknowledgement for packet v{version} within 10 s")
+            (_, record), = acks.take()
+            rejected += record.verdict != "accepted"
+            lat.append((record.scores["t_swap"] - t0) * 1e3)
+            handle.append(record.scores.get("handle_ms", float("nan")))
+            sizes.append(len(data))
+        bus.publish(topic, b"", qos=1, retain=True)  # clear the retained bench packet
+        full_lat, model_bytes = _full_model_pushes(bus, acks, setup, fleet, device,
+                                                   full_model_pushes)
+    finally:
+        workers.stop()
+        bus.close()
+        shutil.rmtree(setup.work, ignore_errors=True)
+    p50, full_p50 = _pct(lat, 50), _pct(full_lat, 50)
+    return {"packets": packets, "rejected": rejected, "rank": rank,
+            "packet_bytes": int(np.median(sizes)), "p50_ms": p50, "p99_ms": _pct(lat, 99),
+            "device_handle_p50_ms": _pct(handle, 50),
+            "full_model_pushes": full_model_pushes, "full_model_bytes": model_bytes,
+            "full_model_p50_ms": full_p50, "full_model_p99_ms": _pct(full_lat, 99),
+            "speedup_p50": round(full_p50 / p50, 2) if p50 > 0 else None,
+            "bytes_ratio": round(model_bytes / float(np.median(sizes)), 1)}
+
+
+def _full_model_pushes(bus: MqttBus, acks: _Acks, setup: _Setup, fleet: str, device: str,
+                       n: int) -> tuple[list[float], int]:
+    model = (setup.bundle_dir / "model.int8.onnx").read_bytes()
+    payload = hashlib.sha256(model).digest() + model
+    topic = f"{topics.ROOT}/{fleet}/device/{device}/{MODEL_TOPIC_SUFFIX}"
+    lat = []
+    for _ in range(n):
+        t0 = time.time()
+        bus.publish(topic, payload, qos=1)
+        if not acks.wait(1, 20.0):
+            raise RuntimeError("no acknowledgement for a full-model push within 20 s")
+        (_, record), = acks.take()
+        lat.append((record.scores["t_swap"] - t0) * 1e3)
+    return lat, len(payload)
+
+
+def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int = 4,
+                model: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """One fleet packet to N devices: seconds until all N report it active."""
+    setup = _setup(model)
+    fleet = f"fleet{os.getpid()}"
+    ids = [f"dev-{i}" for i in range(devices)]
+    t_start = time.monotonic()
+    workers = _Workers(setup, broker, fleet, ids, processes)
+    startup_s = time.monotonic() - t_start
+    bus = MqttBus(BrokerConfig.from_url(broker), clean=True)
+    try:
+        bus.connect()
+        acks = _Acks(bus, fleet)
+        time.sleep(0.5)
+        data = encode_packet(_random_adapter(setup.layers, rank, np.random.default_rng(1)),
+                             key=setup.key, fleet=fleet, slot="fleet", version=1,
+                             base_sha256=setup.base_sha256)
+        t0 = time.time()
+        bus.publish(topics.fleet_adapter(fleet), data, qos=1, retain=True)
+        acks.wait(devices, timeout)
+        records = acks.take()
+        bus.publish(topics.fleet_adapter(fleet), b"", qos=1, retain=True)
+    finally:
+        workers.stop()
+        bus.close()
+        shutil.rmtree(setup.work, ignore_errors=True)
+    accepted = {d: r.scores["t_swap"] - t0 for d, r in records if r.verdict == "accepted"}
+    rejected = sum(r.verdict != "accepted" for _, r in records)
+    seen = {d for d, _ in records}
+    return {"devices": devices, "processes": processes, "packet_bytes": len(data),
+            "all_active_s": round(max(accepted.values()), 3)
+            if len(accepted) == devices else None,
+            "p50_active_s": round(float(np.median(list(accepted.values()))), 3) if accepted
+            else None,
+            "accepted": len(accepted), "rejected": rejected, "missed": devices - len(seen),
+            "startup_s": round(startup_s, 1)}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        sys.exit(worker_main(sys.argv[2:]))
+    sys.exit("usage: python -m plasma.server.fleet_bench worker ... (use plasma-server bench)")
