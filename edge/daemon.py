@@ -80,7 +80,8 @@ class Daemon:
         self.stop = threading.Event()
         self.failed = False
         self._latency = np.zeros(4096, np.float64)  # ring of act() seconds for the p50 log line
-        self._unsent: deque[AuditRecord] = deque(maxlen=64)
+        self._unsent: deque[AuditRecord] = deque(maxlen=64)  # records waiting for the broker
+        self._report_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -143,42 +144,58 @@ class Daemon:
 
     # -- control thread -----------------------------------------------------------------------
     def _control(self) -> None:
-        cfg, env, runtime = self.cfg, self.env, self.runtime
+        try:
+            self._control_loop()
+        except Exception:  # noqa: BLE001 - last line of defence: report and stop cleanly (exit 1)
+            log.exception("control loop crashed")
+            self.failed = True
+        finally:
+            self.stop.set()
+
+    def _control_loop(self) -> None:
+        cfg = self.cfg
         period = 1.0 / cfg.rate_hz if cfg.rate_hz else 0.0
         obs = self._reset(cfg.seed)
         episode = step = failures = 0
         next_tick = time.perf_counter()
-        while not self.stop.is_set() and obs is not None:
-            t0 = time.perf_counter()
-            action = runtime.act(obs).copy()
-            dt = time.perf_counter() - t0
+        while obs is not None and not self.stop.is_set():
             try:
-                nxt, reward, term, trunc, _ = env.step(action)
+                nxt, done = self._step(episode, step, obs)
                 failures = 0
             except Exception:  # noqa: BLE001 - a broken world must not kill the daemon; reset it
                 failures += 1
-                log.exception("env.step failed (%d in a row)", failures)
-                obs = self._reset(None) if failures < MAX_ENV_FAILURES else None
+                log.exception("control step failed (%d in a row)", failures)
+                if failures >= MAX_ENV_FAILURES:
+                    self.failed = True
+                    return
+                obs = self._reset(None)
                 continue
-            nxt = np.asarray(nxt, np.float32)
-            self._record_step(episode, step, obs, action, float(reward), nxt, bool(term),
-                              bool(trunc), dt)
             step += 1
-            if term or trunc:
+            if done:
                 episode, step = episode + 1, 0
-                obs = None if cfg.episodes is not None and episode >= cfg.episodes \
-                    else self._reset(None)
+                budget_left = cfg.episodes is None or episode < cfg.episodes
+                obs = self._reset(None) if budget_left else None
             else:
                 obs = nxt
             if cfg.max_steps is not None and self.steps >= cfg.max_steps:
                 obs = None
-            if period:
+            if period:  # fixed-rate ticks; after a stall, resume without a burst of catch-up steps
                 next_tick = max(next_tick + period, time.perf_counter() - period)
                 self.stop.wait(max(0.0, next_tick - time.perf_counter()))
-        if obs is None and not self.stop.is_set():
-            self.failed = failures >= MAX_ENV_FAILURES
-            log.info("control loop finished (%d steps)", self.steps)
-            self.stop.set()
+        if obs is None:
+            log.info("control loop finished its budget (%d steps, %d episodes)", self.steps,
+                     episode)
+
+    def _step(self, episode: int, step: int, obs: np.ndarray) -> tuple[np.ndarray, bool]:
+        """One control step: act, env.step, record. Returns (next obs, episode over)."""
+        t0 = time.perf_counter()
+        action = self.runtime.act(obs).copy()  # act() returns a view of its output buffer
+        dt = time.perf_counter() - t0
+        nxt, reward, term, trunc, _ = self.env.step(action)
+        nxt = np.asarray(nxt, np.float32)
+        self._record_step(episode, step, obs, action, float(reward), nxt, bool(term), bool(trunc),
+                          dt)
+        return nxt, bool(term or trunc)
 
     def _reset(self, seed: int | None) -> np.ndarray | None:
         try:
@@ -241,7 +258,11 @@ class Daemon:
             now = time.monotonic()
             if now - last_status >= self.cfg.status_interval and self.bus.connected:
                 last_status = now
-                self._tick()
+                try:
+                    with self._report_lock:
+                        self._tick()
+                except Exception:  # noqa: BLE001 - a status bug must not stop packet handling
+                    log.exception("status update failed")
 
     def _run_job(self, job: tuple[Any, ...]) -> None:
         try:
@@ -250,8 +271,12 @@ class Daemon:
             log.exception("packet worker failed on a %s job", job[0])
             reason = Reason(code="internal_error", check="worker", message=repr(exc)[:1000])
             outcome = Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)))
-        if outcome is not None:
+        if outcome is None:
+            return
+        try:
             self._report(outcome)
+        except Exception:  # noqa: BLE001 - the verdict stands; only its report was lost
+            log.exception("could not report: %s", outcome.describe())
 
     def _dispatch(self, job: tuple[Any, ...]) -> Outcome | None:
         if job[0] == "packet":
@@ -268,6 +293,11 @@ class Daemon:
         return outcome
 
     def _report(self, outcome: Outcome) -> None:
+        """Log, count and publish one outcome (worker thread; bus thread for queue_full)."""
+        with self._report_lock:
+            self._report_locked(outcome)
+
+    def _report_locked(self, outcome: Outcome) -> None:
         record = outcome.record
         log.log(logging.INFO if record.verdict == "accepted" else logging.WARNING, "%s",
                 outcome.describe())

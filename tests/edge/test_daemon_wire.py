@@ -322,3 +322,42 @@ def test_telemetry_is_bounded_while_the_broker_is_down() -> None:
     batches = [decode_traces(f) for f in frames]
     assert [len(b) for b in batches] == [4, 4, 2] and [b.seq for b in batches] == [0, 1, 2]
     assert batches[0].fleet_version.tolist() == [2] * 4 and batches[2].step.tolist() == [8, 9]
+
+
+# -- in-process, on the in-memory bus: faults inside the daemon become records -----------------
+def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    from plasma.edge.bus import MemoryBroker, MemoryBus
+    from plasma.edge.daemon import Daemon
+
+    broker = MemoryBroker()
+    flags = {**REQUIRED, "model": str(pendulum["bundle"]), "trust": str(pendulum["trust"]),
+             "state": str(tmp_path / "state"), "config": str(pendulum["config"]),
+             "fleet": "fmem", "device": "dev1"}
+    daemon = Daemon(load_config(flags, {}), bus=MemoryBus(broker))
+    audits: list[dict[str, Any]] = []
+    watcher = MemoryBus(broker)
+    watcher.connect()
+    watcher.subscribe(topics.audit("fmem", "dev1"), lambda m: audits.append(json.loads(m.payload)))
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected fault")
+
+    daemon.pipeline.handle = boom  # type: ignore[method-assign]
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not daemon.bus.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        watcher.publish(topics.fleet_adapter("fmem"), b"anything")
+        while not audits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert audits and audits[0]["reasons"][0]["code"] == "internal_error"
+        steps = daemon.steps
+        time.sleep(0.2)
+        assert daemon.steps > steps  # still acting
+    finally:
+        daemon.stop.set()
+        runner.join(15)
+    assert not runner.is_alive()
