@@ -11,8 +11,9 @@ Layout of OUT::
     ca/ca.key (0600)  ca/ca.crt                      the development CA
     broker/           ca.crt broker.crt broker.key(0600) passwd(0600) acl
                       -> copy to /etc/mosquitto/plasma/ (owner mosquitto)
-    clients/USER/     ca.crt client.crt client.key(0600) password(0600) broker.env(0600)
-                      identity.json                  -> copy to the device or server host
+    clients/USER/     ca.crt client.crt client.key(0600) password(0600) identity.json
+                      broker.env(0600): PLASMA_EDGE_USERNAME/PASSWORD for a device,
+                      PLASMA_SERVER_... for a server -> the systemd EnvironmentFile
 
 USER is FLEET.DEVICE for a device (ids are [A-Za-z0-9_-], so the dot cannot collide), the
 given name for a server worker or the admin.  The ACL (DESIGN.md section 4):
@@ -56,6 +57,8 @@ SHIPPED_DIR = "/etc/mosquitto/plasma"
 # tokens, so the iteration count does not need to slow down guessing.
 PBKDF2_ITERATIONS = 101
 CA_DAYS, LEAF_DAYS, RENEW_DAYS = 3650, 825, 30
+# The daemons read PLASMA_EDGE_<FLAG> / PLASMA_SERVER_<FLAG> (edge/config.py).
+ENV_PREFIX = {"device": "PLASMA_EDGE", "server": "PLASMA_SERVER", "admin": "PLASMA_ADMIN"}
 
 
 class ProvisionError(Exception):
@@ -212,9 +215,10 @@ def ensure_client(out: Path, ca_key, ca_cert, identity: dict[str, str]) -> Path:
     if not pw_path.exists():
         write_secret(pw_path, secrets.token_urlsafe(32).encode())
     password = pw_path.read_text().strip()
+    prefix = ENV_PREFIX[identity["role"]]
     write_secret(cdir / "broker.env", (
         "# Broker credentials (systemd EnvironmentFile, mode 0600)\n"
-        f"PLASMA_BROKER_USERNAME={user}\nPLASMA_BROKER_PASSWORD={password}\n").encode())
+        f"{prefix}_USERNAME={user}\n{prefix}_PASSWORD={password}\n").encode())
     write_public(cdir / "identity.json", (json.dumps(identity, sort_keys=True) + "\n").encode())
     return cdir
 
@@ -287,8 +291,8 @@ def _identity_list(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def cmd_provision(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    wanted = _identity_list(args)  # refuse bad ids before anything is written
     private_dir(out)
-    wanted = _identity_list(args)
     private_dir(out / "clients")
     if args.remove:
         for identity in wanted:
