@@ -164,6 +164,12 @@ def packet(p: dict[str, Any], fleet: str, slot: str, version: int, **kw: Any) ->
     return encode_packet(adapter, **fields)
 
 
+def tampered(data: bytes) -> bytes:
+    """One header byte changed after signing (the 'version' digit stays a valid JSON)."""
+    at = data.index(b'"version":') + len(b'"version":')
+    return data[:at] + b"9" + data[at + 1:]
+
+
 @pytest.mark.broker
 @pytest.mark.slow
 def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict[str, Any]
@@ -188,6 +194,7 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
         (packet(pendulum, fleet, "device", 1, created_at=time.time() - 1000, expires_in=500),
          "expired"),
         (packet(pendulum, fleet, "device", 2, key=SigningKey.generate()), "unknown_key"),
+        (tampered(packet(pendulum, fleet, "device", 2)), "bad_signature"),
         (packet(pendulum, fleet, "device", 3, base_sha256="ab" * 32), "wrong_base_model"),
         (packet(pendulum, fleet, "device", 4, device="dev2"), "wrong_device"),
         (packet(pendulum, fleet, "device", 5, adapter=small_adapter(5, scale=3.0)),
@@ -361,3 +368,14 @@ def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: dict[str
         daemon.stop.set()
         runner.join(15)
     assert not runner.is_alive()
+
+
+def test_model_info_prints_the_manifest(pendulum: dict[str, Any], capsys: Any) -> None:
+    from plasma.edge.cli import main
+
+    assert main(["model", "info", str(pendulum["bundle"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["base_sha256"] == pendulum["base_sha256"]
+    assert info["layers"] == [{"name": "l0", "in": 3, "out": 16}, {"name": "l1", "in": 16, "out": 16},
+                              {"name": "l2", "in": 16, "out": 1}]
+    assert main(["model", "info", str(pendulum["trust"])]) == 1  # not a bundle: one-line error
