@@ -30,6 +30,8 @@ import numpy as np
 from plasma.protocol import AuditRecord, Reason, Status, TrustStore, topics
 
 from .audit import AuditContext, record_for
+from plasma.protocol._cli import UsageError
+
 from .bundle import Bundle, load_bundle
 from .bus import Bus, BusError, Message, MqttBus
 from .canary import Canary
@@ -76,7 +78,8 @@ class Daemon:
             cfg.fleet, cfg.device, m.obs_dim, m.act_dim,
             publish=lambda frame: self.bus.publish(topics.telemetry(cfg.fleet, cfg.device), frame),
             connected=lambda: self.bus.connected, cfg=cfg.telemetry)
-        self.jobs: queue.Queue[Any] = queue.Queue(cfg.queue_size)
+        self.jobs: queue.Queue[Any] = queue.Queue()  # canary verdicts are never dropped...
+        self._packet_slots = threading.BoundedSemaphore(cfg.queue_size)  # ...packets beyond this are
         self.stop = threading.Event()
         self.failed = False
         self._latency = np.zeros(4096, np.float64)  # ring of act() seconds for the p50 log line
@@ -92,16 +95,20 @@ class Daemon:
         log.info("policy %s ready (base %s...), fleet adapter v%d, device adapter v%d",
                  self.cfg.model, self.bundle.base_sha256[:12], f, d)
         if self.cfg.metrics_port is not None:
-            self.metrics.serve(self.cfg.metrics_port)
+            try:
+                self.metrics.serve(self.cfg.metrics_port)
+            except OSError as exc:
+                raise UsageError(f"cannot serve metrics on port {self.cfg.metrics_port}: "
+                                 f"{exc.strerror or exc}") from None
         for kind in ("fleet", "device"):
             self.bus.subscribe(self._adapter_topic(kind), self._on_packet(kind), qos=1)
         threads = [threading.Thread(target=fn, name=f"plasma-{fn.__name__.strip('_')}",
                                     daemon=True)
                    for fn in (self._connect, self._work, self._control)]
+        self._install_signals()
         self.telemetry.start()
         for t in threads:
             t.start()
-        self._install_signals()
         while not self.stop.wait(0.5):
             pass
         self._shutdown(threads)
@@ -228,20 +235,19 @@ class Daemon:
         def handle(message: Message) -> None:
             if not message.payload:  # an empty retained message clears the topic: not a packet
                 return
-            if len(message.payload) > self.cfg.max_packet_bytes:  # the cap, before anything else
+            if not self._packet_slots.acquire(blocking=False):
+                reason = Reason(code="queue_full", check="receive",
+                                message=f"{self.cfg.queue_size} packets already wait; dropped one")
+                self._report(Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)),
+                                     source=kind))
+            elif len(message.payload) > self.cfg.max_packet_bytes:  # the cap, before anything
                 self._enqueue(("too_large", len(message.payload), kind))
             else:
                 self._enqueue(("packet", message.payload, kind, time.perf_counter()))
         return handle
 
     def _enqueue(self, job: tuple[Any, ...]) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            reason = Reason(code="queue_full", check="receive",
-                            message=f"{self.cfg.queue_size} packets already wait; dropped one")
-            self._report(Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)),
-                                 source=str(job[-1])))
+        self.jobs.put_nowait(job)  # unbounded queue; packets are bounded by _packet_slots
 
     # -- worker thread ------------------------------------------------------------------------
     def _work(self) -> None:
@@ -271,6 +277,9 @@ class Daemon:
             log.exception("packet worker failed on a %s job", job[0])
             reason = Reason(code="internal_error", check="worker", message=repr(exc)[:1000])
             outcome = Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)))
+        finally:
+            if job[0] != "canary":
+                self._packet_slots.release()
         if outcome is None:
             return
         try:

@@ -332,42 +332,118 @@ def test_telemetry_is_bounded_while_the_broker_is_down() -> None:
 
 
 # -- in-process, on the in-memory bus: faults inside the daemon become records -----------------
+class InProcess:
+    """A Daemon on a MemoryBus, run on a thread (so it installs no signal handlers)."""
+
+    def __init__(self, pendulum: dict[str, Any], state: Path, env: Any = None,
+                 toml: str = "") -> None:
+        from plasma.edge.bus import MemoryBroker, MemoryBus
+        from plasma.edge.daemon import Daemon
+
+        config = state.parent / "inproc.toml"
+        config.write_text(pendulum["config"].read_text() + toml)
+        broker = MemoryBroker()
+        flags = {**REQUIRED, "model": str(pendulum["bundle"]), "trust": str(pendulum["trust"]),
+                 "state": str(state), "config": str(config), "fleet": "fmem", "device": "dev1"}
+        self.daemon = Daemon(load_config(flags, {}), bus=MemoryBus(broker), env=env)
+        self.audits: list[dict[str, Any]] = []
+        self.watcher = MemoryBus(broker)
+        self.watcher.connect()
+        self.watcher.subscribe(topics.audit("fmem", "dev1"),
+                               lambda m: self.audits.append(json.loads(m.payload)))
+        self.runner = threading.Thread(target=self.daemon.run)
+
+    def __enter__(self) -> InProcess:
+        self.runner.start()
+        self.until(lambda: self.daemon.bus.connected and self.daemon.steps > 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.daemon.stop.set()
+        self.runner.join(15)
+        assert not self.runner.is_alive()
+
+    def until(self, what: Callable[[], Any], timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (found := what()):
+            assert time.monotonic() < deadline, self.audits[-3:]
+            time.sleep(0.01)
+        return found
+
+    def publish(self, topic: str, data: bytes) -> None:
+        self.watcher.publish(topic, data)
+
+
 def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: dict[str, Any],
                                                               tmp_path: Path) -> None:
-    from plasma.edge.bus import MemoryBroker, MemoryBus
-    from plasma.edge.daemon import Daemon
-
-    broker = MemoryBroker()
-    flags = {**REQUIRED, "model": str(pendulum["bundle"]), "trust": str(pendulum["trust"]),
-             "state": str(tmp_path / "state"), "config": str(pendulum["config"]),
-             "fleet": "fmem", "device": "dev1"}
-    daemon = Daemon(load_config(flags, {}), bus=MemoryBus(broker))
-    audits: list[dict[str, Any]] = []
-    watcher = MemoryBus(broker)
-    watcher.connect()
-    watcher.subscribe(topics.audit("fmem", "dev1"), lambda m: audits.append(json.loads(m.payload)))
-
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected fault")
 
-    daemon.pipeline.handle = boom  # type: ignore[method-assign]
-    runner = threading.Thread(target=daemon.run)
-    runner.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not daemon.bus.connected and time.monotonic() < deadline:
-            time.sleep(0.01)
-        watcher.publish(topics.fleet_adapter("fmem"), b"anything")
-        while not audits and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert audits and audits[0]["reasons"][0]["code"] == "internal_error"
-        steps = daemon.steps
-        time.sleep(0.2)
-        assert daemon.steps > steps  # still acting
-    finally:
-        daemon.stop.set()
-        runner.join(15)
-    assert not runner.is_alive()
+    with InProcess(pendulum, tmp_path / "state") as d:
+        d.daemon.pipeline.handle = boom  # type: ignore[method-assign]
+        d.publish(topics.fleet_adapter("fmem"), b"anything")
+        d.until(lambda: d.audits)
+        assert d.audits[0]["reasons"][0]["code"] == "internal_error"
+        steps = d.daemon.steps
+        d.until(lambda: d.daemon.steps > steps + 10)  # still acting
+
+
+def test_packets_beyond_the_queue_are_rejected_not_buffered(pendulum: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    with InProcess(pendulum, tmp_path / "state") as d:
+        real = d.daemon.pipeline.handle
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.2)
+            return real(*args, **kwargs)
+
+        d.daemon.pipeline.handle = slow  # type: ignore[method-assign]
+        for _ in range(12):  # queue_size is 8
+            d.publish(topics.fleet_adapter("fmem"), b"garbage")
+        d.until(lambda: len(d.audits) == 12, timeout=15)
+        codes = sorted(a["reasons"][0]["code"] for a in d.audits)
+        assert codes.count("queue_full") >= 3 and codes.count("bad_magic") >= 8
+
+
+class ImitateBase:
+    """Pendulum-shaped world whose reward is -(a - base action)^2: any shift of the policy hurts."""
+
+    def __init__(self, bundle_dir: Path) -> None:
+        from plasma.edge.bundle import load_bundle
+
+        self.bundle, self.rng = load_bundle(bundle_dir), np.random.default_rng(0)
+
+    def reset(self, *, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        self.obs = self.rng.uniform(-1, 1, 3).astype(np.float32)
+        return self.obs, {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        from plasma.edge.policy import reference_forward
+
+        target = reference_forward(self.bundle, self.obs[None])[0]
+        reward = -float(np.sum((action - target) ** 2))
+        return self.reset()[0], reward, False, False, {}
+
+
+def test_daemon_rolls_back_a_regressing_adapter(pendulum: dict[str, Any], tmp_path: Path) -> None:
+    toml = ("[canary]\nenabled = true\nwindow = 100\ngrace = 10\nmin_baseline = 50\n"
+            "[audit]\nmax_mean_action_change = 1.0\nmax_max_action_change = 1.0\n"
+            "max_delta_ratio = 10.0\n")
+    base = tmp_path / "base.toml"  # the shared config without its "[canary] enabled = false"
+    base.write_text(pendulum["config"].read_text().replace("[canary]\nenabled = false\n", ""))
+    pendulum = {**pendulum, "config": base}
+    bad = Adapter(alpha=1.0, rank=1, layers={"l2": (np.full((1, 16), 0.2, np.float32),
+                                                    np.ones((1, 1), np.float32))})
+    env = ImitateBase(pendulum["bundle"])
+    with InProcess(pendulum, tmp_path / "state", env=env, toml=toml) as d:
+        d.until(lambda: d.daemon.steps > 120)  # a full baseline window
+        data = packet(pendulum, "fmem", "fleet", 2, adapter=bad)
+        d.publish(topics.fleet_adapter("fmem"), data)
+        assert d.until(lambda: d.audits)[0]["verdict"] == "accepted"
+        rolled = d.until(lambda: [a for a in d.audits if a["verdict"] == "rolled_back"])[0]
+        assert rolled["reasons"][0]["code"] == "reward_regression" and rolled["version"] == 2
+        assert d.daemon.pipeline.versions == (0, 0)
+    assert not (tmp_path / "state" / "fleet.pkt").exists()
 
 
 def test_model_info_prints_the_manifest(pendulum: dict[str, Any], capsys: Any) -> None:
