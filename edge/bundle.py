@@ -136,6 +136,11 @@ class Bundle:
         return [(e.name, e.in_features, e.out_features) for e in self.manifest.layers]
 
     @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """name -> (in, out), the form ``plasma.protocol.check_layers`` takes."""
+        return {e.name: (e.in_features, e.out_features) for e in self.manifest.layers}
+
+    @property
     def int8_path(self) -> Path:
         return self.root / MODEL_INT8
 

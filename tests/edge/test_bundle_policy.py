@@ -182,6 +182,7 @@ def test_pickled_weights_refused(bundle_dir: Path) -> None:
 
 def test_master_weights_are_read_only(bundle: Bundle) -> None:
     assert bundle.layer_specs == [("l0", 12, 48), ("l1", 48, 48), ("l2", 48, 3)]
+    assert bundle.layer_shapes == {"l0": (12, 48), "l1": (48, 48), "l2": (48, 3)}
     with pytest.raises(ValueError):
         bundle.weights["l0"][0, 0] = 1.0
 
