@@ -334,7 +334,7 @@ def render_conf(text: str, broker_dir: str, data_dir: str, tls_port: int, local_
         elif words[:1] == ["persistence_location"]:
             line = f"persistence_location {data_dir.rstrip('/')}/"
         elif words[:1] == ["log_dest"] and log_file is not None:
-            line = f"log_dest file {log_file}"
+            line = "log_dest stdout" if log_file == "stdout" else f"log_dest file {log_file}"
         else:
             line = line.replace(SHIPPED_DIR + "/", broker_dir.rstrip("/") + "/")
         out.append(line)
@@ -342,8 +342,7 @@ def render_conf(text: str, broker_dir: str, data_dir: str, tls_port: int, local_
 
 
 def cmd_render_conf(args: argparse.Namespace) -> int:
-    text = Path(args.conf).read_text()
-    Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+    text = Path(args.conf).read_text()  # paths may be a container's: nothing is created
     rendered = render_conf(text, str(Path(args.broker_dir).resolve()),
                            str(Path(args.data_dir).resolve()), args.tls_port, args.local_port,
                            args.bind, args.log_file, args.user)
@@ -380,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--tls-port", type=int, default=8883)
     conf.add_argument("--local-port", type=int, default=1883)
     conf.add_argument("--bind", default="127.0.0.1", help="address of the TLS listener")
-    conf.add_argument("--log-file", default=None, help="log to this file instead of syslog")
+    conf.add_argument("--log-file", default=None, help="log to this file instead of syslog "
+                      "(`stdout` in a container)")
     conf.add_argument("--user", default=None,
                       help="add `user NAME` (the account mosquitto keeps when started as root)")
     conf.add_argument("--out", required=True, metavar="FILE")

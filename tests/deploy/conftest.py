@@ -44,6 +44,7 @@ class PlasmaBroker:
     local_port: int
     process: subprocess.Popen
     log: Path
+    command: list[str]
 
     def creds(self, user: str) -> Path:
         return self.pki / "clients" / user
@@ -65,6 +66,14 @@ class PlasmaBroker:
             cert_file=str(creds / "client.crt") if tls and cert else None,
             key_file=str(creds / "client.key") if tls and cert else None,
             protocol=protocol)
+
+    def restart(self) -> None:
+        """Clean stop (persistence is written) and start again on the same ports."""
+        self.process.terminate()
+        self.process.wait(10)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, cwd=self.pki.parent)
+        _wait_listening(self.process, (self.tls_port, self.local_port), self.log)
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads the password file and the ACL."""
@@ -107,20 +116,21 @@ def plasma_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlasmaBr
     log = root / "mosquitto.log"
     conf = root / "mosquitto.conf"
     extra = ["--user", "root"] if os.geteuid() == 0 else []
+    (root / "data").mkdir()
     provision("render-conf", "--conf", str(SHIPPED_CONF), "--broker-dir", str(pki / "broker"),
               "--data-dir", str(root / "data"), "--tls-port", str(tls_port), "--local-port",
               str(local_port), "--log-file", str(log), "--out", str(conf), *extra)
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=root)
+    command = [binary, "-c", str(conf)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root)
     _wait_listening(proc, (tls_port, local_port), log)
-    broker = PlasmaBroker(pki, tls_port, local_port, proc, log)
+    broker = PlasmaBroker(pki, tls_port, local_port, proc, log, command)
     yield broker
-    proc.terminate()
+    broker.process.terminate()
     try:
-        proc.wait(5)
+        broker.process.wait(5)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+        broker.process.kill()
+        broker.process.wait(5)
 
 
 @pytest.fixture(scope="session")

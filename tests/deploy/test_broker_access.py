@@ -216,3 +216,17 @@ def test_revoked_device_is_locked_out(plasma_broker, connect: Callable[..., Mqtt
     assert b"from-revoked" not in inbox.payloads()
     with pytest.raises(BusError):
         connect("fa.revoked", password=password, cert=False, tls=False, timeout=2.0)
+
+
+def test_retained_adapters_survive_a_broker_restart(plasma_broker,
+                                                    connect: Callable[..., MqttBus]) -> None:
+    """persistence true: a device that comes back after a broker restart still finds its
+    adapters (runs last in this module: it restarts the shared broker)."""
+    server = connect("plasma-server")
+    server.publish(topics.device_adapter("fb", "d1"), b"persisted-adapter", qos=1, retain=True)
+    time.sleep(0.3)
+    server.close()
+    plasma_broker.restart()
+    device = connect("fb.d1")
+    inbox = watch(device, (topics.device_adapter("fb", "d1"),))
+    inbox.wait_for(b"persisted-adapter")
