@@ -78,8 +78,10 @@ class Daemon:
             cfg.fleet, cfg.device, m.obs_dim, m.act_dim,
             publish=lambda frame: self.bus.publish(topics.telemetry(cfg.fleet, cfg.device), frame),
             connected=lambda: self.bus.connected, cfg=cfg.telemetry)
-        self.jobs: queue.Queue[Any] = queue.Queue()  # canary verdicts are never dropped...
-        self._packet_slots = threading.BoundedSemaphore(cfg.queue_size)  # ...packets beyond this are
+        # Packets and canary verdicts share one queue; verdicts are never dropped, packets beyond
+        # queue_size waiting are rejected (queue_full) before anything is read from them.
+        self.jobs: queue.Queue[Any] = queue.Queue()
+        self._packet_slots = threading.BoundedSemaphore(cfg.queue_size)
         self.stop = threading.Event()
         self.failed = False
         self._latency = np.zeros(4096, np.float64)  # ring of act() seconds for the p50 log line
@@ -308,8 +310,9 @@ class Daemon:
 
     def _report_locked(self, outcome: Outcome) -> None:
         record = outcome.record
-        log.log(logging.INFO if record.verdict == "accepted" else logging.WARNING, "%s",
-                outcome.describe())
+        routine = record.verdict == "accepted" or (record.reasons and
+                                                   record.reasons[0].code == "already_active")
+        log.log(logging.INFO if routine else logging.WARNING, "%s", outcome.describe())
         self.metrics.packet(record.verdict, record.reasons[0].code if record.reasons else "")
         if record.verdict == "accepted":
             self.metrics.accept_latency.observe(outcome.elapsed_s)

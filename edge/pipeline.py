@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 # On restart the stored bytes are re-verified (signature, digest, target, base model, shapes);
 # expiry and version are not re-judged: they were judged when the packet arrived.
-_RESTORE_CHECKS = tuple((n, c) for n, c in PROTOCOL_CHECKS if n in ("target", "base_model", "shapes"))
+_RESTORE_CHECKS = tuple((name, check) for name, check in PROTOCOL_CHECKS
+                        if name in ("target", "base_model", "shapes"))
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class AdapterPipeline:
         self.runtime, self.engine, self.journal = runtime, engine, journal
         self.ctx, self.canary, self.ring, self.thresholds = ctx, canary, ring, thresholds
         self.space = ModelSpace.from_manifest(runtime.bundle.manifest)
-        runtime.base_act_batch(self.space.obs_low[None])  # build the base session now, not on packet 1
+        runtime.base_act_batch(self.space.obs_low[None])  # build the base session now, not later
         self._live: dict[Slot, DecodedPacket | None] = {"fleet": None, "device": None}
         self._before: dict[Slot, DecodedPacket | None] | None = None
         self._last_tag: tuple[Slot, int] | None = None
@@ -114,7 +115,8 @@ class AdapterPipeline:
         verdict = audit_packet(data, ctx)
         packet = verdict.packet
         if not verdict.accepted or packet is None:
-            return Outcome(verdict.record, packet, len(data), time.perf_counter() - t0, source)
+            record = self._already_active(verdict.record, packet, ctx)
+            return Outcome(record, packet, len(data), time.perf_counter() - t0, source)
         record = self._merge(packet, data, ctx)
         return Outcome(record, packet, len(data), time.perf_counter() - t0, source)
 
@@ -143,6 +145,19 @@ class AdapterPipeline:
         self._publish_versions()
         self.canary.arm(self._last_tag)
         return record_for(packet, ctx, "accepted", (), scores)
+
+    def _already_active(self, record: AuditRecord, packet: DecodedPacket | None,
+                        ctx: AuditContext) -> AuditRecord:
+        """The broker re-sends retained packets on every (re)subscribe: the live one is no replay."""
+        if packet is None or [r.code for r in record.reasons] != ["replayed_version"]:
+            return record
+        live = self._live[packet.header.slot]
+        if live is None or live.header != packet.header:
+            return record
+        reason = Reason(code="already_active", check="version",
+                        message=f"this {packet.header.slot} adapter v{packet.header.version} is "
+                                "the one running (a retained copy)")
+        return record_for(packet, ctx, "rejected", (reason,))
 
     def _reject(self, packet: DecodedPacket, ctx: AuditContext, code: str, message: str,
                 check: str, scores: Mapping[str, float] | None = None) -> AuditRecord:

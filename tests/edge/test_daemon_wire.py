@@ -230,7 +230,9 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
     proc = device["start"]()
     w.wait(w.status(lambda s: s["state"] == "online"))
     start = len(w.audits)
+    publish(url, topics.fleet_adapter(fleet), packet(pendulum, fleet, "fleet", 3), retain=True)
     publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
+    assert w.wait(w.audit_for(start, version=3))["verdict"] == "accepted"
     assert w.wait(w.audit_for(start, version=7))["verdict"] == "accepted"
     proc.kill()  # SIGKILL: no flush, no offline status from the daemon (the will says offline)
     proc.wait(5)
@@ -242,6 +244,9 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
     proc = device["start"]()
     status = w.wait(w.status(lambda s: s["state"] == "online"))
     assert status["device_version"] == 7
+    retained = w.wait(w.audit_for(start, version=3))  # the retained fleet packet comes back
+    assert retained["reasons"][0]["code"] == "already_active"
+    start = len(w.audits)
     publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
     record = w.wait(w.audit_for(start, version=7))
     assert record["reasons"][0]["code"] == "replayed_version"
