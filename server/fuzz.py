@@ -42,6 +42,7 @@ import numpy as np
 from plasma.protocol import (
     Adapter,
     PacketError,
+    PlasmaError,
     SigningKey,
     TelemetryError,
     TraceBatch,
@@ -75,7 +76,7 @@ class Target:
     name: str
     seeds: list[bytes]
     decode: Callable[[bytes], Any]
-    expected: type[BaseException]
+    expected: type[PlasmaError]
     oracle: Callable[[Any], str | None]
     restructure: Callable[[random.Random], bytes]
 
@@ -343,7 +344,7 @@ _DIGITS = re.compile(r"\d+")
 
 
 def run_one(target: Target, data: bytes, findings: Findings, limit_s: float,
-            outcomes: Counter) -> tuple[float, str]:
+            outcomes: Counter[str]) -> tuple[float, str]:
     """Decode one input; returns (seconds, outcome key) and records any finding."""
     start = time.perf_counter()
     outcome = "ok"
@@ -378,8 +379,12 @@ def _timer(limit_s: float) -> Callable[[], None]:
         raise _Hang()
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    return lambda: (signal.setitimer(signal.ITIMER_REAL, 0), signal.signal(signal.SIGALRM,
-                                                                           previous))
+
+    def disarm() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    return disarm
 
 
 def _on_main_thread() -> bool:
@@ -395,7 +400,7 @@ def fuzz(targets: list[Target], inputs: int, seed: int, out_dir: Path, limit_s: 
     findings = Findings(out_dir)
     corpora = {t.name: list(t.seeds) for t in targets}
     seen: set[str] = set()
-    outcomes: dict[str, Counter] = {t.name: Counter() for t in targets}
+    outcomes: dict[str, Counter[str]] = {t.name: Counter() for t in targets}
     max_s = total_s = 0.0
     disarm = _timer(limit_s)
     hard = hasattr(signal, "setitimer") and _on_main_thread()
@@ -465,7 +470,7 @@ def fuzz_atheris(targets: list[Target], inputs: int, seed: int, out_dir: Path, l
     modes: list[tuple[Target, bool]] = [(t, False) for t in targets]
     if "packet" in by_name:
         modes.append((by_name["packet"], True))
-    findings, outcomes = Findings(out_dir), Counter()
+    findings, outcomes = Findings(out_dir), Counter[str]()
     state = {"n": 0, "max_s": 0.0, "start": time.perf_counter()}
 
     def finish() -> None:

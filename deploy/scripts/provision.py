@@ -26,7 +26,8 @@ given name for a server worker or the admin.  The ACL (DESIGN.md section 4):
 
 Examples::
 
-    provision.py provision --out pki --fleet f1 --device d1 --device d2 --broker-host mqtt.example.org
+    provision.py provision --out pki --fleet f1 --device d1 --device d2 \\
+        --broker-host mqtt.example.org
     provision.py provision --out pki --fleet f1 --device d2 --remove      # revoke d2
     provision.py render-conf --broker-dir pki/broker --data-dir /tmp/m --tls-port 18883 \\
         --local-port 11883 --out /tmp/m/mosquitto.conf                    # for tests
