@@ -38,10 +38,13 @@ class AuditThresholds:
 
     max_delta_ratio: float = 0.5
     """Per layer, ``||delta W||_F / ||W_base||_F``: a LoRA that rewrites half a layer is no fine-tune."""
-    max_mean_action_change: float = 0.25
-    """Mean over probes of the largest per-dimension ``|a_new - a_now|``, as a fraction of the action range."""
-    max_max_action_change: float = 0.9
-    """The same, worst probe. 0.9 allows a near full-range switch on a few states, not everywhere."""
+    max_mean_action_change: float = 0.35
+    """Mean over probes of the largest per-dimension ``|a_new - a_now|``, as a fraction of the
+    action range. Not yet measured against real server adapters: configurable, loose."""
+    max_p90_action_change: float = 0.75
+    """The same, 90th percentile over probes. Not the maximum: a saturating (bang-bang) policy
+    such as a Pendulum swing-up flips full range near its switching surface, so a legitimate
+    adapter that moves that surface changes a few probe actions by 100 %."""
     action_bound_tolerance: float = 1e-3
     """How far outside ``[act_low, act_high]`` (fraction of the range) an action may stray (int8 rounding)."""
     max_sensitivity_ratio: float = 4.0
@@ -127,6 +130,7 @@ def behaviour_scores(current: Policy, candidate: Policy, base: Policy, obs: np.n
     moved_base = max(_moved(ref, n, k, span), th.sensitivity_floor)
     return {
         "action_change_mean": float(change.mean()),
+        "action_change_p90": float(np.percentile(change, 90)),
         "action_change_max": float(change.max()),
         "action_out_of_bounds": float(max(below, above, 0.0)),
         "action_finite": float(np.isfinite(cand).all()),
@@ -161,12 +165,12 @@ def check_delta_norm(ratios: Mapping[str, float], th: AuditThresholds) -> Reason
 
 
 def check_action_change(scores: Mapping[str, float], th: AuditThresholds) -> Reason | None:
-    mean, worst = scores["action_change_mean"], scores["action_change_max"]
-    if not (mean <= th.max_mean_action_change and worst <= th.max_max_action_change):
+    mean, p90 = scores["action_change_mean"], scores["action_change_p90"]
+    if not (mean <= th.max_mean_action_change and p90 <= th.max_p90_action_change):
         return Reason(code="action_change_too_large", check="action_change",
                       message=f"actions move {mean:.1%} of their range on average (limit "
-                              f"{th.max_mean_action_change:.0%}), {worst:.1%} at worst (limit "
-                              f"{th.max_max_action_change:.0%}) on recent observations")
+                              f"{th.max_mean_action_change:.0%}), {p90:.1%} on 10 % of the "
+                              f"probes (limit {th.max_p90_action_change:.0%})")
     return None
 
 

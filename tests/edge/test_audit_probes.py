@@ -27,7 +27,7 @@ TH = AuditThresholds()
 
 
 def scores(**kw: float) -> dict[str, float]:
-    base = {"action_change_mean": 0.0, "action_change_max": 0.0, "action_out_of_bounds": 0.0,
+    base = {"action_change_mean": 0.0, "action_change_p90": 0.0, "action_out_of_bounds": 0.0,
             "action_finite": 1.0, "sensitivity_ratio": 1.0}
     return {**base, **kw}
 
@@ -36,9 +36,9 @@ def scores(**kw: float) -> dict[str, float]:
     (check_delta_norm, {"l0": 0.1, "l1": 0.49}, None),
     (check_delta_norm, {"l0": 0.1, "l1": 0.51}, "delta_too_large"),
     (check_delta_norm, {}, None),
-    (check_action_change, scores(action_change_mean=0.1, action_change_max=0.5), None),
-    (check_action_change, scores(action_change_mean=0.3), "action_change_too_large"),
-    (check_action_change, scores(action_change_max=0.95), "action_change_too_large"),
+    (check_action_change, scores(action_change_mean=0.1, action_change_p90=0.5), None),
+    (check_action_change, scores(action_change_mean=0.4), "action_change_too_large"),
+    (check_action_change, scores(action_change_p90=0.8), "action_change_too_large"),
     (check_action_change, scores(action_change_mean=float("nan")), "action_change_too_large"),
     (check_action_bounds, scores(action_out_of_bounds=0.0005), None),
     (check_action_bounds, scores(action_out_of_bounds=0.01), "action_out_of_bounds"),
@@ -166,7 +166,7 @@ def test_small_adapter_passes_on_real_observations(bundle: Bundle, key: SigningK
 
 @pytest.mark.parametrize("size, th, code", [
     (20.0, TH, "delta_too_large"),
-    (3.0, AuditThresholds(max_delta_ratio=100.0), "action_change_too_large"),
+    (6.0, AuditThresholds(max_delta_ratio=100.0), "action_change_too_large"),
 ])
 def test_large_adapters_are_refused(bundle: Bundle, key: SigningKey, size: float,
                                     th: AuditThresholds, code: str) -> None:

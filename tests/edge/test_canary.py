@@ -88,7 +88,7 @@ def make_pipeline(bundle: Bundle, state: Path, key: SigningKey, canary: Canary
     ctx = AuditContext(trust=TrustStore([key.public_key]), fleet="f1", device="d1",
                        base_sha256=bundle.base_sha256,
                        layers={n: (i, o) for n, i, o in bundle.layer_specs})
-    loose = AuditThresholds(max_mean_action_change=1.0, max_max_action_change=1.0,
+    loose = AuditThresholds(max_mean_action_change=1.0, max_p90_action_change=1.0,
                             max_delta_ratio=5.0, max_sensitivity_ratio=100.0)
     return AdapterPipeline(runtime, MergeEngine(runtime), Journal(state), ctx, canary,
                            ObservationRing(256, bundle.manifest.obs_dim), loose)

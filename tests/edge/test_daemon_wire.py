@@ -432,7 +432,7 @@ class ImitateBase:
 
 def test_daemon_rolls_back_a_regressing_adapter(pendulum: dict[str, Any], tmp_path: Path) -> None:
     toml = ("[canary]\nenabled = true\nwindow = 100\ngrace = 10\nmin_baseline = 50\n"
-            "[audit]\nmax_mean_action_change = 1.0\nmax_max_action_change = 1.0\n"
+            "[audit]\nmax_mean_action_change = 1.0\nmax_p90_action_change = 1.0\n"
             "max_delta_ratio = 10.0\n")
     base = tmp_path / "base.toml"  # the shared config without its "[canary] enabled = false"
     base.write_text(pendulum["config"].read_text().replace("[canary]\nenabled = false\n", ""))
