@@ -50,6 +50,7 @@ __all__ = ["Daemon", "run"]
 log = logging.getLogger("plasma.edge")
 _STOP = object()
 MAX_ENV_FAILURES = 10
+SHUTDOWN_CONNECT_WAIT_S = 3.0
 
 
 class Daemon:
@@ -127,6 +128,9 @@ class Daemon:
 
     def _shutdown(self, threads: list[threading.Thread]) -> None:
         threads[2].join(5)  # control: no more rows after this
+        deadline = time.monotonic() + SHUTDOWN_CONNECT_WAIT_S
+        while not self.bus.connected and threads[0].is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # a short run may end before the first CONNACK: let rows go out
         left = self.telemetry.close()
         self.jobs.put(_STOP)
         threads[1].join(10)
@@ -142,11 +146,13 @@ class Daemon:
 
     def _connect(self) -> None:
         delay = 0.5
-        while not self.stop.is_set():
+        while True:  # also after stop: the shutdown waits a little for a first connection
             try:
                 self.bus.connect(timeout=5.0)
                 return
             except BusError as exc:
+                if self.stop.is_set():
+                    return
                 log.warning("broker unreachable (%s); retrying in %.0f s, still acting", exc, delay)
                 self.stop.wait(delay)
                 delay = min(delay * 2, 30.0)

@@ -460,3 +460,20 @@ def test_model_info_prints_the_manifest(pendulum: dict[str, Any], capsys: Any) -
     assert info["layers"] == [{"name": "l0", "in": 3, "out": 16}, {"name": "l1", "in": 16, "out": 16},
                               {"name": "l2", "in": 16, "out": 1}]
     assert main(["model", "info", str(pendulum["trust"])]) == 1  # not a bundle: one-line error
+
+
+@pytest.mark.broker
+def test_step_budget_exits_zero_and_flushes(mosquitto: Any, pendulum: dict[str, Any],
+                                            tmp_path: Path) -> None:
+    w = Watcher(mosquitto.url, "fbudget", "dev1")
+    proc = start_daemon(pendulum, mosquitto.url, "fbudget", "dev1", tmp_path / "state",
+                        tmp_path / "daemon.log", "--max-steps", "150", "--rate-hz", "0")
+    try:
+        assert proc.wait(30) == 0, (tmp_path / "daemon.log").read_text()[-2000:]
+        offline = w.wait(w.status(lambda s: s["state"] == "offline"))
+        assert offline["steps"] == 150
+        w.wait(lambda: sum(len(decode_traces(f)) for f in w.frames) == 150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        w.close()
