@@ -20,6 +20,9 @@ from plasma.protocol import PlasmaError
 
 log = logging.getLogger(__name__)
 V5_PROBE_S = 1.5
+# CONNACK refusals that retrying with another protocol version cannot fix.
+_REFUSAL_CODES = {"Not authorized": "not_authorized",
+                  "Bad user name or password": "bad_credentials"}
 
 
 class BusError(PlasmaError):
@@ -136,6 +139,7 @@ class MqttBus(Bus):
         self._connected = threading.Event()
         self._settled = threading.Event()  # CONNACK or a refusal/close during a connect attempt
         self._refused: str | None = None
+        self._refused_code = "connect_failed"
         self._client = None
         self._protocol = "5"
         self.max_payload = max_payload
@@ -170,7 +174,7 @@ class MqttBus(Bus):
         self._protocol = protocol
         self._connected.clear()
         self._settled.clear()
-        self._refused = None
+        self._refused, self._refused_code = None, "connect_failed"
         try:
             # tls_set reads the CA, certificate and key files here: a missing or bad file
             # is an OSError / ssl.SSLError that must become a BusError like any other.
@@ -195,7 +199,7 @@ class MqttBus(Bus):
         self._settled.wait(timeout)
         if not self._connected.is_set():
             self._teardown()
-            raise BusError(self._refused or "no CONNACK", code="connect_failed")
+            raise BusError(self._refused or "no CONNACK", code=self._refused_code)
 
     def _make_client(self, protocol: str):  # -> paho.mqtt.client.Client
         import paho.mqtt.client as paho
@@ -218,6 +222,7 @@ class MqttBus(Bus):
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         return client
 
@@ -238,6 +243,7 @@ class MqttBus(Bus):
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._refused = f"broker refused the connection: {reason_code}"
+            self._refused_code = _REFUSAL_CODES.get(str(reason_code), "connect_failed")
             log.debug("%s", self._refused)
             self._settled.set()
             return
@@ -247,6 +253,11 @@ class MqttBus(Bus):
             client.subscribe(topic_filter, qos=qos)
         self._connected.set()
         self._settled.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if not self._settled.is_set():  # e.g. a TLS port that drops a plain connection
+            self._refused = "the connection failed before CONNACK"
+            self._settled.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if not self._settled.is_set():

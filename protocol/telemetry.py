@@ -44,7 +44,7 @@ class FrameHeader(Message):
     rows: int = Field(ge=0, le=MAX_ROWS)
     obs_dim: int = Field(ge=1, le=MAX_OBS_DIM)
     act_dim: int = Field(ge=1, le=MAX_ACT_DIM)
-    seq: int = Field(default=0, ge=0)
+    seq: int = Field(default=0, ge=0, le=2**63 - 1)
     """Frame counter of the sending device (restarts at 0 with the daemon)."""
     created_at: float = 0.0
 
