@@ -197,6 +197,9 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
         (tampered(packet(pendulum, fleet, "device", 2)), "bad_signature"),
         (packet(pendulum, fleet, "device", 3, base_sha256="ab" * 32), "wrong_base_model"),
         (packet(pendulum, fleet, "device", 4, device="dev2"), "wrong_device"),
+        (packet(pendulum, fleet, "device", 4, adapter=Adapter(alpha=1.0, rank=1, layers={
+            "l0": (np.ones((1, 5), np.float32), np.ones((16, 1), np.float32))})),
+         "shape_mismatch"),
         (packet(pendulum, fleet, "device", 5, adapter=small_adapter(5, scale=3.0)),
          "delta_too_large"),
     ]
