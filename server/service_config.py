@@ -1,0 +1,154 @@
+"""Server entry point config: flags, environment variables and a TOML file -> one frozen ``ServiceConfig``.
+
+Parsed once, in ``plasma-server run``; each stage then receives only its own part. Precedence:
+command-line flag > ``PLASMA_SERVER_<NAME>`` environment variable > ``--config`` file > default
+(the edge's rule, ``plasma.edge.config``). The TOML file holds the flag names with underscores
+at top level (``min_new_transitions = 800``). Prefer ``PLASMA_SERVER_PASSWORD`` or a 0600 file
+for the password: command-line flags show in the process list.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from plasma.edge.bus import BrokerConfig, BusError
+from plasma.protocol import TopicError
+from plasma.protocol._cli import UsageError
+from plasma.protocol.topics import validate_id
+
+__all__ = ["ServiceConfig", "load_service_config", "SCALARS", "REQUIRED", "BUDGETS"]
+
+SCALARS: dict[str, type] = {
+    "broker": str, "username": str, "password": str, "ca_file": str, "cert_file": str,
+    "key_file": str, "fleet": str, "key": str, "model": str, "store": str, "env": str,
+    "min_new_transitions": int, "fleet_every": int, "check_interval": float,
+    "publish_interval": float, "max_transitions": int, "metrics_port": int, "budget": str,
+    "dtype": str, "expires_in": float, "seed": int,
+}
+REQUIRED = ("broker", "fleet", "key", "model", "env")
+BUDGETS = ("default", "small")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``plasma-server run`` needs, validated."""
+
+    broker: BrokerConfig
+    """Where and how to connect (TLS and credentials like the edge)."""
+    fleet: str
+    """The fleet this server adapts and publishes for."""
+    key: Path
+    """Key directory (``signing.key``, mode 0600) packets are signed with."""
+    model: Path
+    """Base policy bundle the devices run (the adapters are relative to it)."""
+    env: str
+    """Task id of the devices' world, e.g. ``Pendulum-v1`` (physics overrides after ':' ignored)."""
+    store: Path = Path("plasma-server.sqlite")
+    """SQLite trace store (created if missing; WAL files beside it)."""
+    min_new_transitions: int = 800
+    """A device with at least this many new real transitions gets a device-slot round."""
+    fleet_every: int = 0
+    """Run a fleet-slot round on every device's data after this many device rounds (0 = never)."""
+    check_interval: float = 5.0
+    """Seconds between looks at the store for devices due a round."""
+    publish_interval: float = 30.0
+    """At most one packet per target (device or fleet slot) per this many seconds."""
+    max_transitions: int = 20_000
+    """Newest real transitions used per round."""
+    metrics_port: int | None = None
+    """Serve Prometheus /metrics on this port (None = off)."""
+    budget: str = "default"
+    """Compute per round: ``default`` (about a minute on two cores) or ``small`` (tests, demos)."""
+    dtype: str = "int8"
+    """Adapter encoding on the wire: int8, fp16 or fp32."""
+    expires_in: float = 7 * 24 * 3600.0
+    """Packet validity in seconds from creation."""
+    seed: int = 0
+    """Seed of every round."""
+
+    @property
+    def task_id(self) -> str:
+        return self.env.split(":", 1)[0]
+
+
+def load_service_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+                        ) -> ServiceConfig:
+    """Merge the three sources; raises UsageError with one line an operator can act on."""
+    environ = os.environ if environ is None else environ
+    file_values = _read_file(flags.get("config"))
+    values: dict[str, Any] = {}
+    for name, kind in SCALARS.items():
+        raw = flags.get(name)
+        if raw is None:
+            raw = environ.get(f"PLASMA_SERVER_{name.upper()}")
+        if raw is None:
+            raw = file_values.get(name)
+        if raw is not None:
+            values[name] = _coerce(name, raw, kind)
+    missing = [n for n in REQUIRED if n not in values]
+    if missing:
+        raise UsageError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing)
+                         + " (flag, PLASMA_SERVER_* variable or config file)")
+    return _build(values)
+
+
+def _read_file(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise UsageError("--config needs Python 3.11 or newer (tomllib)") from None
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
+    unknown = sorted(set(data) - set(SCALARS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    return data
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    if isinstance(raw, bool) or (kind is str and not isinstance(raw, str)):
+        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _build(values: dict[str, Any]) -> ServiceConfig:
+    try:
+        broker = BrokerConfig.from_url(values.pop("broker"), **{
+            k: values.pop(k, None) for k in ("username", "password", "ca_file", "cert_file",
+                                             "key_file")})
+        validate_id(values["fleet"], "fleet")
+    except (BusError, TopicError) as exc:
+        raise UsageError(str(exc)) from None
+    for key in ("key", "model", "store"):
+        if key in values:
+            values[key] = Path(values[key])
+    _check_ranges(values)
+    return ServiceConfig(broker=broker, **values)
+
+
+def _check_ranges(values: dict[str, Any]) -> None:
+    if values.get("budget", "default") not in BUDGETS:
+        raise UsageError(f"budget must be one of {', '.join(BUDGETS)}")
+    if values.get("dtype", "int8") not in ("int8", "fp16", "fp32"):
+        raise UsageError("dtype must be int8, fp16 or fp32")
+    for name in ("min_new_transitions", "max_transitions"):
+        if values.get(name, 1) < 1:
+            raise UsageError(f"{name} must be >= 1")
+    for name in ("fleet_every", "check_interval", "publish_interval"):
+        if values.get(name, 0) < 0:
+            raise UsageError(f"{name} must be >= 0")
+    if values.get("expires_in", 1) <= 0:
+        raise UsageError("expires_in must be > 0")
