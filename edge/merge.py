@@ -135,11 +135,16 @@ class MergeEngine:
     def active(self) -> State:
         """slot -> adapter (or None) live in act() right now."""
         state = self._holds[self.runtime.active_index]
-        assert state is not None  # the active side is never being written
+        if state is None:  # cannot happen: only the inactive side is ever written
+            raise RuntimeError("the active side is marked as being written")
         return state
 
     def stage(self, adapters: Mapping[str, AdapterLike | None]) -> Staged:
-        """Merge ``adapters`` (slots not listed keep their active adapter; None removes one) into the inactive side."""
+        """Merge ``adapters`` into the inactive side and return the handle; act() does not see it yet.
+
+        Slots not listed keep their active adapter; None removes one. Writing the inactive side
+        drops the state ``rollback`` would have flipped back to (it is then rebuilt instead).
+        """
         with self.runtime.lock:
             state: State = MappingProxyType({**self.active, **adapters})
             terms = _terms(state, self._shapes)  # validate before touching any buffer
