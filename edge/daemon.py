@@ -16,6 +16,7 @@ Threads (all daemon threads except main)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import queue
 import signal
@@ -73,7 +74,7 @@ class Daemon:
         self.metrics = EdgeMetrics()
         self._status_topic = topics.status(cfg.fleet, cfg.device)
         self.bus = bus if bus is not None else MqttBus(
-            cfg.broker, client_id=f"plasma-edge-{cfg.fleet}-{cfg.device}"[:64],
+            cfg.broker, client_id=_client_id(cfg.fleet, cfg.device),
             will=(self._status_topic, self._status("offline")), max_payload=16 << 20)
         self.telemetry = TelemetryBuffer(
             cfg.fleet, cfg.device, m.obs_dim, m.act_dim,
@@ -359,6 +360,14 @@ class Daemon:
         except BusError as exc:
             log.debug("not published to %s: %s", topic, exc)
             return False
+
+
+def _client_id(fleet: str, device: str) -> str:
+    """Stable per device (a persistent session), unique even when long ids would be cut."""
+    plain = f"plasma-edge-{fleet}-{device}"
+    if len(plain) <= 64:
+        return plain
+    return "plasma-edge-" + hashlib.sha256(f"{fleet}/{device}".encode()).hexdigest()[:40]
 
 
 def _strided_single_rows(bundle: Bundle) -> Bundle:
