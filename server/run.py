@@ -257,10 +257,10 @@ class AdaptationWorker:
 
     def device_round(self, device: str, new: int) -> RoundResult:
         fleet = self.schedule.fleet
-        batch = self.store.transitions(fleet, device)
+        batch = self.store.transitions(fleet, device, newest=self.rounds.max_transitions)
         if batch is None:
             raise RuntimeError(f"device {device} has no stored transitions")
-        self.cursor[device] = batch.seq
+        self.cursor[device] = batch.seq  # the newest chunk this round reads
         log.info("device %s: %d new real transitions (%d in all); adapting its device slot",
                  device, new, len(batch))
         policy = self.base.merged(self.fleet_adapter)
@@ -274,7 +274,7 @@ class AdaptationWorker:
 
     def fleet_round(self) -> RoundResult:
         fleet = self.schedule.fleet
-        batch = self.store.transitions(fleet)
+        batch = self.store.transitions(fleet, newest=self.rounds.max_transitions)
         self._since_fleet = 0
         if batch is None:
             raise RuntimeError("fleet round with no data")

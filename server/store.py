@@ -238,13 +238,15 @@ class TraceStore:
             return cur.rowcount == 1
 
     def transitions(self, fleet: str, device: str | None = None, *, since: float | None = None,
-                    after_id: int = 0) -> TraceBatch | None:
+                    after_id: int = 0, newest: int | None = None) -> TraceBatch | None:
         """Rows of one device (or of every device of the fleet, ``device=None``), oldest first.
 
-        ``since`` filters on the rows' own timestamps, ``after_id`` on the chunk cursor.
-        Only chunks with the dims of the newest chunk are returned (a device that changed
-        model does not mix shapes). The batch's ``seq`` is the last chunk id read (the next
-        cursor); ``device`` is ``"*"`` for a fleet-wide read. None if there are no rows.
+        ``since`` filters on the rows' own timestamps, ``after_id`` on the chunk cursor;
+        ``newest`` reads only the newest chunks holding at least that many rows (whole
+        chunks: the batch may hold a few more). Only chunks with the dims of the newest
+        chunk are returned (a device that changed model does not mix shapes). The batch's
+        ``seq`` is the last chunk id read (the next cursor); ``device`` is ``"*"`` for a
+        fleet-wide read. None if there are no rows.
         """
         sql = "SELECT id, n_rows, obs_dim, act_dim, data FROM chunks WHERE fleet = ? AND id > ?"
         params: list[object] = [fleet, after_id]
@@ -255,7 +257,14 @@ class TraceStore:
             sql += " AND t_last >= ?"
             params.append(since)
         with self._read() as conn:
-            rows = conn.execute(sql + " ORDER BY id", params).fetchall()
+            cursor = conn.execute(sql + " ORDER BY id DESC", params)
+            rows, count = [], 0
+            for row in cursor:  # newest first: stop reading blobs once enough rows are in
+                rows.append(row)
+                count += row[1]
+                if newest is not None and count >= newest:
+                    break
+        rows.reverse()
         if not rows:
             return None
         dims = rows[-1][2:4]

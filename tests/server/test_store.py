@@ -137,3 +137,12 @@ def test_audits_and_acks(store: TraceStore) -> None:
     state = store.device_state("f", "d1", "device")
     assert state == {"accepted_version": 2, "last_version": 2, "last_verdict": "rolled_back"}
     assert [a.verdict for a in store.acks("f", "d1")] == ["accepted", "rolled_back"]
+
+
+def test_newest_rows_reads_only_recent_chunks(store: TraceStore) -> None:
+    for i in range(5):
+        store.add_traces(make_batch("f4", "d1", 100.0 * i, n=10, seq=i))
+    recent = store.transitions("f4", "d1", newest=15)
+    assert len(recent) == 20 and recent.timestamp.min() == 300.0
+    assert recent.seq == store.last_chunk_id("f4", "d1")
+    assert len(store.transitions("f4", "d1", newest=1000)) == 50
