@@ -71,7 +71,7 @@ class Daemon:
                                         Journal(cfg.state), ctx, self.canary, self.ring, cfg.audit)
         self.notes = self.pipeline.restore()  # before the will: it carries the versions
         self.env = env if env is not None else make_env(cfg.env)
-        self.metrics = EdgeMetrics()
+        self.metrics = EdgeMetrics(enabled=cfg.metrics_port is not None)
         self._status_topic = topics.status(cfg.fleet, cfg.device)
         self.bus = bus if bus is not None else MqttBus(
             cfg.broker, client_id=_client_id(cfg.fleet, cfg.device),

@@ -1,8 +1,12 @@
-"""Edge seam: daemon counters -> Prometheus metrics (own registry; served only with --metrics-port)."""
+"""Edge seam: daemon counters -> Prometheus metrics (own registry; served only with --metrics-port).
+
+Without a metrics port every metric is a no-op and prometheus_client is never imported
+(about 2 MB of RSS and a few microseconds per control step saved on a device).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from typing import Any
 
 __all__ = ["EdgeMetrics"]
 
@@ -13,7 +17,15 @@ _ACT_BUCKETS = (5e-6, 10e-6, 20e-6, 40e-6, 80e-6, 160e-6, 320e-6, 1e-3, 3e-3, 10
 class EdgeMetrics:
     """Everything the daemon exports; safe to call from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            null = _Null()
+            self.act_latency = self.packets = self.active_version = self.rolling_reward = null
+            self.rollbacks = self.steps = self.telemetry_dropped = self.accept_latency = null
+            return
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.act_latency = Histogram("plasma_edge_act_seconds", "Latency of one act() call",
@@ -34,7 +46,27 @@ class EdgeMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Serve /metrics on a daemon thread of prometheus_client."""
+        from prometheus_client import start_http_server
+
+        if not self.enabled:
+            raise RuntimeError("metrics were created disabled")
         start_http_server(port, addr=addr, registry=self.registry)
 
     def packet(self, verdict: str, reason: str = "") -> None:
         self.packets.labels(verdict=verdict, reason=reason).inc()
+
+
+class _Null:
+    """Stands in for every metric when metrics are off: each call does nothing."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Null:
+        return self
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
