@@ -136,6 +136,45 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(handler=_model_info)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Benchmarks print one JSON object; model-building ones need the [server] extra."""
+    if args.bench_command == "packet":
+        from .packet_bench import bench_packet
+
+        result = bench_packet(rank=args.rank, dtype=args.dtype)
+    else:
+        try:
+            from . import bench
+        except ImportError as exc:
+            raise UsageError(f"{exc.name} is missing: pip install 'plasma[server]'") from None
+        if args.bench_command == "inference":
+            result = bench.bench_inference(args.model)
+        else:
+            result = bench.bench_merge(args.model, rank=args.rank)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return EXIT_OK
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks of the edge hot paths (JSON output)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True,
+                                parser_class=Parser)
+    inference = bsub.add_parser("inference", help="act() latency against a bare session.run")
+    inference.add_argument("--model", default=None, metavar="BUNDLE_DIR",
+                           help="default: a random MLP 64-256-256-256-8")
+    inference.set_defaults(handler=_bench)
+    merge = bsub.add_parser("merge", help="merge + activate latency, control-loop stall, "
+                            "int8 fidelity, full reload")
+    merge.add_argument("--model", default=None, metavar="BUNDLE_DIR")
+    merge.add_argument("--rank", type=int, default=8)
+    merge.set_defaults(handler=_bench)
+    packet = bsub.add_parser("packet", help="verify + decode of one packet (MLP "
+                             "64-256-256-256-8, every layer)")
+    packet.add_argument("--rank", type=int, default=4)
+    packet.add_argument("--dtype", choices=["int8", "fp16", "fp32"], default="int8")
+    packet.set_defaults(handler=_bench)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="plasma-edge", description=DESCRIPTION,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +195,7 @@ def build_parser() -> Parser:
     return parser
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_model]
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_model, _add_bench]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
