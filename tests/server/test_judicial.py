@@ -40,6 +40,7 @@ def evidence(**overrides: object) -> Evidence:
         ref_disagreement=np.full((N, H), 0.5), cand_disagreement=np.full((N, H), 0.6),
         ref_support=np.full((N, H), 0.4), cand_support=np.full((N, H), 0.5),
         cand_rewards=np.full((N, H), -4.0), real_rewards=real, model_rewards_on_real=real.copy(),
+        model_error_on_real=np.full(500, 0.01),
         member_gains=np.array([9.0, 10.0, 11.0]), heldout_gains=np.array([8.0, 9.0]),
         probe_gains=np.array([9.0, 10.5]), action_change=np.full(500, 0.1),
         norm_ratios={"l0": 0.1, "l1": 0.2}, finite=True)
@@ -68,6 +69,9 @@ CASES = [
     ("reward spikes", {"cand_rewards": spikes()}, "reward_spike"),
     ("phantom reward differs from real", {"model_rewards_on_real": np.full(500, 3.0)},
      "reward_model_mismatch"),
+    ("dynamics contradict the device's transitions",
+     {"model_error_on_real": np.r_[np.full(480, 0.01), np.full(20, 3.0)]},
+     "model_contradicts_real_data"),
     ("held-out members see no gain", {"heldout_gains": np.array([-5.0, 1.0])},
      "gain_not_on_heldout_members"),
     ("one planning member promises it all (no held-out)",
@@ -92,7 +96,7 @@ def test_check_table(name: str, overrides: dict, code: str | None) -> None:
 
 def test_every_check_is_named_and_returns_scores() -> None:
     names = {c.__name__ for c in CHECKS}
-    assert len(names) == len(CHECKS) == 10
+    assert len(names) == len(CHECKS) == 11
     for check in CHECKS:
         reason, scores = check(evidence(), CFG)
         assert reason is None and scores
@@ -140,8 +144,8 @@ def test_trust_model_flags_far_states(world) -> None:  # type: ignore[no-untyped
     near = trust.support_ratio(real.obs[:50])
     far = trust.support_ratio(np.tile([[1.0, 0.0, 7.5]], (10, 1)).astype(np.float32))
     assert np.median(near) < 1 < far.min()
-    assert (trust.untrust(np.tile([[1.0, 0.0, 7.5]], (10, 1)).astype(np.float32),
-                          np.zeros((10, 1), np.float32)) > 0).all()
+    assert not (trust.trusted_states(np.tile([[1.0, 0.0, 7.5]], (10, 1)).astype(np.float32),
+                                     np.zeros((10, 1), np.float32), 3.0)).any()
 
 
 def test_rollout_shapes(world) -> None:  # type: ignore[no-untyped-def]
@@ -203,7 +207,7 @@ def test_audit_end_to_end_on_a_tiny_world(world) -> None:  # type: ignore[no-unt
     planning, heldout = split_members(model, 1)
     same = LoRA.init(policy, rank=2)  # B = 0: no change at all
     j = auditor.audit(same, model=planning, real=real, heldout=heldout)
-    assert [r.code for r in j.reasons] == ["no_predicted_gain"]
+    assert "no_predicted_gain" in [r.code for r in j.reasons]
     wild = dataclasses.replace(same, factors={k: (a, np.full_like(b, 5.0))
                                               for k, (a, b) in same.factors.items()})
     j = auditor.audit(wild, model=planning, real=real, heldout=heldout)
