@@ -149,9 +149,12 @@ class Publisher:
         """Raise each slot's version floor above retained packets signed by our key; returns how many."""
         trust = TrustStore([self.key.public_key])
         seen: list[tuple[str, str, int]] = []
+        listening = threading.Event()
+        listening.set()
 
         def on_retained(message: Message) -> None:
-            if not message.payload:
+            # the Bus has no unsubscribe: after the window this handler ignores our own packets
+            if not listening.is_set() or not message.payload:
                 return
             try:
                 header = decode_packet(message.payload, trust).header
@@ -163,6 +166,7 @@ class Publisher:
         self.bus.subscribe(topics.fleet_adapter(self.cfg.fleet), on_retained, qos=1)
         self.bus.subscribe(f"{topics.ROOT}/{self.cfg.fleet}/device/+/adapter", on_retained, qos=1)
         time.sleep(self.cfg.sync_timeout_s if self.bus.protocol != "memory" else 0.0)
+        listening.clear()
         for slot, target, version in list(seen):
             self.store.raise_version_floor(self.cfg.fleet, slot, target, version)
         if seen:
