@@ -5,11 +5,12 @@ round (world model -> phantom DAgger -> LoRA -> judicial review with one correct
 
 - ``honest``: the ensemble fitted on the device's real transitions.
 - ``exploit``: the same ensemble with a corrupted region that every member shares (so
-  disagreement cannot see it): in the lower half, slowly, under a strong negative torque,
-  the model "teleports" the pendulum upright and at rest, the highest reward there is.
-  The planner exploits it; for real, pushing one way does not swing the pendulum up.
-  (A first try, a reward bonus for hanging still at the bottom, was not exploited: the
-  planner could not reach that region within its horizon.)
+  disagreement cannot see it): braking hard while spinning (torque < -1 at angular
+  velocity > 2, never done in the real data: the base policy pumps energy) "teleports" the
+  pendulum upright and at rest, the highest reward there is. The planner exploits it.
+  Earlier tries, measured: a reward bonus for hanging still at the bottom was not reached
+  within the planner's horizon; a teleport in a region the device did visit was caught by
+  ``model_on_real`` alone and its candidate still helped for real (-800 -> -318).
 - ``few_data``: the ensemble fitted on a handful of transitions.
 
 ``return_after`` is the REAL return (gym env, fixed evaluation seeds) with the final
@@ -22,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,12 +52,10 @@ class AuditBenchConfig:
     """Real episodes collected with the base policy (Pendulum: 200 steps each)."""
     few_transitions: int = 60
     """Transitions the ``few_data`` world model is fitted on."""
-    corrupt_cos: float = -0.3
-    """The corrupted region: cos(angle) below this (lower part of the circle)..."""
-    corrupt_speed: float = 3.0
-    """...|angular velocity| below this..."""
+    corrupt_speed: float = 2.0
+    """The corrupted region: angular velocity above this..."""
     corrupt_torque: float = -1.0
-    """...and torque below this: the model predicts upright at rest."""
+    """...and torque below this (braking): the model predicts upright at rest."""
     eval_episodes: int = 10
     """Real evaluation episodes per policy, fixed seeds."""
     round: RoundConfig = field(default_factory=lambda: RoundConfig(
@@ -75,19 +74,19 @@ class AuditBenchConfig:
 class TeleportModel(WorldModel):
     """A fitted Pendulum ensemble whose every member teleports to upright-at-rest in a region."""
 
-    region: tuple[float, float, float] = (-0.3, 3.0, -1.0)
-    """(cos below, |thdot| below, torque below)."""
+    region: tuple[float, float] = (2.0, -1.0)
+    """(angular velocity above, torque below)."""
 
     @classmethod
-    def wrap(cls, model: WorldModel, region: tuple[float, float, float]) -> TeleportModel:
+    def wrap(cls, model: WorldModel, region: tuple[float, float]) -> TeleportModel:
         corrupted = copy.copy(model)  # shares the fitted members and normalization
         corrupted.__class__ = cls
         corrupted.region = region
         return corrupted  # type: ignore[return-value]
 
     def _teleport(self, obs: np.ndarray, act: np.ndarray, out: np.ndarray) -> np.ndarray:
-        cos_below, speed, torque = self.region
-        hit = (obs[:, 0] < cos_below) & (np.abs(obs[:, 2]) < speed) & (act[:, 0] < torque)
+        speed, torque = self.region
+        hit = (obs[:, 2] > speed) & (act[:, 0] < torque)
         out[hit, :3] = (1.0, 0.0, 0.0)
         return out
 
@@ -105,7 +104,7 @@ def _act(policy: MLPPolicy, lora: LoRA | None):  # type: ignore[no-untyped-def]
 
 def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     """Run the scenarios; returns ``{"scenarios": [...], ...}`` (see the module docstring)."""
-    cfg = cfg or AuditBenchConfig()
+    cfg = _seeded(cfg or AuditBenchConfig())
     t0 = time.perf_counter()
     task = get_task(cfg.env_id)
     base = cached_policy(TrainBaseConfig(env_id=cfg.env_id))[0]
@@ -118,8 +117,7 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     for name in cfg.scenarios:
         world, rows, fitted = task, real, model
         if name == "exploit":
-            fitted = TeleportModel.wrap(model, (cfg.corrupt_cos, cfg.corrupt_speed,
-                                                cfg.corrupt_torque))
+            fitted = TeleportModel.wrap(model, (cfg.corrupt_speed, cfg.corrupt_torque))
         elif name == "few_data":
             rows = RealData(*(a[:cfg.few_transitions] for a in
                               (real.obs, real.act, real.rew, real.next_obs)))
@@ -128,6 +126,14 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     return {"env_id": cfg.env_id, "physics": dict(cfg.physics), "real_transitions": len(real.obs),
             "eval_episodes": cfg.eval_episodes, "return_before_sem": before["sem"],
             "scenarios": out, "wall_s": time.perf_counter() - t0}
+
+
+def _seeded(cfg: AuditBenchConfig) -> AuditBenchConfig:
+    """One seed for everything: collection, world model, planner, distiller and auditor."""
+    r, seed = cfg.round, cfg.seed
+    rounds = replace(r, seed=seed, model=replace(r.model, seed=seed),
+                     planner=replace(r.planner, seed=seed), distill=replace(r.distill, seed=seed))
+    return replace(cfg, round=rounds, judicial=replace(cfg.judicial, seed=seed))
 
 
 def _scenario(name: str, world: TaskSpec, base: MLPPolicy, real: RealData,
