@@ -49,10 +49,12 @@ class AdaptBenchConfig:
     """Phantom paths per DAgger iteration (start states drawn from the real traces)."""
     phantom_horizon: int = 60
     """Steps per phantom path."""
-    label_states: int = 600
+    label_states: int = 400
     """Visited phantom states relabelled by the planner per DAgger iteration."""
-    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(candidates=64, horizon=30, iterations=3))
-    """MPPI in the world model, the policy's own plan as prior."""
+    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(
+        candidates=32, horizon=25, iterations=2, score_plan=False))
+    """MPPI in the world model, the policy's own plan as prior; every candidate is scored on every
+    member (one run: gap closed 0.94 against 0.61 when each candidate saw one member)."""
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(rank=4, steps=300, anchor=0.05))
     """LoRA distillation settings."""
     train: TrainBaseConfig = field(default_factory=TrainBaseConfig)
@@ -140,8 +142,16 @@ def bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
         base, _, base_cache = cached_policy(replace(cfg.train, env_id=cfg.env_id, physics=dict(cfg.base_physics)), root)
         base_bundle = _base_bundle(cfg, base, base_cache) if cfg.edge_eval else Path()
     oracle, _, _ = cached_policy(replace(cfg.train, env_id=cfg.env_id, physics=dict(cfg.physics)), root)
-    edge = _EdgeSide(base_bundle) if cfg.edge_eval else None
-    t_loop = time.perf_counter()
+    edge, edge_error = None, ""
+    if cfg.edge_eval:
+        try:
+            edge = _EdgeSide(base_bundle)
+        except ValueError as exc:  # BundleError / MergeError / a runtime refusing the bundle are ValueErrors
+            # Measured 2026-11-25: plasma.edge.policy.quantize_weight writes into a read-only view for a
+            # (1, n) last layer (act_dim 1). Fall back to the numpy merge and say so in the result.
+            edge_error = f"{type(exc).__name__}: {exc}"
+            log.warning("edge runtime unavailable, evaluating with the numpy merge: %s", edge_error)
+    t_loop, cpu_loop = time.perf_counter(), time.process_time()
 
     base_act = edge.act if edge else _policy_fn(base, None)
     base_eval = evaluate(base_act, cfg.env_id, cfg.physics, cfg.eval_episodes)
@@ -209,9 +219,11 @@ def bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
         "gap_in_sems": abs(gap) / max(np.hypot(base_eval["sem"], oracle_eval["sem"]), 1e-9),
         "real_steps": real_steps, "packets": packets, "packet_bytes": packet_bytes,
         "packet_bytes_last": rounds[-1]["packet_bytes"] if rounds else 0,
-        "edge_eval": bool(edge), "eval_episodes": cfg.eval_episodes, "eval_seed0": EVAL_SEED0,
+        "edge_eval": bool(edge), "edge_error": edge_error, "eval_episodes": cfg.eval_episodes, "eval_seed0": EVAL_SEED0,
         "wall_s": time.perf_counter() - t_loop,
         "wall_s_including_setup": time.perf_counter() - t_start,
+        "cpu_s": time.process_time() - cpu_loop,  # all threads: a load-independent cost figure
+
         "rounds": rounds,
         "adapter": lora,
     }
