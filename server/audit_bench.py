@@ -1,4 +1,4 @@
-"""``plasma-server bench audit``: does the judicial auditor ship honest gains and stop reward hacking?
+"""``plasma-server bench audit``: does the judicial audit ship honest gains and stop hacking?
 
 Three scenarios on one device world (Pendulum-v1 with m=1.6, g=12), each one adaptation
 round (world model -> phantom DAgger -> LoRA -> judicial review with one correction):
@@ -29,13 +29,11 @@ from typing import Any
 import numpy as np
 
 from .basepolicy import TrainBaseConfig, cached_policy, collect, evaluate
-from .distill import DistillConfig
 from .judicial import JudicialAuditor, JudicialConfig, RealData
-from .phantom import PlannerConfig
 from .policy_net import LoRA, MLPPolicy
-from .run import RoundConfig, adaptation_round, fit_world_model
+from .run import RoundConfig, adaptation_round, fit_world_model, round_config
 from .tasks import TaskSpec, get_task
-from .worldmodel import WorldModel, WorldModelConfig
+from .worldmodel import WorldModel
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +56,8 @@ class AuditBenchConfig:
     """...and torque below this (braking): the model predicts upright at rest."""
     eval_episodes: int = 10
     """Real evaluation episodes per policy, fixed seeds."""
-    round: RoundConfig = field(default_factory=lambda: RoundConfig(
-        model=WorldModelConfig(ensemble_size=7, hidden=(128, 128), max_epochs=40, patience=5),
-        label_states=300, planner=PlannerConfig(candidates=32, horizon=30, iterations=2),
-        distill=DistillConfig(rank=4, steps=200, anchor=0.05)))
-    """Adaptation-round budgets."""
+    round: RoundConfig = field(default_factory=lambda: round_config("default"))
+    """Adaptation-round budgets: those of ``plasma-server run --budget default``."""
     judicial: JudicialConfig = field(default_factory=JudicialConfig)
     """Auditor thresholds."""
     scenarios: tuple[str, ...] = ("honest", "exploit", "few_data")

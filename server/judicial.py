@@ -72,12 +72,12 @@ Redistill = Callable[[TaskSpec, StateFilter], LoRA]
 
 NOT_CORRECTABLE = {"non_finite_adapter", "adapter_norm_too_large", "no_predicted_gain",
                    "reward_model_mismatch", "model_contradicts_real_data"}
-"""Reasons a redistillation in the same world cannot fix (a broken adapter, no gain, a wrong reward)."""
+"""Reasons a redistillation in the same world cannot fix (broken adapter, no gain, wrong world)."""
 
 
 @dataclass(frozen=True)
 class JudicialConfig:
-    """Budgets and thresholds of the judicial audit (defaults calibrated on Pendulum, bench audit)."""
+    """Budgets and thresholds of the judicial audit (defaults calibrated by ``bench audit``)."""
 
     paths: int = 256
     """Phantom paths per policy, from real start states (common random numbers for both)."""
@@ -90,7 +90,7 @@ class JudicialConfig:
     disagreement_quantile: float = 0.95
     """Quantile of disagreement on real transitions used as the trusted level."""
     max_disagreement_ratio: float = 3.0
-    """Flag if the candidate's mean path disagreement exceeds this multiple of the trusted level..."""
+    """Flag if the candidate's mean path disagreement exceeds this multiple of the trusted level"""
     max_disagreement_increase: float = 1.5
     """...and this multiple of the reference policy's own path disagreement."""
     support_quantile: float = 0.99
@@ -111,7 +111,7 @@ class JudicialConfig:
     max_spike_frac: float = 0.01
     """Flag if more than this fraction of candidate path rewards are spikes."""
     max_reward_error: float = 0.1
-    """Flag if path reward and recorded real reward differ by this many real-reward stds (mean abs)."""
+    """Flag if phantom and recorded real rewards differ by this many real-reward stds (mean abs)."""
     max_model_error: float = 0.5
     """A real transition is contradicted when a member's one-step prediction misses it by
     more than this many real-observation stds (honest fits miss by ~0.01)."""
@@ -169,7 +169,8 @@ class TrustModel:
         dis = model.disagreement(real.obs, real.act)
         self.trusted_disagreement = float(np.quantile(dis, cfg.disagreement_quantile)) + 1e-6
         span = real.obs.max(0) - real.obs.min(0) + 1e-6
-        self.low, self.high, self.span = real.obs.min(0) - 0.1 * span, real.obs.max(0) + 0.1 * span, span
+        self.low, self.high = real.obs.min(0) - 0.1 * span, real.obs.max(0) + 0.1 * span
+        self.span = span
 
     def disagreement_ratio(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         return self.model.disagreement(obs, act) / self.trusted_disagreement
@@ -227,7 +228,7 @@ class _OneMember:
 def rollout_paths(dyn: ModelDynamics | _OneMember, task: TaskSpec, policy: MLPPolicy,
                   lora: LoRA | None, starts: np.ndarray, horizon: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic paths: obs (N, H + 1, od), act (N, H, ad), rew (N, H); path p uses member p*M//N."""
+    """Deterministic paths: obs (N, H + 1, od), act (N, H, ad), rew (N, H); path p: member pM//N."""
     n = len(starts)
     blocks = member_blocks(n, dyn.n_members)
     obs = np.empty((n, horizon + 1, task.obs_dim), np.float32)
@@ -321,7 +322,8 @@ def check_norms(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     if worst > cfg.max_relative_norm:
         layer = max(ev.norm_ratios, key=ev.norm_ratios.__getitem__)
         return _reason("adapter_norm_too_large", "norms",
-                       f"layer {layer}: ||dW||/||W|| = {worst:.2f} > {cfg.max_relative_norm}"), scores
+                       f"layer {layer}: ||dW||/||W|| = {worst:.2f} > {cfg.max_relative_norm}"
+                       ), scores
     return None, scores
 
 
@@ -405,12 +407,14 @@ def check_heldout_members(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     which = "held-out" if len(ev.heldout_gains) else "single planning"
     # the median: a gain that only one member promises is not a gain
     share = float(np.median(gains)) / ev.gain if ev.gain > 0 and len(gains) else 1.0
-    scores = {"heldout_share": share, "heldout_gain_min": float(np.min(gains)) if len(gains) else 0.0,
+    scores = {"heldout_share": share,
+              "heldout_gain_min": float(np.min(gains)) if len(gains) else 0.0,
               "member_gain_min": float(np.min(ev.member_gains)) if len(ev.member_gains) else 0.0}
     if ev.gain > 0 and len(gains) and (share < cfg.min_heldout_share or float(np.max(gains)) <= 0):
         return _reason("gain_not_on_heldout_members", "heldout_members",
                        f"under {which} members the gain is {share:.0%} of the audited "
-                       f"{ev.gain:.1f} (per member: {', '.join(f'{g:.1f}' for g in gains)})"), scores
+                       f"{ev.gain:.1f} (per member: {', '.join(f'{g:.1f}' for g in gains)})"
+                       ), scores
     return None, scores
 
 
@@ -430,7 +434,7 @@ def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     scores = {"action_change_rms": rms, "action_change_p99": p99}
     if rms > cfg.max_action_rms or p99 > cfg.max_action_p99:
         return _reason("action_change_too_large", "replay",
-                       f"on recorded real states the candidate moves actions by {rms:.2f} half-ranges"
+                       f"on recorded real states the candidate moves actions {rms:.2f} half-ranges"
                        f" RMS ({p99:.2f} at the 99th percentile)"), scores
     return None, scores
 
@@ -505,7 +509,8 @@ class Decision:
 class JudicialAuditor:
     """Audits candidates for one task and base policy against a world model and real data."""
 
-    def __init__(self, task: TaskSpec, policy: MLPPolicy, cfg: JudicialConfig | None = None) -> None:
+    def __init__(self, task: TaskSpec, policy: MLPPolicy, cfg: JudicialConfig | None = None
+                 ) -> None:
         self.task, self.policy = task, policy
         self.cfg = cfg or JudicialConfig()
 

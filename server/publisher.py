@@ -1,4 +1,4 @@
-"""Server stage 6: approved adapters -> signed, versioned, retained packets on MQTT; device acks back.
+"""Server stage 6: approved adapter -> signed, versioned, retained packet on MQTT; acks back.
 
 - A priority queue (0 = most urgent, then FIFO). A packet carries a complete adapter, so a
   newer job for the same (slot, target) replaces one still waiting: only the latest matters.
@@ -59,7 +59,9 @@ def judicial_topic(fleet: str) -> str:
 
 
 def slot_topic(fleet: str, slot: Slot, device: str | None) -> str:
-    return topics.fleet_adapter(fleet) if slot == "fleet" else topics.device_adapter(fleet, device or "")
+    if slot == "fleet":
+        return topics.fleet_adapter(fleet)
+    return topics.device_adapter(fleet, device or "")
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class Publisher:
             self._thread = None
 
     def sync_versions_from_broker(self) -> int:
-        """Raise each slot's version floor above retained packets signed by our key; returns how many."""
+        """Raise each slot's version floor above our retained packets; returns how many seen."""
         trust = TrustStore([self.key.public_key])
         seen: list[tuple[str, str, int]] = []
         listening = threading.Event()
@@ -170,7 +172,8 @@ class Publisher:
         for slot, target, version in list(seen):
             self.store.raise_version_floor(self.cfg.fleet, slot, target, version)
         if seen:
-            log.info("publisher: %d retained packet(s) of ours on the broker; version floors raised",
+            log.info("publisher: %d retained packet(s) of ours on the broker; version floors "
+                     "raised",
                      len(seen))
         return len(seen)
 
@@ -217,7 +220,7 @@ class Publisher:
         return job, max(wait, 0.0)
 
     def publish_ready(self) -> list[Published]:
-        """Publish every job whose target is not rate-limited, most urgent first (the worker's step)."""
+        """Publish every job whose target is not rate-limited, most urgent first (worker's step)."""
         out = []
         while True:
             with self._cond:

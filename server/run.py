@@ -1,4 +1,4 @@
-"""``plasma-server run``: assembles ingest -> world model -> phantom paths -> distill -> judicial audit -> publish.
+"""``plasma-server run``: ingest -> world model -> phantom paths -> distill -> audit -> publish.
 
 Stages live in their own modules; this file only wires them:
 
@@ -388,7 +388,8 @@ class Server:
                              f"{bundle.manifest.act_dim}, {cfg.task_id} has "
                              f"{self.task.obs_dim}/{self.task.act_dim}")
         self.store = TraceStore(cfg.store)
-        self.bus = MqttBus(cfg.broker, client_id=f"plasma-server-{cfg.fleet}-{socket.gethostname()}")
+        client_id = f"plasma-server-{cfg.fleet}-{socket.gethostname()}"
+        self.bus = MqttBus(cfg.broker, client_id=client_id)
         self.ingest = Ingest(self.bus, self.store, IngestConfig(
             fleet=cfg.fleet, dims=(self.task.obs_dim, self.task.act_dim)))
         self.publisher = Publisher(self.bus, self.store, key, PublisherConfig(

@@ -1,4 +1,4 @@
-"""Server entry point config: flags, environment variables and a TOML file -> one frozen ``ServiceConfig``.
+"""Server entry point: flags, environment and a TOML file -> one frozen ``ServiceConfig``.
 
 Parsed once, in ``plasma-server run``; each stage then receives only its own part. Precedence:
 command-line flag > ``PLASMA_SERVER_<NAME>`` environment variable > ``--config`` file > default

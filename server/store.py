@@ -298,8 +298,8 @@ class TraceStore:
 
     def devices(self, fleet: str) -> list[str]:
         with self._read() as conn:
-            rows = conn.execute("SELECT DISTINCT device FROM chunks WHERE fleet = ? ORDER BY device",
-                                (fleet,)).fetchall()
+            rows = conn.execute("SELECT DISTINCT device FROM chunks WHERE fleet = ? "
+                                "ORDER BY device", (fleet,)).fetchall()
         return [r[0] for r in rows]
 
     # ------------------------------------------------------------------ versions
@@ -314,11 +314,12 @@ class TraceStore:
         return version
 
     def raise_version_floor(self, fleet: str, slot: str, target: str, version: int) -> None:
-        """Make sure the next version exceeds ``version`` (e.g. a retained packet seen on the broker)."""
+        """Make the next version exceed ``version`` (e.g. a retained packet seen on the broker)."""
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO versions VALUES (?,?,?,?,?) ON CONFLICT (fleet, slot, target) "
-                "DO UPDATE SET version = MAX(version, excluded.version), updated_at = excluded.updated_at",
+                "DO UPDATE SET version = MAX(version, excluded.version), "
+                "updated_at = excluded.updated_at",
                 (fleet, slot, target, int(version), time.time()))
 
     def current_version(self, fleet: str, slot: str, target: str) -> int:
@@ -331,24 +332,26 @@ class TraceStore:
     def record_publication(self, fleet: str, slot: str, target: str, version: int, packet_id: str,
                            priority: int, size: int, topic: str) -> None:
         with self._write() as conn:
-            conn.execute("INSERT INTO publications (fleet, slot, target, version, packet_id, priority,"
-                         " size, topic, published_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                         (fleet, slot, target, version, packet_id, priority, size, topic, time.time()))
+            conn.execute("INSERT INTO publications (fleet, slot, target, version, packet_id, "
+                         "priority, size, topic, published_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                         (fleet, slot, target, version, packet_id, priority, size, topic,
+                          time.time()))
 
     def publications(self, fleet: str) -> list[dict[str, object]]:
         with self._read() as conn:
             rows = conn.execute("SELECT slot, target, version, packet_id, priority, size, topic, "
                                 "published_at FROM publications WHERE fleet = ? ORDER BY id",
                                 (fleet,)).fetchall()
-        keys = ("slot", "target", "version", "packet_id", "priority", "size", "topic", "published_at")
-        return [dict(zip(keys, r)) for r in rows]
+        keys = ("slot", "target", "version", "packet_id", "priority", "size", "topic",
+                "published_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     # ------------------------------------------------------------------ audits and acks
     def add_audit(self, record: AuditRecord) -> None:
         with self._write() as conn:
             conn.execute("INSERT OR IGNORE INTO audits VALUES (?,?,?,?,?,?,?,?,?)",
-                         (record.record_id, record.auditor, record.fleet, record.device, record.slot,
-                          record.version, record.verdict, record.created_at,
+                         (record.record_id, record.auditor, record.fleet, record.device,
+                          record.slot, record.version, record.verdict, record.created_at,
                           record.model_dump_json()))
 
     def audits(self, fleet: str, device: str | None = None, auditor: str | None = None

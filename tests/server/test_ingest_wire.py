@@ -1,4 +1,4 @@
-"""Ingest: reason codes as a table (in-memory bus), then good frames and a hostile flood over Mosquitto."""
+"""Ingest: reason codes as a table (memory bus), then good frames through a hostile flood."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Judicial auditor: every check as a table on synthetic evidence, then the machinery on a tiny world."""
+"""Judicial auditor: each check as a table on synthetic evidence, then the parts on a tiny world."""
 
 from __future__ import annotations
 

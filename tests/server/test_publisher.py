@@ -1,4 +1,4 @@
-"""Publisher: priority order, replacement, rate limit, versions across restarts, retained packets, acks."""
+"""Publisher: priority, replacement, rate limit, versions across restarts, retained, acks."""
 
 from __future__ import annotations
 

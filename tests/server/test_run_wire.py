@@ -1,4 +1,4 @@
-"""``plasma-server run`` end to end on a tiny budget: telemetry in, judicial record and packet out; SIGTERM."""
+"""``plasma-server run`` on a tiny budget: telemetry in, judicial record and packet out; SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plasma.edge.bus import BrokerConfig, Message, MqttBus
+from plasma.edge.bus import BrokerConfig, MqttBus
 from plasma.protocol import (
     AuditRecord,
     SigningKey,
@@ -65,10 +65,12 @@ def frames(fleet: str, device: str, n_frames: int, rows: int = 50) -> list[bytes
         n = rows
         out.append(encode_traces(TraceBatch(
             fleet=fleet, device=device, episode=np.zeros(n, np.uint32),
-            step=np.arange(f * n, (f + 1) * n, dtype=np.uint32), obs=np.array(o), action=np.array(a),
+            step=np.arange(f * n, (f + 1) * n, dtype=np.uint32), obs=np.array(o),
+            action=np.array(a),
             reward=np.array(r, np.float32), next_obs=np.array(nx), terminated=np.zeros(n, bool),
             truncated=np.zeros(n, bool), fleet_version=np.zeros(n, np.uint32),
-            device_version=np.zeros(n, np.uint32), timestamp=t + 0.05 * np.arange(f * n, (f + 1) * n),
+            device_version=np.zeros(n, np.uint32),
+            timestamp=t + 0.05 * np.arange(f * n, (f + 1) * n),
             seq=f)))
     return out
 
@@ -81,7 +83,8 @@ def flags(setup: dict[str, Path], url: str, fleet: str) -> dict[str, object]:
 
 
 def test_config_precedence_and_errors(tmp_path: Path) -> None:
-    (tmp_path / "s.toml").write_text('fleet = "fromfile"\nmin_new_transitions = 50\nbudget = "small"\n')
+    (tmp_path / "s.toml").write_text(
+        'fleet = "fromfile"\nmin_new_transitions = 50\nbudget = "small"\n')
     cfg = load_service_config({"config": str(tmp_path / "s.toml"), "broker": "mqtts://h:8884",
                                "key": "k", "model": "m", "env": "Pendulum-v1:m=1.6",
                                "min_new_transitions": 70},
