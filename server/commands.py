@@ -93,6 +93,12 @@ def _bench_phantom(args: argparse.Namespace) -> int:
     return _print(bench_phantom(PhantomBenchConfig(paths=args.paths, horizon=args.horizon)))
 
 
+def _bench_audit(args: argparse.Namespace) -> int:
+    from .audit_bench import AuditBenchConfig, bench_audit
+
+    return _print(bench_audit(AuditBenchConfig(seed=args.seed)))
+
+
 def _bench_e2e(args: argparse.Namespace) -> int:
     from .fleet_bench import bench_e2e
 
@@ -134,6 +140,9 @@ def _fuzz(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .run import register as register_run
+
+    register_run(sub)
     train = sub.add_parser("train-base", help="train a base policy and export a bundle")
     train.add_argument("--env", default="Pendulum-v1", help="Gymnasium id (default Pendulum-v1)")
     train.add_argument("--physics", default=None, metavar="K=V,...",
@@ -157,6 +166,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     phantom.add_argument("--paths", type=int, default=1000)
     phantom.add_argument("--horizon", type=int, default=30)
     phantom.set_defaults(handler=_bench_phantom)
+
+    audit = bsub.add_parser("audit", help="judicial auditor scenarios: honest, exploit, few_data")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.set_defaults(handler=_bench_audit)
 
     e2e = bsub.add_parser("e2e", help="publish -> device swap latency vs a full-model push")
     e2e.add_argument("--broker", required=True, metavar="URL")
