@@ -240,7 +240,7 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
     proc.kill()  # SIGKILL: no flush, no offline status from the daemon (the will says offline)
     proc.wait(5)
     w.wait(w.status(lambda s: s["state"] == "offline"))
-    assert (device["state"] / "device.pkt").exists()
+    assert (device["state"] / "journal.log").stat().st_size > 0
 
     w.statuses.clear()
     start = len(w.audits)
@@ -451,7 +451,8 @@ def test_daemon_rolls_back_a_regressing_adapter(pendulum: dict[str, Any], tmp_pa
         rolled = d.until(lambda: [a for a in d.audits if a["verdict"] == "rolled_back"])[0]
         assert rolled["reasons"][0]["code"] == "reward_regression" and rolled["version"] == 2
         assert d.daemon.pipeline.versions == (0, 0)
-    assert not (tmp_path / "state" / "fleet.pkt").exists()
+    restored = d.daemon.pipeline.journal.load(d.daemon.pipeline._verify_stored)
+    assert "fleet" not in restored.packets and restored.highest["fleet"] == 2
 
 
 def test_model_info_prints_the_manifest(pendulum: dict[str, Any], capsys: Any) -> None:
