@@ -15,7 +15,6 @@ Threads (all daemon threads except main)::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import queue
@@ -23,7 +22,6 @@ import signal
 import threading
 import time
 from collections import deque
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,7 @@ from plasma.protocol import AuditRecord, Reason, Status, TrustStore, topics
 from .audit import AuditContext, record_for
 from plasma.protocol._cli import UsageError
 
-from .bundle import Bundle, load_bundle
+from .bundle import load_bundle
 from .bus import Bus, BusError, Message, MqttBus
 from .canary import Canary
 from .config import DaemonConfig
@@ -58,7 +56,7 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig, bus: Bus | None = None, env: Env | None = None) -> None:
         self.cfg = cfg
         self.steps = 0
-        self.bundle = _strided_single_rows(load_bundle(cfg.model))
+        self.bundle = load_bundle(cfg.model)
         self.runtime = PolicyRuntime(self.bundle)
         m = self.bundle.manifest
         self.ring = ObservationRing(1024, m.obs_dim)
@@ -368,22 +366,6 @@ def _client_id(fleet: str, device: str) -> str:
     if len(plain) <= 64:
         return plain
     return "plasma-edge-" + hashlib.sha256(f"{fleet}/{device}".encode()).hexdigest()[:40]
-
-
-def _strided_single_rows(bundle: Bundle) -> Bundle:
-    """WORKAROUND for policy.quantize_weight (helper-1's file): it quantizes in place into
-    ``np.ascontiguousarray(W.T)``, which is W itself when W has one row or one column (Pendulum's
-    last layer: out=1), so loading such a bundle fails on the read-only master. A read-only
-    strided view of a copy makes ``W.T`` non-contiguous, forcing the copy. Remove once fixed."""
-    weights = {}
-    for name, w in bundle.weights.items():
-        if w.T.flags.c_contiguous:
-            holder = np.zeros((w.shape[0], 2 * w.shape[1]), np.float32)
-            holder[:, ::2] = w
-            w = holder[:, ::2]
-            w.flags.writeable = False
-        weights[name] = w
-    return dataclasses.replace(bundle, weights=MappingProxyType(weights))
 
 
 def run(cfg: DaemonConfig) -> int:

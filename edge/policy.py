@@ -55,7 +55,9 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     q = clip(round_half_even(W / scale), -128, 127); an all-zero column gets scale 1.0. This
     reproduces the shipped weights of onnxruntime.quantization 1.32 bit for bit (tested).
     """
-    acc = np.ascontiguousarray(np.asarray(w, np.float32).T)  # (in, out)
+    # Always a copy: for a one-row or one-column W, W.T is already contiguous and
+    # ascontiguousarray would hand back the read-only master itself.
+    acc = np.array(np.asarray(w, np.float32).T, order="C", copy=True)  # (in, out)
     q = np.empty(acc.shape, np.int8)
     scale = np.empty(acc.shape[1], np.float32)
     quantize_into(acc, q, scale, np.empty_like(acc))

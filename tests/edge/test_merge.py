@@ -241,3 +241,28 @@ def test_bench_smoke(shared_bundle_dir: Path) -> None:
     assert {"merge_activate_p50_ms", "merge_activate_p99_ms", "max_loop_stall_ms", "fidelity_max_abs_err",
             "int8_base_max_abs_err", "full_reload_p50_ms"} <= set(merge)
     assert 0 < merge["fidelity_max_abs_err"] < 0.05
+
+
+def test_one_output_layer_loads_and_merges(tmp_path) -> None:
+    """Pendulum's policy ends in a 1-output layer: W.T is contiguous there (regression)."""
+    import numpy as np
+
+    from plasma.edge.bundle import load_bundle
+    from plasma.edge.merge import MergeEngine
+    from plasma.edge.policy import PolicyRuntime
+    from plasma.protocol import Adapter
+    from plasma.server.export import export_bundle, random_mlp_layers
+
+    layers = random_mlp_layers([3, 16, 1], seed=3)
+    bundle = load_bundle(export_bundle(tmp_path / "m", layers, obs_mean=np.zeros(3),
+                                       obs_std=np.ones(3), act_low=-2 * np.ones(1),
+                                       act_high=2 * np.ones(1)))
+    runtime = PolicyRuntime(bundle)
+    before = runtime.act(np.zeros(3, np.float32)).copy()
+    rng = np.random.default_rng(0)
+    adapter = Adapter(alpha=2.0, rank=2, layers={"l1": (rng.normal(0, 0.5, (2, 16)),
+                                                        rng.normal(0, 0.5, (1, 2)))})
+    engine = MergeEngine(runtime)
+    engine.activate(engine.stage({"device": adapter}))
+    assert not np.allclose(runtime.act(np.zeros(3, np.float32)), before)
+    assert np.all(bundle.weights["l1"] == layers[1][0])  # the master was not touched
