@@ -11,8 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from .basepolicy import (EVAL_SEED0, PolicyFn, TrainBaseConfig, cached_policy, collect, default_cache_dir,
-                         evaluate, export_policy)
+from .basepolicy import (
+    EVAL_SEED0,
+    PolicyFn,
+    TrainBaseConfig,
+    cached_policy,
+    collect,
+    default_cache_dir,
+    evaluate,
+    export_policy,
+)
 from .distill import DistillConfig, LoRADistiller
 from .phantom import PhantomConfig, PhantomPathSimulator, PlannerConfig
 from .policy_net import LoRA, MLPPolicy
@@ -69,43 +77,76 @@ class AdaptBenchConfig:
     """Seed for collection, model and distillation."""
 
 
-@dataclass
 class _EdgeSide:
-    """Base bundle + edge runtime + a throwaway signing key: packets go through the real codec and merge."""
+    """Base bundle + a throwaway signing key: every adapter goes through the real packet codec
+    (encode, sign, verify, decode, int8 factors) and the edge's merge, then acts on int8 ONNX.
 
-    bundle_dir: Path
-    runtime: Any = None
-    engine: Any = None
-    key: Any = None
-    trust: Any = None
-    version: int = 0
+    Preferred path: ``plasma.edge.policy.PolicyRuntime`` + ``MergeEngine.restore``. If the runtime
+    refuses the bundle (measured 2026-11-25: ``quantize_weight`` writes into a read-only view when
+    the last layer is (1, n), i.e. act_dim 1), fall back to the edge's ``merged_weights`` (same
+    arithmetic as the engine), re-exported to dynamic-int8 ONNX and run in a plain session.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, bundle_dir: Path, task: Any) -> None:
         from plasma.edge.bundle import load_bundle
         from plasma.edge.merge import MergeEngine
         from plasma.edge.policy import PolicyRuntime
         from plasma.protocol.signing import SigningKey, TrustStore
 
-        self.runtime = PolicyRuntime(load_bundle(self.bundle_dir))
-        self.engine = MergeEngine(self.runtime)
+        self.bundle = load_bundle(bundle_dir)
+        self.task = task
         self.key = SigningKey.generate()
         self.trust = TrustStore([self.key.public_key])
+        self.version = 0
+        self.runtime_error = ""
+        self.engine: Any = None
+        self._session: Any = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="plasma-bench-")
+        try:
+            self.engine = MergeEngine(PolicyRuntime(self.bundle))
+        except ValueError as exc:  # BundleError / MergeError are ValueErrors too
+            self.runtime_error = f"{type(exc).__name__}: {exc}"
+            log.warning("edge PolicyRuntime refused the bundle (%s); merging with plasma.edge.merge.merged_weights",
+                        self.runtime_error)
+            self._load_session(self.bundle.int8_path)
+
+    def _load_session(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
 
     def ship(self, lora: LoRA) -> int:
         """Encode, sign, decode and merge one packet; returns its size in bytes."""
+        from plasma.edge.merge import merged_weights
         from plasma.protocol import Adapter
         from plasma.protocol.packet import decode_packet, encode_packet
+
+        from .export import export_bundle
 
         self.version += 1
         adapter = Adapter(alpha=lora.alpha, rank=lora.rank, layers=lora.factors)
         data = encode_packet(adapter, key=self.key, fleet="bench", slot="device", device="bench-device",
-                             version=self.version, base_sha256=self.runtime.bundle.base_sha256)
+                             version=self.version, base_sha256=self.bundle.manifest.base_sha256)
         decoded = decode_packet(data, self.trust)
-        self.engine.restore({"device": decoded.adapter})
+        if self.engine is not None:
+            self.engine.restore({"device": decoded.adapter})
+        else:
+            merged = merged_weights(self.bundle.weights, {"fleet": None, "device": decoded.adapter})
+            names = [name for name, _, _ in self.bundle.layer_specs]
+            m = self.bundle.manifest
+            out = export_bundle(Path(self._tmp.name) / f"v{self.version}", [(merged[n], self.bundle.biases[n]) for n in names],
+                                obs_mean=m.obs_mean, obs_std=m.obs_std, act_low=m.act_low, act_high=m.act_high,
+                                env_id=m.env_id)
+            self._load_session(out / "model.int8.onnx")
         return len(data)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        return np.asarray(self.runtime.act_batch(obs.astype(np.float32)), np.float32)
+        """(batch, obs_dim) -> (batch, act_dim) on the int8 policy the device would run."""
+        x = np.ascontiguousarray(obs, np.float32)
+        if self.engine is not None:
+            return np.asarray(self.engine.runtime.act_batch(x), np.float32)
+        return np.asarray(self._session.run(None, {self._input: x})[0], np.float32)
 
 
 def estimated_packet_bytes(lora: LoRA) -> int:
@@ -142,15 +183,7 @@ def bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
         base, _, base_cache = cached_policy(replace(cfg.train, env_id=cfg.env_id, physics=dict(cfg.base_physics)), root)
         base_bundle = _base_bundle(cfg, base, base_cache) if cfg.edge_eval else Path()
     oracle, _, _ = cached_policy(replace(cfg.train, env_id=cfg.env_id, physics=dict(cfg.physics)), root)
-    edge, edge_error = None, ""
-    if cfg.edge_eval:
-        try:
-            edge = _EdgeSide(base_bundle)
-        except ValueError as exc:  # BundleError / MergeError / a runtime refusing the bundle are ValueErrors
-            # Measured 2026-11-25: plasma.edge.policy.quantize_weight writes into a read-only view for a
-            # (1, n) last layer (act_dim 1). Fall back to the numpy merge and say so in the result.
-            edge_error = f"{type(exc).__name__}: {exc}"
-            log.warning("edge runtime unavailable, evaluating with the numpy merge: %s", edge_error)
+    edge = _EdgeSide(base_bundle, task) if cfg.edge_eval else None
     t_loop, cpu_loop = time.perf_counter(), time.process_time()
 
     base_act = edge.act if edge else _policy_fn(base, None)
@@ -219,7 +252,7 @@ def bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
         "gap_in_sems": abs(gap) / max(np.hypot(base_eval["sem"], oracle_eval["sem"]), 1e-9),
         "real_steps": real_steps, "packets": packets, "packet_bytes": packet_bytes,
         "packet_bytes_last": rounds[-1]["packet_bytes"] if rounds else 0,
-        "edge_eval": bool(edge), "edge_error": edge_error, "eval_episodes": cfg.eval_episodes, "eval_seed0": EVAL_SEED0,
+        "edge_eval": bool(edge), "edge_runtime_error": edge.runtime_error if edge else "", "eval_episodes": cfg.eval_episodes, "eval_seed0": EVAL_SEED0,
         "wall_s": time.perf_counter() - t_loop,
         "wall_s_including_setup": time.perf_counter() - t_start,
         "cpu_s": time.process_time() - cpu_loop,  # all threads: a load-independent cost figure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -131,8 +131,9 @@ def behaviour_clone(policy: MLPPolicy, obs: np.ndarray, labels: np.ndarray, step
 
 
 def _reset_states(task: TaskSpec, physics: Mapping[str, float], n: int, seed0: int) -> np.ndarray:
-    envs = [make_env(task.env_id, physics) for _ in range(1)]
-    return np.stack([envs[0].reset(seed=seed0 + i)[0] for i in range(n)]).astype(np.float32)
+    """n start observations from the env's own reset distribution (seeds seed0 .. seed0 + n - 1)."""
+    env = make_env(task.env_id, physics)
+    return np.stack([env.reset(seed=seed0 + i)[0] for i in range(n)]).astype(np.float32)
 
 
 def mppi_expert(task: TaskSpec, physics: Mapping[str, float], start: np.ndarray, steps: int, cfg: PlannerConfig,

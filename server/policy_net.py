@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,7 @@ class MLPPolicy:
         rng = np.random.default_rng(seed)
         sizes = [obs_dim, *hidden, act_dim]
         layers = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (n_in, n_out) in enumerate(pairwise(sizes)):
             gain = 0.01 if i == len(sizes) - 2 else 1.0
             layers.append(((rng.standard_normal((n_out, n_in)) * gain / np.sqrt(n_in)).astype(np.float32),
                            np.zeros(n_out, np.float32)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -173,7 +174,7 @@ class WorldModel:
     def _init_member(self) -> Member:
         sizes = [self.obs_dim + self.act_dim, *self.cfg.hidden, 2 * self.target_dim]
         layers = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        for n_in, n_out in pairwise(sizes):
             w = self._rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in)  # He init for ReLU
             layers.append((w.astype(np.float32), np.zeros(n_out, np.float32)))
         d = self.target_dim
@@ -203,7 +204,7 @@ class WorldModel:
         y_raw = self._targets(obs, next_obs, rew)  # (n, d)
         n = len(x_raw)
         perm = self._rng.permutation(n)
-        n_hold = max(1, int(round(cfg.holdout * n))) if n >= 10 else 0
+        n_hold = max(1, round(cfg.holdout * n)) if n >= 10 else 0
         hold, train = perm[:n_hold], perm[n_hold:]
         if reset_stats:
             self.in_mean, self.in_std = x_raw[train].mean(0), x_raw[train].std(0) + 1e-6
@@ -215,7 +216,7 @@ class WorldModel:
         boots = [self._rng.integers(0, len(train), len(train)) if cfg.bootstrap else np.arange(len(train))
                  for _ in self.members]
         opts = [Adam(m.params(), lr=cfg.lr) for m in self.members]
-        steps = max(cfg.min_steps_per_epoch, int(np.ceil(len(train) / cfg.batch_size)))
+        steps = max(cfg.min_steps_per_epoch, -(-len(train) // cfg.batch_size))
         best = [np.inf] * len(self.members)
         snapshots = [m.copy() for m in self.members]
         since_best, epoch = 0, 0

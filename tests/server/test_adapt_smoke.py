@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from plasma.server.adapt_bench import AdaptBenchConfig, bench_adapt
 from plasma.server.basepolicy import TrainBaseConfig, cached_policy, train_base
 from plasma.server.distill import DistillConfig
@@ -32,13 +31,14 @@ def test_bench_adapt_smoke(tmp_path) -> None:
         model=WorldModelConfig(ensemble_size=2, hidden=(16, 16), max_epochs=2),
         dagger_iters=1, phantom_paths=8, phantom_horizon=5, label_states=20,
         planner=PlannerConfig(candidates=8, horizon=5, iterations=1), distill=DistillConfig(rank=2, steps=5),
-        train=TINY_TRAIN, eval_episodes=1, cache_dir=str(tmp_path), edge_eval=False,
+        train=TINY_TRAIN, eval_episodes=1, cache_dir=str(tmp_path), edge_eval=True,
     )
     out = bench_adapt(cfg)
     for key in ("base_return", "adapted_return", "oracle_return", "gap_closed", "real_steps", "packets",
                 "packet_bytes", "wall_s"):
         assert key in out and math.isfinite(out[key]), key
     assert out["real_steps"] == 400 and out["packets"] == 2 and out["packet_bytes"] > 0
-    assert len(out["rounds"]) == 2
+    assert len(out["rounds"]) == 2 and out["edge_eval"]
+    assert 500 < out["packet_bytes_last"] < 5000  # real signed packet, rank 2 on 16x16 layers
     for r in out["rounds"]:
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))

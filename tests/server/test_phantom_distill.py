@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-
 from plasma.server.distill import DistillConfig, LoRADistiller
-from plasma.server.phantom import (PhantomConfig, PhantomPathSimulator, PlannerConfig, SimDynamics, bench_phantom,
-                                   PhantomBenchConfig, member_blocks, mppi_plan, policy_plan)
+from plasma.server.phantom import (
+    PhantomBenchConfig,
+    PhantomConfig,
+    PhantomPathSimulator,
+    PlannerConfig,
+    SimDynamics,
+    bench_phantom,
+    member_blocks,
+    mppi_plan,
+    policy_plan,
+)
 from plasma.server.policy_net import LoRA, MLPPolicy
 from plasma.server.tasks import PENDULUM
 from plasma.server.worldmodel import WorldModel, WorldModelConfig
