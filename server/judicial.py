@@ -15,8 +15,10 @@ check                        flags when
 ``gain``                     no predicted gain at all (nothing worth shipping)
 ``disagreement``             candidate paths run where members disagree far more than on
                              the real data (ratio to the real-data 95th percentile)
-``support``                  candidate path states far from every real state (nearest-
-                             neighbour distance in real-std units vs the real data's own)
+``support``                  many candidate path states far from every real state (nearest-
+                             neighbour distance in real-std units vs the real data's own),
+                             whoever drives them there: with few data even the reference's
+                             paths leave the support, and the whole comparison is untrusted
 ``penalized_gain``           most of the gain disappears under MOPO's r - lambda * u, with
                              u the disagreement in excess of the real-data level (support
                              distance is not in u: measured on Pendulum, an honest gain
@@ -96,9 +98,8 @@ class JudicialConfig:
     support_quantile: float = 0.99
     """Quantile of real-to-real nearest-neighbour distances used as the support radius."""
     max_out_of_support: float = 0.2
-    """Flag if more than this fraction of candidate path states lie beyond the support radius..."""
-    max_support_increase: float = 0.1
-    """...and this much more than the reference's fraction."""
+    """Flag if more than this fraction of candidate path states lie beyond the support radius
+    (bench audit: honest candidates 0.00-0.08; models fitted on 60 transitions 0.24-0.36)."""
     penalty_lambda: float | None = None
     """MOPO lambda in reward units per unit of excess disagreement ratio; None = std of real
     rewards."""
@@ -349,7 +350,7 @@ def check_disagreement(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
 def check_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     cand, ref = float((ev.cand_support > 1).mean()), float((ev.ref_support > 1).mean())
     scores = {"out_of_support": cand, "out_of_support_ref": ref}
-    if cand > cfg.max_out_of_support and cand > ref + cfg.max_support_increase:
+    if cand > cfg.max_out_of_support:
         return _reason("out_of_support", "support",
                        f"{cand:.0%} of candidate path states are far from every real state "
                        f"(reference: {ref:.0%})"), scores
