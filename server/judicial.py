@@ -73,7 +73,8 @@ Redistill = Callable[[TaskSpec, StateFilter], LoRA]
 """Distill again planning under the given (penalized) task and labelling only kept states."""
 
 NOT_CORRECTABLE = {"non_finite_adapter", "adapter_norm_too_large", "no_predicted_gain",
-                   "reward_model_mismatch", "model_contradicts_real_data"}
+                   "reward_model_mismatch", "model_contradicts_real_data",
+                   "world_model_lacks_data"}
 """Reasons a redistillation in the same world cannot fix (broken adapter, no gain, wrong world)."""
 
 
@@ -350,6 +351,10 @@ def check_disagreement(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
 def check_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     cand, ref = float((ev.cand_support > 1).mean()), float((ev.ref_support > 1).mean())
     scores = {"out_of_support": cand, "out_of_support_ref": ref}
+    if cand > cfg.max_out_of_support and ref > cfg.max_out_of_support:
+        return _reason("world_model_lacks_data", "support",
+                       f"{cand:.0%} of candidate and {ref:.0%} of reference path states are far "
+                       "from every real state: the world model needs more real transitions"), scores
     if cand > cfg.max_out_of_support:
         return _reason("out_of_support", "support",
                        f"{cand:.0%} of candidate path states are far from every real state "

@@ -66,7 +66,7 @@ CASES = [
     ("far from real states", {"cand_support": np.full((N, H), 2.0)}, "out_of_support"),
     ("the reference is as far out: the model lacks data",
      {"cand_support": np.full((N, H), 2.0), "ref_support": np.full((N, H), 2.0)},
-     "out_of_support"),
+     "world_model_lacks_data"),
     ("a few states out of support", {"cand_support": np.r_[np.full((N - 5, H), 0.5),
                                                             np.full((5, H), 3.0)]}, None),
     ("gain gone under the penalty", {"cand_penalized": np.full(N, -98.0)},
@@ -109,6 +109,8 @@ def test_every_check_is_named_and_returns_scores() -> None:
 
 def test_correctable() -> None:
     assert not run_checks(evidence(finite=False), CFG).correctable
+    lacking = {"cand_support": np.full((N, H), 2.0), "ref_support": np.full((N, H), 2.0)}
+    assert not run_checks(evidence(**lacking), CFG).correctable
     assert run_checks(evidence(cand_support=np.full((N, H), 2.0)), CFG).correctable
 
 
