@@ -7,6 +7,7 @@
     plasma/v1/{fleet}/device/{device}/telemetry     QoS 1, device -> server
     plasma/v1/{fleet}/device/{device}/status        retained; last will = offline
     plasma/v1/{fleet}/device/{device}/audit         QoS 1, accept / reject / rollback records
+    plasma/v1/{fleet}/server/audit                  QoS 1, the server's judicial audit records
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def status(fleet: str, device: str) -> str:
 
 def audit(fleet: str, device: str) -> str:
     return str(Topic("audit", fleet, device))
+
+
+def server_audit(fleet: str) -> str:
+    """Where the server publishes its judicial AuditRecords (one topic per fleet)."""
+    return f"{ROOT}/{validate_id(fleet, 'fleet')}/server/audit"
 
 
 def device_filter(fleet: str, kind: Literal["telemetry", "status", "audit"],

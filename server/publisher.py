@@ -55,7 +55,7 @@ ACK_VERDICTS = ("accepted", "rejected", "rolled_back")
 
 def judicial_topic(fleet: str) -> str:
     """Where the server publishes its judicial audit records (one topic per fleet)."""
-    return f"{topics.ROOT}/{topics.validate_id(fleet, 'fleet')}/server/audit"
+    return topics.server_audit(fleet)
 
 
 def slot_topic(fleet: str, slot: Slot, device: str | None) -> str:

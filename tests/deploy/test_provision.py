@@ -60,8 +60,13 @@ def test_acl_blocks(tmp_path: Path, run_provision: Callable[..., dict]) -> None:
         "topic write plasma/v1/f1/device/a/audit"]) in [b.strip() for b in blocks]
     text = (out / "broker" / "acl").read_text()
     rules = [ln for ln in text.splitlines() if not ln.startswith("#")]
-    assert not any(ln.startswith("pattern") or "readwrite" in ln for ln in rules)
-    assert "topic write plasma/v1/+/device/+/adapter" in text  # the server publishes adapters
+    assert not any(ln.startswith("pattern") for ln in rules)
+    device_block = next(b for b in blocks if b.strip().startswith("user f1.a\n"))
+    assert "readwrite" not in device_block and "write plasma/v1/f1/device/a/adapter" \
+        not in device_block
+    # the server publishes adapters and reads its own retained packets back (version floor)
+    assert "topic readwrite plasma/v1/+/device/+/adapter" in text
+    assert "topic write plasma/v1/+/server/audit" in text
     assert "user ops\ntopic read plasma/v1/#\ntopic read $SYS/#" in text
 
 
