@@ -9,6 +9,7 @@ paho reconnect with exponential backoff.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import uuid
@@ -223,6 +224,7 @@ class MqttBus(Bus):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
+        client.on_socket_open = self._on_socket_open
         client.on_message = self._on_message
         return client
 
@@ -253,6 +255,15 @@ class MqttBus(Bus):
             client.subscribe(topic_filter, qos=qos)
         self._connected.set()
         self._settled.set()
+
+    @staticmethod
+    def _on_socket_open(client, userdata, sock) -> None:
+        """TCP_NODELAY: paho leaves Nagle on, and a PUBACK followed by a PUBLISH then waits for
+        the peer's delayed ACK: measured 40 ms per packet in ``bench e2e`` (0.1 ms without)."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):  # a unix socket or a proxy wrapper: nothing to tune
+            pass
 
     def _on_connect_fail(self, client, userdata) -> None:
         if not self._settled.is_set():  # e.g. a TLS port that drops a plain connection

@@ -72,10 +72,12 @@ class BenchDevice:
 
     def _on_packet(self, msg: Message) -> None:
         if msg.payload:
+            received = time.time()
             outcome = self.pipeline.handle(msg.payload, source=msg.topic)
             done = time.time()
             record = outcome.record.model_copy(update={"scores": {
-                **outcome.record.scores, "t_swap": done, "handle_ms": outcome.elapsed_s * 1e3}})
+                **outcome.record.scores, "t_received": received, "t_swap": done,
+                "handle_ms": outcome.elapsed_s * 1e3}})
             self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
 
     def _on_model(self, msg: Message) -> None:
@@ -231,7 +233,7 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
         acks = _Acks(bus, fleet)
         time.sleep(0.3)
         rng = np.random.default_rng(0)
-        lat, sizes, handle, rejected = [], [], [], 0
+        lat, transit, sizes, handle, rejected = [], [], [], [], 0
         topic = topics.device_adapter(fleet, device)
         for version in range(1, packets + 1):
             data = encode_packet(_random_adapter(setup.layers, rank, rng), key=setup.key,
@@ -244,6 +246,7 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
             (_, record), = acks.take()
             rejected += record.verdict != "accepted"
             lat.append((record.scores["t_swap"] - t0) * 1e3)
+            transit.append((record.scores["t_received"] - t0) * 1e3)
             handle.append(record.scores.get("handle_ms", float("nan")))
             sizes.append(len(data))
         bus.publish(topic, b"", qos=1, retain=True)  # clear the retained bench packet
@@ -256,7 +259,7 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
     p50, full_p50 = _pct(lat, 50), _pct(full_lat, 50)
     return {"packets": packets, "rejected": rejected, "rank": rank,
             "packet_bytes": int(np.median(sizes)), "p50_ms": p50, "p99_ms": _pct(lat, 99),
-            "device_handle_p50_ms": _pct(handle, 50),
+            "transit_p50_ms": _pct(transit, 50), "device_handle_p50_ms": _pct(handle, 50),
             "full_model_pushes": full_model_pushes, "full_model_bytes": model_bytes,
             "full_model_p50_ms": full_p50, "full_model_p99_ms": _pct(full_lat, 99),
             "speedup_p50": round(full_p50 / p50, 2) if p50 > 0 else None,
