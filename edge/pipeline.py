@@ -27,8 +27,8 @@ from .audit import (
     record_for,
 )
 from .canary import Canary, CanaryVerdict
-from .journal import Journal, JournalError
-from .merge import MergeEngine, MergeError
+from .journal import Journal, JournalError, Pending
+from .merge import MergeEngine, MergeError, Staged
 from .policy import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
 
@@ -102,10 +102,22 @@ class AdapterPipeline:
     def _verify_stored(self, data: bytes) -> DecodedPacket | str:
         ctx = replace(self.ctx, highest_version={})
         verdict = audit_packet(data, ctx, checks=_RESTORE_CHECKS)
-        if verdict.accepted and verdict.packet is not None:
-            return verdict.packet
-        first = verdict.record.reasons[0] if verdict.record.reasons else None
-        return f"{first.code}: {first.message}" if first else "not accepted"
+        packet = verdict.packet
+        if not verdict.accepted or packet is None:
+            first = verdict.record.reasons[0] if verdict.record.reasons else None
+            return f"{first.code}: {first.message}" if first else "not accepted"
+        # The model audit again, on the staged weights: a crash between a packet's journal
+        # record and its withdrawal (journal.begin runs beside the probes) must not bring a
+        # refused adapter back, and stricter thresholds apply to what is on disk too.
+        try:
+            staged = self.engine.stage({packet.header.slot: packet.adapter
+                                        if packet.adapter.layers else None})
+        except MergeError as exc:
+            return f"{exc.code}: {exc}"
+        reasons, _ = self._probe(packet, staged)
+        if reasons:
+            return f"{reasons[0].code}: {reasons[0].message}"
+        return packet
 
     # -- a packet -----------------------------------------------------------------------------
     def handle(self, data: bytes, source: str = "", received_at: float | None = None) -> Outcome:
@@ -122,19 +134,22 @@ class AdapterPipeline:
 
     def _merge(self, packet: DecodedPacket, data: bytes, ctx: AuditContext) -> AuditRecord:
         slot, version = packet.header.slot, packet.header.version
+        try:  # the disk syncs while the candidate is staged and probed (journal.begin)
+            pending = self.journal.begin(slot, data, version)
+        except JournalError as exc:
+            return self._reject(packet, ctx, exc.code, f"{exc}; keeping the adapters in use",
+                                "journal")
         try:
             staged = self.engine.stage({slot: packet.adapter if packet.adapter.layers else None})
         except MergeError as exc:
+            self._withdraw(pending)
             return self._reject(packet, ctx, exc.code, f"merge refused the adapter: {exc}", "merge")
-        self._probe_seed += 1
-        policies = ModelPolicies(current=self.runtime.act_batch, candidate=staged.act_batch,
-                                 base=self.runtime.base_act_batch)
-        reasons, scores = audit_model(packet, self.runtime.bundle.weights, policies, self.space,
-                                      self.ring, self.thresholds, seed=self._probe_seed)
+        reasons, scores = self._probe(packet, staged)
         if reasons:
+            self._withdraw(pending)
             return record_for(packet, ctx, "rejected", reasons, scores)
         try:
-            self.journal.commit(slot, data, version)  # persisted BEFORE it goes live
+            self.journal.finish(pending)  # persisted BEFORE it goes live
         except JournalError as exc:
             return self._reject(packet, ctx, exc.code, f"{exc}; keeping the adapters in use",
                                 "journal", scores)
@@ -145,6 +160,15 @@ class AdapterPipeline:
         self._publish_versions()
         self.canary.arm(self._last_tag)
         return record_for(packet, ctx, "accepted", (), scores)
+
+    def _probe(self, packet: DecodedPacket, staged: Staged
+               ) -> tuple[tuple[Reason, ...], dict[str, float]]:
+        """The model audit on exactly the staged weights."""
+        self._probe_seed += 1
+        policies = ModelPolicies(current=self.runtime.act_batch, candidate=staged.act_batch,
+                                 base=self.runtime.base_act_batch)
+        return audit_model(packet, self.runtime.bundle.weights, policies, self.space,
+                           self.ring, self.thresholds, seed=self._probe_seed)
 
     def _already_active(self, record: AuditRecord, packet: DecodedPacket | None,
                         ctx: AuditContext) -> AuditRecord:
@@ -158,6 +182,13 @@ class AdapterPipeline:
                         message=f"this {packet.header.slot} adapter v{packet.header.version} is "
                                 "the one running (a retained copy)")
         return record_for(packet, ctx, "rejected", (reason,))
+
+    def _withdraw(self, pending: Pending) -> None:
+        try:
+            self.journal.withdraw(pending)
+        except JournalError as exc:  # restore() re-audits restored packets, so this stays safe
+            log.error("could not record the withdrawal of %s v%d: %s", pending.slot,
+                      pending.version, exc)
 
     def _reject(self, packet: DecodedPacket, ctx: AuditContext, code: str, message: str,
                 check: str, scores: Mapping[str, float] | None = None) -> AuditRecord:

@@ -1,0 +1,84 @@
+"""Edge stages 8-9: the journal syncs while the candidate is staged and probed."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from plasma.edge import journal as jmod
+from plasma.edge.audit import AuditContext
+from plasma.edge.bundle import Bundle
+from plasma.edge.canary import Canary
+from plasma.edge.journal import Journal
+from plasma.edge.merge import MergeEngine
+from plasma.edge.pipeline import AdapterPipeline
+from plasma.edge.policy import PolicyRuntime
+from plasma.protocol import Adapter, SigningKey, TrustStore, encode_packet
+
+KEY = SigningKey.generate()
+
+
+def make_pipeline(bundle: Bundle, state: Path) -> AdapterPipeline:
+    """A device (re)starting on ``state``: restore() re-applies what the journal holds."""
+    runtime = PolicyRuntime(bundle)
+    ctx = AuditContext(trust=TrustStore([KEY.public_key]), fleet="f1", device="d1",
+                       base_sha256=bundle.base_sha256,
+                       layers={n: (i, o) for n, i, o in bundle.layer_specs})
+    pipeline = AdapterPipeline(runtime, MergeEngine(runtime), Journal(state), ctx, Canary(), None)
+    pipeline.restore()
+    return pipeline
+
+
+def packet(bundle: Bundle, version: int, scale: float) -> bytes:
+    name, n_in, n_out = bundle.layer_specs[1]
+    rng = np.random.default_rng(version)
+    adapter = Adapter(alpha=1.0, rank=2, layers={name: (scale * rng.normal(size=(2, n_in)),
+                                                        scale * rng.normal(size=(n_out, 2)))})
+    return encode_packet(adapter, key=KEY, fleet="f1", slot="device", device="d1",
+                         version=version, base_sha256=bundle.base_sha256)
+
+
+def test_sync_runs_beside_the_probes_and_lands_before_activation(
+        bundle: Bundle, tmp_path: Path, monkeypatch) -> None:
+    synced_on, order = [], []
+    real_sync = jmod._datasync
+
+    def sync(fd: int) -> None:
+        synced_on.append(threading.current_thread().name)
+        real_sync(fd)
+        order.append("synced")
+
+    monkeypatch.setattr(jmod, "_datasync", sync)
+    pipeline = make_pipeline(bundle, tmp_path)
+    activate = pipeline.engine.activate
+    monkeypatch.setattr(pipeline.engine, "activate",
+                        lambda staged: (order.append("activated"), activate(staged)))
+    assert pipeline.handle(packet(bundle, 1, 0.01)).record.verdict == "accepted"
+    assert synced_on == ["plasma-journal-sync"] and order == ["synced", "activated"]
+    assert make_pipeline(bundle, tmp_path).versions == (0, 1)  # a restart brings it back
+
+
+def test_probe_rejected_packet_is_withdrawn_and_its_version_stays_burnt(
+        bundle: Bundle, tmp_path: Path) -> None:
+    pipeline = make_pipeline(bundle, tmp_path)
+    assert pipeline.handle(packet(bundle, 1, 0.01)).record.verdict == "accepted"
+    huge = pipeline.handle(packet(bundle, 2, 3.0))  # ||dW||/||W|| far above the bound
+    assert huge.record.verdict == "rejected"
+    assert huge.record.reasons[0].code != "state_write_failed"
+    again = make_pipeline(bundle, tmp_path)
+    assert again.versions == (0, 1)  # the withdrawn v2 is not re-applied...
+    replay = again.handle(packet(bundle, 2, 0.01))
+    assert replay.record.reasons[0].code == "replayed_version"  # ...and v2 stays refused
+
+
+def test_restart_re_audits_a_record_left_pending_by_a_crash(bundle: Bundle,
+                                                            tmp_path: Path) -> None:
+    """A crash after the ACCEPT record synced but before its withdrawal was written."""
+    pipeline = make_pipeline(bundle, tmp_path)
+    assert pipeline.handle(packet(bundle, 1, 0.01)).record.verdict == "accepted"
+    pending = pipeline.journal.begin("device", packet(bundle, 2, 3.0), 2)
+    assert pending.wait() is None  # durable; the process "dies" before withdraw()
+    again = make_pipeline(bundle, tmp_path)
+    assert again.versions == (0, 1)  # the model audit on restart refuses v2
+    assert again.journal.highest()["device"] == 2
