@@ -10,7 +10,6 @@ and the devices do not share a GIL. All timestamps are ``time.time()`` on one ma
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -58,6 +57,8 @@ class BenchDevice:
         self.pipeline = AdapterPipeline(self.runtime, MergeEngine(self.runtime), Journal(state),
                                         ctx, Canary(CanaryConfig(enabled=False)), None)
         self.bundle_dir = bundle_dir
+        self.trust = trust
+        self.model_store = state / "model.int8.onnx"
         self.reload_session = None
         self.bus = MqttBus(broker, client_id=f"bench-{fleet}-{device}"[:64], clean=True)
         self.audit_topic = topics.audit(fleet, device)
@@ -81,12 +82,16 @@ class BenchDevice:
             self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
 
     def _on_model(self, msg: Message) -> None:
-        """Full-model push: check the digest, build a new session from the bytes, swap."""
+        """Full-model push, with the same safety as a packet where it applies: verify the
+        Ed25519 signature over the model, persist it durably (write + fdatasync, as the
+        journal does for a packet), build a new session from the bytes, swap one reference.
+        (No behaviour probes: a whole new model has no base to compare against.)"""
         import onnxruntime as ort
 
-        digest, model = msg.payload[:32], msg.payload[32:]
-        ok = hashlib.sha256(model).digest() == digest
+        key_id, signature, model = msg.payload[:16].hex(), msg.payload[16:80], msg.payload[80:]
+        ok = self.trust.verify(key_id, signature, model) is True
         if ok:
+            _durable_write(self.model_store, model)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
@@ -99,6 +104,15 @@ class BenchDevice:
 
     def close(self) -> None:
         self.bus.close()
+
+
+def _durable_write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def worker_main(argv: list[str]) -> int:
@@ -269,7 +283,7 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
 def _full_model_pushes(bus: MqttBus, acks: _Acks, setup: _Setup, fleet: str, device: str,
                        n: int) -> tuple[list[float], int]:
     model = (setup.bundle_dir / "model.int8.onnx").read_bytes()
-    payload = hashlib.sha256(model).digest() + model
+    payload = bytes.fromhex(setup.key.key_id) + setup.key.sign(model) + model
     topic = f"{topics.ROOT}/{fleet}/device/{device}/{MODEL_TOPIC_SUFFIX}"
     lat = []
     for _ in range(n):
