@@ -123,7 +123,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N steps")
     p.add_argument("--status-interval", dest="status_interval", type=float,
                    help="seconds between retained status messages (default 5)")
-    p.add_argument("--seed", type=int, help="seed of the first env.reset")
+    p.add_argument("--seed", type=int, help="seed of the first env.reset and of the exploration "
+                   "noise")
+    p.add_argument("--explore-noise", dest="explore_noise", type=float, metavar="FRACTION",
+                   help="Gaussian action noise, as a fraction of the half action range (clipped "
+                   "to the bounds; telemetry records the applied action). Default 0: "
+                   "deterministic. 0.1 widens what the server's world model learns from")
     p.set_defaults(handler=_run)
 
 

@@ -33,7 +33,7 @@ SCALARS: dict[str, type] = {
     "key_file": str, "fleet": str, "device": str, "model": str, "trust": str, "state": str,
     "env": str, "rate_hz": float, "metrics_port": int, "episodes": int, "max_steps": int,
     "status_interval": float, "max_packet_bytes": int, "queue_size": int, "seed": int,
-    "max_rank": int,
+    "max_rank": int, "explore_noise": float,
 }
 REQUIRED = ("broker", "fleet", "device", "model", "trust", "state", "env")
 _SECTIONS: dict[str, type] = {"audit": AuditThresholds, "canary": CanaryConfig,
@@ -62,7 +62,12 @@ class DaemonConfig:
     queue_size: int = 8
     """Packets waiting for the worker; more are rejected with ``queue_full``."""
     seed: int | None = None
+    """Seed of the first env.reset and of the exploration noise."""
     max_rank: int = 16
+    explore_noise: float = 0.0
+    """Gaussian action noise while acting, as a fraction of the half action range (clipped to the
+    action bounds; telemetry records the action actually applied). 0 acts deterministically. A
+    little noise widens the states the server's world model sees (bench adapt collects with it)."""
     audit: AuditThresholds = AuditThresholds()
     canary: CanaryConfig = CanaryConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -155,5 +160,7 @@ def _build(values: dict[str, Any], sections: dict[str, Any]) -> DaemonConfig:
         values[key] = Path(values[key])
     if values.get("rate_hz", 0) < 0:
         raise UsageError("rate_hz must be >= 0")
+    if not 0.0 <= values.get("explore_noise", 0.0) <= 2.0:
+        raise UsageError("explore_noise must be between 0 and 2 (fraction of the half action range)")
     extra = {name: _section(name, table) for name, table in sections.items()}
     return DaemonConfig(broker=broker, **values, **extra)

@@ -84,6 +84,10 @@ class Daemon:
         self._packet_slots = threading.BoundedSemaphore(cfg.queue_size)
         self.stop = threading.Event()
         self.failed = False
+        self._rng = np.random.default_rng(cfg.seed)
+        m_low, m_high = np.asarray(m.act_low, np.float32), np.asarray(m.act_high, np.float32)
+        self._act_bounds = (m_low, m_high)
+        self._noise_std = np.float32(cfg.explore_noise) * 0.5 * (m_high - m_low)  # (act_dim,)
         self._latency = np.zeros(4096, np.float64)  # ring of act() seconds for the p50 log line
         self._unsent: deque[AuditRecord] = deque(maxlen=64)  # records waiting for the broker
         self._report_lock = threading.Lock()
@@ -205,6 +209,9 @@ class Daemon:
         t0 = time.perf_counter()
         action = self.runtime.act(obs).copy()  # act() returns a view of its output buffer
         dt = time.perf_counter() - t0
+        if self.cfg.explore_noise > 0:  # the applied action is what telemetry records
+            noise = self._noise_std * self._rng.standard_normal(action.shape).astype(np.float32)
+            action = np.clip(action + noise, *self._act_bounds).astype(np.float32)
         nxt, reward, term, trunc, _ = self.env.step(action)
         nxt = np.asarray(nxt, np.float32)
         self._record_step(episode, step, obs, action, float(reward), nxt, bool(term), bool(trunc),

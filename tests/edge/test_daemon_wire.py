@@ -481,3 +481,49 @@ def test_step_budget_exits_zero_and_flushes(mosquitto: Any, pendulum: dict[str, 
         if proc.poll() is None:
             proc.kill()
         w.close()
+
+
+class RecordingEnv:
+    """A Pendulum whose ``step`` keeps every action it was given."""
+
+    def __init__(self) -> None:
+        from plasma.edge.envs import make_env
+
+        self.env = make_env("Pendulum-v1")
+        self.actions: list[np.ndarray] = []
+
+    def reset(self, seed: int | None = None) -> Any:
+        return self.env.reset(seed=seed)
+
+    def step(self, action: np.ndarray) -> Any:
+        self.actions.append(np.array(action, np.float32))
+        return self.env.step(action)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_explore_noise_is_applied_clipped_and_recorded(pendulum: dict[str, Any], tmp_path: Path,
+                                                       noise: float) -> None:
+    env = RecordingEnv()
+    config = tmp_path / "noise.toml"  # top-level keys go before the shared config's tables
+    config.write_text(f"explore_noise = {noise}\nseed = 3\n" + pendulum["config"].read_text())
+    with InProcess({**pendulum, "config": config}, tmp_path / "state", env=env) as d:
+        recorded: list[tuple[np.ndarray, np.ndarray]] = []
+        add = d.daemon.telemetry.add
+
+        def spy(episode: int, step: int, obs: np.ndarray, action: np.ndarray, *rest: Any) -> None:
+            recorded.append((obs.copy(), action.copy()))
+            add(episode, step, obs, action, *rest)
+
+        d.daemon.telemetry.add = spy  # type: ignore[method-assign]
+        d.until(lambda: len(recorded) > 60)
+    applied = {a.tobytes() for a in env.actions}
+    assert all(a.tobytes() in applied for _, a in recorded)  # telemetry = what the env got
+    obs = np.stack([o for o, _ in recorded])
+    acts = np.stack([a for _, a in recorded])
+    clean = d.daemon.runtime.act_batch(obs)
+    assert acts.min() >= -2.0 and acts.max() <= 2.0
+    diff = np.abs(acts - clean)
+    if noise == 0.0:
+        assert diff.max() < 0.05  # batch vs single-row dynamic int8 quantization
+    else:  # std 0.5 * half range = 1.0 before clipping
+        assert diff.mean() > 0.3
