@@ -213,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, PlasmaError, KeyFileError, BundleError) as exc:
         print(f"plasma-edge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportError as exc:  # an optional extra that is not installed: say which
+        hint = "" if "pip install" in str(exc) else " (pip install 'plasma[server]' or '[demo]')"
+        print(f"plasma-edge: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("plasma-edge: interrupted", file=sys.stderr)
         return 130

@@ -176,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, PlasmaError, KeyFileError) as exc:
         print(f"plasma-server: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportError as exc:  # an optional extra that is not installed: say which
+        hint = "" if "pip install" in str(exc) else " (pip install 'plasma[server]' or '[demo]')"
+        print(f"plasma-server: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("plasma-server: interrupted", file=sys.stderr)
         return 130
