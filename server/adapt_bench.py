@@ -59,6 +59,9 @@ class AdaptBenchConfig:
     """Steps per phantom path."""
     label_states: int = 400
     """Visited phantom states relabelled by the planner per DAgger iteration."""
+    label_memory: int | None = None
+    """Distil on the planner labels of the last this-many rounds only (None: all rounds, DAgger's
+    aggregate); early labels come from a model fitted on less data."""
     planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(
         candidates=48, horizon=30, iterations=3, score_plan=False))
     """MPPI in the world model, the policy's own plan as prior; every candidate is scored on every
@@ -208,8 +211,7 @@ def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
     distiller = LoRADistiller(base, cfg.distill)
     lora = distiller.init_adapter()
     data: dict[str, np.ndarray] = {}
-    labels_obs = np.empty((0, task.obs_dim), np.float32)
-    labels_act = np.empty((0, task.act_dim), np.float32)
+    label_rounds: list[tuple[np.ndarray, np.ndarray]] = []  # (states, planner actions) per round
     rounds: list[dict[str, Any]] = []
     real_steps = packets = packet_bytes = 0
     for r in range(cfg.rounds):
@@ -226,6 +228,9 @@ def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
                         data["rew"] if cfg.model.learn_reward else None)
         # 3-4. phantom DAgger: adapted policy visits states in the model, planner relabels, LoRA refits
         dist = None
+        label_rounds.append((np.empty((0, task.obs_dim), np.float32), np.empty((0, task.act_dim), np.float32)))
+        if cfg.label_memory:
+            del label_rounds[:-cfg.label_memory]
         for _ in range(cfg.dagger_iters):
             roll = sim.rollout(data["obs"], base, lora)
             visited = roll.obs[:, :-1].reshape(-1, task.obs_dim)  # (paths * horizon, obs_dim)
@@ -233,8 +238,10 @@ def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
             states = np.concatenate([visited[pick], data["obs"][rng.choice(len(data["obs"]),
                                                                             cfg.label_states // 4)]])
             plan = sim.plan(states, base, lora, cfg.planner)
-            labels_obs = np.concatenate([labels_obs, states])
-            labels_act = np.concatenate([labels_act, plan.actions])
+            label_rounds[-1] = (np.concatenate([label_rounds[-1][0], states]),
+                                np.concatenate([label_rounds[-1][1], plan.actions]))
+            labels_obs = np.concatenate([o for o, _ in label_rounds])
+            labels_act = np.concatenate([a for _, a in label_rounds])
             dist = distiller.fit(labels_obs, labels_act, anchor_states=data["obs"], init=lora)
             lora = dist.adapter
         pred = distiller.predicted_returns(sim, data["obs"], [None, lora], paths=200, horizon=100)
@@ -245,7 +252,7 @@ def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
         rounds.append({
             "round": r, "real_steps": real_steps, "collect_return": float(batch["returns"].mean()),
             "model_val_mse": fit.val_mse, "model_disagreement": fit.disagreement, "model_epochs": fit.epochs,
-            "labels": len(labels_obs), "imitation_loss": dist.imitation_after if dist else None,
+            "labels": sum(len(o) for o, _ in label_rounds), "imitation_loss": dist.imitation_after if dist else None,
             "predicted_return_base": pred[0], "predicted_return_adapted": pred[1],
             "packet_bytes": size, "round_s": time.perf_counter() - t_round,
         })
