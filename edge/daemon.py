@@ -50,6 +50,7 @@ log = logging.getLogger("plasma.edge")
 _STOP = object()
 MAX_ENV_FAILURES = 10
 SHUTDOWN_CONNECT_WAIT_S = 3.0
+IDLE_SLICE_S = 0.05  # longest uninterrupted sleep of the control loop (stop latency)
 
 
 class Daemon:
@@ -163,7 +164,8 @@ class Daemon:
     # -- control thread -----------------------------------------------------------------------
     def _control(self) -> None:
         try:
-            self._control_loop()
+            with self.runtime.attach_control_loop():  # session rebuilds after a merge run here, in idle time
+                self._control_loop()
         except Exception:  # noqa: BLE001 - last line of defence: report and stop cleanly (exit 1)
             log.exception("control loop crashed")
             self.failed = True
@@ -199,10 +201,24 @@ class Daemon:
                 obs = None
             if period:  # fixed-rate ticks; after a stall, resume without a burst of catch-up steps
                 next_tick = max(next_tick + period, time.perf_counter() - period)
-                self.stop.wait(max(0.0, next_tick - time.perf_counter()))
+                self._idle_until(next_tick)
+            else:
+                self.runtime.maintain()  # a pending session build (~1 ms), else a no-op
         if obs is None:
             log.info("control loop finished its budget (%d steps, %d episodes)", self.steps,
                      episode)
+
+    def _idle_until(self, deadline: float) -> None:
+        """Sleep to ``deadline`` (perf_counter s), doing requested session builds at once.
+
+        A build started just before the deadline delays that tick by at most its length (~1 ms).
+        The wait is cut into slices of at most IDLE_SLICE_S so a stop is noticed without its own wake-up.
+        """
+        while not self.stop.is_set():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self.runtime.idle(min(left, IDLE_SLICE_S))
 
     def _step(self, episode: int, step: int, obs: np.ndarray) -> tuple[np.ndarray, bool]:
         """One control step: act, env.step, record. Returns (next obs, episode over)."""

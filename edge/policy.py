@@ -31,7 +31,8 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -143,7 +144,7 @@ class SessionSide:
 class PolicyRuntime:
     """The device policy: ``act(obs)`` on the active side; two sides for ``plasma.edge.merge``."""
 
-    def __init__(self, bundle: Bundle, *, swap: SwapMode = "inplace") -> None:
+    def __init__(self, bundle: Bundle, *, swap: SwapMode = "rebuild", build_timeout_s: float = 1.0) -> None:
         self.bundle = bundle
         base_q = {name: quantize_weight(w) for name, w in bundle.weights.items()}
         self.base_q: Mapping[str, tuple[np.ndarray, np.ndarray]] = base_q
@@ -163,6 +164,16 @@ class PolicyRuntime:
         self._entered = 0  # act() calls begun / finished: written only by the control thread
         self._exited = 0
         self._flip_mark = 0  # value of _entered right after the last flip
+        # Cooperative rebuilds (see commit / maintain): all guarded by _coop
+        self.build_timeout_s = build_timeout_s
+        self._coop = threading.Lock()
+        self._loop_ident: int | None = None  # thread ident of the attached control loop
+        self._pending: int | None = None  # side index whose build the control loop owes
+        self._built = threading.Event()  # set when the requested build is done (or failed)
+        self._build_error: BaseException | None = None
+        self._wake = threading.Event()  # set by a build request: ends the control loop's idle()
+        self.builds_on_loop = 0  # builds done by maintain(), for benches and tests
+        self.build_fallbacks = 0  # builds the worker did itself because the loop did not answer
         self.base_requant_err = self._check_base()
 
     # -- the hot path -------------------------------------------------------------------------
@@ -210,9 +221,90 @@ class PolicyRuntime:
             time.sleep(0)
 
     def commit(self, index: int) -> None:
-        """Make writes to side ``index``'s buffers visible to its session (rebuild mode: new session)."""
-        if self.swap == "rebuild":
+        """Make writes to side ``index``'s buffers visible to its session (rebuild mode: new session).
+
+        With a control loop attached (``attach_control_loop``), the build is requested from it and
+        this call blocks until the loop has done it in ``maintain()``; if the loop does not answer
+        within ``build_timeout_s`` (a stuck env step), this thread builds and logs a warning.
+        With no loop attached, or when called on the loop's own thread, it builds right here.
+        """
+        if self.swap != "rebuild":
+            return
+        with self._coop:
+            here = self._loop_ident is None or self._loop_ident == threading.get_ident()
+            if not here:
+                if self._pending is not None:  # one writer at a time holds self.lock
+                    raise RuntimeError("a build request is already pending")
+                self._built.clear()
+                self._build_error = None
+                self._pending = index
+                self._wake.set()  # under the lock: maintain() clears it under the lock when it claims
+        if here:
             self.sides[index].build()
+            return
+        if not self._built.wait(self.build_timeout_s):
+            with self._coop:
+                unclaimed = self._pending == index
+                if unclaimed:
+                    self._pending = None
+                    self._wake.clear()
+            if unclaimed:  # the loop never picked it up: build here (may stall the loop, but progresses)
+                log.warning("control loop did not run the session build within %.2f s; building on the "
+                            "merge thread", self.build_timeout_s)
+                self.build_fallbacks += 1
+                self.sides[index].build()
+                return
+            self._built.wait()  # the loop is building right now: ~1 ms
+        if self._build_error is not None:
+            error, self._build_error = self._build_error, None
+            raise error
+
+    # -- cooperative rebuilds: the control loop's side ------------------------------------------
+    @contextmanager
+    def attach_control_loop(self) -> Iterator[PolicyRuntime]:
+        """Register the calling thread as the control loop: session builds then run in its ``maintain()``.
+
+        The loop must call ``maintain()`` (or ``idle(timeout)``) between steps. On exit any pending
+        build is done before detaching, so a writer never waits on a loop that has left.
+        """
+        with self._coop:
+            if self._loop_ident is not None:
+                raise RuntimeError("a control loop is already attached")
+            self._loop_ident = threading.get_ident()
+        try:
+            yield self
+        finally:
+            with self._coop:
+                self._loop_ident = None
+            self.maintain()
+
+    def maintain(self) -> bool:
+        """Do a requested session build now, on this thread; True if one was done. A no-op costs ~0.1 us."""
+        if self._pending is None:  # unlocked read: a request missed here is seen on the next call
+            return False
+        with self._coop:
+            index, self._pending = self._pending, None
+            self._wake.clear()
+        if index is None:
+            return False
+        try:
+            self.sides[index].build()
+            self.builds_on_loop += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting writer, which raises it
+            self._build_error = exc
+        finally:
+            self._built.set()
+        return True
+
+    def idle(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` s, waking at once to do a requested build; True if one was done.
+
+        For a fixed-rate loop: call it with the time left to the next tick, again while time is
+        left. A build (~0.5-1.3 ms) can run past the tick by at most its own length.
+        """
+        if self._pending is None and timeout > 0:
+            self._wake.wait(timeout)
+        return self.maintain()
 
     # -- load-time checks ---------------------------------------------------------------------
     def _base(self) -> _PlainSession:
