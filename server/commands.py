@@ -17,15 +17,26 @@ log = logging.getLogger("plasma.server")
 
 
 def _print(result: Any) -> int:
-    print(json.dumps(result, default=_jsonable))
+    print(json.dumps(_plain(result)))
     return EXIT_OK
 
 
-def _jsonable(value: Any) -> Any:
-    try:
-        return value.item()  # numpy scalars
-    except AttributeError:
-        return str(value)
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: numpy scalars and arrays become numbers and lists; objects (a trained
+    policy, an adapter) are dropped - the figures are the output, artefacts go to files."""
+    if isinstance(value, dict):
+        items = ((str(k), _plain(v)) for k, v in value.items())
+        return {k: v for k, v in items if v is not _DROP}
+    if isinstance(value, (list, tuple)):
+        return [v for v in map(_plain, value) if v is not _DROP]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    return _DROP
+
+
+_DROP = object()
 
 
 def _physics(text: str | None) -> dict[str, float]:
