@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,30 +17,18 @@ from .worldmodel import WorldModel, WorldModelConfig
 
 @contextmanager
 def blas_threads(n: int | None) -> Iterator[None]:
-    """Run the block with numpy's OpenBLAS limited to ``n`` threads (None: leave it alone).
+    """Run the block with numpy's BLAS limited to ``n`` threads (None: leave it alone).
 
     Measured on the 2-core machine while other jobs ran: 1,000 paths x 30 steps through 5 x (2x200)
     members reached 630-730 k model steps/s with 1 thread against 12-400 k with 2 (thread hand-offs
-    on 200-row matmuls cost more than they save). A no-op if numpy's OpenBLAS is not found."""
-    lib = _openblas() if n else None
-    if lib is None:
+    on 200-row matmuls cost more than they save)."""
+    if not n:
         yield
         return
-    before = lib.scipy_openblas_get_num_threads64_()
-    lib.scipy_openblas_set_num_threads64_(int(n))  # type: ignore[arg-type]
-    try:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n), user_api="blas"):
         yield
-    finally:
-        lib.scipy_openblas_set_num_threads64_(before)
-
-
-def _openblas() -> ctypes.CDLL | None:
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*scipy_openblas64*"))
-    if not libs:
-        return None
-    lib = ctypes.CDLL(libs[0])
-    ok = hasattr(lib, "scipy_openblas_set_num_threads64_") and hasattr(lib, "scipy_openblas_get_num_threads64_")
-    return lib if ok else None
 
 
 class Dynamics(Protocol):
