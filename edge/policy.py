@@ -172,6 +172,8 @@ class PolicyRuntime:
         self._built = threading.Event()  # set when the requested build is done (or failed)
         self._build_error: BaseException | None = None
         self._wake = threading.Event()  # set by a build request: ends the control loop's idle()
+        self._deferred = False  # idle() put the pending build off once to keep a tick on time
+        self._build_s = 0.0015  # running estimate of a build's duration (s), updated by maintain()
         self.builds_on_loop = 0  # builds done by maintain(), for benches and tests
         self.build_fallbacks = 0  # builds the worker did itself because the loop did not answer
         self.base_requant_err = self._check_base()
@@ -238,6 +240,7 @@ class PolicyRuntime:
                 self._built.clear()
                 self._build_error = None
                 self._pending = index
+                self._deferred = False
                 self._wake.set()  # under the lock: maintain() clears it under the lock when it claims
         if here:
             self.sides[index].build()
@@ -285,10 +288,13 @@ class PolicyRuntime:
         with self._coop:
             index, self._pending = self._pending, None
             self._wake.clear()
+            self._deferred = False
         if index is None:
             return False
         try:
+            t0 = time.perf_counter()
             self.sides[index].build()
+            self._build_s += 0.2 * (time.perf_counter() - t0 - self._build_s)
             self.builds_on_loop += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting writer, which raises it
             self._build_error = exc
@@ -300,10 +306,22 @@ class PolicyRuntime:
         """Sleep up to ``timeout`` s, waking at once to do a requested build; True if one was done.
 
         For a fixed-rate loop: call it with the time left to the next tick, again while time is
-        left. A build (~0.5-1.3 ms) can run past the tick by at most its own length.
+        left. If a build (~1-1.5 ms, running estimate) would not fit in ``timeout``, it is put off
+        once: idle() sleeps to the tick and the next call builds whatever time is left, so a
+        build delays at most one tick, by at most its own length, and only when the period is
+        shorter than a build.
         """
+        t0 = time.perf_counter()
         if self._pending is None and timeout > 0:
             self._wake.wait(timeout)
+        if self._pending is None:
+            return False
+        left = timeout - (time.perf_counter() - t0)
+        if not self._deferred and left < 2 * self._build_s:
+            self._deferred = True  # build on the next call, right after this tick's step
+            if left > 0:
+                time.sleep(left)
+            return False
         return self.maintain()
 
     # -- load-time checks ---------------------------------------------------------------------

@@ -215,3 +215,27 @@ def test_idle_wakes_at_once_on_a_request(engine: MergeEngine, bundle: Bundle) ->
     engine.stage({"fleet": random_adapter(bundle, 1)})
     thread.join()
     assert woke[0][0] is True and woke[0][1] - t0 < 1.0 and rt.builds_on_loop == 1
+
+
+def test_idle_puts_a_build_off_once_when_it_would_miss_the_tick(engine: MergeEngine, bundle: Bundle) -> None:
+    rt = engine.runtime
+    results: list[bool] = []
+    attached, requested = threading.Event(), threading.Event()
+
+    def control_loop() -> None:
+        with rt.attach_control_loop():
+            attached.set()
+            requested.wait(5)
+            while rt._pending is None:  # the writer sets it just after the event
+                time.sleep(0.001)
+            results.append(rt.idle(0.0))  # no time left before the tick: put off
+            results.append(rt.idle(0.0))  # the next call builds whatever the time left
+            results.append(rt.idle(0.0))  # nothing pending
+
+    thread = threading.Thread(target=control_loop)
+    thread.start()
+    assert attached.wait(5)
+    threading.Timer(0.02, requested.set).start()
+    engine.activate(engine.stage({"fleet": random_adapter(bundle, 1)}))
+    thread.join()
+    assert results == [False, True, False] and rt.builds_on_loop == 1
