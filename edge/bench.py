@@ -150,6 +150,7 @@ def _act_starts(runtime: PolicyRuntime, obs: np.ndarray, work: Callable[[], obje
     time.sleep(0.02)
     try:
         work()
+        time.sleep(2 * period_s)  # at a low loop rate, let an act() follow the last window
     finally:
         stop.set()
         loop.join()
@@ -160,7 +161,7 @@ def _stall_per_window(starts: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """For each (start, end) window, the longest gap (ns) between act() starts overlapping it."""
     gaps = np.diff(starts)  # gaps[i] spans starts[i] .. starts[i + 1]
     first = np.maximum(np.searchsorted(starts, windows[:, 0]) - 1, 0)
-    last = np.minimum(np.searchsorted(starts, windows[:, 1]), len(gaps) - 1)
+    last = np.maximum(np.minimum(np.searchsorted(starts, windows[:, 1]), len(gaps) - 1), first)
     return np.array([gaps[f:l + 1].max() for f, l in zip(first, last)])
 
 
