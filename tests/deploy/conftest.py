@@ -250,9 +250,10 @@ class EdgeKit:
         holder of the server key (or a compromised signer) could produce."""
         import hashlib
 
-        from plasma.protocol.packet import _PREFIX, FORMAT_VERSION, MAGIC, PREFIX_LEN, SIG_ENTRY_LEN
+        from plasma.protocol.packet import (_PREFIX, FORMAT_VERSION, MAGIC, PREFIX_LEN,
+                                            SIG_ENTRY_LEN)
 
-        _, _, _, header_len, payload_len, _ = _PREFIX.unpack_from(data)
+        header_len = _PREFIX.unpack_from(data)[3]
         header = json.loads(data[PREFIX_LEN:PREFIX_LEN + header_len])
         count = data[PREFIX_LEN + header_len]
         old_payload = data[PREFIX_LEN + header_len + 1 + count * SIG_ENTRY_LEN:]

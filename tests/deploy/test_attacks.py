@@ -121,7 +121,7 @@ def _fp16_payload(kit: Any, value: float, version: int) -> bytes:
 def _int8_scales(kit: Any, scale: float, version: int) -> bytes:
     """An int8 packet whose row scales are all ``scale`` (the int8 rows stay), re-signed."""
     good = kit.packet(FLEET, "device", version, device=DEVICE)
-    header_len, payload_len = struct.unpack_from("<II", good, 8)
+    payload_len = struct.unpack_from("<I", good, 12)[0]
     payload = good[-payload_len:]
     n_scales = 2 * 2 * 3  # rank 2 x (A, B) x 3 layers
     scales = np.full(n_scales, scale, dtype="<f4").tobytes()

@@ -133,12 +133,12 @@ def test_broker_restart_mid_publish_then_server_restart(fresh_mosquitto: Any, ed
     try:
         for i in range(1, 4):
             pub.submit(edge_kit.adapter(i), "device", DEVICE)
-            _wait(lambda: len(pub.sent) == i, what=f"publication {i}")
+            _wait(lambda n=i: len(pub.sent) == n, what=f"publication {i}")
         dev.w.wait(dev.w.status(lambda s: s["device_version"] == 3))
         fresh_mosquitto.stop()  # v4..v6 are published into paho's queue while it is away
         for i in range(4, 7):
             pub.submit(edge_kit.adapter(i), "device", DEVICE)
-            _wait(lambda: len(pub.sent) == i, what=f"publication {i} (broker down)")
+            _wait(lambda n=i: len(pub.sent) == n, what=f"publication {i} (broker down)")
         time.sleep(0.5)
         fresh_mosquitto.start()
         status = dev.w.wait(dev.w.status(lambda s: s["device_version"] == 6), timeout=45)
@@ -273,14 +273,14 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (root only: `mount`); the honest way to get ENOSPC as root."""
     point = tmp_path / "tiny"
     point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
-                                            str(point)], capture_output=True).returncode != 0:
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(point)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True, check=False).returncode:
         pytest.skip("needs root and mount(8) for a tiny tmpfs; tests/edge/test_journal.py "
                     "covers ENOSPC/EROFS with injected OSErrors")
     try:
         yield point
     finally:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, check=False)
 
 
 def test_full_state_filesystem_rejects_and_keeps_running(mosquitto: Any, edge_kit: Any,
