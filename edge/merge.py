@@ -144,6 +144,8 @@ class MergeEngine:
 
         Slots not listed keep their active adapter; None removes one. Writing the inactive side
         drops the state ``rollback`` would have flipped back to (it is then rebuilt instead).
+        In rebuild mode with a control loop attached, the new session is built by that loop
+        (``PolicyRuntime.commit``): this call blocks until it is, up to ~1 period.
         """
         with self.runtime.lock:
             state: State = MappingProxyType({**self.active, **adapters})

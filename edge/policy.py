@@ -5,21 +5,28 @@ every layer's int8 weight (in, out) and float32 scale (out,), handed to ONNX Run
 ``SessionOptions.add_initializer``. ``act()`` reads ``_active`` once per call, so a call runs
 wholly on one side; ``plasma.edge.merge`` writes the other side and flips the reference.
 
-Two ways to make a written side visible (``swap=``), both measured on this 2-core x86 VM with
-onnxruntime 1.32 and MLP 64-256x3-8 (dynamic int8), control loop calling act() non-stop while
-another thread merged rank-8 adapters 5 ms apart:
+Two ways to make a written side visible (``swap=``), measured on this 2-core x86 VM (shared,
+load average 2-4) with onnxruntime 1.32 and MLP 64-256x3-8 (dynamic int8), merging rank-8
+adapters 5 ms apart while a control loop runs:
 
-- ``"inplace"`` (default): ``session.disable_prepacking=1``, so writes show on the next run with
-  no new session (DESIGN.md section 6). Merge + activate 0.53 ms p50; longest control-loop gap
-  0.5 ms, the same as with no merges. Cost: MatMulInteger repacks B on every call, act() 28 us
-  against 18.7 us for a default session (+10 us per step). Guarded by a self-test at load; if
-  it fails, the runtime logs a warning and uses "rebuild".
-- ``"rebuild"``: prepacking on (act() 17 us, 0.9x a bare run()); after writing the buffers,
-  build a new session for that side from graph bytes ORT optimized once at load (0.54 ms in
-  isolation, merge + activate 1.5 ms p50). But building holds the GIL: the control loop
-  stalled 3-12 ms on almost every merge (>3 ms on 200 of 200 merges).
-
-A step 10 us slower is far inside a 1 ms control period; a 3-12 ms stall is not, hence the default.
+- ``"rebuild"`` (default): prepacking on (act() 0.89-0.91x a bare ``run()``); after writing the
+  buffers, build a new session for that side from graph bytes ORT optimized once at load
+  (0.57 ms in isolation; stage + activate 1.3 ms p50 with no loop attached). Building holds the
+  GIL, so from a second thread it stalled the control loop 3-12 ms per merge. Hence the build
+  is *cooperative*: a control loop registers with ``attach_control_loop()`` and calls
+  ``maintain()`` between steps, or ``idle(time_to_next_tick)`` as its sleep; ``commit`` (from
+  the merge thread) then only requests the build, and the control thread does it in its idle
+  time and wakes the writer. A build that would not fit before the tick is put off to just
+  after it (once). With no loop attached (tests, server benches), or on the loop's own thread,
+  ``commit`` builds at once; if the loop does not answer within ``build_timeout_s`` (a stuck
+  env step) the writer builds itself and logs a warning. Measured: at 50 Hz the longest
+  loop gap beyond the period during 200 merges 0.5-1.4 ms (the same loop idle: 3.4-3.9 ms on
+  this busy VM), at 1 kHz 3.0-5.3 ms (per-merge p50 0.75 ms; idle 2.3-2.7 ms). A loop with
+  no idle time (act() back to back) pays each build between two steps: per-merge p50 2.5-5.7 ms.
+- ``"inplace"``: ``session.disable_prepacking=1``, so writes show on the next run with no new
+  session (DESIGN.md section 6). Stage + activate 0.46 ms p50, no build at all, but
+  MatMulInteger repacks B on every call: act() ~28 us against 18.7 us bare (ratio 1.5).
+  Guarded by a self-test at load; if it fails, the runtime logs a warning and uses "rebuild".
 
 Dynamic int8 quantizes activations per tensor, so a row's action in ``act_batch`` depends on the
 other rows of the batch (differences ~1e-3): compare probes batch-for-batch, never with act().
