@@ -1,0 +1,59 @@
+"""Smoke runs of the whole closed loop on a tiny budget: ``run_demo`` with one device daemon and
+a ``plasma-server run`` process, over a real Mosquitto and over the embedded amqtt broker.
+
+What must hold: telemetry flows (episode returns are logged), the server's judicial audit
+approves at least one packet, the device verifies and merges it (an ``accepted`` record) and
+every process exits cleanly. Each run is about a minute of wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("matplotlib")
+
+from plasma.server.demo import DemoConfig, run_demo  # noqa: E402
+
+DURATION_S = 55.0
+
+
+def small_demo(broker: str, out: Path) -> dict[str, Any]:
+    # m=1.6,g=12: the base policy loses about 550 there, so an honest first round has a gain
+    return run_demo(DemoConfig(broker=broker, devices=1, physics=("m=1.6,g=12",),
+                               duration_s=DURATION_S, out_dir=str(out), fleet="smoke",
+                               min_new_transitions=800, max_transitions=3000, oracle=False))
+
+
+def check(summary: dict[str, Any], out: Path) -> None:
+    assert not summary["interrupted"], summary
+    assert all(code == 0 for code in summary["exit_codes"].values()), summary["exit_codes"]
+    dev = summary["devices"]["dev-0"]
+    assert dev["episodes"] >= 10, dev  # 100 Hz x 55 s / 200 steps per episode, about 27
+    assert dev["return_first_episodes"] is not None
+    assert dev["packets"].get("accepted", 0) >= 1, dev
+    assert dev["active_versions"]["device"] >= 1, dev
+    assert json.loads((out / "summary.json").read_text())["devices"]["dev-0"]["episodes"] >= 10
+    assert (out / "returns.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_demo_loop_over_mosquitto(mosquitto: Any, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    check(small_demo(mosquitto.url, out), out)
+
+
+@pytest.mark.slow
+def test_demo_loop_over_the_embedded_broker(tmp_path: Path) -> None:
+    pytest.importorskip("amqtt")
+    with socket.socket() as sock:  # a free port: nothing answers there, so the demo starts amqtt
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "demo"
+    check(small_demo(f"mqtt://127.0.0.1:{port}", out), out)
