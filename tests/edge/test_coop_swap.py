@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from plasma.edge.bundle import Bundle
 from plasma.edge.merge import MergeEngine
 from plasma.edge.policy import PolicyRuntime, SessionSide
 
+from .test_daemon_wire import InProcess, packet, pendulum  # noqa: F401 - pendulum is a fixture
 from .test_merge import probes, random_adapter
 
 
@@ -239,3 +242,16 @@ def test_idle_puts_a_build_off_once_when_it_would_miss_the_tick(engine: MergeEng
     engine.activate(engine.stage({"fleet": random_adapter(bundle, 1)}))
     thread.join()
     assert results == [False, True, False] and rt.builds_on_loop == 1
+
+
+def test_daemon_control_loop_builds_the_accepted_adapter(tmp_path: Path, pendulum: dict[str, Any]) -> None:
+    """In the daemon, an accepted packet's session is built by the control thread, no fallback."""
+    from plasma.protocol import topics
+
+
+    with InProcess(pendulum, tmp_path / "state") as d:
+        rt = d.daemon.runtime
+        assert rt.swap == "rebuild"
+        d.publish(topics.fleet_adapter("fmem"), packet(pendulum, "fmem", "fleet", 1))
+        assert d.until(lambda: d.audits)[0]["verdict"] == "accepted"
+        assert rt.builds_on_loop >= 1 and rt.build_fallbacks == 0
