@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from plasma.protocol import AuditRecord, DecodedPacket, Reason, Slot
+from plasma.protocol import SLOTS, AuditRecord, DecodedPacket, Reason, Slot
 
 from .audit import (
     PROTOCOL_CHECKS,
@@ -124,6 +124,8 @@ class AdapterPipeline:
         """Judge one packet and make it live if it passes. Never raises for bad input."""
         t0 = time.perf_counter() if received_at is None else received_at
         ctx = replace(self.ctx, highest_version=self.journal.highest())
+        if source in SLOTS:  # mix-and-match: a packet is judged for the topic it came on
+            ctx = replace(ctx, slots=(source,))  # type: ignore[arg-type]
         verdict = audit_packet(data, ctx)
         packet = verdict.packet
         if not verdict.accepted or packet is None:

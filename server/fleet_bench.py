@@ -66,15 +66,17 @@ class BenchDevice:
 
     def start(self) -> None:
         self.bus.connect()
-        self.bus.subscribe(topics.fleet_adapter(self.fleet), self._on_packet, qos=1)
-        self.bus.subscribe(topics.device_adapter(self.fleet, self.device), self._on_packet, qos=1)
+        self.bus.subscribe(topics.fleet_adapter(self.fleet),
+                           lambda msg: self._on_packet(msg, "fleet"), qos=1)
+        self.bus.subscribe(topics.device_adapter(self.fleet, self.device),
+                           lambda msg: self._on_packet(msg, "device"), qos=1)
         model_topic = f"{topics.ROOT}/{self.fleet}/device/{self.device}/{MODEL_TOPIC_SUFFIX}"
         self.bus.subscribe(model_topic, self._on_model, qos=1)
 
-    def _on_packet(self, msg: Message) -> None:
+    def _on_packet(self, msg: Message, slot: str) -> None:
         if msg.payload:
             received = time.time()
-            outcome = self.pipeline.handle(msg.payload, source=msg.topic)
+            outcome = self.pipeline.handle(msg.payload, source=slot)
             done = time.time()
             record = outcome.record.model_copy(update={"scores": {
                 **outcome.record.scores, "t_received": received, "t_swap": done,

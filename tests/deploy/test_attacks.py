@@ -205,7 +205,7 @@ CASES: list[tuple[str, str, Builder, str]] = [
     ("wrong_device", "device", lambda k, t, v: k.packet(FLEET, "device", v, device="d2"),
      "wrong_device"),
     ("wrong_device_on_fleet_topic", "fleet",
-     lambda k, t, v: k.packet(FLEET, "device", v, device="d2"), "wrong_device"),
+     lambda k, t, v: k.packet(FLEET, "device", v, device="d2"), "wrong_slot"),
     # endless data: above the daemon's cap, below the broker's 1 MiB max_packet_size
     ("over_the_cap", "device", lambda k, t, v: b"PLSM" + bytes(DEFAULT_MAX_PACKET_BYTES - 3),
      "too_large"),
@@ -296,14 +296,7 @@ def test_device_still_takes_a_good_packet_after_the_attacks(target: Target,
     assert "Traceback" not in target.log.read_text()  # nothing crashed inside the daemon
 
 
-# Runs last: if it fails as expected, the packet was ACCEPTED and the device slot moved.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "wrong slot is not enforced per topic: the daemon judges a packet by its signed header "
-    "only (edge/pipeline.py AdapterPipeline.handle ignores `source`; AuditContext.slots is "
-    "never narrowed), so a device-slot packet delivered on the FLEET topic is accepted. "
-    "Low severity: only the server identity may write adapter topics and the header binds "
-    "slot, fleet and device; fix = replace(ctx, slots=(source,)) in handle(), which would "
-    "change tests/edge/test_daemon_wire.py (it sends fleet-slot packets on the device topic)"))
+# A device-slot packet on the fleet topic: judged for the topic it came on.
 def test_device_packet_on_the_fleet_topic_is_wrong_slot(target: Target, edge_kit: Any) -> None:
     record, status = target.send("fleet", edge_kit.packet(FLEET, "device", GOOD + 1,
                                                           device=DEVICE))

@@ -187,10 +187,12 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
     w.wait(w.status(lambda s: s["fleet_version"] == 3))
 
     device_topic = topics.device_adapter(fleet, "dev1")
+    fleet_topic = topics.fleet_adapter(fleet)
     cases = [
         (b"garbage bytes, not a packet", "bad_magic"),
-        (packet(pendulum, fleet, "fleet", 3), "replayed_version"),
-        (packet(pendulum, fleet, "fleet", 2), "rollback_version"),
+        ((fleet_topic, packet(pendulum, fleet, "fleet", 3)), "replayed_version"),
+        ((fleet_topic, packet(pendulum, fleet, "fleet", 2)), "rollback_version"),
+        (packet(pendulum, fleet, "fleet", 4), "wrong_slot"),  # a fleet packet on the device topic
         (packet(pendulum, fleet, "device", 1, created_at=time.time() - 1000, expires_in=500),
          "expired"),
         (packet(pendulum, fleet, "device", 2, key=SigningKey.generate()), "unknown_key"),
@@ -206,7 +208,8 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
     for data, code in cases:
         steps_before = w.wait(w.status(lambda s: True))["steps"]
         start = len(w.audits)
-        publish(url, device_topic, data)
+        topic, data = data if isinstance(data, tuple) else (device_topic, data)
+        publish(url, topic, data)
         record = w.wait(lambda: next((a for a in w.audits[start:]), None))
         assert record["verdict"] == "rejected" and record["reasons"][0]["code"] == code, record
         w.wait(w.status(lambda s: s["steps"] > steps_before))  # still acting
