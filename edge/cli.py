@@ -153,9 +153,10 @@ def _bench(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise UsageError(f"{exc.name} is missing: pip install 'plasma[server]'") from None
         if args.bench_command == "inference":
-            result = bench.bench_inference(args.model)
+            result = bench.bench_inference(args.model, swap=args.swap)
         else:
-            result = bench.bench_merge(args.model, rank=args.rank)
+            result = bench.bench_merge(args.model, rank=args.rank, loop_hz=args.loop_hz,
+                                       swap=args.swap)
     sys.stdout.write(json.dumps(result) + "\n")
     return EXIT_OK
 
@@ -167,11 +168,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     inference = bsub.add_parser("inference", help="act() latency against a bare session.run")
     inference.add_argument("--model", default=None, metavar="BUNDLE_DIR",
                            help="default: a random MLP 64-256-256-256-8")
+    inference.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild")
     inference.set_defaults(handler=_bench)
     merge = bsub.add_parser("merge", help="merge + activate latency, control-loop stall, "
                             "int8 fidelity, full reload")
     merge.add_argument("--model", default=None, metavar="BUNDLE_DIR")
     merge.add_argument("--rank", type=int, default=8)
+    merge.add_argument("--loop-hz", type=float, default=50.0,
+                       help="rate of the control loop measured for stalls (default 50, the "
+                            "daemon's default; 0 = act() non-stop)")
+    merge.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild",
+                       help="how merged weights go live (default rebuild: a new session built "
+                            "on the control thread in its idle time)")
     merge.set_defaults(handler=_bench)
     packet = bsub.add_parser("packet", help="verify + decode of one packet (MLP "
                              "64-256-256-256-8, every layer)")
