@@ -57,7 +57,8 @@ class DemoConfig:
     """Control rate of each device (Pendulum's own dt is 0.05 s; faster = more data)."""
     explore_noise: float = 0.1
     """Devices' Gaussian action noise (fraction of the half action range): without it the
-    deterministic policy's data is too narrow for the auditor to trust most gains."""
+    deterministic policy's data is too narrow for the auditor to trust most gains. The plotted
+    device returns include this noise; the oracle returns are evaluated without it."""
     out_dir: str = "plasma-demo"
     """Where keys, state, the store, logs, the plot and the summary go."""
     model: str | None = None
