@@ -53,9 +53,11 @@ class AuditThresholds:
     """Size of those perturbations, as a fraction of the manifest's ``obs_std`` per dimension."""
     sensitivity_floor: float = 1e-3
     """Base-policy change (fraction of action range) below which the ratio uses this floor instead."""
-    probe_count: int = 64
-    """Observations per probe batch (recent real ones first)."""
-    perturbation_count: int = 4
+    probe_count: int = 32
+    """Observations per probe batch (recent real ones first). 32 x (1 + 2 perturbations) rows
+    keep the three probe runs near 1 ms for a 64-256x3-8 MLP; 64 x 5 took ~3 ms of a 5 ms
+    publish-to-swap budget (bench e2e)."""
+    perturbation_count: int = 2
     """Random perturbations per probe observation in the adversarial probe."""
 
     def __post_init__(self) -> None:
