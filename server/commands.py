@@ -114,14 +114,14 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     from .fleet_bench import bench_e2e
 
     return _print(bench_e2e(args.broker, packets=args.packets, rank=args.rank, model=args.model,
-                            full_model_pushes=args.full_model_pushes))
+                            full_model_pushes=args.full_model_pushes, swap=args.swap))
 
 
 def _bench_fleet(args: argparse.Namespace) -> int:
     from .fleet_bench import bench_fleet
 
     return _print(bench_fleet(args.broker, devices=args.devices, processes=args.processes,
-                              rank=args.rank, model=args.model))
+                              rank=args.rank, model=args.model, swap=args.swap))
 
 
 # ------------------------------------------------------------------ demo and fuzz
@@ -187,6 +187,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--packets", type=int, default=200)
     e2e.add_argument("--full-model-pushes", type=int, default=100)
     e2e.add_argument("--rank", type=int, default=4)
+    e2e.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild",
+                     help="device runtime's swap mode (default rebuild, as the daemon)")
     e2e.add_argument("--model", default=None, metavar="BUNDLE_DIR",
                      help="default: a random MLP 64-256-256-256-8")
     e2e.set_defaults(handler=_bench_e2e)
@@ -196,6 +198,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fleet.add_argument("--devices", type=int, default=200)
     fleet.add_argument("--processes", type=int, default=4, help="device worker processes")
     fleet.add_argument("--rank", type=int, default=4)
+    fleet.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild",
+                     help="device runtime's swap mode (default rebuild, as the daemon)")
     fleet.add_argument("--model", default=None, metavar="BUNDLE_DIR")
     fleet.set_defaults(handler=_bench_fleet)
 

@@ -47,10 +47,10 @@ class BenchDevice:
     """One device: its own MQTT session, auditor, journal and policy runtime."""
 
     def __init__(self, broker: BrokerConfig, fleet: str, device: str, bundle_dir: Path,
-                 trust: TrustStore, state: Path) -> None:
+                 trust: TrustStore, state: Path, swap: str = "rebuild") -> None:
         self.fleet, self.device = fleet, device
         bundle = load_bundle(bundle_dir)
-        self.runtime = PolicyRuntime(bundle)
+        self.runtime = PolicyRuntime(bundle, swap=swap)
         ctx = AuditContext(trust=trust, fleet=fleet, device=device,
                            base_sha256=bundle.base_sha256,
                            layers={n: (i, o) for n, i, o in bundle.layer_specs})
@@ -125,11 +125,12 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--trust", required=True)
     p.add_argument("--state", required=True)
+    p.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild")
     args = p.parse_args(argv)
     broker = BrokerConfig.from_url(args.broker)
     trust = TrustStore.from_dir(args.trust)
     devices = [BenchDevice(broker, args.fleet, d, Path(args.model), trust,
-                           Path(args.state) / d) for d in args.devices.split(",")]
+                           Path(args.state) / d, args.swap) for d in args.devices.split(",")]
     for dev in devices:
         dev.start()
     time.sleep(0.3)  # let SUBACKs land before saying ready
@@ -182,14 +183,14 @@ def _random_adapter(layers: list[tuple[str, int, int]], rank: int, rng: np.rando
 
 class _Workers:
     def __init__(self, setup: _Setup, broker: str, fleet: str, devices: list[str],
-                 processes: int) -> None:
+                 processes: int, swap: str = "rebuild") -> None:
         self.procs = []
         chunks = [devices[i::processes] for i in range(processes)]
         for chunk in filter(None, chunks):
             argv = [sys.executable, "-m", "plasma.server.fleet_bench", "worker", "--broker", broker,
                     "--fleet", fleet, "--devices", ",".join(chunk), "--model",
                     str(setup.bundle_dir), "--trust", str(setup.trust_dir), "--state",
-                    str(setup.work / "state")]
+                    str(setup.work / "state"), "--swap", swap]
             self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                stderr=subprocess.DEVNULL, text=True))
         for proc in self.procs:
@@ -238,11 +239,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None = None,
-              full_model_pushes: int = 50) -> dict[str, Any]:
+              full_model_pushes: int = 50, swap: str = "rebuild") -> dict[str, Any]:
     """Publish -> swap-complete latency for adapter packets and for whole-model pushes."""
     setup = _setup(model)
     fleet, device = f"bench{os.getpid()}", "dev-0"
-    workers = _Workers(setup, broker, fleet, [device], 1)
+    workers = _Workers(setup, broker, fleet, [device], 1, swap)
     bus = MqttBus(BrokerConfig.from_url(broker), clean=True)
     try:
         bus.connect()
@@ -273,7 +274,7 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
         bus.close()
         shutil.rmtree(setup.work, ignore_errors=True)
     p50, full_p50 = _pct(lat, 50), _pct(full_lat, 50)
-    return {"packets": packets, "rejected": rejected, "rank": rank,
+    return {"packets": packets, "rejected": rejected, "rank": rank, "swap": swap,
             "packet_bytes": int(np.median(sizes)), "p50_ms": p50, "p99_ms": _pct(lat, 99),
             "transit_p50_ms": _pct(transit, 50), "device_handle_p50_ms": _pct(handle, 50),
             "full_model_pushes": full_model_pushes, "full_model_bytes": model_bytes,
@@ -299,13 +300,14 @@ def _full_model_pushes(bus: MqttBus, acks: _Acks, setup: _Setup, fleet: str, dev
 
 
 def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int = 4,
-                model: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+                model: str | None = None, timeout: float = 30.0, swap: str = "rebuild"
+                ) -> dict[str, Any]:
     """One fleet packet to N devices: seconds until all N report it active."""
     setup = _setup(model)
     fleet = f"fleet{os.getpid()}"
     ids = [f"dev-{i}" for i in range(devices)]
     t_start = time.monotonic()
-    workers = _Workers(setup, broker, fleet, ids, processes)
+    workers = _Workers(setup, broker, fleet, ids, processes, swap)
     startup_s = time.monotonic() - t_start
     bus = MqttBus(BrokerConfig.from_url(broker), clean=True)
     try:
@@ -327,7 +329,7 @@ def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int =
     accepted = {d: r.scores["t_swap"] - t0 for d, r in records if r.verdict == "accepted"}
     rejected = sum(r.verdict != "accepted" for _, r in records)
     seen = {d for d, _ in records}
-    return {"devices": devices, "processes": processes, "packet_bytes": len(data),
+    return {"devices": devices, "processes": processes, "swap": swap, "packet_bytes": len(data),
             "all_active_s": round(max(accepted.values()), 3)
             if len(accepted) == devices else None,
             "p50_active_s": round(float(np.median(list(accepted.values()))), 3) if accepted
