@@ -3,7 +3,7 @@ a ``plasma-server run`` process, over a real Mosquitto and over the embedded amq
 
 What must hold: telemetry flows (episode returns are logged), the server's judicial audit
 approves at least one packet, the device verifies and merges it (an ``accepted`` record) and
-every process exits cleanly. Each run is about a minute of wall time.
+every process exits cleanly. Each run is about 80 s of wall time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ pytest.importorskip("matplotlib")
 
 from plasma.server.demo import DemoConfig, run_demo  # noqa: E402
 
-DURATION_S = 55.0
+DURATION_S = 75.0
+"""About 10 rounds for one device: most honest rounds on this data are blocked (in the 3-device
+demo 44 of 56, chiefly no_predicted_gain once adapted), so 55 s occasionally saw no packet."""
 
 
 def small_demo(broker: str, out: Path) -> dict[str, Any]:
@@ -34,7 +36,7 @@ def check(summary: dict[str, Any], out: Path) -> None:
     assert not summary["interrupted"], summary
     assert all(code == 0 for code in summary["exit_codes"].values()), summary["exit_codes"]
     dev = summary["devices"]["dev-0"]
-    assert dev["episodes"] >= 10, dev  # 100 Hz x 55 s / 200 steps per episode, about 27
+    assert dev["episodes"] >= 10, dev  # 100 Hz x 75 s / 200 steps per episode, about 37
     assert dev["return_first_episodes"] is not None
     assert dev["packets"].get("accepted", 0) >= 1, dev
     assert dev["active_versions"]["device"] >= 1, dev
