@@ -16,6 +16,7 @@ from plasma.server.judicial import (
     Judgement,
     RealData,
     TrustModel,
+    check_model_on_real,
     member_view,
     rollout_paths,
     run_checks,
@@ -219,3 +220,39 @@ def test_audit_end_to_end_on_a_tiny_world(world) -> None:  # type: ignore[no-unt
                                               for k, (a, b) in same.factors.items()})
     j = auditor.audit(wild, model=planning, real=real, heldout=heldout)
     assert "adapter_norm_too_large" in [r.code for r in j.reasons]
+
+
+class _Shifted(WorldModel):
+    """A fitted ensemble in which the listed members predict every next state 3 stds off."""
+
+    bad: tuple[int, ...] = ()
+
+    def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        out = super().step_member(member, obs, act)
+        if member in self.bad:
+            out = out.copy()
+            out[:, 2] += 3.0 * 1.2  # angular velocity of the fixture's data has std ~1.2
+        return out
+
+
+def test_model_on_real_judges_the_median_member(world) -> None:  # type: ignore[no-untyped-def]
+    """A lone divergent member is the disagreement and held-out checks' business; a region every
+    member gets wrong is model_on_real's."""
+    model, real, policy = world
+    auditor = JudicialAuditor(PENDULUM, policy)
+
+    def errors(bad: tuple[int, ...]) -> np.ndarray:
+        view = member_view(model, range(len(model.members)))
+        view.__class__ = _Shifted
+        view.bad = bad  # type: ignore[attr-defined]
+        return auditor._model_errors(view, real)
+
+    clean, one, every = errors(()), errors((1,)), errors((0, 1, 2, 3))
+    scale = real.obs.std(0) + 1e-6
+    worst_clean = np.max([np.abs(PENDULUM.project_obs(model.step_member(m, real.obs, real.act))
+                                 - real.next_obs) / scale for m in range(4)], axis=(0, 2))
+    assert np.all(one <= worst_clean + 1e-5)  # one bad member never decides
+    assert np.median(every) > 2.0 > np.median(clean)
+    reason, _ = check_model_on_real(dataclasses.replace(evidence(), model_error_on_real=every),
+                                    JudicialConfig())
+    assert reason is not None and reason.code == "model_contradicts_real_data"
