@@ -10,6 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
+from plasma.protocol import SimulationResult
+
 from .policy_net import LoRA, MLPPolicy
 from .tasks import TaskSpec
 from .worldmodel import WorldModel, WorldModelConfig
@@ -192,7 +194,7 @@ def mppi_plan(dyn: Dynamics, task: TaskSpec, start: np.ndarray, prior: np.ndarra
 
 @dataclass
 class PhantomRollout:
-    """Batched phantom paths (the lead wraps this into ``plasma.protocol.SimulationResult``)."""
+    """Batched phantom paths; ``summary`` gives the protocol's ``SimulationResult``."""
 
     obs: np.ndarray
     """(paths, horizon + 1, obs_dim) observations along each path."""
@@ -206,6 +208,21 @@ class PhantomRollout:
     """(paths, horizon) ensemble disagreement at each step (zeros if not computed)."""
     members: np.ndarray
     """(paths,) ensemble member that drove each path (TS-inf)."""
+
+    def summary(self, *, fleet: str, device: str | None, world_model_version: str,
+                planner: str, planned_return: float | None = None,
+                simulation_id: str | None = None) -> SimulationResult:
+        """The protocol's SimulationResult for these paths (the arrays stay here)."""
+        base = float(self.returns.mean()) if len(self.returns) else 0.0
+        extra = {"simulation_id": simulation_id} if simulation_id else {}
+        return SimulationResult(
+            fleet=fleet, device=device, world_model_version=world_model_version,
+            n_paths=int(self.obs.shape[0]), horizon=int(self.actions.shape[1]), planner=planner,
+            base_predicted_return=base,
+            planned_predicted_return=base if planned_return is None else float(planned_return),
+            disagreement_mean=float(self.disagreement.mean()) if self.disagreement.size else 0.0,
+            disagreement_max=float(self.disagreement.max()) if self.disagreement.size else 0.0,
+            **extra)
 
 
 @dataclass

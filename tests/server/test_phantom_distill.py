@@ -109,3 +109,20 @@ def test_distill_reports_predicted_returns_and_saves(tmp_path) -> None:
 def test_bench_phantom_tiny() -> None:
     out = bench_phantom(PhantomBenchConfig(members=2, hidden=(16, 16), paths=20, horizon=5, repeats=1))
     assert out["model_steps_per_s"] > 0 and out["model_steps_per_s_with_disagreement"] > 0
+
+
+def test_rollout_summary_is_a_simulation_result() -> None:
+    from plasma.protocol import SimulationResult
+    from plasma.server.phantom import PhantomRollout
+
+    rng = np.random.default_rng(0)
+    roll = PhantomRollout(obs=rng.normal(size=(8, 6, 3)), actions=rng.normal(size=(8, 5, 1)),
+                          rewards=-np.ones((8, 5)), returns=-5.0 * np.ones(8),
+                          disagreement=np.abs(rng.normal(size=(8, 5))), members=np.zeros(8, int))
+    result = roll.summary(fleet="f1", device="d1", world_model_version="ens5-x",
+                          planner="mppi", planned_return=-3.0)
+    assert isinstance(result, SimulationResult)
+    assert (result.n_paths, result.horizon) == (8, 5)
+    assert result.base_predicted_return == -5.0 and result.planned_predicted_return == -3.0
+    assert result.disagreement_max >= result.disagreement_mean > 0
+    assert SimulationResult.model_validate_json(result.model_dump_json()) == result
