@@ -33,8 +33,8 @@ def scores(**kw: float) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("check, arg, code", [
-    (check_delta_norm, {"l0": 0.1, "l1": 0.49}, None),
-    (check_delta_norm, {"l0": 0.1, "l1": 0.51}, "delta_too_large"),
+    (check_delta_norm, {"l0": 0.1, "l1": 0.99}, None),
+    (check_delta_norm, {"l0": 0.1, "l1": 1.01}, "delta_too_large"),
     (check_delta_norm, {}, None),
     (check_action_change, scores(action_change_mean=0.1, action_change_p90=0.5), None),
     (check_action_change, scores(action_change_mean=0.4), "action_change_too_large"),
