@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from plasma.protocol import DEFAULT_MAX_PACKET_BYTES, TopicError
-from plasma.protocol._cli import UsageError
+from plasma.protocol._cli import UsageError, coerce, layered, read_toml
 from plasma.protocol.topics import validate_id
 
 from .bus import BrokerConfig, BusError
@@ -77,50 +77,9 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = No
                 ) -> DaemonConfig:
     """Merge the three sources; raises UsageError with one line an operator can act on."""
     environ = os.environ if environ is None else environ
-    file_values, sections = _read_file(flags.get("config"))
-    values: dict[str, Any] = {}
-    for name, kind in SCALARS.items():
-        raw = flags.get(name)
-        if raw is None:
-            raw = environ.get(f"PLASMA_EDGE_{name.upper()}")
-        if raw is None:
-            raw = file_values.get(name)
-        if raw is not None:
-            values[name] = _coerce(name, raw, kind)
-    missing = [n for n in REQUIRED if n not in values]
-    if missing:
-        raise UsageError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing)
-                         + " (flag, PLASMA_EDGE_* variable or config file)")
+    file_values, sections = read_toml(flags.get("config"), SCALARS, _SECTIONS)
+    values = layered(flags, environ, "PLASMA_EDGE_", SCALARS, file_values, REQUIRED)
     return _build(values, sections)
-
-
-def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    if path is None:
-        return {}, {}
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        raise UsageError("--config needs Python 3.11 or newer (tomllib)") from None
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path}: {exc}") from None
-    sections = {k: data.pop(k) for k in list(data) if k in _SECTIONS}
-    unknown = sorted(set(data) - set(SCALARS))
-    if unknown:
-        raise UsageError(f"config file {path}: unknown keys {', '.join(unknown)}")
-    return data, sections
-
-
-def _coerce(name: str, raw: Any, kind: type) -> Any:
-    if isinstance(raw, bool) or (kind is str and not isinstance(raw, str)):
-        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}")
-    try:
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
 
 
 def _section(name: str, table: Any) -> Any:
@@ -140,7 +99,7 @@ def _section(name: str, table: Any) -> Any:
                 raise UsageError(f"{name}.{key}: expected true or false, got {value!r}")
             kwargs[key] = value
         else:
-            kwargs[key] = _coerce(f"{name}.{key}", value, kind)
+            kwargs[key] = coerce(f"{name}.{key}", value, kind)
     try:
         return cls(**kwargs)
     except ValueError as exc:

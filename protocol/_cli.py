@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2
 
@@ -33,3 +35,61 @@ def parse_kv(text: str, what: str = "value") -> dict[str, float]:
         except ValueError:
             raise UsageError(f"bad {what} {item!r}: expected KEY=NUMBER[,KEY=NUMBER...]") from None
     return out
+
+
+def read_toml(path: str | None, known: Mapping[str, type],
+              sections: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ``--config`` TOML file: (scalar values, tables named in ``sections``).
+
+    Unknown keys are refused, so a typo in a config file is an error, not a silent default.
+    """
+    if path is None:
+        return {}, {}
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise UsageError("--config needs Python 3.11 or newer (tomllib)") from None
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
+    tables = {k: data.pop(k) for k in list(data) if k in sections}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    return data, tables
+
+
+def coerce(name: str, raw: Any, kind: type) -> Any:
+    """``raw`` (a flag, an environment string or a TOML value) as ``kind``; UsageError if not."""
+    if isinstance(raw, bool) or (kind is str and not isinstance(raw, str)):
+        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def layered(flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str,
+            scalars: Mapping[str, type], file_values: Mapping[str, Any],
+            required: Collection[str]) -> dict[str, Any]:
+    """Each option from a flag, else ``{prefix}{NAME}`` in the environment, else the file.
+
+    Raises UsageError naming every missing required option.
+    """
+    values: dict[str, Any] = {}
+    for name, kind in scalars.items():
+        raw = flags.get(name)
+        if raw is None:
+            raw = environ.get(f"{prefix}{name.upper()}")
+        if raw is None:
+            raw = file_values.get(name)
+        if raw is not None:
+            values[name] = coerce(name, raw, kind)
+    missing = [n for n in required if n not in values]
+    if missing:
+        raise UsageError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing)
+                         + f" (flag, {prefix}* variable or config file)")
+    return values

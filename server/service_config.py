@@ -17,7 +17,7 @@ from typing import Any
 
 from plasma.edge.bus import BrokerConfig, BusError
 from plasma.protocol import TopicError
-from plasma.protocol._cli import UsageError
+from plasma.protocol._cli import UsageError, layered, read_toml
 from plasma.protocol.topics import validate_id
 
 __all__ = ["ServiceConfig", "load_service_config", "SCALARS", "REQUIRED", "BUDGETS"]
@@ -79,49 +79,8 @@ def load_service_config(flags: Mapping[str, Any], environ: Mapping[str, str] | N
                         ) -> ServiceConfig:
     """Merge the three sources; raises UsageError with one line an operator can act on."""
     environ = os.environ if environ is None else environ
-    file_values = _read_file(flags.get("config"))
-    values: dict[str, Any] = {}
-    for name, kind in SCALARS.items():
-        raw = flags.get(name)
-        if raw is None:
-            raw = environ.get(f"PLASMA_SERVER_{name.upper()}")
-        if raw is None:
-            raw = file_values.get(name)
-        if raw is not None:
-            values[name] = _coerce(name, raw, kind)
-    missing = [n for n in REQUIRED if n not in values]
-    if missing:
-        raise UsageError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing)
-                         + " (flag, PLASMA_SERVER_* variable or config file)")
-    return _build(values)
-
-
-def _read_file(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        raise UsageError("--config needs Python 3.11 or newer (tomllib)") from None
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path}: {exc}") from None
-    unknown = sorted(set(data) - set(SCALARS))
-    if unknown:
-        raise UsageError(f"config file {path}: unknown keys {', '.join(unknown)}")
-    return data
-
-
-def _coerce(name: str, raw: Any, kind: type) -> Any:
-    if isinstance(raw, bool) or (kind is str and not isinstance(raw, str)):
-        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}")
-    try:
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+    file_values, _ = read_toml(flags.get("config"), SCALARS)
+    return _build(layered(flags, environ, "PLASMA_SERVER_", SCALARS, file_values, REQUIRED))
 
 
 def _build(values: dict[str, Any]) -> ServiceConfig:
