@@ -138,7 +138,7 @@ def _demo(args: argparse.Namespace) -> int:
                      rate_hz=args.rate_hz)
     summary = run_demo(cfg)
     print(json.dumps(summary, indent=2))
-    return 130 if summary.get("interrupted_by_user") else EXIT_OK
+    return {"completed": EXIT_OK, "interrupted": 130}.get(summary["outcome"], 1)
 
 
 def _fuzz(args: argparse.Namespace) -> int:

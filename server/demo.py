@@ -265,16 +265,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     physics = {f"dev-{i}": cfg.physics[i % len(cfg.physics)] for i in range(cfg.devices)}
     bus = MqttBus(BrokerConfig.from_url(cfg.broker), client_id=f"plasma-demo-{os.getpid()}",
                   clean=True)
-    interrupted = False
+    outcome = "interrupted"
     try:
-        bus.connect()
+        bus.connect()  # a BusError here propagates after the clean-up below
         monitor = Monitor(bus, cfg.fleet, physics)
         procs.start("server", _server_argv(cfg, keys, model, out))
         for i in range(cfg.devices):
             procs.start(f"dev-{i}", _device_argv(cfg, i, model, trust, out))
-        interrupted = _watch(cfg, monitor, procs)
+        outcome = _watch(cfg, monitor, procs)
     except KeyboardInterrupt:
-        interrupted = True
+        outcome = "interrupted"
     finally:
         log.info("stopping the server and %d devices...", cfg.devices)
         codes = procs.stop()
@@ -282,16 +282,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if broker_proc is not None:
             broker_proc.terminate()
             broker_proc.wait(10)
+    interrupted = outcome != "completed"
     if cfg.oracle and not interrupted:
         _oracles(cfg, monitor)
     summary = _summary(cfg, monitor, codes, interrupted)
+    summary["outcome"] = outcome
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["plot"] = str(_plot(monitor, out / "returns.png"))
     log.info("summary: %s, plot: %s", out / "summary.json", summary["plot"])
     return summary
 
 
-def _watch(cfg: DemoConfig, monitor: Monitor, procs: Processes) -> bool:
+def _watch(cfg: DemoConfig, monitor: Monitor, procs: Processes) -> str:
+    """"completed" after the duration, "process_died" if a child stopped early."""
     start = time.monotonic()
     next_report = start
     while time.monotonic() - start < cfg.duration_s:
@@ -299,7 +302,7 @@ def _watch(cfg: DemoConfig, monitor: Monitor, procs: Processes) -> bool:
         if dead:
             log.error("a process stopped early: %s (see its log in %s)", "; ".join(dead),
                       procs.log_dir)
-            return True
+            return "process_died"
         if time.monotonic() >= next_report:
             elapsed = time.monotonic() - start
             log.info("t=%4.0fs of %.0fs", elapsed, cfg.duration_s)
@@ -307,7 +310,7 @@ def _watch(cfg: DemoConfig, monitor: Monitor, procs: Processes) -> bool:
                 log.info("  %s", line)
             next_report += 10.0
         time.sleep(0.5)
-    return False
+    return "completed"
 
 
 def _oracles(cfg: DemoConfig, monitor: Monitor) -> None:
