@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plasma.protocol import KeyFileError, PlasmaError, TrustStore
-from plasma.protocol._cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError
+from plasma.protocol._cli import (EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError,
+                                  add_broker_arguments)
 from plasma.protocol.topics import validate_id
 
 from .audit import AuditContext, audit_packet
@@ -101,12 +102,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                                    "--config FILE (TOML); flags win.")
     p.add_argument("--config", metavar="FILE", help="TOML file (keys as below, plus [audit], "
                    "[canary], [telemetry] tables)")
-    p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    p.add_argument("--username")
-    p.add_argument("--password", help="prefer PLASMA_EDGE_PASSWORD: flags show in `ps`")
-    p.add_argument("--ca-file", dest="ca_file", metavar="PEM")
-    p.add_argument("--cert-file", dest="cert_file", metavar="PEM")
-    p.add_argument("--key-file", dest="key_file", metavar="PEM")
+    add_broker_arguments(p, "PLASMA_EDGE_")
     p.add_argument("--fleet")
     p.add_argument("--device")
     p.add_argument("--model", metavar="BUNDLE_DIR")

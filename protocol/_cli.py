@@ -37,6 +37,16 @@ def parse_kv(text: str, what: str = "value") -> dict[str, float]:
     return out
 
 
+def add_broker_arguments(parser: argparse.ArgumentParser, env_prefix: str) -> None:
+    """The broker flags both daemons share: URL, credentials, TLS files."""
+    parser.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    parser.add_argument("--username")
+    parser.add_argument("--password", help=f"prefer {env_prefix}PASSWORD: flags show in `ps`")
+    parser.add_argument("--ca-file", dest="ca_file", metavar="PEM")
+    parser.add_argument("--cert-file", dest="cert_file", metavar="PEM")
+    parser.add_argument("--key-file", dest="key_file", metavar="PEM")
+
+
 def read_toml(path: str | None, known: Mapping[str, type],
               sections: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """A ``--config`` TOML file: (scalar values, tables named in ``sections``).

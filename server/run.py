@@ -27,7 +27,7 @@ import numpy as np
 from plasma.edge.bundle import Bundle, BundleError, load_bundle
 from plasma.edge.bus import MqttBus
 from plasma.protocol import Adapter, Provenance, SigningKey, TraceBatch, new_id
-from plasma.protocol._cli import UsageError
+from plasma.protocol._cli import UsageError, add_broker_arguments
 
 from .distill import DistillConfig, LoRADistiller
 from .judicial import JudicialAuditor, JudicialConfig, RealData, StateFilter, split_members
@@ -485,12 +485,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Every option may also come from PLASMA_SERVER_<NAME> or "
                        "a --config TOML file (flag > environment > file > default).")
     p.add_argument("--config", metavar="FILE", help="TOML file with the option names as keys")
-    p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    p.add_argument("--username")
-    p.add_argument("--password", help="prefer PLASMA_SERVER_PASSWORD: flags show in `ps`")
-    p.add_argument("--ca-file", dest="ca_file", metavar="PEM")
-    p.add_argument("--cert-file", dest="cert_file", metavar="PEM")
-    p.add_argument("--key-file", dest="key_file", metavar="PEM")
+    add_broker_arguments(p, "PLASMA_SERVER_")
     p.add_argument("--fleet")
     p.add_argument("--key", metavar="DIR", help="signing key directory (signing.key, mode 0600)")
     p.add_argument("--model", metavar="BUNDLE_DIR", help="the base policy bundle devices run")
