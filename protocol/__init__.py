@@ -1,6 +1,7 @@
 """Plasma's contract: messages, packet codec, telemetry frames, signing, topics, errors.
 
-Depends on pydantic, numpy and cryptography only.
+Depends on pydantic, numpy, PyNaCl (verifying) and cryptography (signing, imported only
+when a private key is made or loaded).
 """
 
 from . import topics
@@ -53,7 +54,7 @@ from .packet import (
     encode_packet,
     peek_header,
 )
-from .signing import SigningKey, TrustStore, key_id_of, load_public_key
+from .signing import PublicKey, SigningKey, TrustStore, key_id_of, load_public_key
 from .telemetry import TraceBatch, decode_traces, encode_traces
 
 __all__ = [
@@ -68,7 +69,7 @@ __all__ = [
     # telemetry
     "TraceBatch", "decode_traces", "encode_traces",
     # signing and topics
-    "SigningKey", "TrustStore", "key_id_of", "load_public_key", "topics",
+    "PublicKey", "SigningKey", "TrustStore", "key_id_of", "load_public_key", "topics",
     # errors
     "PlasmaError", "PacketError", "PacketTooLarge", "PacketTruncated", "PacketBadMagic",
     "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from plasma.protocol import KeyFileError, SigningKey, TrustStore, key_id_of, load_public_key
 from plasma.protocol import signing as signing_mod
@@ -124,12 +125,12 @@ def test_key_id_is_32_hex_and_stable(saved: tuple[SigningKey, Path]) -> None:
 def test_key_id_is_sha256_of_the_raw_public_key() -> None:
     """Pinned: a fixed key has a fixed id (devices store ids, so this must never change)."""
     raw = bytes(range(32))
-    private = signing_mod.Ed25519PrivateKey.from_private_bytes(raw)
+    private = Ed25519PrivateKey.from_private_bytes(raw)
     public = private.public_key().public_bytes(serialization.Encoding.Raw,
                                                serialization.PublicFormat.Raw)
     assert SigningKey(private).key_id == hashlib.sha256(public).hexdigest()[:32]
     assert SigningKey(private).key_id == SigningKey(
-        signing_mod.Ed25519PrivateKey.from_private_bytes(raw)).key_id
+        Ed25519PrivateKey.from_private_bytes(raw)).key_id
 
 
 def test_trust_store_from_dir_loads_pem_and_raw_hex(tmp_path: Path) -> None:
@@ -179,3 +180,35 @@ def test_trust_store_refuses_a_non_ed25519_public_key(tmp_path: Path) -> None:
     (tmp_path / "ec.pub").write_bytes(pem)
     with pytest.raises(KeyFileError, match="Ed25519"):
         TrustStore.from_dir(tmp_path)
+
+
+def test_pynacl_verifies_what_cryptography_signs_and_reads_its_pem(tmp_path: Path) -> None:
+    """The device (PyNaCl) and the server (cryptography) agree on keys, ids and signatures."""
+    key = SigningKey.generate()
+    (tmp_path / "k.pub").write_bytes(key.public_pem())
+    loaded = load_public_key(tmp_path / "k.pub")
+    assert loaded.raw.hex() == raw_hex(key)
+    assert loaded.key_id == key.key_id == key_id_of(key.public_key) == key_id_of(loaded.raw)
+    store = TrustStore([loaded])
+    data = os.urandom(1000)
+    sig = key.sign(data)
+    assert store.verify(key.key_id, sig, data) is True
+    for bad_sig in (sig[:-1], sig + b"\0", bytes(64), bytes([sig[0] ^ 1]) + sig[1:]):
+        assert store.verify(key.key_id, bad_sig, data) is False
+    assert store.verify(key.key_id, sig, data + b"x") is False
+
+
+def test_pem_public_key_reader_refuses_damage(tmp_path: Path) -> None:
+    pem = SigningKey.generate().public_pem()
+    lines = pem.splitlines()
+    body = b"".join(lines[1:-1])
+    cases = {
+        "bad base64": lines[0] + b"\n" + body[:-2] + b"!!\n" + lines[-1],
+        "wrong block": pem.replace(b"PUBLIC KEY", b"CERTIFICATE"),
+        "truncated": lines[0] + b"\n" + body[:40] + b"\n" + lines[-1],
+    }
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.pub"
+        path.write_bytes(content)
+        with pytest.raises(KeyFileError, match="Ed25519"):
+            load_public_key(path)
