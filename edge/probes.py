@@ -105,15 +105,52 @@ def probe_observations(recent: np.ndarray, count: int, obs_low: np.ndarray, obs_
 
 # -- measure ----------------------------------------------------------------------------------
 def delta_ratios(adapter: Adapter, base: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """layer -> ``||delta W||_F / ||W_base||_F`` (inf if delta W is not finite)."""
+    """layer -> ``||delta W||_F / ||W_base||_F`` (inf if delta W is not finite).
+
+    ``||c B A||_F^2 = c^2 sum((B^T B) * (A A^T))``: two (rank, rank) Gram matrices instead of the
+    (out, in) product (0.28 -> 0.05 ms for rank 4 on 64-256x3-8, measured). Factors large enough
+    for the float32 product the merge computes to overflow take the explicit path, so a delta
+    that is inf in float32 is reported as inf here too.
+    """
     out = {}
-    for name in adapter.layers:
+    for name, (a, b) in adapter.layers.items():
         with np.errstate(over="ignore", invalid="ignore"):
-            delta = adapter.delta(name)  # (out, in)
-            norm = float(np.linalg.norm(delta))
-        out[name] = norm / max(float(np.linalg.norm(base[name])), 1e-12) if np.isfinite(norm) \
-            else float("inf")
+            norm = _delta_norm(adapter.scale, a, b) if _gram_safe(adapter.scale, a, b) \
+                else float(np.linalg.norm(adapter.delta(name)))
+        out[name] = norm / max(_norm(base[name]), 1e-12) if np.isfinite(norm) else float("inf")
     return out
+
+
+_GRAM_LIMIT = 1e30  # far below float32's 3.4e38: no partial sum of B @ A can overflow
+
+
+def _gram_safe(scale: float, a: np.ndarray, b: np.ndarray) -> bool:
+    if a.size == 0 or b.size == 0:
+        return True
+    bound = abs(scale) * float(np.abs(a).max()) * float(np.abs(b).max()) * a.shape[0]
+    return bool(np.isfinite(bound) and bound < _GRAM_LIMIT)
+
+
+def _delta_norm(scale: float, a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    sq = float(np.sum((b64.T @ b64) * (a64 @ a64.T)))
+    return abs(scale) * float(np.sqrt(max(sq, 0.0)))
+
+
+_BASE_NORMS: dict[int, tuple[np.ndarray, float]] = {}  # id -> (the array, kept alive; its norm)
+
+
+def _norm(w: np.ndarray) -> float:
+    """||W||_F, cached for read-only arrays (the bundle's fp32 master never changes)."""
+    hit = _BASE_NORMS.get(id(w))
+    if hit is not None and hit[0] is w:
+        return hit[1]
+    value = float(np.linalg.norm(w))
+    if isinstance(w, np.ndarray) and not w.flags.writeable:
+        if len(_BASE_NORMS) >= 256:
+            _BASE_NORMS.clear()
+        _BASE_NORMS[id(w)] = (w, value)
+    return value
 
 
 def behaviour_scores(current: Policy, candidate: Policy, base: Policy, obs: np.ndarray,
@@ -134,12 +171,21 @@ def behaviour_scores(current: Policy, candidate: Policy, base: Policy, obs: np.n
     moved_base = max(_moved(ref, n, k, span), th.sensitivity_floor)
     return {
         "action_change_mean": float(change.mean()),
-        "action_change_p90": float(np.percentile(change, 90)),
+        "action_change_p90": _percentile(change, 90.0),
         "action_change_max": float(change.max()),
         "action_out_of_bounds": float(max(below, above, 0.0)),
         "action_finite": float(np.isfinite(cand).all()),
         "sensitivity_ratio": float(moved_cand / moved_base),
     }
+
+
+def _percentile(x: np.ndarray, q: float) -> float:
+    """``np.percentile(x, q)`` (linear interpolation) for a small 1-d array, ~20x faster."""
+    s = np.sort(x)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return float(s[lo] + (pos - lo) * (s[hi] - s[lo]))
 
 
 def _moved(actions: np.ndarray, n: int, k: int, span: np.ndarray) -> float:

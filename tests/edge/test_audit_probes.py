@@ -172,3 +172,24 @@ def test_large_adapters_are_refused(bundle: Bundle, key: SigningKey, size: float
                                     th: AuditThresholds, code: str) -> None:
     reasons, s, _ = judged(bundle, key, real_adapter(bundle, size), None, th)
     assert code in [r.code for r in reasons], s
+
+
+def test_delta_ratio_gram_path_matches_the_explicit_product() -> None:
+    """The (rank, rank) Gram shortcut gives the same ratio as ||c B A||_F computed in full."""
+    from plasma.edge.probes import _percentile
+    from plasma.protocol import Adapter
+
+    rng = np.random.default_rng(7)
+    base = {"l": rng.normal(size=(48, 20)).astype(np.float32)}
+    for rank in (1, 3, 8):
+        a = rng.normal(size=(rank, 20)).astype(np.float32)
+        b = rng.normal(size=(48, rank)).astype(np.float32)
+        adapter = Adapter(alpha=3.0, rank=rank, layers={"l": (a, b)})
+        want = np.linalg.norm(adapter.delta("l")) / np.linalg.norm(base["l"])
+        assert delta_ratios(adapter, base)["l"] == pytest.approx(float(want), rel=1e-5)
+    huge = Adapter(alpha=1.0, rank=2, layers={"l": (np.full((2, 20), 1e20, np.float32),
+                                                    np.full((48, 2), 1e20, np.float32))})
+    assert delta_ratios(huge, base)["l"] == float("inf")  # overflows float32, as the merge would
+    for n in (1, 2, 7, 32):
+        x = rng.random(n)
+        assert _percentile(x, 90.0) == pytest.approx(float(np.percentile(x, 90)), abs=1e-12)
