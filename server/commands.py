@@ -114,7 +114,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     from .fleet_bench import bench_e2e
 
     return _print(bench_e2e(args.broker, packets=args.packets, rank=args.rank, model=args.model,
-                            full_model_pushes=args.full_model_pushes, swap=args.swap))
+                            full_model_pushes=args.full_model_pushes, swap=args.swap,
+                            link_kbps=args.link_kbps))
 
 
 def _bench_fleet(args: argparse.Namespace) -> int:
@@ -191,6 +192,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="device runtime's swap mode (default rebuild, as the daemon)")
     e2e.add_argument("--model", default=None, metavar="BUNDLE_DIR",
                      help="default: a random MLP 64-256-256-256-8")
+    e2e.add_argument("--link-kbps", type=float, default=None, metavar="KBPS",
+                     help="the device reaches the broker through a relay carrying this many "
+                          "kbit/s each way (mqtt:// only; e.g. 1000 with --packets 50 "
+                          "--full-model-pushes 10)")
     e2e.set_defaults(handler=_bench_e2e)
 
     fleet = bsub.add_parser("fleet", help="one fleet packet to N devices")

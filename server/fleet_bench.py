@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -234,16 +236,105 @@ class _Acks:
             return out
 
 
+class ThrottledLink:
+    """A TCP relay in front of the broker that carries at most ``kbps`` kbit/s each way.
+
+    The devices connect through it, the publisher does not: it stands for a device's own
+    constrained link (cellular, LoRa gateways, a shared site uplink), where an adapter's bytes
+    matter. Each direction is a token bucket with a 16 KB burst, paced by sleeping; one relay
+    thread per direction per connection. Plain ``mqtt://`` only (TLS would need the broker's
+    name on the relay's address).
+    """
+
+    BURST = 16 * 1024
+
+    def __init__(self, broker_url: str, kbps: float) -> None:
+        parts = urlsplit(broker_url)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ValueError(f"--link-kbps needs an mqtt:// broker URL, got {broker_url!r}")
+        if not kbps > 0:
+            raise ValueError(f"--link-kbps must be positive, got {kbps}")
+        self.upstream = (parts.hostname, parts.port or 1883)
+        self.rate = kbps * 1000 / 8  # bytes per second
+        self._server = socket.create_server(("127.0.0.1", 0))
+        port = self._server.getsockname()[1]
+        netloc = f"{parts.username}@" if parts.username else ""
+        if parts.password:
+            netloc = f"{parts.username}:{parts.password}@"
+        self.url = urlunsplit(("mqtt", f"{netloc}127.0.0.1:{port}", parts.path, parts.query, ""))
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                down, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                down.close()
+                continue
+            up.settimeout(None)
+            for sock in (up, down):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        tokens, last = float(self.BURST), time.monotonic()
+        try:
+            while True:
+                chunk = src.recv(4096)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    now = time.monotonic()
+                    tokens = min(self.BURST, tokens + (now - last) * self.rate)
+                    last = now
+                    if tokens < 1:
+                        time.sleep(min((len(view) - tokens) / self.rate, 0.05))
+                        continue
+                    n = min(len(view), int(tokens))
+                    dst.sendall(view[:n])
+                    tokens -= n
+                    view = view[n:]
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self._server.close()
+
+
 def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 3) if values else float("nan")
 
 
 def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None = None,
-              full_model_pushes: int = 50, swap: str = "rebuild") -> dict[str, Any]:
-    """Publish -> swap-complete latency for adapter packets and for whole-model pushes."""
+              full_model_pushes: int = 50, swap: str = "rebuild",
+              link_kbps: float | None = None) -> dict[str, Any]:
+    """Publish -> swap-complete latency for adapter packets and for whole-model pushes.
+
+    ``link_kbps``: the device reaches the broker through a ``ThrottledLink`` of that many kbit/s.
+    """
+    link = ThrottledLink(broker, link_kbps) if link_kbps else None
     setup = _setup(model)
     fleet, device = f"bench{os.getpid()}", "dev-0"
-    workers = _Workers(setup, broker, fleet, [device], 1, swap)
+    try:
+        workers = _Workers(setup, link.url if link else broker, fleet, [device], 1, swap)
+    except BaseException:
+        if link:
+            link.close()
+        raise
     bus = MqttBus(BrokerConfig.from_url(broker), clean=True)
     try:
         bus.connect()
@@ -272,9 +363,12 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
     finally:
         workers.stop()
         bus.close()
+        if link:
+            link.close()
         shutil.rmtree(setup.work, ignore_errors=True)
     p50, full_p50 = _pct(lat, 50), _pct(full_lat, 50)
     return {"packets": packets, "rejected": rejected, "rank": rank, "swap": swap,
+            "link_kbps": link_kbps,
             "packet_bytes": int(np.median(sizes)), "p50_ms": p50, "p99_ms": _pct(lat, 99),
             "transit_p50_ms": _pct(transit, 50), "device_handle_p50_ms": _pct(handle, 50),
             "full_model_pushes": full_model_pushes, "full_model_bytes": model_bytes,
