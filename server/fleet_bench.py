@@ -36,7 +36,22 @@ from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
 from plasma.edge.policy import PolicyRuntime
-from plasma.protocol import Adapter, AuditRecord, SigningKey, TrustStore, encode_packet, topics
+from plasma.edge.probes import (
+    behaviour_scores,
+    check_action_bounds,
+    check_action_change,
+    check_sensitivity,
+    probe_observations,
+)
+from plasma.protocol import (
+    Adapter,
+    AuditRecord,
+    Reason,
+    SigningKey,
+    TrustStore,
+    encode_packet,
+    topics,
+)
 
 log = logging.getLogger("plasma.bench")
 MODEL_TOPIC_SUFFIX = "model"  # bench-only topic for the full-model push
@@ -88,8 +103,9 @@ class BenchDevice:
     def _on_model(self, msg: Message) -> None:
         """Full-model push, with the same safety as a packet where it applies: verify the
         Ed25519 signature over the model, persist it durably (write + fdatasync, as the
-        journal does for a packet), build a new session from the bytes, swap one reference.
-        (No behaviour probes: a whole new model has no base to compare against.)"""
+        journal does for a packet), build a new session from the bytes, run the same behaviour
+        probes the auditor runs on a staged adapter (action change against the live policy,
+        action bounds, perturbation sensitivity against the shipped base), swap one reference."""
         import onnxruntime as ort
 
         key_id, signature, model = msg.payload[:16].hex(), msg.payload[16:80], msg.payload[80:]
@@ -99,12 +115,26 @@ class BenchDevice:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-            self.reload_session = session  # the swap: one reference
+            ok = not self._probe(session)
+            if ok:
+                self.reload_session = session  # the swap: one reference
         done = time.time()
         record = AuditRecord(auditor="edge", subject="model-push", fleet=self.fleet,
                              device=self.device, verdict="accepted" if ok else "rejected",
                              scores={"t_swap": done})
         self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
+
+    def _probe(self, session: Any) -> tuple[Reason, ...]:
+        space, th = self.pipeline.space, self.pipeline.thresholds
+        rng = np.random.default_rng(len(self.model_store.name))
+        obs = probe_observations(np.zeros((0, len(space.obs_std)), np.float32), th.probe_count,
+                                 space.obs_low, space.obs_high, rng)
+        scores = behaviour_scores(self.runtime.act_batch,
+                                  lambda x: session.run(["action"], {"obs": x})[0],
+                                  self.runtime.base_act_batch, obs, space.act_low,
+                                  space.act_high, th, space.obs_std, rng)
+        return tuple(r for r in (check_action_bounds(scores, th), check_action_change(scores, th),
+                                 check_sensitivity(scores, th)) if r is not None)
 
     def close(self) -> None:
         self.bus.close()
@@ -358,7 +388,7 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
             handle.append(record.scores.get("handle_ms", float("nan")))
             sizes.append(len(data))
         bus.publish(topic, b"", qos=1, retain=True)  # clear the retained bench packet
-        full_lat, model_bytes = _full_model_pushes(bus, acks, setup, fleet, device,
+        full_lat, model_bytes, full_rejected = _full_model_pushes(bus, acks, setup, fleet, device,
                                                    full_model_pushes)
     finally:
         workers.stop()
@@ -371,26 +401,28 @@ def bench_e2e(broker: str, packets: int = 200, rank: int = 4, model: str | None 
             "link_kbps": link_kbps,
             "packet_bytes": int(np.median(sizes)), "p50_ms": p50, "p99_ms": _pct(lat, 99),
             "transit_p50_ms": _pct(transit, 50), "device_handle_p50_ms": _pct(handle, 50),
-            "full_model_pushes": full_model_pushes, "full_model_bytes": model_bytes,
+            "full_model_pushes": full_model_pushes, "full_model_rejected": full_rejected,
+            "full_model_bytes": model_bytes,
             "full_model_p50_ms": full_p50, "full_model_p99_ms": _pct(full_lat, 99),
             "speedup_p50": round(full_p50 / p50, 2) if p50 > 0 else None,
             "bytes_ratio": round(model_bytes / float(np.median(sizes)), 1)}
 
 
 def _full_model_pushes(bus: MqttBus, acks: _Acks, setup: _Setup, fleet: str, device: str,
-                       n: int) -> tuple[list[float], int]:
+                       n: int) -> tuple[list[float], int, int]:
     model = (setup.bundle_dir / "model.int8.onnx").read_bytes()
     payload = bytes.fromhex(setup.key.key_id) + setup.key.sign(model) + model
     topic = f"{topics.ROOT}/{fleet}/device/{device}/{MODEL_TOPIC_SUFFIX}"
-    lat = []
+    lat, rejected = [], 0
     for _ in range(n):
         t0 = time.time()
         bus.publish(topic, payload, qos=1)
         if not acks.wait(1, 20.0):
             raise RuntimeError("no acknowledgement for a full-model push within 20 s")
         (_, record), = acks.take()
+        rejected += record.verdict != "accepted"
         lat.append((record.scores["t_swap"] - t0) * 1e3)
-    return lat, len(payload)
+    return lat, len(payload), rejected
 
 
 def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int = 4,

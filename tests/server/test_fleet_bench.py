@@ -66,6 +66,7 @@ def test_bench_e2e_runs_over_a_real_broker(mosquitto, link_kbps) -> None:
     result = bench_e2e(f"mqtt://{mosquitto.host}:{mosquitto.port}", packets=4,
                        full_model_pushes=2, link_kbps=link_kbps)
     assert result["rejected"] == 0 and result["packets"] == 4
+    assert result["full_model_rejected"] == 0
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     assert result["full_model_bytes"] > 10 * result["packet_bytes"]
     assert result["link_kbps"] == link_kbps
