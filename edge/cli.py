@@ -143,6 +143,13 @@ def _bench(args: argparse.Namespace) -> int:
         from .packet_bench import bench_packet
 
         result = bench_packet(rank=args.rank, dtype=args.dtype)
+    elif args.bench_command == "rss":
+        from .rss_bench import bench_rss
+
+        try:
+            result = bench_rss(args.broker, args.model, env=args.env, seconds=args.seconds)
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from None
     else:
         try:
             from . import bench
@@ -182,6 +189,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     packet.add_argument("--rank", type=int, default=4)
     packet.add_argument("--dtype", choices=["int8", "fp16", "fp32"], default="int8")
     packet.set_defaults(handler=_bench)
+    rss = bsub.add_parser("rss", help="resident memory of a running plasma-edge run (Linux)")
+    rss.add_argument("--broker", required=True, metavar="URL")
+    rss.add_argument("--model", required=True, metavar="BUNDLE_DIR")
+    rss.add_argument("--env", default="Pendulum-v1", help="as for run (default Pendulum-v1)")
+    rss.add_argument("--seconds", type=float, default=12.0, help="how long it runs (default 12)")
+    rss.set_defaults(handler=_bench)
 
 
 def build_parser() -> Parser:
