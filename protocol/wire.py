@@ -10,9 +10,11 @@ iff it is accepted by its pydantic model, and that accepted values agree.
 
 Unlike pydantic, msgspec checks constraints only when it decodes or converts; these structs
 also validate in ``__init__`` (``__post_init__`` converts the builtins once more), so building
-one with a bad value raises, as building the pydantic model did.  The one documented
-difference on construction: a list given for a tuple field (or an int for a float field) is
-accepted and normalized, where pydantic's strict mode refuses the list.
+one with a bad value raises, as building the pydantic model did.  Known differences, all in
+construction or stricter: a list (or a dict) given for a tuple (or a nested struct) field is
+accepted and normalized where pydantic's strict mode refuses it; JSON ``true`` for
+``schema_version`` (``Literal[1]``) is refused where pydantic accepts it (True == 1);
+``model_copy`` validates the copy where pydantic's does not.
 
 Errors: every invalid input raises ``MessageInvalid`` (a ``PlasmaError`` and a ``ValueError``)
 with the dotted path of the offending field in ``field``.
@@ -78,7 +80,7 @@ MAX_ACT_DIM = 1024
 # strict mode refuses bytes for a str; to_builtins would otherwise base64 them into a str).
 _PASS_THROUGH = (bytes, bytearray, memoryview)
 _state = threading.local()  # .trusted > 0: values come from msgspec's own decode/convert
-_AT = re.compile(r" - at `\$(.*)`$")
+_AT = re.compile(r" - at `(?:key` in `)?\$(.*)`$")
 
 W = TypeVar("W", bound="WireStruct")
 
@@ -89,7 +91,9 @@ def _invalid(exc: BaseException, what: str) -> MessageInvalid:
     field = ""
     if match:
         text = text[:match.start()]
-        field = re.sub(r"\[(\d+)\]", r".\1", match.group(1)).lstrip(".")
+        field = re.sub(r"\[(\d+)\]", r".\1", match.group(1).replace("[...]", "")).lstrip(".")
+    if "1.7976931348623157e+308" in text:  # the bounds of Float: NaN or Inf
+        text = "Input should be a finite number (no NaN or Inf)"
     where = f"field {field}" if field else what
     return MessageInvalid(f"{what} {where}: {text}" if field else f"{what}: {text}", field=field)
 
@@ -159,10 +163,6 @@ class WireStruct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         fields = {name: getattr(self, name) for name in self.__struct_fields__}
         fields.update(update or {})
         return type(self)(**fields)
-
-    @classmethod
-    def model_fields(cls) -> tuple[str, ...]:
-        return cls.__struct_fields__
 
 
 def _dump(value: Any, json_mode: bool, by_alias: bool) -> Any:
