@@ -19,10 +19,8 @@ import numpy as np
 
 from plasma.protocol import (
     DEFAULT_MAX_PACKET_BYTES,
-    AuditRecord,
     DecodedPacket,
     PacketError,
-    Reason,
     Slot,
     TrustStore,
     check_base_model,
@@ -32,6 +30,7 @@ from plasma.protocol import (
     check_version,
     decode_packet,
 )
+from plasma.protocol.wire import AuditRecord, Reason
 
 from .bundle import Manifest
 from .probes import (

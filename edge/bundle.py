@@ -22,10 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import msgspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from plasma.protocol.errors import MessageInvalid
+from plasma.protocol.wire import WireStruct
 
 __all__ = ["Bundle", "BundleError", "LayerEntry", "Manifest", "load_bundle", "MODEL_INT8", "MODEL_FP32",
            "BASE_WEIGHTS", "MANIFEST"]
@@ -48,30 +51,39 @@ class BundleError(ValueError):
         self.code = code
 
 
-class LayerEntry(BaseModel):
-    """One Linear layer and the names of its int8 initializers in model.int8.onnx."""
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    name: str = Field(pattern=r"^l\d+$")
-    in_features: int = Field(alias="in", ge=1)
-    out_features: int = Field(alias="out", ge=1)
-    weight_q: str = Field(min_length=1)
+class LayerEntry(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One Linear layer and the names of its int8 initializers in model.int8.onnx.
+
+    In JSON ``in_features`` is ``in`` and ``out_features`` is ``out``.
+    """
+
+    _strict: ClassVar[bool] = False  # lax like the pydantic model it replaces ("3" -> 3)
+    _aliases: ClassVar[dict[str, str]] = {"in_features": "in", "out_features": "out"}
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^l\d+\Z")]
+    in_features: _Positive = msgspec.field(name="in")
+    out_features: _Positive = msgspec.field(name="out")
+    weight_q: _NonEmpty
     """int8 (in, out) initializer: the transposed weight, as ONNX MatMul wants it."""
-    weight_scale: str = Field(min_length=1)
+    weight_scale: _NonEmpty
     """float32 (out,) per-output-channel scale."""
-    weight_zero_point: str = Field(min_length=1)
+    weight_zero_point: _NonEmpty
     """int8 (out,) zero point, all 0 (symmetric)."""
 
 
-class Manifest(BaseModel):
-    """manifest.json, schema 1."""
+class Manifest(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """manifest.json, schema 1 (``schema_version`` is ``schema`` in JSON)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    _strict: ClassVar[bool] = False
+    _aliases: ClassVar[dict[str, str]] = {"schema_version": "schema"}
 
-    schema_version: Literal[1] = Field(alias="schema")
-    obs_dim: int = Field(ge=1)
-    act_dim: int = Field(ge=1)
+    schema_version: Literal[1] = msgspec.field(name="schema")
+    obs_dim: _Positive
+    act_dim: _Positive
     obs_low: list[float] | None = None
     obs_high: list[float] | None = None
     act_low: list[float]
@@ -80,20 +92,26 @@ class Manifest(BaseModel):
     obs_std: list[float]
     hidden_activation: Literal["tanh", "relu"]
     env_id: str = ""
-    physics: dict[str, float] = Field(default_factory=dict)
-    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    layers: list[LayerEntry] = Field(min_length=1)
-    meta: dict[str, Any] = Field(default_factory=dict)
+    physics: dict[str, float] = msgspec.field(default_factory=dict)
+    base_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+    layers: Annotated[list[LayerEntry], msgspec.Meta(min_length=1)]
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)
 
-    @field_validator("obs_low", "obs_high", "act_low", "act_high", "obs_mean", "obs_std")
     @classmethod
-    def _finite(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and not all(math.isfinite(x) for x in v):
-            raise ValueError("must be finite")
-        return v
+    def model_validate(cls, obj: Any) -> Manifest:
+        """Like pydantic's ``populate_by_name``: field names are accepted besides the aliases."""
+        if isinstance(obj, dict):
+            obj = _aliased(obj, cls._aliases)
+            if isinstance(obj.get("layers"), list):
+                obj["layers"] = [_aliased(e, LayerEntry._aliases) if isinstance(e, dict) else e
+                                 for e in obj["layers"]]
+        return super().model_validate(obj)  # type: ignore[return-value]
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
+    def _check(self) -> None:
+        for field in ("obs_low", "obs_high", "act_low", "act_high", "obs_mean", "obs_std"):
+            value = getattr(self, field)
+            if value is not None and not all(math.isfinite(x) for x in value):
+                raise MessageInvalid(f"{field}: must be finite", field=field)
         for field, dim in (("obs_mean", self.obs_dim), ("obs_std", self.obs_dim), ("obs_low", self.obs_dim),
                            ("obs_high", self.obs_dim), ("act_low", self.act_dim), ("act_high", self.act_dim)):
             value = getattr(self, field)
@@ -104,7 +122,6 @@ class Manifest(BaseModel):
         if any(lo >= hi for lo, hi in zip(self.act_low, self.act_high)):
             raise ValueError("act_low must be < act_high")
         self._check_chain()
-        return self
 
     def _check_chain(self) -> None:
         width = self.obs_dim
@@ -115,6 +132,14 @@ class Manifest(BaseModel):
             width = layer.out_features
         if width != self.act_dim:
             raise ValueError(f"last layer has {width} outputs, act_dim is {self.act_dim}")
+
+
+def _aliased(obj: dict[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(obj)
+    for name, alias in aliases.items():
+        if name in out and alias not in out:
+            out[alias] = out.pop(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -174,7 +199,7 @@ def _read_manifest(path: Path) -> Manifest:
         return Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path.name} is not JSON: {exc}", code="bad_manifest") from None
-    except ValidationError as exc:
+    except MessageInvalid as exc:
         raise BundleError(f"{path.name} is invalid: {exc}", code="bad_manifest") from None
 
 

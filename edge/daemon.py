@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from plasma.protocol import AuditRecord, Reason, Status, TrustStore, topics
+from plasma.protocol import TrustStore, topics
 
 from .audit import AuditContext, record_for
 from plasma.protocol._cli import UsageError
+from plasma.protocol.wire import AuditRecord, Reason, Status
 
 from .bundle import load_bundle
 from .bus import Bus, BusError, Message, MqttBus

@@ -15,7 +15,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from plasma.protocol import SLOTS, AuditRecord, DecodedPacket, Reason, Slot
+from plasma.protocol import SLOTS, DecodedPacket, Slot
+from plasma.protocol.wire import AuditRecord, Reason
 
 from .audit import (
     PROTOCOL_CHECKS,

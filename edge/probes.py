@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plasma.protocol import Adapter, Reason
+from plasma.protocol import Adapter
+from plasma.protocol.wire import Reason
 
 __all__ = ["AuditThresholds", "ObservationRing", "behaviour_scores", "check_action_bounds",
            "check_action_change", "check_delta_norm", "check_finite", "check_sensitivity",

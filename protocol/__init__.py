@@ -1,8 +1,14 @@
 """Plasma's contract: messages, packet codec, telemetry frames, signing, topics, errors.
 
-Depends on pydantic, numpy, PyNaCl (verifying) and cryptography (signing, imported only
-when a private key is made or loaded).
+Depends on pydantic, msgspec, numpy, PyNaCl (verifying) and cryptography (signing, imported
+only when a private key is made or loaded).
+
+The pydantic models (``AuditRecord``, ``InstructionPacket``...) are loaded on first access
+(PEP 562): a device uses their msgspec mirrors in ``plasma.protocol.wire`` and never imports
+pydantic.  Decoding a packet or a telemetry frame does not need pydantic either.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from . import topics
 from .adapter import Adapter, adapter_from_arrays, load_adapter_npz, save_adapter_npz
@@ -26,22 +32,7 @@ from .errors import (
     TelemetryError,
     TopicError,
 )
-from .messages import (
-    SCHEMA_VERSION,
-    SLOTS,
-    AuditRecord,
-    InstructionPacket,
-    LayerSpec,
-    Provenance,
-    Reason,
-    SimulationResult,
-    Slot,
-    StateTrace,
-    Status,
-    Verdict,
-    WorldState,
-    new_id,
-)
+from ._limits import SCHEMA_VERSION, SLOTS, Slot, new_id
 from .packet import (
     DEFAULT_MAX_PACKET_BYTES,
     DecodedPacket,
@@ -56,6 +47,40 @@ from .packet import (
 )
 from .signing import PublicKey, SigningKey, TrustStore, key_id_of, load_public_key
 from .telemetry import TraceBatch, decode_traces, encode_traces
+
+_PYDANTIC_NAMES = frozenset({
+    "AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason", "SimulationResult",
+    "StateTrace", "Status", "Verdict", "WorldState",
+})
+
+if TYPE_CHECKING:
+    from .messages import (
+        AuditRecord,
+        InstructionPacket,
+        LayerSpec,
+        Provenance,
+        Reason,
+        SimulationResult,
+        StateTrace,
+        Status,
+        Verdict,
+        WorldState,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """The pydantic models, imported on first use (the device never asks for them)."""
+    if name in _PYDANTIC_NAMES:
+        from . import messages
+
+        value = getattr(messages, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _PYDANTIC_NAMES)
 
 __all__ = [
     "SCHEMA_VERSION", "SLOTS", "DEFAULT_MAX_PACKET_BYTES",

@@ -15,8 +15,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from ._limits import MAX_FEATURES, MAX_LAYERS, MAX_RANK
 from .errors import AdapterFileError
-from .messages import MAX_FEATURES, MAX_LAYERS, MAX_RANK
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ Exception tree::
     │   ├── HeaderInvalid          header is not a valid InstructionPacket
     │   └── PayloadInvalid         factor bytes malformed or not finite
     ├── TelemetryError         a telemetry frame that cannot be decoded
+    ├── MessageInvalid         a wire message (msgspec mirror of a model) breaking the contract
     ├── TopicError             a topic or id outside the allowed grammar
     ├── KeyFileError           a key file missing, malformed or readable by others
     └── AdapterFileError       an adapter npz that does not hold a LoRA adapter
@@ -108,3 +109,16 @@ class KeyFileError(PlasmaError):
 
 class AdapterFileError(PlasmaError):
     code = "bad_adapter_file"
+
+
+class MessageInvalid(PlasmaError, ValueError):
+    """A wire message (``plasma.protocol.wire``) that does not satisfy the contract.
+
+    ``field`` is the dotted path of the first offending field ("" for the whole message).
+    """
+
+    code = "bad_message"
+
+    def __init__(self, message: str, *, field: str = "", code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.field = field

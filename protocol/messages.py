@@ -7,37 +7,45 @@ types, so a message is validated once at the boundary and trusted inside.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-SCHEMA_VERSION = 1
+from ._limits import (
+    HEX32_PATTERN,
+    ID_PATTERN,
+    KEY_ID_PATTERN,
+    LAYER_NAME_PATTERN,
+    MAX_FEATURES,
+    MAX_LAYERS,
+    MAX_RANK,
+    REASON_CODE_PATTERN,
+    SCHEMA_VERSION,
+    SHA256_PATTERN,
+    SLOTS,
+    Slot,
+    new_id,
+)
 
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+__all__ = [
+    "SCHEMA_VERSION", "ID_PATTERN", "Id", "Sha256Hex", "KeyId", "ReasonCode", "LayerName", "Slot",
+    "SLOTS", "MAX_RANK", "MAX_LAYERS", "MAX_FEATURES", "Message", "new_id", "StateTrace",
+    "WorldState", "SimulationResult", "Provenance", "LayerSpec", "InstructionPacket", "Reason",
+    "Verdict", "AuditRecord", "Status",
+]
+
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 """Fleet and device ids: ``[A-Za-z0-9_-]{1,64}``; safe in topics and file names."""
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-KeyId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
-ReasonCode = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,64}$")]
-LayerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")]
-Slot = Literal["fleet", "device"]
-SLOTS: tuple[Slot, ...] = ("fleet", "device")
-
-MAX_RANK = 64
-MAX_LAYERS = 64
-MAX_FEATURES = 65536
+Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+KeyId = Annotated[str, StringConstraints(pattern=KEY_ID_PATTERN)]
+ReasonCode = Annotated[str, StringConstraints(pattern=REASON_CODE_PATTERN)]
+LayerName = Annotated[str, StringConstraints(pattern=LAYER_NAME_PATTERN)]
 
 
 class Message(BaseModel):
     """Base of all protocol models."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
-
-
-def new_id() -> str:
-    """A random 32-hex-digit id for packets, records and simulations."""
-    return uuid.uuid4().hex
 
 
 class StateTrace(Message):
@@ -83,7 +91,7 @@ class SimulationResult(Message):
     """Summary of one phantom-path simulation (the arrays stay on the server)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    simulation_id: str = Field(default_factory=new_id, pattern=r"^[0-9a-f]{32}$")
+    simulation_id: str = Field(default_factory=new_id, pattern=HEX32_PATTERN)
     fleet: Id
     device: Id | None = None
     world_model_version: str = Field(max_length=128)
@@ -124,7 +132,7 @@ class InstructionPacket(Message):
     """The signed packet header: everything a device needs to judge the payload."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    packet_id: str = Field(default_factory=new_id, pattern=r"^[0-9a-f]{32}$")
+    packet_id: str = Field(default_factory=new_id, pattern=HEX32_PATTERN)
     key_id: KeyId
     fleet: Id
     slot: Slot
@@ -177,7 +185,7 @@ class AuditRecord(Message):
     """The outcome of an audit on either side: a verdict value, never an exception."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    record_id: str = Field(default_factory=new_id, pattern=r"^[0-9a-f]{32}$")
+    record_id: str = Field(default_factory=new_id, pattern=HEX32_PATTERN)
     auditor: Literal["edge", "judicial"]
     subject: str = Field(max_length=256)
     """What was judged, e.g. ``packet:<packet_id>`` or ``file:<name>``."""

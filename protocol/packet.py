@@ -15,6 +15,9 @@ The signatures cover prefix + header, so the payload digest, the lengths and eve
 header field are signed.  Decoding checks, in order: size cap, structure and lengths,
 signatures, payload digest, then parses the header and the factors.  Nothing is
 parsed before the signature verifies; no pickle, no eval.
+
+Decoding parses the header into the msgspec ``wire.PacketHeader`` (the device never imports
+pydantic); encoding builds the pydantic ``InstructionPacket``, imported when first needed.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ import struct
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-from pydantic import ValidationError
 
+from ._limits import Slot
 from .adapter import Adapter
 from .errors import (
     HeaderInvalid,
+    MessageInvalid,
     PacketBadLength,
     PacketBadMagic,
     PacketTooLarge,
@@ -43,8 +48,15 @@ from .errors import (
     SignatureMissing,
     SignatureUnknownKey,
 )
-from .messages import InstructionPacket, LayerSpec, Provenance, Reason, Slot
 from .signing import KEY_ID_BYTES, SigningKey, TrustStore
+from .wire import LayerSpec as WireLayerSpec
+from .wire import PacketHeader, Reason
+
+if TYPE_CHECKING:
+    from . import messages
+
+Header = Union[PacketHeader, "messages.InstructionPacket"]
+"""What the semantic checks take: the wire header, or the pydantic model (same fields)."""
 
 MAGIC = b"PLSM"
 FORMAT_VERSION = 1
@@ -68,7 +80,7 @@ _MAX_INT8_SCALE = np.float32(np.finfo(np.float32).max / 128)
 class DecodedPacket:
     """A packet whose signature and digest verified and whose contents parsed."""
 
-    header: InstructionPacket
+    header: PacketHeader
     adapter: Adapter
     """Empty ``layers`` means the packet clears its slot."""
     signers: tuple[str, ...]
@@ -77,8 +89,10 @@ class DecodedPacket:
 
 # ---------------------------------------------------------------- payload
 
+LayerLike = Union["messages.LayerSpec", WireLayerSpec]
 
-def payload_size(layers: Iterable[LayerSpec], rank: int, dtype: str) -> int:
+
+def payload_size(layers: Iterable[LayerLike], rank: int, dtype: str) -> int:
     """Bytes of the payload the header describes."""
     size = 0
     for layer in layers:
@@ -116,7 +130,7 @@ def encode_payload(adapter: Adapter, dtype: str) -> bytes:
     return b"".join(s.tobytes() for s in scales) + b"".join(q.tobytes() for q in quantized)
 
 
-def decode_payload(payload: bytes, header: InstructionPacket) -> Adapter:
+def decode_payload(payload: bytes, header: Header) -> Adapter:
     """Factors from payload bytes; every length was checked against the header first."""
     expected = payload_size(header.layers, header.rank, header.dtype)
     if len(payload) != expected:
@@ -164,7 +178,7 @@ def encode_packet(
     dtype: str = "int8",
     expires_in: float = DEFAULT_EXPIRES_IN,
     priority: int = 5,
-    provenance: Provenance | None = None,
+    provenance: messages.Provenance | None = None,
     created_at: float | None = None,
     packet_id: str | None = None,
     extra_signers: Iterable[SigningKey] = (),
@@ -172,7 +186,12 @@ def encode_packet(
     """Build and sign a packet; ``adapter=None`` builds a packet that clears the slot.
 
     Raises ``ValueError`` (or pydantic's ValidationError, a ValueError) on bad fields.
+    ``provenance`` may be the pydantic model or its ``wire.Provenance`` mirror.
     """
+    from .messages import InstructionPacket, LayerSpec, Provenance  # the server's path
+
+    if provenance is not None and not isinstance(provenance, Provenance):
+        provenance = Provenance(**provenance.model_dump())
     if adapter is None:
         adapter = Adapter(alpha=1.0, rank=1, layers={})
     payload = encode_payload(adapter, dtype)
@@ -192,7 +211,7 @@ def encode_packet(
     return assemble_packet(header, payload, [key, *extra_signers])
 
 
-def assemble_packet(header: InstructionPacket, payload: bytes, signers: Iterable[SigningKey]
+def assemble_packet(header: Header, payload: bytes, signers: Iterable[SigningKey]
                     ) -> bytes:
     """Serialize and sign an already-built header with its payload."""
     header_bytes = header.model_dump_json().encode()
@@ -277,13 +296,11 @@ def _verify_signatures(signed: bytes, block: bytes, count: int, trust: TrustStor
 
 
 def _parse_header(raw: bytes, payload_len: int, digest: bytes, signers: tuple[str, ...]
-                  ) -> InstructionPacket:
+                  ) -> PacketHeader:
     try:
-        header = InstructionPacket.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "header"
-        raise HeaderInvalid(f"header field {where}: {first.get('msg')}") from None
+        header = PacketHeader.model_validate_json(raw)
+    except MessageInvalid as exc:
+        raise HeaderInvalid(f"header field {exc.field or 'header'}: {_why(exc)}") from None
     if header.payload_len != payload_len or header.payload_sha256 != digest.hex():
         raise HeaderInvalid("header payload length or digest differs from the prefix")
     if header.key_id not in signers:
@@ -291,20 +308,25 @@ def _parse_header(raw: bytes, payload_len: int, digest: bytes, signers: tuple[st
     return header
 
 
-def peek_header(data: bytes) -> InstructionPacket:
+def _why(exc: MessageInvalid) -> str:
+    """The message of a MessageInvalid without its 'PacketHeader field x:' lead."""
+    return str(exc).split(": ", 1)[-1]
+
+
+def peek_header(data: bytes) -> PacketHeader:
     """Parse the header WITHOUT verifying anything: for ``packet inspect`` only."""
     header_len, payload_len, digest = _read_prefix(data)
     raw = data[PREFIX_LEN:PREFIX_LEN + header_len]
     try:
-        return InstructionPacket.model_validate_json(raw)
-    except ValidationError as exc:
-        raise HeaderInvalid(f"header does not parse: {exc.errors()[0].get('msg')}") from None
+        return PacketHeader.model_validate_json(raw)
+    except MessageInvalid as exc:
+        raise HeaderInvalid(f"header does not parse: {_why(exc)}") from None
 
 
 # ---------------------------------------------------------------- semantic checks
 
 
-def check_expiry(header: InstructionPacket, now: float, skew: float = CLOCK_SKEW_S
+def check_expiry(header: Header, now: float, skew: float = CLOCK_SKEW_S
                  ) -> Reason | None:
     """Freeze attacks: an expired packet, or one created implausibly in the future."""
     if now >= header.expires_at:
@@ -316,7 +338,7 @@ def check_expiry(header: InstructionPacket, now: float, skew: float = CLOCK_SKEW
     return None
 
 
-def check_version(header: InstructionPacket, highest_accepted: int) -> Reason | None:
+def check_version(header: Header, highest_accepted: int) -> Reason | None:
     """Rollback and replay: the version must exceed the highest ever accepted for the slot."""
     if header.version == highest_accepted:
         return Reason(code="replayed_version", check="version",
@@ -329,7 +351,7 @@ def check_version(header: InstructionPacket, highest_accepted: int) -> Reason | 
     return None
 
 
-def check_base_model(header: InstructionPacket, base_sha256: str) -> Reason | None:
+def check_base_model(header: Header, base_sha256: str) -> Reason | None:
     if header.base_sha256 != base_sha256:
         return Reason(code="wrong_base_model", check="base_model",
                       message=f"packet is for base model {header.base_sha256[:12]}..., this "
@@ -337,7 +359,7 @@ def check_base_model(header: InstructionPacket, base_sha256: str) -> Reason | No
     return None
 
 
-def check_target(header: InstructionPacket, fleet: str | None, device: str | None,
+def check_target(header: Header, fleet: str | None, device: str | None,
                  slots: Iterable[Slot] = ("fleet", "device")) -> Reason | None:
     """Mix-and-match: the packet must be for this fleet, this device and an allowed slot."""
     if header.slot not in tuple(slots):
@@ -352,7 +374,7 @@ def check_target(header: InstructionPacket, fleet: str | None, device: str | Non
     return None
 
 
-def check_layers(header: InstructionPacket, layers: Mapping[str, tuple[int, int]],
+def check_layers(header: Header, layers: Mapping[str, tuple[int, int]],
                  max_rank: int) -> Reason | None:
     """The adapter's layers must exist in the model with the same (in, out) shapes."""
     if header.rank > max_rank:

@@ -19,34 +19,24 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import Field, ValidationError
 
-from .errors import TelemetryError
-from .messages import Id, Message, StateTrace
+from .errors import MessageInvalid, TelemetryError
+from .wire import MAX_ACT_DIM, MAX_OBS_DIM, MAX_ROWS, FrameHeader
+
+if TYPE_CHECKING:
+    from .messages import StateTrace
 
 MAGIC = b"PLST"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sHHII")
 MAX_HEADER_LEN = 4096
-MAX_ROWS = 100_000
-MAX_OBS_DIM = 4096
-MAX_ACT_DIM = 1024
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
-
-
-class FrameHeader(Message):
-    schema_version: Literal[1] = 1
-    fleet: Id
-    device: Id
-    rows: int = Field(ge=0, le=MAX_ROWS)
-    obs_dim: int = Field(ge=1, le=MAX_OBS_DIM)
-    act_dim: int = Field(ge=1, le=MAX_ACT_DIM)
-    seq: int = Field(default=0, ge=0, le=2**63 - 1)
-    """Frame counter of the sending device (restarts at 0 with the daemon)."""
-    created_at: float = 0.0
+__all__ = ["FrameHeader", "TraceBatch", "decode_traces", "encode_traces", "MAX_ROWS",
+           "MAX_OBS_DIM", "MAX_ACT_DIM", "MAX_HEADER_LEN", "DEFAULT_MAX_FRAME_BYTES"]
+# FrameHeader (the JSON header of a frame) is a msgspec struct: see plasma.protocol.wire.
 
 
 def _layout(n: int, o: int, a: int) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -109,6 +99,8 @@ class TraceBatch:
 
     def rows(self) -> list[StateTrace]:
         """The batch as validated StateTrace messages (slow path: use arrays for math)."""
+        from .messages import StateTrace  # pydantic: server side only
+
         return [
             StateTrace(
                 fleet=self.fleet, device=self.device, episode=int(self.episode[i]),
@@ -172,10 +164,9 @@ def decode_traces(data: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> T
 def _parse_frame_header(raw: bytes) -> FrameHeader:
     try:
         return FrameHeader.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "header"
-        raise TelemetryError(f"frame header field {where}: {first.get('msg')}",
+    except MessageInvalid as exc:
+        why = str(exc).split(": ", 1)[-1]
+        raise TelemetryError(f"frame header field {exc.field or 'header'}: {why}",
                              code="bad_header") from None
 
 

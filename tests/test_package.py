@@ -31,7 +31,10 @@ def test_protocol_public_names_are_pinned() -> None:
 
 
 FORBIDDEN_ON_EDGE = ("plasma.server", "onnx", "onnxruntime.quantization", "gymnasium", "torch",
-                     "matplotlib", "amqtt", "cryptography")  # the device verifies with PyNaCl
+                     "matplotlib", "amqtt",
+                     "cryptography",  # the device verifies with PyNaCl
+                     "pydantic", "pydantic_core",  # the device speaks plasma.protocol.wire
+                     "plasma.protocol.messages")
 
 
 def test_edge_import_stays_light() -> None:
@@ -50,3 +53,32 @@ def test_edge_import_stays_light() -> None:
     bad = sorted(m for m in loaded for f in FORBIDDEN_ON_EDGE if m == f or m.startswith(f + "."))
     assert not bad, f"plasma.edge loaded server-only modules: {bad}"
     assert "onnxruntime" in loaded or "plasma.edge.policy" not in loaded
+    assert "msgspec" in loaded
+
+
+def test_daemon_path_does_not_load_pydantic() -> None:
+    """What ``plasma-edge run`` imports (cli, daemon) and touches at start leaves pydantic out."""
+    code = (
+        "import json, sys\n"
+        "import plasma.edge.cli, plasma.edge.daemon\n"
+        "from plasma.edge.bundle import load_bundle\n"
+        "from plasma.protocol import decode_traces, encode_traces, peek_header, wire\n"
+        "wire.Status(fleet='f', device='d', state='online').model_dump_json()\n"
+        "wire.AuditRecord(auditor='edge', subject='s', verdict='accepted').model_dump_json()\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert not {m for m in loaded if m.split(".")[0] in ("pydantic", "pydantic_core")}
+    assert "plasma.protocol.messages" not in loaded
+
+
+def test_pydantic_names_still_load_lazily() -> None:
+    """The pinned pydantic names resolve on access (PEP 562) to the contract's models."""
+    from plasma.protocol import messages
+
+    for name in ("AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason",
+                 "SimulationResult", "StateTrace", "Status", "Verdict", "WorldState"):
+        assert getattr(plasma.protocol, name) is getattr(messages, name)
+    assert "AuditRecord" in dir(plasma.protocol)

@@ -1,0 +1,30 @@
+"""Constants shared by the pydantic contract (``messages``) and its msgspec mirror (``wire``).
+
+Standard library only: the device imports this without pydantic.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+SCHEMA_VERSION = 1
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
+HEX32_PATTERN = r"^[0-9a-f]{32}$"
+REASON_CODE_PATTERN = r"^[a-z0-9_]{1,64}$"
+LAYER_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
+
+Slot = Literal["fleet", "device"]
+SLOTS: tuple[Slot, ...] = ("fleet", "device")
+
+MAX_RANK = 64
+MAX_LAYERS = 64
+MAX_FEATURES = 65536
+
+
+def new_id() -> str:
+    """A random 32-hex-digit id for packets, records and simulations."""
+    return uuid.uuid4().hex
