@@ -84,13 +84,27 @@ def bench_inference(bundle_dir: str | Path | None = None, n: int = 20000, swap: 
             _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, theirs)
         p50, bare_p50 = np.percentile(ours, 50) / 1e3, np.percentile(theirs, 50) / 1e3
         widths = [bundle.manifest.obs_dim, *(e.out_features for e in bundle.manifest.layers)]
-        return {
+        result = {
             "model": "-".join(str(w) for w in widths),
             "swap": runtime.swap, "n": len(ours),
             "p50_us": float(p50), "p99_us": float(np.percentile(ours, 99) / 1e3),
             "bare_ort_p50_us": float(bare_p50), "bare_ort_p99_us": float(np.percentile(theirs, 99) / 1e3),
             "overhead_ratio": float(p50 / bare_p50),
         }
+        if getattr(runtime, "tiered", False):  # act() between a tiered activation and its prepacked upgrade
+            engine = MergeEngine(runtime)
+            plain: list[int] = []
+            bare_again: list[int] = []
+            with runtime.attach_control_loop():  # this thread is the loop and does not build until the end
+                engine.activate(engine.stage({"fleet": None}))
+                _time_calls(runtime.act, rows, [])
+                for _ in range(max(1, n // _BLOCK // 4)):
+                    _time_calls(runtime.act, rows, plain)
+                    _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, bare_again)
+            plain_p50 = np.percentile(plain, 50) / 1e3
+            result.update(tier1_act_p50_us=float(plain_p50),
+                          tier1_overhead_ratio=float(plain_p50 / (np.percentile(bare_again, 50) / 1e3)))
+        return result
 
 
 def random_adapters(bundle: Bundle, rank: int, count: int, rel_size: float = 0.1, seed: int = 0) -> list[Adapter]:
@@ -109,15 +123,24 @@ def random_adapters(bundle: Bundle, rank: int, count: int, rel_size: float = 0.1
     return adapters
 
 
-def _merge_windows(engine: MergeEngine, adapters: list[Adapter], n: int, spacing_s: float = 0.0) -> np.ndarray:
-    """Stage + activate ``n`` adapters; (n, 2) start and end times in ns."""
+def _merge_windows(engine: MergeEngine, adapters: list[Adapter], n: int, spacing_s: float = 0.0,
+                   upgrades: list[int] | None = None) -> np.ndarray:
+    """Stage + activate ``n`` adapters ``spacing_s`` apart; (n, 2) start and end times in ns.
+
+    With ``upgrades`` (a list), also the time (ns) from each activation until act() runs a
+    prepacked session again (tiered runtime, measured within the spacing).
+    """
     windows = np.zeros((n, 2), np.int64)
+    wait_upgraded = getattr(engine.runtime, "wait_upgraded", None)
     for i in range(n):
         windows[i, 0] = time.perf_counter_ns()
         engine.activate(engine.stage({"fleet": adapters[i % len(adapters)]}))
         windows[i, 1] = time.perf_counter_ns()
+        if upgrades is not None and wait_upgraded is not None:
+            wait_upgraded(1.0)
+            upgrades.append(time.perf_counter_ns() - windows[i, 1])
         if spacing_s:
-            time.sleep(spacing_s)
+            time.sleep(max(0.0, spacing_s - (time.perf_counter_ns() - windows[i, 1]) / 1e9))
     return windows
 
 
@@ -157,6 +180,15 @@ def _act_starts(runtime: PolicyRuntime, obs: np.ndarray, work: Callable[[], obje
     return starts[:count[0]]
 
 
+def _until_next(windows: np.ndarray, tail_ns: int) -> np.ndarray:
+    """Each merge's window extended to the next merge's start (the last by ``tail_ns``): a tiered
+    activation leaves the prepacked build to the control loop after it, and that must count."""
+    out = windows.copy()
+    out[:-1, 1] = np.maximum(windows[:-1, 1], windows[1:, 0])
+    out[-1, 1] = windows[-1, 1] + tail_ns
+    return out
+
+
 def _stall_per_window(starts: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """For each (start, end) window, the longest gap (ns) between act() starts overlapping it."""
     gaps = np.diff(starts)  # gaps[i] spans starts[i] .. starts[i + 1]
@@ -174,29 +206,38 @@ def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 20
                 spacing_ms: float = 5.0, loop_hz: float = 0.0) -> dict[str, Any]:
     """Stage + activate time, control-loop stall during merges, merged-policy fidelity, full reload time.
 
-    The stall run merges ``n`` adapters ``spacing_ms`` apart (packets are isolated events) while a
-    control thread calls act() non-stop (``loop_hz`` 0) or at ``loop_hz``; that thread is attached
-    as the control loop and calls ``maintain()`` between act() calls (``idle()`` while waiting for
-    its tick), so in rebuild mode it builds the sessions itself. ``merge_activate_p50_ms`` is
-    measured first with no loop attached (the merge thread builds); ``..._under_loop_...`` includes
-    waiting for the loop to build. A stall is a gap between
-    consecutive act() starts beyond the period: ``max_loop_stall_ms`` over the whole run, and
-    ``per_merge_stall_*`` the longest gap overlapping each merge (robust to the odd scheduling
-    hiccup). The idle run measures the same loop as long with no merges, for comparison: on a
-    shared 2-core VM the loop alone shows multi-ms gaps now and then.
+    ``merge_activate_p50_ms`` / ``_p99_ms``: stage + activate (the packet's critical path: merge,
+    write the inactive side, flip), ``n`` merges ``spacing_ms`` apart (packets are isolated
+    events) with no loop attached, so in tiered rebuild mode the background thread builds each
+    prepacked session after the flip, inside the spacing; ``prepacked_after_activate_p50_ms`` is
+    how long after the flip act() runs prepacked again. ``merge_activate_back_to_back_p50_ms``:
+    the same with no spacing (each merge then overlaps the previous one's background build).
+    The stall run merges ``n`` adapters ``spacing_ms`` apart while a control thread calls act()
+    non-stop (``loop_hz`` 0) or at ``loop_hz``; that thread is attached as the control loop and
+    calls ``maintain()`` between act() calls (``idle()`` while waiting for its tick), so it does
+    every session build itself (tiered: the prepacked upgrade after each flip; not tiered: the
+    staged side's session before it, which ``..._under_loop_...`` then includes). A stall is a gap
+    between consecutive act() starts beyond the period: ``max_loop_stall_ms`` over the whole run
+    (builds included), and ``per_merge_stall_*`` the longest gap from each merge's start to the
+    next one's (so the build the loop does after a tiered flip counts). The idle run measures
+    the same loop as long with no merges, for comparison: on a shared 2-core VM the loop alone
+    shows multi-ms gaps now and then.
     """
     with _bundle(bundle_dir) as bundle:
         engine = MergeEngine(PolicyRuntime(bundle, swap=swap))
         runtime, adapters = engine.runtime, random_adapters(bundle, rank, 8)
-        _merge_windows(engine, adapters, 10)  # warm-up
-        merge_ns = np.diff(_merge_windows(engine, adapters, n)).ravel()
-        obs = _observations(bundle, 1000, seed=1)
         period_s, spacing_s = (1 / loop_hz if loop_hz else 0.0), spacing_ms / 1e3
+        _merge_windows(engine, adapters, 10)  # warm-up
+        upgrade_ns: list[int] = []
+        merge_ns = np.diff(_merge_windows(engine, adapters, n, spacing_s, upgrade_ns)).ravel()
+        back_to_back_ns = np.diff(_merge_windows(engine, adapters, n)).ravel()
+        obs = _observations(bundle, 1000, seed=1)
         windows: list[np.ndarray] = []
         busy = _act_starts(runtime, obs[0], lambda: windows.append(_merge_windows(engine, adapters, n, spacing_s)),
                            period_s)
         idle = _act_starts(runtime, obs[0], lambda: time.sleep((busy[-1] - busy[0]) / 1e9), period_s)
-        per_merge_ms = (_stall_per_window(busy, windows[0]) / 1e6 - period_s * 1e3)
+        stall_windows = _until_next(windows[0], int(max(spacing_s, 2 * period_s) * 1e9))
+        per_merge_ms = (_stall_per_window(busy, stall_windows) / 1e6 - period_s * 1e3)
         busy_ms, idle_ms = np.diff(busy) / 1e6 - period_s * 1e3, np.diff(idle) / 1e6 - period_s * 1e3
         engine.restore({"fleet": None, "device": None})
         base_err = _fidelity(runtime, obs, reference_forward(bundle, obs))
@@ -209,10 +250,14 @@ def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 20
             _bare_session(bundle)
             reload_ns.append(time.perf_counter_ns() - t0)
         return {
-            "swap": runtime.swap, "rank": rank, "n": n,
+            "swap": runtime.swap, "tiered": bool(getattr(runtime, "tiered", False)), "rank": rank, "n": n,
             "builds_on_loop": runtime.builds_on_loop, "build_fallbacks": runtime.build_fallbacks,
+            "builds_in_background": int(getattr(runtime, "builds_in_background", 0)),
+            "stale_builds": int(getattr(runtime, "stale_builds", 0)),
             "merge_activate_p50_ms": float(np.percentile(merge_ns, 50) / 1e6),
             "merge_activate_p99_ms": float(np.percentile(merge_ns, 99) / 1e6),
+            "merge_activate_back_to_back_p50_ms": float(np.percentile(back_to_back_ns, 50) / 1e6),
+            "prepacked_after_activate_p50_ms": float(np.percentile(upgrade_ns, 50) / 1e6) if upgrade_ns else None,
             "merge_activate_under_loop_p50_ms": float(np.percentile(np.diff(windows[0]), 50) / 1e6),
             "max_loop_stall_ms": float(busy_ms.max()),
             "per_merge_stall_p50_ms": float(np.percentile(per_merge_ms, 50)),

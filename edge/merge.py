@@ -5,10 +5,13 @@ from the fp32 master (chained requantization drifts, DESIGN.md section 3), then 
 with exactly the shipped scheme (``quantize_weight``). A layer no adapter touches gets the base
 int8 weights, so removing every adapter gives the shipped policy bit for bit.
 
-``stage`` writes the inactive side of the ``PolicyRuntime`` (no act() call reads it) and returns
-a ``Staged`` handle that can run probes; ``activate`` flips one reference; ``rollback`` flips
-back while the previous state still sits in the other side (until the next ``stage``), and
-otherwise re-stages it from the master.
+``stage`` writes the inactive side of the ``PolicyRuntime`` (``begin_write`` first: no act() call
+reads it, no session build runs over it) and returns a ``Staged`` handle that can run probes;
+``activate`` flips one reference; ``rollback`` flips back while the previous state still sits in
+the other side (until the next ``stage``), and otherwise re-stages it from the master. In the
+default tiered rebuild mode no session is built on this path: the probes and the first act()
+calls after the flip run the side's non-prepacked session (exact), and the prepacked one is
+built afterwards by the control loop or a background thread (see ``plasma.edge.policy``).
 
 Errors: ``MergeError`` (code bad_adapter, non_finite, stale, no_rollback) means a broken contract:
 the auditor should have refused the adapter before it got here.
@@ -144,14 +147,15 @@ class MergeEngine:
 
         Slots not listed keep their active adapter; None removes one. Writing the inactive side
         drops the state ``rollback`` would have flipped back to (it is then rebuilt instead).
-        In rebuild mode with a control loop attached, the new session is built by that loop
-        (``PolicyRuntime.commit``): this call blocks until it is, up to ~1 period.
+        Tiered (default): no session build here. Rebuild without tiers, with a control loop
+        attached: the new session is built by that loop (``PolicyRuntime.commit``) and this
+        call blocks until it is, up to ~1 period.
         """
         with self.runtime.lock:
             state: State = MappingProxyType({**self.active, **adapters})
             terms = _terms(state, self._shapes)  # validate before touching any buffer
             index = 1 - self.runtime.active_index
-            self.runtime.wait_quiet(index)
+            self.runtime.begin_write(index)  # no act() on it, no session build over it
             self._holds[index] = None
             self._generation[index] += 1
             self._write(index, terms)

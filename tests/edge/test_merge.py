@@ -108,6 +108,7 @@ def test_stage_is_invisible_until_activate_and_rollback_is_instant(engine: Merge
     assert not np.array_equal(candidate, base)
     engine.activate(staged)
     assert np.array_equal(rt.act_batch(obs), candidate) and engine.active["fleet"] is staged.adapters["fleet"]
+    rt.wait_upgraded()  # tiered: let the background prepacked build land before taking the sessions
     sessions = [s.session for s in rt.sides]
     t0 = time.perf_counter()
     restored = engine.rollback()
