@@ -181,8 +181,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        help="rate of the control loop measured for stalls (default 50, the "
                             "daemon's default; 0 = act() non-stop)")
     merge.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild",
-                       help="how merged weights go live (default rebuild: a new session built "
-                            "on the control thread in its idle time)")
+                       help="how merged weights go live (default rebuild, tiered: the staged side "
+                            "goes live on its non-prepacked session, the prepacked one is built "
+                            "afterwards on the control thread in its idle time)")
     merge.set_defaults(handler=_bench)
     packet = bsub.add_parser("packet", help="verify + decode of one packet (MLP "
                              "64-256-256-256-8, every layer)")
