@@ -174,14 +174,16 @@ class ModelSpace:
 
 def audit_model(packet: DecodedPacket, base_weights: Mapping[str, np.ndarray],
                 policies: ModelPolicies, space: ModelSpace, ring: ObservationRing | None,
-                th: AuditThresholds = AuditThresholds(), seed: int = 0
+                th: AuditThresholds = AuditThresholds(), seed: int = 0,
+                base_norms: Mapping[str, float] | None = None
                 ) -> tuple[tuple[Reason, ...], dict[str, float]]:
     """Model-level reasons (empty: passed) and scores for a packet whose candidate is staged.
 
     A packet that clears its slot has no delta: only the behaviour probes run.
+    ``base_norms``: ``||W_base||_F`` per layer, if the caller keeps them (see ``delta_ratios``).
     """
     adapter = packet.adapter
-    ratios = delta_ratios(adapter, base_weights)
+    ratios = delta_ratios(adapter, base_weights, base_norms)
     scores = {f"delta_ratio.{name}": r for name, r in ratios.items()}
     weight_reasons = judge(adapter, ratios, None, th)
     if weight_reasons:  # never run a non-finite or huge candidate, even on probes

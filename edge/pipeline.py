@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from plasma.protocol import SLOTS, DecodedPacket, Slot
 from plasma.protocol.wire import AuditRecord, Reason
 
@@ -77,6 +79,8 @@ class AdapterPipeline:
         self.runtime, self.engine, self.journal = runtime, engine, journal
         self.ctx, self.canary, self.ring, self.thresholds = ctx, canary, ring, thresholds
         self.space = ModelSpace.from_manifest(runtime.bundle.manifest)
+        self._base_norms = {name: float(np.linalg.norm(w))  # the fp32 master never changes
+                            for name, w in runtime.bundle.weights.items()}
         runtime.base_act_batch(self.space.obs_low[None])  # build the base session now, not later
         self._live: dict[Slot, DecodedPacket | None] = {"fleet": None, "device": None}
         self._before: dict[Slot, DecodedPacket | None] | None = None
@@ -171,7 +175,8 @@ class AdapterPipeline:
         policies = ModelPolicies(current=self.runtime.act_batch, candidate=staged.act_batch,
                                  base=self.runtime.base_act_batch)
         return audit_model(packet, self.runtime.bundle.weights, policies, self.space,
-                           self.ring, self.thresholds, seed=self._probe_seed)
+                           self.ring, self.thresholds, seed=self._probe_seed,
+                           base_norms=self._base_norms)
 
     def _already_active(self, record: AuditRecord, packet: DecodedPacket | None,
                         ctx: AuditContext) -> AuditRecord:

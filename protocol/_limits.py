@@ -25,6 +25,19 @@ MAX_LAYERS = 64
 MAX_FEATURES = 65536
 
 
+def header_inconsistency(slot: str, device: str | None, created_at: float, expires_at: float,
+                         layer_names: list[str]) -> str | None:
+    """What is wrong across the fields of a packet header (None: nothing); one rule for both
+    the pydantic ``InstructionPacket`` and its msgspec mirror ``wire.PacketHeader``."""
+    if (slot == "device") != (device is not None):
+        return "slot 'device' needs a device id; slot 'fleet' must not have one"
+    if expires_at <= created_at:
+        return "expires_at must be after created_at"
+    if len(set(layer_names)) != len(layer_names):
+        return "duplicate layer names"
+    return None
+
+
 def new_id() -> str:
     """A random 32-hex-digit id for packets, records and simulations."""
     return uuid.uuid4().hex

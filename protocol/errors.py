@@ -114,11 +114,14 @@ class AdapterFileError(PlasmaError):
 class MessageInvalid(PlasmaError, ValueError):
     """A wire message (``plasma.protocol.wire``) that does not satisfy the contract.
 
-    ``field`` is the dotted path of the first offending field ("" for the whole message).
+    ``field`` is the dotted path of the first offending field ("" for the whole message);
+    ``detail`` what is wrong with it, without the message and field names in front.
     """
 
     code = "bad_message"
 
-    def __init__(self, message: str, *, field: str = "", code: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str = "", detail: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.field = field
+        self.detail = message if detail is None else detail

@@ -24,6 +24,7 @@ from ._limits import (
     SHA256_PATTERN,
     SLOTS,
     Slot,
+    header_inconsistency,
     new_id,
 )
 
@@ -155,13 +156,10 @@ class InstructionPacket(Message):
 
     @model_validator(mode="after")
     def _consistent(self) -> InstructionPacket:
-        if (self.slot == "device") != (self.device is not None):
-            raise ValueError("slot 'device' needs a device id; slot 'fleet' must not have one")
-        if self.expires_at <= self.created_at:
-            raise ValueError("expires_at must be after created_at")
-        names = [layer.name for layer in self.layers]
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate layer names")
+        problem = header_inconsistency(self.slot, self.device, self.created_at, self.expires_at,
+                                       [layer.name for layer in self.layers])
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

@@ -300,17 +300,12 @@ def _parse_header(raw: bytes, payload_len: int, digest: bytes, signers: tuple[st
     try:
         header = PacketHeader.model_validate_json(raw)
     except MessageInvalid as exc:
-        raise HeaderInvalid(f"header field {exc.field or 'header'}: {_why(exc)}") from None
+        raise HeaderInvalid(f"header field {exc.field or 'header'}: {exc.detail}") from None
     if header.payload_len != payload_len or header.payload_sha256 != digest.hex():
         raise HeaderInvalid("header payload length or digest differs from the prefix")
     if header.key_id not in signers:
         raise HeaderInvalid(f"header names key {header.key_id}, which did not sign it")
     return header
-
-
-def _why(exc: MessageInvalid) -> str:
-    """The message of a MessageInvalid without its 'PacketHeader field x:' lead."""
-    return str(exc).split(": ", 1)[-1]
 
 
 def peek_header(data: bytes) -> PacketHeader:
@@ -320,7 +315,7 @@ def peek_header(data: bytes) -> PacketHeader:
     try:
         return PacketHeader.model_validate_json(raw)
     except MessageInvalid as exc:
-        raise HeaderInvalid(f"header does not parse: {_why(exc)}") from None
+        raise HeaderInvalid(f"header does not parse: {exc.detail}") from None
 
 
 # ---------------------------------------------------------------- semantic checks

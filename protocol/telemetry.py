@@ -165,8 +165,7 @@ def _parse_frame_header(raw: bytes) -> FrameHeader:
     try:
         return FrameHeader.model_validate_json(raw)
     except MessageInvalid as exc:
-        why = str(exc).split(": ", 1)[-1]
-        raise TelemetryError(f"frame header field {exc.field or 'header'}: {why}",
+        raise TelemetryError(f"frame header field {exc.field or 'header'}: {exc.detail}",
                              code="bad_header") from None
 
 

@@ -42,6 +42,7 @@ from ._limits import (
     SHA256_PATTERN,
     SLOTS,
     Slot,
+    header_inconsistency,
     new_id,
 )
 from .errors import MessageInvalid
@@ -95,7 +96,8 @@ def _invalid(exc: BaseException, what: str) -> MessageInvalid:
     if "1.7976931348623157e+308" in text:  # the bounds of Float: NaN or Inf
         text = "Input should be a finite number (no NaN or Inf)"
     where = f"field {field}" if field else what
-    return MessageInvalid(f"{what} {where}: {text}" if field else f"{what}: {text}", field=field)
+    return MessageInvalid(f"{what} {where}: {text}" if field else f"{what}: {text}", field=field,
+                          detail=text)
 
 
 class WireStruct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -218,13 +220,10 @@ class PacketHeader(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=
     provenance: Provenance = msgspec.field(default_factory=Provenance)
 
     def _check(self) -> None:
-        if (self.slot == "device") != (self.device is not None):
-            raise MessageInvalid("slot 'device' needs a device id; slot 'fleet' must not have one")
-        if self.expires_at <= self.created_at:
-            raise MessageInvalid("expires_at must be after created_at")
-        names = [layer.name for layer in self.layers]
-        if len(set(names)) != len(names):
-            raise MessageInvalid("duplicate layer names")
+        problem = header_inconsistency(self.slot, self.device, self.created_at, self.expires_at,
+                                       [layer.name for layer in self.layers])
+        if problem:
+            raise MessageInvalid(problem)
 
     @property
     def target(self) -> str:

@@ -36,22 +36,16 @@ from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
 from plasma.edge.policy import PolicyRuntime
-from plasma.edge.probes import (
-    behaviour_scores,
-    check_action_bounds,
-    check_action_change,
-    check_sensitivity,
-    probe_observations,
-)
+from plasma.edge.probes import behaviour_scores, judge_behaviour, probe_observations
 from plasma.protocol import (
     Adapter,
     AuditRecord,
-    Reason,
     SigningKey,
     TrustStore,
     encode_packet,
     topics,
 )
+from plasma.protocol.wire import Reason
 
 log = logging.getLogger("plasma.bench")
 MODEL_TOPIC_SUFFIX = "model"  # bench-only topic for the full-model push
@@ -126,15 +120,14 @@ class BenchDevice:
 
     def _probe(self, session: Any) -> tuple[Reason, ...]:
         space, th = self.pipeline.space, self.pipeline.thresholds
-        rng = np.random.default_rng(len(self.model_store.name))
+        rng = np.random.default_rng(0)
         obs = probe_observations(np.zeros((0, len(space.obs_std)), np.float32), th.probe_count,
                                  space.obs_low, space.obs_high, rng)
         scores = behaviour_scores(self.runtime.act_batch,
                                   lambda x: session.run(["action"], {"obs": x})[0],
                                   self.runtime.base_act_batch, obs, space.act_low,
                                   space.act_high, th, space.obs_std, rng)
-        return tuple(r for r in (check_action_bounds(scores, th), check_action_change(scores, th),
-                                 check_sensitivity(scores, th)) if r is not None)
+        return judge_behaviour(scores, th)
 
     def close(self) -> None:
         self.bus.close()
@@ -288,10 +281,9 @@ class ThrottledLink:
         self.rate = kbps * 1000 / 8  # bytes per second
         self._server = socket.create_server(("127.0.0.1", 0))
         port = self._server.getsockname()[1]
-        netloc = f"{parts.username}@" if parts.username else ""
-        if parts.password:
-            netloc = f"{parts.username}:{parts.password}@"
-        self.url = urlunsplit(("mqtt", f"{netloc}127.0.0.1:{port}", parts.path, parts.query, ""))
+        userinfo = parts.netloc.rpartition("@")[0]  # credentials, if any, go through unchanged
+        here = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+        self.url = urlunsplit(("mqtt", here, parts.path, parts.query, ""))
         self._closed = threading.Event()
         threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
 
