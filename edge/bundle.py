@@ -31,12 +31,14 @@ from plasma.protocol.errors import MessageInvalid
 from plasma.protocol.wire import WireStruct
 
 __all__ = ["Bundle", "BundleError", "LayerEntry", "Manifest", "load_bundle", "MODEL_INT8", "MODEL_FP32",
-           "BASE_WEIGHTS", "MANIFEST"]
+           "BASE_WEIGHTS", "MANIFEST", "WEIGHT_QMAX"]
 
 MODEL_INT8 = "model.int8.onnx"
 MODEL_FP32 = "model.fp32.onnx"
 BASE_WEIGHTS = "base_weights.npz"
 MANIFEST = "manifest.json"
+WEIGHT_QMAX = 64
+"""What new bundles use (``Manifest.weight_qmax``)."""
 MAX_MODEL_BYTES = 64 * 1024 * 1024  # an edge MLP policy is ~100 KB; refuse to hash/load anything absurd
 
 
@@ -91,6 +93,9 @@ class Manifest(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True
     obs_mean: list[float]
     obs_std: list[float]
     hidden_activation: Literal["tanh", "relu"]
+    weight_qmax: Literal[64, 127] = 127
+    """Largest |q| of the int8 weights: 64 (reduce-range, what ``export_bundle`` writes: exact on
+    CPUs without VNNI) or 127 (full range, bundles written before the field existed)."""
     env_id: str = ""
     physics: dict[str, float] = msgspec.field(default_factory=dict)
     base_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]

@@ -207,4 +207,4 @@ class MergeEngine:
                 _accumulate(acc, w_base, terms[name], tmp)
             if not np.isfinite(acc).all():
                 raise MergeError(f"merged {name} is not finite", code="non_finite")
-            quantize_into(acc, side.q[name], side.scale[name], tmp)
+            quantize_into(acc, side.q[name], side.scale[name], tmp, self.runtime.bundle.manifest.weight_qmax)

@@ -75,32 +75,34 @@ SwapMode = Literal["rebuild", "inplace"]
 _TINY = float(np.finfo(np.float32).tiny)
 
 
-def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """W float32 (out, in) -> (q int8 (in, out), scale float32 (out,)): quantize_dynamic's per-channel QInt8.
 
-    Symmetric, zero point 0: scale computed in float64 as 2*max|W_col| / 254 (= /127) then cast,
-    q = clip(round_half_even(W / scale), -128, 127); an all-zero column gets scale 1.0. This
-    reproduces the shipped weights of onnxruntime.quantization 1.32 bit for bit (tested).
+    Symmetric, zero point 0: scale computed in float64 as 2*max|W_col| / (2*qmax) then cast,
+    q = clip(round_half_even(W / scale), -qmax, qmax); an all-zero column gets scale 1.0. With
+    qmax 64 (``reduce_range=True``) or 127 this reproduces onnxruntime.quantization 1.32's
+    weights bit for bit (tested).
     """
     # Always a copy: for a one-row or one-column W, W.T is already contiguous and
     # ascontiguousarray would hand back the read-only master itself.
     acc = np.array(np.asarray(w, np.float32).T, order="C", copy=True)  # (in, out)
     q = np.empty(acc.shape, np.int8)
     scale = np.empty(acc.shape[1], np.float32)
-    quantize_into(acc, q, scale, np.empty_like(acc))
+    quantize_into(acc, q, scale, np.empty_like(acc), qmax)
     return q, scale
 
 
-def quantize_into(acc: np.ndarray, q: np.ndarray, scale: np.ndarray, scratch: np.ndarray) -> None:
+def quantize_into(acc: np.ndarray, q: np.ndarray, scale: np.ndarray, scratch: np.ndarray,
+                  qmax: int = 127) -> None:
     """In place: acc float32 (in, out) is consumed; writes q int8 (in, out) and scale (out,)."""
     np.abs(acc, out=scratch)
     absmax = scratch.max(axis=0).astype(np.float64)  # (out,)
-    s64 = absmax * 2.0 / 254.0
+    s64 = absmax * 2.0 / (2.0 * qmax)
     s32 = s64.astype(np.float32)
     s32[s64 < _TINY] = 1.0  # the quantizer's guard for an all-zero column
     np.divide(acc, s32, out=acc)
     np.round(acc, out=acc)
-    np.clip(acc, -128, 127, out=acc)
+    np.clip(acc, -qmax, qmax, out=acc)
     np.copyto(q, acc, casting="unsafe")
     np.copyto(scale, s32)
 
@@ -218,7 +220,8 @@ class PolicyRuntime:
     def __init__(self, bundle: Bundle, *, swap: SwapMode = "rebuild", build_timeout_s: float = 1.0,
                  upgrade_linger_s: float = 2.0) -> None:
         self.bundle = bundle
-        base_q = {name: quantize_weight(w) for name, w in bundle.weights.items()}
+        base_q = {name: quantize_weight(w, bundle.manifest.weight_qmax)
+                  for name, w in bundle.weights.items()}
         self.base_q: Mapping[str, tuple[np.ndarray, np.ndarray]] = base_q
         """name -> (int8 (in, out), scale (out,)) requantized from the fp32 master (== shipped)."""
         self.lock = threading.RLock()

@@ -68,7 +68,8 @@ def test_bundle_layout_and_manifest(shared_bundle_dir: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == sorted([MODEL_INT8, MODEL_FP32, BASE_WEIGHTS, MANIFEST])
     m = json.loads((root / MANIFEST).read_text())
     assert set(m) == {"schema", "obs_dim", "act_dim", "obs_low", "obs_high", "act_low", "act_high", "obs_mean",
-                      "obs_std", "hidden_activation", "env_id", "physics", "base_sha256", "layers", "meta"}
+                      "obs_std", "hidden_activation", "weight_qmax", "env_id", "physics", "base_sha256", "layers",
+                      "meta"}
     assert m["schema"] == 1 and m["env_id"] == "Test-v0" and m["physics"] == {"g": 9.81}
     assert m["base_sha256"] == hashlib.sha256((root / MODEL_INT8).read_bytes()).hexdigest()
     inits = int8_initializers(root / MODEL_INT8)
@@ -78,6 +79,7 @@ def test_bundle_layout_and_manifest(shared_bundle_dir: Path) -> None:
         assert q.dtype == np.int8 and q.shape == (layer["in"], layer["out"])
         assert scale.dtype == np.float32 and scale.shape == (layer["out"],)
         assert zp.dtype == np.int8 and not zp.any()
+        assert m["weight_qmax"] == 64 and np.abs(q).max() <= 64  # reduce-range: exact without VNNI
 
 
 def test_dynamic_batch_dimension(bundle: Bundle) -> None:
@@ -97,7 +99,7 @@ def test_requantizing_master_reproduces_shipped_int8_bit_for_bit(tmp_path: Path,
                          act_low=-np.ones(4), act_high=np.ones(4))
     inits = int8_initializers(root / MODEL_INT8)
     for k, (w, _) in enumerate(layers):
-        q, scale = quantize_weight(w)
+        q, scale = quantize_weight(w, 64)
         assert np.array_equal(q, inits[f"l{k}.W_quantized"])
         assert np.array_equal(scale, inits[f"l{k}.W_scale"])
 
