@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("gymnasium")
 pytest.importorskip("matplotlib")
 
-from plasma.server.demo import DemoConfig, run_demo  # noqa: E402
+from plasma.server.tools.demo import DemoConfig, run_demo  # noqa: E402
 
 DURATION_S = 75.0
 """About 10 rounds for one device: most honest rounds on this data are blocked (in the 3-device

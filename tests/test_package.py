@@ -42,9 +42,8 @@ def test_edge_import_stays_light() -> None:
     code = (
         "import importlib, json, pkgutil, sys\n"
         "import plasma.edge\n"
-        "for m in pkgutil.iter_modules(plasma.edge.__path__):\n"
-        "    if m.name != 'bench':\n"  # benchmarks build models with the server exporter
-        "        importlib.import_module('plasma.edge.' + m.name)\n"
+        "for m in pkgutil.walk_packages(plasma.edge.__path__, 'plasma.edge.'):\n"
+        "    importlib.import_module(m.name)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -61,7 +60,7 @@ def test_daemon_path_does_not_load_pydantic() -> None:
     code = (
         "import json, sys\n"
         "import plasma.edge.cli, plasma.edge.daemon\n"
-        "from plasma.edge.bundle import load_bundle\n"
+        "from plasma.protocol.bundle import load_bundle\n"
         "from plasma.protocol import decode_traces, encode_traces, peek_header, wire\n"
         "wire.Status(fleet='f', device='d', state='online').model_dump_json()\n"
         "wire.AuditRecord(auditor='edge', subject='s', verdict='accepted').model_dump_json()\n"

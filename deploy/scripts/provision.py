@@ -58,7 +58,7 @@ SHIPPED_DIR = "/etc/mosquitto/plasma"
 # tokens, so the iteration count does not need to slow down guessing.
 PBKDF2_ITERATIONS = 101
 CA_DAYS, LEAF_DAYS, RENEW_DAYS = 3650, 825, 30
-# The daemons read PLASMA_EDGE_<FLAG> / PLASMA_SERVER_<FLAG> (edge/config.py).
+# The daemons read PLASMA_EDGE_<FLAG> / PLASMA_SERVER_<FLAG> (plasma/edge/config.py).
 ENV_PREFIX = {"device": "PLASMA_EDGE", "server": "PLASMA_SERVER", "admin": "PLASMA_ADMIN"}
 
 

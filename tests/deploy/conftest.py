@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from plasma.edge.bus import BrokerConfig, MqttBus
+from plasma.protocol.bus import BrokerConfig, MqttBus
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISION = REPO / "deploy" / "scripts" / "provision.py"

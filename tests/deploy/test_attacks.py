@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plasma.edge.bus import MqttBus
+from plasma.protocol.bus import MqttBus
 from plasma.protocol import Adapter, SigningKey, topics
 from plasma.protocol.packet import DEFAULT_MAX_PACKET_BYTES, PREFIX_LEN
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from plasma.edge.bus import BusError, Message, MqttBus
+from plasma.protocol.bus import BusError, Message, MqttBus
 from plasma.protocol import topics
 
 pytestmark = pytest.mark.broker

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from plasma.edge.bus import BrokerConfig, MqttBus
+from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.edge.journal import Journal
 from plasma.protocol import TrustStore, decode_packet, topics
 from plasma.server.publisher import Publisher, PublisherConfig

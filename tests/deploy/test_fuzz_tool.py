@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from plasma.protocol import TelemetryError
-from plasma.server import fuzz
+from plasma.server.tools import fuzz
 
 
 def test_short_run_prints_a_clean_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plasma.edge.bundle import Bundle, load_bundle
+from plasma.protocol.bundle import Bundle, load_bundle
 
 SIZES = [12, 48, 48, 3]  # small enough that a bundle exports in ~50 ms
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from plasma.edge.audit import AuditContext, ModelPolicies, ModelSpace, audit_model, audit_packet
-from plasma.edge.bundle import Bundle
+from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
 from plasma.edge.policy import PolicyRuntime
 from plasma.edge.probes import (

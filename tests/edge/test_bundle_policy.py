@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from plasma.edge.bundle import BASE_WEIGHTS, MANIFEST, MODEL_FP32, MODEL_INT8, Bundle, BundleError, load_bundle
+from plasma.protocol.bundle import BASE_WEIGHTS, MANIFEST, MODEL_FP32, MODEL_INT8, Bundle, BundleError, load_bundle
 from plasma.edge.policy import PolicyRuntime, quantize_weight, reference_forward
 
 
@@ -231,7 +231,7 @@ def test_inplace_self_test_passes_and_falls_back(bundle: Bundle, monkeypatch: py
 
 def test_edge_import_loads_no_server_modules() -> None:
     code = (
-        "import sys, plasma.edge, plasma.edge.bundle, plasma.edge.policy, plasma.edge.merge, plasma.edge.bench\n"
+        "import sys, plasma.edge, plasma.protocol.bundle, plasma.edge.policy, plasma.edge.merge, plasma.edge.bench\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('onnx', 'gymnasium', 'torch')\n"
         "       or m.startswith(('plasma.server', 'onnxruntime.quantization'))]\n"
         "print(','.join(bad))\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from plasma.edge.audit import AuditContext
-from plasma.edge.bundle import Bundle
+from plasma.protocol.bundle import Bundle
 from plasma.edge.canary import Canary, CanaryConfig, regression
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine

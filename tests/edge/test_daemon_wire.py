@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plasma.edge.bus import BrokerConfig, Message, MqttBus
+from plasma.protocol.bus import BrokerConfig, Message, MqttBus
 from plasma.edge.config import load_config
 from plasma.edge.telemetry import TelemetryBuffer, TelemetryConfig
 from plasma.protocol import Adapter, SigningKey, decode_traces, encode_packet, topics
@@ -348,7 +348,7 @@ class InProcess:
 
     def __init__(self, pendulum: dict[str, Any], state: Path, env: Any = None,
                  toml: str = "") -> None:
-        from plasma.edge.bus import MemoryBroker, MemoryBus
+        from plasma.protocol.bus import MemoryBroker, MemoryBus
         from plasma.edge.daemon import Daemon
 
         config = state.parent / "inproc.toml"
@@ -420,7 +420,7 @@ class ImitateBase:
     """Pendulum-shaped world whose reward is -(a - base action)^2: any shift of the policy hurts."""
 
     def __init__(self, bundle_dir: Path) -> None:
-        from plasma.edge.bundle import load_bundle
+        from plasma.protocol.bundle import load_bundle
 
         self.bundle, self.rng = load_bundle(bundle_dir), np.random.default_rng(0)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from plasma.edge import journal as jmod
 from plasma.edge.audit import AuditContext
-from plasma.edge.bundle import Bundle
+from plasma.protocol.bundle import Bundle
 from plasma.edge.canary import Canary
 from plasma.edge.journal import Journal, JournalError, bench_commit
 from plasma.edge.merge import MergeEngine

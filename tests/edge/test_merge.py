@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plasma.edge.bundle import Bundle
+from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine, MergeError, merged_weights
 from plasma.edge.policy import PolicyRuntime, quantize_weight, reference_forward
 from plasma.protocol import Adapter
@@ -233,7 +233,7 @@ def test_stale_staged_handles_are_refused(engine: MergeEngine, bundle: Bundle) -
 
 
 def test_bench_smoke(shared_bundle_dir: Path) -> None:
-    from plasma.edge.bench import bench_inference, bench_merge
+    from plasma.edge.bench.runtime import bench_inference, bench_merge
 
     inference = bench_inference(shared_bundle_dir, n=1000)
     assert {"p50_us", "p99_us", "bare_ort_p50_us", "overhead_ratio"} <= set(inference)
@@ -248,7 +248,7 @@ def test_one_output_layer_loads_and_merges(tmp_path) -> None:
     """Pendulum's policy ends in a 1-output layer: W.T is contiguous there (regression)."""
     import numpy as np
 
-    from plasma.edge.bundle import load_bundle
+    from plasma.protocol.bundle import load_bundle
     from plasma.edge.merge import MergeEngine
     from plasma.edge.policy import PolicyRuntime
     from plasma.protocol import Adapter

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from plasma.edge import journal as jmod
 from plasma.edge.audit import AuditContext
-from plasma.edge.bundle import Bundle
+from plasma.protocol.bundle import Bundle
 from plasma.edge.canary import Canary
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine

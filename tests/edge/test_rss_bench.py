@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from plasma.edge.rss_bench import read_status
+from plasma.edge.bench.rss import read_status
 
 MODEL = Path(__file__).resolve().parents[2] / "deploy" / "models" / "pendulum-nominal"
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plasma.edge.bundle import Bundle
+from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
 from plasma.edge.policy import PolicyRuntime, SessionSide
 

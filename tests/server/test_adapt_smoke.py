@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from plasma.server.adapt_bench import AdaptBenchConfig, bench_adapt
+from plasma.server.bench.adapt import AdaptBenchConfig, bench_adapt
 from plasma.server.basepolicy import TrainBaseConfig, cached_policy, train_base
 from plasma.server.distill import DistillConfig
 from plasma.server.phantom import PlannerConfig

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from plasma.server.fleet_bench import ThrottledLink, bench_e2e
+from plasma.server.bench.fleet import ThrottledLink, bench_e2e
 
 
 def _echo_server() -> tuple[socket.socket, int]:

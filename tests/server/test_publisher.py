@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plasma.edge.bus import BrokerConfig, MemoryBroker, MemoryBus, Message, MqttBus
+from plasma.protocol.bus import BrokerConfig, MemoryBroker, MemoryBus, Message, MqttBus
 from plasma.protocol import Adapter, AuditRecord, SigningKey, TrustStore, decode_packet, topics
 from plasma.server.publisher import Publisher, PublisherConfig, judicial_topic
 from plasma.server.store import TraceStore

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plasma.edge.bus import BrokerConfig, MqttBus
+from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol import (
     AuditRecord,
     SigningKey,

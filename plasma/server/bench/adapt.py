@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .basepolicy import (
+from ..basepolicy import (
     EVAL_SEED0,
     PolicyFn,
     TrainBaseConfig,
@@ -21,11 +21,11 @@ from .basepolicy import (
     evaluate,
     export_policy,
 )
-from .distill import DistillConfig, LoRADistiller
-from .phantom import PhantomConfig, PhantomPathSimulator, PlannerConfig, blas_threads
-from .policy_net import LoRA, MLPPolicy
-from .tasks import get_task
-from .worldmodel import WorldModel, WorldModelConfig
+from ..distill import DistillConfig, LoRADistiller
+from ..phantom import PhantomConfig, PhantomPathSimulator, PlannerConfig, blas_threads
+from ..policy_net import LoRA, MLPPolicy
+from ..tasks import get_task
+from ..worldmodel import WorldModel, WorldModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class _EdgeSide:
     """
 
     def __init__(self, bundle_dir: Path, task: Any) -> None:
-        from plasma.edge.bundle import load_bundle
+        from plasma.protocol.bundle import load_bundle
         from plasma.edge.merge import MergeEngine
         from plasma.edge.policy import PolicyRuntime
         from plasma.protocol.signing import SigningKey, TrustStore
@@ -128,7 +128,7 @@ class _EdgeSide:
         from plasma.protocol import Adapter
         from plasma.protocol.packet import decode_packet, encode_packet
 
-        from .export import export_bundle
+        from ..export import export_bundle
 
         self.version += 1
         adapter = Adapter(alpha=lora.alpha, rank=lora.rank, layers=lora.factors)

@@ -6,7 +6,7 @@ finite numbers only.  Anything else is a CRASH (saved with its traceback); an in
 longer than ``--time-limit-ms`` is a HANG (saved too).  Prints one JSON summary line::
 
     plasma-server fuzz --inputs 100000 [--seed S] [--target packet|telemetry|both]
-    python -m plasma.server.fuzz --inputs 100000 --engine atheris   # coverage-guided
+    python -m plasma.server.tools.fuzz --inputs 100000 --engine atheris   # coverage-guided
 
 The built-in engine mutates valid seeds (bit flips, interesting bytes, inserts, deletes,
 duplicated ranges, length-field edits, splices, truncation, stacked "havoc" rounds), sends

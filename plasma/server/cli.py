@@ -69,7 +69,7 @@ def _packet_build(args: argparse.Namespace) -> int:
 
 
 def _check_against_model(model_dir: str, adapter, base_sha256: str | None) -> str:
-    from plasma.edge.bundle import load_bundle  # the bundle reader lives on the edge
+    from plasma.protocol.bundle import load_bundle  # the bundle reader lives on the edge
 
     bundle = load_bundle(model_dir)
     if base_sha256 is not None and base_sha256.lower() != bundle.base_sha256:

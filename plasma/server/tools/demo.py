@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from plasma.edge.bus import BrokerConfig, Message, MqttBus
+from plasma.protocol.bus import BrokerConfig, Message, MqttBus
 from plasma.protocol import AuditRecord, PlasmaError, SigningKey, Status, decode_traces, topics
 from plasma.protocol._cli import UsageError
 
-from .embedded_broker import answers, start_embedded
+from .broker import answers, start_embedded
 
 log = logging.getLogger("plasma.demo")
 
@@ -315,7 +315,7 @@ def _watch(cfg: DemoConfig, monitor: Monitor, procs: Processes) -> str:
 
 def _oracles(cfg: DemoConfig, monitor: Monitor) -> None:
     """Each device's oracle return: a policy trained at its physics (cached), fixed seeds."""
-    from .basepolicy import TrainBaseConfig, cached_policy, evaluate
+    from ..basepolicy import TrainBaseConfig, cached_policy, evaluate
 
     for tr in monitor.tracks.values():
         physics = _parse_physics(tr.physics)

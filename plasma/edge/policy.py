@@ -65,7 +65,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, BundleError
+from plasma.protocol.bundle import Bundle, BundleError
 
 __all__ = ["PolicyRuntime", "SessionSide", "SwapMode", "quantize_weight", "reference_forward"]
 

@@ -72,7 +72,7 @@ def _train_base(args: argparse.Namespace) -> int:
 
 def _bench_adapt(args: argparse.Namespace) -> int:
     try:
-        from .adapt_bench import AdaptBenchConfig, bench_adapt
+        from .bench.adapt import AdaptBenchConfig, bench_adapt
     except ImportError as exc:
         raise _needs("server", exc) from None
     runs = []
@@ -105,13 +105,13 @@ def _bench_phantom(args: argparse.Namespace) -> int:
 
 
 def _bench_audit(args: argparse.Namespace) -> int:
-    from .audit_bench import AuditBenchConfig, bench_audit
+    from .bench.audit import AuditBenchConfig, bench_audit
 
     return _print(bench_audit(AuditBenchConfig(seed=args.seed)))
 
 
 def _bench_e2e(args: argparse.Namespace) -> int:
-    from .fleet_bench import bench_e2e
+    from .bench.fleet import bench_e2e
 
     return _print(bench_e2e(args.broker, packets=args.packets, rank=args.rank, model=args.model,
                             full_model_pushes=args.full_model_pushes, swap=args.swap,
@@ -119,7 +119,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 
 
 def _bench_fleet(args: argparse.Namespace) -> int:
-    from .fleet_bench import bench_fleet
+    from .bench.fleet import bench_fleet
 
     return _print(bench_fleet(args.broker, devices=args.devices, processes=args.processes,
                               rank=args.rank, model=args.model, swap=args.swap))
@@ -130,7 +130,7 @@ def _bench_fleet(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     try:
-        from .demo import DemoConfig, run_demo
+        from .tools.demo import DemoConfig, run_demo
     except ImportError as exc:
         raise _needs("demo", exc) from None
     physics = tuple(p for p in (args.physics or "").split(";") if p) or DemoConfig.physics
@@ -143,7 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _fuzz(args: argparse.Namespace) -> int:
-    from .fuzz import run
+    from .tools.fuzz import run
 
     return run(args)
 
@@ -222,7 +222,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="output: plot, summary, logs, keys, state")
     demo.set_defaults(handler=_demo)
 
-    from .fuzz import add_arguments
+    from .tools.fuzz import add_arguments
 
     fuzz = sub.add_parser("fuzz", help="long mutation fuzzing of packet and telemetry decoding")
     add_arguments(fuzz)

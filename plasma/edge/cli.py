@@ -15,7 +15,7 @@ from plasma.protocol._cli import (EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, Us
 from plasma.protocol.topics import validate_id
 
 from .audit import AuditContext, audit_packet
-from .bundle import BundleError
+from plasma.protocol.bundle import BundleError
 
 DESCRIPTION = """\
 Plasma edge: runs a quantized ONNX policy, receives signed LoRA packets over MQTT,
@@ -52,7 +52,7 @@ def _check_packet(args: argparse.Namespace) -> int:
 def _model_context(model_dir: str | None) -> dict:
     if model_dir is None:
         return {}
-    from .bundle import load_bundle
+    from plasma.protocol.bundle import load_bundle
 
     bundle = load_bundle(model_dir)
     return {"base_sha256": bundle.base_sha256,
@@ -78,7 +78,7 @@ def _one_line(text: str) -> str:
 
 
 def _model_info(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
+    from plasma.protocol.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     info = bundle.manifest.model_dump(mode="json", by_alias=True)
@@ -140,21 +140,19 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     """Benchmarks print one JSON object; model-building ones need the [server] extra."""
     if args.bench_command == "packet":
-        from .packet_bench import bench_packet
+        from .bench.packet import bench_packet
 
         result = bench_packet(rank=args.rank, dtype=args.dtype)
     elif args.bench_command == "rss":
-        from .rss_bench import bench_rss
+        from .bench.rss import bench_rss
 
         try:
             result = bench_rss(args.broker, args.model, env=args.env, seconds=args.seconds)
         except RuntimeError as exc:
             raise UsageError(str(exc)) from None
     else:
-        try:
-            from . import bench
-        except ImportError as exc:
-            raise UsageError(f"{exc.name} is missing: pip install 'plasma[server]'") from None
+        from .bench import runtime as bench
+
         if args.bench_command == "inference":
             result = bench.bench_inference(args.model, swap=args.swap)
         else:

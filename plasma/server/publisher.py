@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from plasma.edge.bus import Bus, Message
+from plasma.protocol.bus import Bus, Message
 from plasma.protocol import (
     Adapter,
     AuditRecord,
@@ -167,7 +167,7 @@ class Publisher:
 
         self.bus.subscribe(topics.fleet_adapter(self.cfg.fleet), on_retained, qos=1)
         self.bus.subscribe(f"{topics.ROOT}/{self.cfg.fleet}/device/+/adapter", on_retained, qos=1)
-        time.sleep(self.cfg.sync_timeout_s if self.bus.protocol != "memory" else 0.0)
+        time.sleep(0.0 if self.bus.retained_is_synchronous else self.cfg.sync_timeout_s)
         listening.clear()
         for slot, target, version in list(seen):
             self.store.raise_version_floor(self.cfg.fleet, slot, target, version)

@@ -32,7 +32,7 @@ from plasma.protocol import (
 )
 from plasma.protocol.wire import AuditRecord, Reason
 
-from .bundle import Manifest
+from plasma.protocol.bundle import Manifest
 from .probes import (
     AuditThresholds,
     ObservationRing,

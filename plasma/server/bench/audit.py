@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from .basepolicy import TrainBaseConfig, cached_policy, collect, evaluate
-from .judicial import JudicialAuditor, JudicialConfig, RealData
-from .policy_net import LoRA, MLPPolicy
-from .run import RoundConfig, adaptation_round, fit_world_model, round_config
-from .tasks import TaskSpec, get_task
-from .worldmodel import WorldModel
+from ..basepolicy import TrainBaseConfig, cached_policy, collect, evaluate
+from ..judicial import JudicialAuditor, JudicialConfig, RealData
+from ..policy_net import LoRA, MLPPolicy
+from ..run import RoundConfig, adaptation_round, fit_world_model, round_config
+from ..tasks import TaskSpec, get_task
+from ..worldmodel import WorldModel
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from plasma.edge.bundle import Bundle, BundleError, load_bundle
-from plasma.edge.bus import MqttBus
+from plasma.protocol.bundle import Bundle, BundleError, load_bundle
+from plasma.protocol.bus import Bus, MqttBus
 from plasma.protocol import Adapter, Provenance, SigningKey, TraceBatch, new_id
 from plasma.protocol._cli import UsageError, add_broker_arguments
 
@@ -393,7 +393,8 @@ class _Collector:
 class Server:
     """Bus, store, ingest, publisher and adaptation worker of one fleet."""
 
-    def __init__(self, cfg: ServiceConfig) -> None:
+    def __init__(self, cfg: ServiceConfig, bus: Bus | None = None) -> None:
+        """``bus``: the broker seam (default: an ``MqttBus`` on ``cfg.broker``)."""
         self.cfg = cfg
         key = SigningKey.load(cfg.key)
         try:
@@ -412,7 +413,7 @@ class Server:
                              f"{self.task.obs_dim}/{self.task.act_dim}")
         self.store = TraceStore(cfg.store)
         client_id = f"plasma-server-{cfg.fleet}-{socket.gethostname()}"
-        self.bus = MqttBus(cfg.broker, client_id=client_id)
+        self.bus = bus if bus is not None else MqttBus(cfg.broker, client_id=client_id)
         self.ingest = Ingest(self.bus, self.store, IngestConfig(
             fleet=cfg.fleet, dims=(self.task.obs_dim, self.task.act_dim)))
         self.publisher = Publisher(self.bus, self.store, key, PublisherConfig(

@@ -1,4 +1,4 @@
-"""The broker seam: one small Bus interface, paho-mqtt behind it, an in-memory stand-in.
+"""``MqttBus``: the ``Bus`` over paho-mqtt 2.x.
 
 paho is touched here and nowhere else; its failures become ``BusError`` here.
 ``MqttBus`` speaks MQTT 5 when the broker does and falls back to 3.1.1 (amqtt, older
@@ -13,110 +13,18 @@ import socket
 import ssl
 import threading
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from plasma.protocol import PlasmaError
+from .base import Bus, BrokerConfig, BusError, Handler, Message, topic_matches
+
+__all__ = ["MqttBus"]
 
 log = logging.getLogger(__name__)
 V5_PROBE_S = 1.5
 # CONNACK refusals that retrying with another protocol version cannot fix.
 _REFUSAL_CODES = {"Not authorized": "not_authorized",
                   "Bad user name or password": "bad_credentials"}
-
-
-class BusError(PlasmaError):
-    code = "bus_error"
-
-
-@dataclass(frozen=True)
-class Message:
-    topic: str
-    payload: bytes
-    retain: bool = False
-    qos: int = 0
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Where and how to connect; parsed once from flags or a config file."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    keepalive: int = 30
-    session_expiry_s: int = 24 * 3600
-    """How long the broker keeps a disconnected client's session (MQTT 5)."""
-    protocol: str = "auto"
-    """"5", "3.1.1" or "auto" (try MQTT 5 briefly, then 3.1.1)."""
-
-    @classmethod
-    def from_url(cls, url: str, **kwargs: object) -> BrokerConfig:
-        """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (user:password@ allowed)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise BusError(f"broker URL {url!r} must look like mqtt://HOST:PORT or "
-                           "mqtts://HOST:PORT", code="bad_broker_url")
-        tls = parts.scheme == "mqtts"
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError:
-            raise BusError(f"broker URL {url!r} has a bad port", code="bad_broker_url") from None
-        fields: dict[str, object] = {"host": parts.hostname, "port": port, "tls": tls}
-        if parts.username:
-            fields["username"] = unquote(parts.username)
-        if parts.password:
-            fields["password"] = unquote(parts.password)
-        fields.update({k: v for k, v in kwargs.items() if v is not None})
-        return cls(**fields)  # type: ignore[arg-type]
-
-
-Handler = Callable[[Message], None]
-
-
-class Bus:
-    """What the rest of Plasma needs from a broker. Handlers run on the bus thread."""
-
-    def connect(self, timeout: float = 10.0) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        raise NotImplementedError
-
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
-        raise NotImplementedError
-
-    @property
-    def connected(self) -> bool:
-        raise NotImplementedError
-
-    @property
-    def protocol(self) -> str:
-        """"5" or "3.1.1" once connected."""
-        raise NotImplementedError
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT wildcard matching (``+`` one level, ``#`` the rest; ``$share/G/`` stripped)."""
-    if topic_filter.startswith("$share/"):
-        topic_filter = topic_filter.split("/", 2)[2]
-    f_parts, t_parts = topic_filter.split("/"), topic.split("/")
-    for i, part in enumerate(f_parts):
-        if part == "#":
-            return True
-        if i >= len(t_parts) or (part != "+" and part != t_parts[i]):
-            return False
-    return len(f_parts) == len(t_parts)
 
 
 @dataclass
@@ -313,6 +221,13 @@ class MqttBus(Bus):
         if client is not None and self._connected.is_set():
             client.subscribe(topic_filter, qos=qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            known = self._subs.pop(topic_filter, None) is not None
+        client = self._client
+        if known and client is not None and self._connected.is_set():
+            client.unsubscribe(topic_filter)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -320,70 +235,6 @@ class MqttBus(Bus):
     @property
     def protocol(self) -> str:
         return self._protocol
-
-
-@dataclass
-class MemoryBroker:
-    """In-memory broker for unit tests of a single stage: retained messages and wildcards."""
-
-    retained: dict[str, Message] = field(default_factory=dict)
-    buses: list[MemoryBus] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def route(self, message: Message) -> None:
-        with self.lock:
-            if message.retain:
-                if message.payload:
-                    self.retained[message.topic] = message
-                else:
-                    self.retained.pop(message.topic, None)
-            buses = list(self.buses)
-        for bus in buses:
-            bus._deliver(message)
-
-
-class MemoryBus(Bus):
-    """A Bus on a MemoryBroker: synchronous delivery on the publisher's thread."""
-
-    def __init__(self, broker: MemoryBroker) -> None:
-        self.broker = broker
-        self._subs: dict[str, Handler] = {}
-        self._up = False
-
-    def connect(self, timeout: float = 10.0) -> None:
-        with self.broker.lock:
-            self.broker.buses.append(self)
-        self._up = True
-
-    def close(self) -> None:
-        with self.broker.lock:
-            if self in self.broker.buses:
-                self.broker.buses.remove(self)
-        self._up = False
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        self.broker.route(Message(topic, bytes(payload), retain, qos))
-
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
-        self._subs[topic_filter] = handler
-        with self.broker.lock:
-            retained = [m for t, m in self.broker.retained.items()
-                        if topic_matches(topic_filter, t)]
-        for message in retained:
-            handler(message)
-
-    def _deliver(self, message: Message) -> None:
-        for topic_filter, handler in list(self._subs.items()):
-            if topic_matches(topic_filter, message.topic):
-                handler(Message(message.topic, message.payload, False, message.qos))
-
-    @property
-    def connected(self) -> bool:
-        return self._up
-
-    @property
-    def protocol(self) -> str:
-        return "memory"
 
 
 def _on_publish(client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:

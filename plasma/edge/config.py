@@ -21,7 +21,7 @@ from plasma.protocol import DEFAULT_MAX_PACKET_BYTES, TopicError
 from plasma.protocol._cli import UsageError, coerce, layered, read_toml
 from plasma.protocol.topics import validate_id
 
-from .bus import BrokerConfig, BusError
+from plasma.protocol.bus import BrokerConfig, BusError
 from .canary import CanaryConfig
 from .probes import AuditThresholds
 from .telemetry import TelemetryConfig

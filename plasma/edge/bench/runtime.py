@@ -2,17 +2,14 @@
 
 Each function returns a dict of figures (times from ``time.perf_counter_ns``, medians unless
 named otherwise) and prints nothing; ``plasma-edge bench inference|merge`` prints them. With no
-bundle directory, a random MLP 64-256-256-256-8 is exported to a temporary directory, which needs
-``plasma.server.export`` (install the ``[server]`` extra); it is imported only then.
+bundle directory they run on the shipped ``DEFAULT_BUNDLE``.
 """
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +18,22 @@ import onnxruntime as ort
 
 from plasma.protocol import Adapter
 
-from .bundle import Bundle, load_bundle
-from .merge import MergeEngine, merged_weights
-from .policy import PolicyRuntime, SwapMode, reference_forward
+from plasma.protocol.bundle import Bundle, load_bundle
+from ..merge import MergeEngine, merged_weights
+from ..policy import PolicyRuntime, SwapMode, reference_forward
 
 __all__ = ["bench_inference", "bench_merge"]
 
-DEFAULT_SIZES = [64, 256, 256, 256, 8]
 _BLOCK = 1000  # calls per alternating block: both paths see the same cache and frequency conditions
 
 
-@contextmanager
-def _bundle(bundle_dir: str | Path | None) -> Iterator[Bundle]:
-    if bundle_dir is not None:
-        yield load_bundle(bundle_dir)
-        return
-    try:
-        from plasma.server.export import export_bundle, random_mlp_layers
-    except ImportError as exc:
-        raise RuntimeError(f"a default bench model needs the server extra: pip install 'plasma[server]' ({exc})"
-                           ) from None
-    with tempfile.TemporaryDirectory(prefix="plasma-bench-") as tmp:
-        obs_dim, act_dim = DEFAULT_SIZES[0], DEFAULT_SIZES[-1]
-        root = export_bundle(Path(tmp) / "bundle", random_mlp_layers(DEFAULT_SIZES, seed=0),
-                             obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim),
-                             act_low=-np.ones(act_dim), act_high=np.ones(act_dim))
-        yield load_bundle(root)
+DEFAULT_BUNDLE = Path(__file__).with_name("mlp-64-256x3-8")
+"""The bench model shipped with the package: a random MLP 64-256-256-256-8 (seed 0) exported by
+``plasma.server.export`` once, so the edge bench needs no server code."""
+
+
+def _bundle(bundle_dir: str | Path | None) -> Bundle:
+    return load_bundle(bundle_dir if bundle_dir is not None else DEFAULT_BUNDLE)
 
 
 def _observations(bundle: Bundle, n: int, seed: int = 0) -> np.ndarray:
@@ -71,40 +58,40 @@ def _bare_session(bundle: Bundle) -> ort.InferenceSession:
 
 def bench_inference(bundle_dir: str | Path | None = None, n: int = 20000, swap: SwapMode = "rebuild") -> dict[str, Any]:
     """Batch-1 act() against a plain ``InferenceSession.run`` with a dict feed, in alternating blocks."""
-    with _bundle(bundle_dir) as bundle:
-        runtime, bare = PolicyRuntime(bundle, swap=swap), _bare_session(bundle)
-        rows = list(_observations(bundle, _BLOCK)[:, None, :])  # (1, obs_dim) each, made before timing
-        feed_run = bare.run
-        ours: list[int] = []
-        theirs: list[int] = []
-        _time_calls(runtime.act, rows, [])  # warm-up both
-        _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, [])
-        for _ in range(max(1, n // _BLOCK)):
-            _time_calls(runtime.act, rows, ours)
-            _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, theirs)
-        p50, bare_p50 = np.percentile(ours, 50) / 1e3, np.percentile(theirs, 50) / 1e3
-        widths = [bundle.manifest.obs_dim, *(e.out_features for e in bundle.manifest.layers)]
-        result = {
-            "model": "-".join(str(w) for w in widths),
-            "swap": runtime.swap, "n": len(ours),
-            "p50_us": float(p50), "p99_us": float(np.percentile(ours, 99) / 1e3),
-            "bare_ort_p50_us": float(bare_p50), "bare_ort_p99_us": float(np.percentile(theirs, 99) / 1e3),
-            "overhead_ratio": float(p50 / bare_p50),
-        }
-        if getattr(runtime, "tiered", False):  # act() between a tiered activation and its prepacked upgrade
-            engine = MergeEngine(runtime)
-            plain: list[int] = []
-            bare_again: list[int] = []
-            with runtime.attach_control_loop():  # this thread is the loop and does not build until the end
-                engine.activate(engine.stage({"fleet": None}))
-                _time_calls(runtime.act, rows, [])
-                for _ in range(max(1, n // _BLOCK // 4)):
-                    _time_calls(runtime.act, rows, plain)
-                    _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, bare_again)
-            plain_p50 = np.percentile(plain, 50) / 1e3
-            result.update(tier1_act_p50_us=float(plain_p50),
-                          tier1_overhead_ratio=float(plain_p50 / (np.percentile(bare_again, 50) / 1e3)))
-        return result
+    bundle = _bundle(bundle_dir)
+    runtime, bare = PolicyRuntime(bundle, swap=swap), _bare_session(bundle)
+    rows = list(_observations(bundle, _BLOCK)[:, None, :])  # (1, obs_dim) each, made before timing
+    feed_run = bare.run
+    ours: list[int] = []
+    theirs: list[int] = []
+    _time_calls(runtime.act, rows, [])  # warm-up both
+    _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, [])
+    for _ in range(max(1, n // _BLOCK)):
+        _time_calls(runtime.act, rows, ours)
+        _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, theirs)
+    p50, bare_p50 = np.percentile(ours, 50) / 1e3, np.percentile(theirs, 50) / 1e3
+    widths = [bundle.manifest.obs_dim, *(e.out_features for e in bundle.manifest.layers)]
+    result = {
+        "model": "-".join(str(w) for w in widths),
+        "swap": runtime.swap, "n": len(ours),
+        "p50_us": float(p50), "p99_us": float(np.percentile(ours, 99) / 1e3),
+        "bare_ort_p50_us": float(bare_p50), "bare_ort_p99_us": float(np.percentile(theirs, 99) / 1e3),
+        "overhead_ratio": float(p50 / bare_p50),
+    }
+    if getattr(runtime, "tiered", False):  # act() between a tiered activation and its prepacked upgrade
+        engine = MergeEngine(runtime)
+        plain: list[int] = []
+        bare_again: list[int] = []
+        with runtime.attach_control_loop():  # this thread is the loop and does not build until the end
+            engine.activate(engine.stage({"fleet": None}))
+            _time_calls(runtime.act, rows, [])
+            for _ in range(max(1, n // _BLOCK // 4)):
+                _time_calls(runtime.act, rows, plain)
+                _time_calls(lambda x: feed_run(["action"], {"obs": x}), rows, bare_again)
+        plain_p50 = np.percentile(plain, 50) / 1e3
+        result.update(tier1_act_p50_us=float(plain_p50),
+                      tier1_overhead_ratio=float(plain_p50 / (np.percentile(bare_again, 50) / 1e3)))
+    return result
 
 
 def random_adapters(bundle: Bundle, rank: int, count: int, rel_size: float = 0.1, seed: int = 0) -> list[Adapter]:
@@ -192,7 +179,8 @@ def _until_next(windows: np.ndarray, tail_ns: int) -> np.ndarray:
 def _stall_per_window(starts: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """For each (start, end) window, the longest gap (ns) between act() starts overlapping it."""
     gaps = np.diff(starts)  # gaps[i] spans starts[i] .. starts[i + 1]
-    first = np.maximum(np.searchsorted(starts, windows[:, 0]) - 1, 0)
+    # clipped: under load the control thread may stop before the last window's tail ends
+    first = np.clip(np.searchsorted(starts, windows[:, 0]) - 1, 0, len(gaps) - 1)
     last = np.maximum(np.minimum(np.searchsorted(starts, windows[:, 1]), len(gaps) - 1), first)
     return np.array([gaps[f:l + 1].max() for f, l in zip(first, last)])
 
@@ -223,49 +211,49 @@ def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 20
     the same loop as long with no merges, for comparison: on a shared 2-core VM the loop alone
     shows multi-ms gaps now and then.
     """
-    with _bundle(bundle_dir) as bundle:
-        engine = MergeEngine(PolicyRuntime(bundle, swap=swap))
-        runtime, adapters = engine.runtime, random_adapters(bundle, rank, 8)
-        period_s, spacing_s = (1 / loop_hz if loop_hz else 0.0), spacing_ms / 1e3
-        _merge_windows(engine, adapters, 10)  # warm-up
-        upgrade_ns: list[int] = []
-        merge_ns = np.diff(_merge_windows(engine, adapters, n, spacing_s, upgrade_ns)).ravel()
-        back_to_back_ns = np.diff(_merge_windows(engine, adapters, n)).ravel()
-        obs = _observations(bundle, 1000, seed=1)
-        windows: list[np.ndarray] = []
-        busy = _act_starts(runtime, obs[0], lambda: windows.append(_merge_windows(engine, adapters, n, spacing_s)),
-                           period_s)
-        idle = _act_starts(runtime, obs[0], lambda: time.sleep((busy[-1] - busy[0]) / 1e9), period_s)
-        stall_windows = _until_next(windows[0], int(max(spacing_s, 2 * period_s) * 1e9))
-        per_merge_ms = (_stall_per_window(busy, stall_windows) / 1e6 - period_s * 1e3)
-        busy_ms, idle_ms = np.diff(busy) / 1e6 - period_s * 1e3, np.diff(idle) / 1e6 - period_s * 1e3
-        engine.restore({"fleet": None, "device": None})
-        base_err = _fidelity(runtime, obs, reference_forward(bundle, obs))
-        engine.restore({"fleet": adapters[0]})
-        merged = merged_weights(bundle.weights, {"fleet": adapters[0]})
-        merged_err = _fidelity(runtime, obs, reference_forward(bundle, obs, merged))
-        reload_ns = []
-        for _ in range(max(5, n // 10)):
-            t0 = time.perf_counter_ns()
-            _bare_session(bundle)
-            reload_ns.append(time.perf_counter_ns() - t0)
-        return {
-            "swap": runtime.swap, "tiered": bool(getattr(runtime, "tiered", False)), "rank": rank, "n": n,
-            "builds_on_loop": runtime.builds_on_loop, "build_fallbacks": runtime.build_fallbacks,
-            "builds_in_background": int(getattr(runtime, "builds_in_background", 0)),
-            "stale_builds": int(getattr(runtime, "stale_builds", 0)),
-            "merge_activate_p50_ms": float(np.percentile(merge_ns, 50) / 1e6),
-            "merge_activate_p99_ms": float(np.percentile(merge_ns, 99) / 1e6),
-            "merge_activate_back_to_back_p50_ms": float(np.percentile(back_to_back_ns, 50) / 1e6),
-            "prepacked_after_activate_p50_ms": float(np.percentile(upgrade_ns, 50) / 1e6) if upgrade_ns else None,
-            "merge_activate_under_loop_p50_ms": float(np.percentile(np.diff(windows[0]), 50) / 1e6),
-            "max_loop_stall_ms": float(busy_ms.max()),
-            "per_merge_stall_p50_ms": float(np.percentile(per_merge_ms, 50)),
-            "per_merge_stall_p90_ms": float(np.percentile(per_merge_ms, 90)),
-            "loop_gaps_over_3ms": int((busy_ms > 3).sum()),
-            "idle_max_loop_stall_ms": float(idle_ms.max()), "idle_loop_gaps_over_3ms": int((idle_ms > 3).sum()),
-            "stall_merge_spacing_ms": spacing_ms, "loop_hz": loop_hz,
-            "fidelity_max_abs_err": merged_err, "int8_base_max_abs_err": base_err,
-            "fidelity_ratio": merged_err / base_err if base_err > 0 else float("inf"),
-            "full_reload_p50_ms": float(np.percentile(reload_ns, 50) / 1e6),
-        }
+    bundle = _bundle(bundle_dir)
+    engine = MergeEngine(PolicyRuntime(bundle, swap=swap))
+    runtime, adapters = engine.runtime, random_adapters(bundle, rank, 8)
+    period_s, spacing_s = (1 / loop_hz if loop_hz else 0.0), spacing_ms / 1e3
+    _merge_windows(engine, adapters, 10)  # warm-up
+    upgrade_ns: list[int] = []
+    merge_ns = np.diff(_merge_windows(engine, adapters, n, spacing_s, upgrade_ns)).ravel()
+    back_to_back_ns = np.diff(_merge_windows(engine, adapters, n)).ravel()
+    obs = _observations(bundle, 1000, seed=1)
+    windows: list[np.ndarray] = []
+    busy = _act_starts(runtime, obs[0], lambda: windows.append(_merge_windows(engine, adapters, n, spacing_s)),
+                       period_s)
+    idle = _act_starts(runtime, obs[0], lambda: time.sleep((busy[-1] - busy[0]) / 1e9), period_s)
+    stall_windows = _until_next(windows[0], int(max(spacing_s, 2 * period_s) * 1e9))
+    per_merge_ms = (_stall_per_window(busy, stall_windows) / 1e6 - period_s * 1e3)
+    busy_ms, idle_ms = np.diff(busy) / 1e6 - period_s * 1e3, np.diff(idle) / 1e6 - period_s * 1e3
+    engine.restore({"fleet": None, "device": None})
+    base_err = _fidelity(runtime, obs, reference_forward(bundle, obs))
+    engine.restore({"fleet": adapters[0]})
+    merged = merged_weights(bundle.weights, {"fleet": adapters[0]})
+    merged_err = _fidelity(runtime, obs, reference_forward(bundle, obs, merged))
+    reload_ns = []
+    for _ in range(max(5, n // 10)):
+        t0 = time.perf_counter_ns()
+        _bare_session(bundle)
+        reload_ns.append(time.perf_counter_ns() - t0)
+    return {
+        "swap": runtime.swap, "tiered": bool(getattr(runtime, "tiered", False)), "rank": rank, "n": n,
+        "builds_on_loop": runtime.builds_on_loop, "build_fallbacks": runtime.build_fallbacks,
+        "builds_in_background": int(getattr(runtime, "builds_in_background", 0)),
+        "stale_builds": int(getattr(runtime, "stale_builds", 0)),
+        "merge_activate_p50_ms": float(np.percentile(merge_ns, 50) / 1e6),
+        "merge_activate_p99_ms": float(np.percentile(merge_ns, 99) / 1e6),
+        "merge_activate_back_to_back_p50_ms": float(np.percentile(back_to_back_ns, 50) / 1e6),
+        "prepacked_after_activate_p50_ms": float(np.percentile(upgrade_ns, 50) / 1e6) if upgrade_ns else None,
+        "merge_activate_under_loop_p50_ms": float(np.percentile(np.diff(windows[0]), 50) / 1e6),
+        "max_loop_stall_ms": float(busy_ms.max()),
+        "per_merge_stall_p50_ms": float(np.percentile(per_merge_ms, 50)),
+        "per_merge_stall_p90_ms": float(np.percentile(per_merge_ms, 90)),
+        "loop_gaps_over_3ms": int((busy_ms > 3).sum()),
+        "idle_max_loop_stall_ms": float(idle_ms.max()), "idle_loop_gaps_over_3ms": int((idle_ms > 3).sum()),
+        "stall_merge_spacing_ms": spacing_ms, "loop_hz": loop_hz,
+        "fidelity_max_abs_err": merged_err, "int8_base_max_abs_err": base_err,
+        "fidelity_ratio": merged_err / base_err if base_err > 0 else float("inf"),
+        "full_reload_p50_ms": float(np.percentile(reload_ns, 50) / 1e6),
+    }

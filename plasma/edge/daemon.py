@@ -32,8 +32,8 @@ from .audit import AuditContext, record_for
 from plasma.protocol._cli import UsageError
 from plasma.protocol.wire import AuditRecord, Reason, Status
 
-from .bundle import load_bundle
-from .bus import Bus, BusError, Message, MqttBus
+from plasma.protocol.bundle import load_bundle
+from plasma.protocol.bus import Bus, BusError, Message, MqttBus
 from .canary import Canary
 from .config import DaemonConfig
 from .envs import Env, make_env

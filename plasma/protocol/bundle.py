@@ -27,8 +27,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from plasma.protocol.errors import MessageInvalid
-from plasma.protocol.wire import WireStruct
+from .errors import MessageInvalid
+from .wire import WireStruct
 
 __all__ = ["Bundle", "BundleError", "LayerEntry", "Manifest", "load_bundle", "MODEL_INT8", "MODEL_FP32",
            "BASE_WEIGHTS", "MANIFEST", "WEIGHT_QMAX"]

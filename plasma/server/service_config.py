@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plasma.edge.bus import BrokerConfig, BusError
+from plasma.protocol.bus import BrokerConfig, BusError
 from plasma.protocol import TopicError
 from plasma.protocol._cli import UsageError, layered, read_toml
 from plasma.protocol.topics import validate_id

@@ -1,11 +1,11 @@
 """Server stage 6a: policy MLP weights -> bundle directory (fp32 + dynamic-int8 ONNX, master weights, manifest).
 
-Layout written (read back by ``plasma.edge.bundle.load_bundle``)::
+Layout written (read back by ``plasma.protocol.bundle.load_bundle``)::
 
     model.int8.onnx    dynamic-int8 graph the device runs; its sha256 is what packets bind to
     model.fp32.onnx    fp32 reference graph (fidelity checks, server-side probes)
     base_weights.npz   fp32 master weights l0.W (out, in), l0.b (out,), ...
-    manifest.json      plasma.edge.bundle.Manifest, with the int8 initializer names per layer
+    manifest.json      plasma.protocol.bundle.Manifest, with the int8 initializer names per layer
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from plasma.edge.bundle import (
+from plasma.protocol.bundle import (
     BASE_WEIGHTS,
     MANIFEST,
     MODEL_FP32,

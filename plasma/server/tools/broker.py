@@ -1,6 +1,6 @@
 """An embedded MQTT 3.1.1 broker (amqtt) for the demo, when no broker answers.
 
-Run as its own process (``python -m plasma.server.embedded_broker --port N``) so the
+Run as its own process (``python -m plasma.server.tools.broker --port N``) so the
 broker's event loop never competes with the server's numpy work for the GIL.
 """
 
@@ -49,7 +49,7 @@ def answers(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def start_embedded(host: str, port: int, timeout: float = 15.0) -> subprocess.Popen:
     """Start the embedded broker in a child process and wait until it listens."""
-    proc = subprocess.Popen([sys.executable, "-m", "plasma.server.embedded_broker",
+    proc = subprocess.Popen([sys.executable, "-m", "plasma.server.tools.broker",
                              "--host", host, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout

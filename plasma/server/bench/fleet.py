@@ -3,7 +3,7 @@
 Devices here are the real edge stack without an environment: ``MqttBus`` + the edge
 ``AdapterPipeline`` (protocol audit, staged merge, model probes, journal, flip) on a
 ``PolicyRuntime``, several per worker process, each with its own MQTT session. They run
-in child processes (``python -m plasma.server.fleet_bench worker ...``) so the publisher
+in child processes (``python -m plasma.server.bench.fleet worker ...``) so the publisher
 and the devices do not share a GIL. All timestamps are ``time.time()`` on one machine.
 """
 
@@ -29,8 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from plasma.edge.audit import AuditContext
-from plasma.edge.bundle import load_bundle
-from plasma.edge.bus import BrokerConfig, Message, MqttBus
+from plasma.protocol.bundle import load_bundle
+from plasma.protocol.bus import BrokerConfig, Message, MqttBus
 from plasma.edge.canary import Canary, CanaryConfig
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
@@ -187,7 +187,7 @@ def _setup(model: str | None) -> _Setup:
     trust.mkdir()
     shutil.copyfile(work / "keys" / "signing.pub", trust / "server.pub")
     if model is None:
-        from .export import export_bundle, random_mlp_layers
+        from ..export import export_bundle, random_mlp_layers
 
         layers = random_mlp_layers([64, 256, 256, 256, 8], seed=0)
         bundle_dir = export_bundle(work / "model", layers, obs_mean=np.zeros(64), obs_std=np.ones(64),
@@ -212,7 +212,7 @@ class _Workers:
         self.procs = []
         chunks = [devices[i::processes] for i in range(processes)]
         for chunk in filter(None, chunks):
-            argv = [sys.executable, "-m", "plasma.server.fleet_bench", "worker", "--broker", broker,
+            argv = [sys.executable, "-m", "plasma.server.bench.fleet", "worker", "--broker", broker,
                     "--fleet", fleet, "--devices", ",".join(chunk), "--model",
                     str(setup.bundle_dir), "--trust", str(setup.trust_dir), "--state",
                     str(setup.work / "state"), "--swap", swap]
@@ -460,4 +460,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         sys.exit(worker_main(sys.argv[2:]))
-    sys.exit("usage: python -m plasma.server.fleet_bench worker ... (use plasma-server bench)")
+    sys.exit("usage: python -m plasma.server.bench.fleet worker ... (use plasma-server bench)")

@@ -1,0 +1,2 @@
+"""Operator tools beside the stages: the one-command demo, the embedded broker it falls back to,
+and the packet/telemetry fuzzer."""
