@@ -125,6 +125,25 @@ def _bench_fleet(args: argparse.Namespace) -> int:
                               rank=args.rank, model=args.model, swap=args.swap))
 
 
+def _bench_live(args: argparse.Namespace) -> int:
+    try:
+        from .bench.live import LiveBenchConfig, bench_live
+    except ImportError as exc:
+        raise _needs("server", exc) from None
+    physics = tuple(p.strip() for p in args.physics.split(";"))
+    for text in physics:
+        _physics(text)  # a usage error for a malformed entry, before anything starts
+    cfg = LiveBenchConfig(env_id=args.env, physics=physics, devices=args.devices,
+                          seeds=tuple(_seeds(args.seeds)), duration_s=args.duration,
+                          rate_hz=args.rate_hz, budget=args.budget, model=args.model,
+                          eval_episodes=args.eval_episodes, out_dir=args.out,
+                          server_args=tuple(args.server_arg), device_args=tuple(args.device_arg))
+    try:
+        return _print(bench_live(cfg))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 # ------------------------------------------------------------------ demo and fuzz
 
 
@@ -207,6 +226,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="device runtime's swap mode (default rebuild, as the daemon)")
     fleet.add_argument("--model", default=None, metavar="BUNDLE_DIR")
     fleet.set_defaults(handler=_bench_fleet)
+
+    live = bsub.add_parser("live", help="the product loop: server and device daemons over a "
+                                        "broker, noise-free evaluations at every activation")
+    live.add_argument("--env", default="Pendulum-v1")
+    live.add_argument("--physics", default="m=1.6,g=12", metavar="K=V,...;K=V,...",
+                      help="per-device physics, separated by ';' (cycled; default m=1.6,g=12)")
+    live.add_argument("--devices", type=int, default=None,
+                      help="devices per seed (default: one per physics entry)")
+    live.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
+    live.add_argument("--duration", type=float, default=120.0, metavar="SECONDS",
+                      help="length of each run (default 120)")
+    live.add_argument("--rate-hz", type=float, default=50.0, help="device control rate (50)")
+    live.add_argument("--budget", default="default", help="server compute budget per round")
+    live.add_argument("--model", default=None, metavar="BUNDLE_DIR",
+                      help="base policy (default: the shipped nominal bundle of --env)")
+    live.add_argument("--eval-episodes", type=int, default=10)
+    live.add_argument("--out", default=None, metavar="DIR",
+                      help="keep keys, stores, state and logs here (default: a temporary dir)")
+    live.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                      help="extra plasma-server run flag (repeatable; e.g. --server-arg=--x=1)")
+    live.add_argument("--device-arg", action="append", default=[], metavar="FLAG",
+                      help="extra plasma-edge run flag (repeatable)")
+    live.set_defaults(handler=_bench_live)
 
     demo = sub.add_parser("demo", help="the closed loop in one command (broker, server, devices)")
     demo.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL",

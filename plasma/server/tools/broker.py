@@ -1,7 +1,8 @@
-"""An embedded MQTT 3.1.1 broker (amqtt) for the demo, when no broker answers.
+"""A local broker for the demo and the live bench: Mosquitto when installed, else amqtt.
 
-Run as its own process (``python -m plasma.server.tools.broker --port N``) so the
-broker's event loop never competes with the server's numpy work for the GIL.
+The embedded MQTT 3.1.1 broker (amqtt) runs as its own process (``python -m
+plasma.server.tools.broker --port N``) so its event loop never competes with the server's numpy
+work for the GIL.
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+__all__ = ["answers", "free_port", "mosquitto_binary", "start_embedded", "start_local",
+           "start_mosquitto"]
 
 
 def broker_config(host: str, port: int) -> dict:
@@ -62,6 +68,50 @@ def start_embedded(host: str, port: int, timeout: float = 15.0) -> subprocess.Po
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"embedded broker did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def mosquitto_binary() -> str | None:
+    """The Mosquitto executable, or None when it is not installed."""
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+
+
+def start_mosquitto(host: str, port: int, workdir: Path, timeout: float = 10.0) -> subprocess.Popen:
+    """Mosquitto on ``host:port`` (anonymous, no persistence, Nagle off) with its config and log
+    in ``workdir``; raises RuntimeError when it does not listen within ``timeout``."""
+    binary = mosquitto_binary()
+    if binary is None:
+        raise RuntimeError("Mosquitto is not installed (apt-get install mosquitto)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "mosquitto.conf"
+    config.write_text(f"listener {port} {host}\nallow_anonymous true\npersistence false\n"
+                      "set_tcp_nodelay true\nmax_queued_messages 10000\n")
+    log_file = (workdir / "mosquitto.log").open("ab")
+    proc = subprocess.Popen([binary, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited with {proc.returncode}: see {workdir}/mosquitto.log")
+        if answers(host, port, 0.2):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"mosquitto did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+def start_local(workdir: Path, host: str = "127.0.0.1") -> tuple[str, subprocess.Popen, str]:
+    """A fresh broker on a free loopback port: (URL, process, "mosquitto" or "amqtt")."""
+    port = free_port(host)
+    if mosquitto_binary() is not None:
+        return f"mqtt://{host}:{port}", start_mosquitto(host, port, workdir), "mosquitto"
+    return f"mqtt://{host}:{port}", start_embedded(host, port), "amqtt"
 
 
 def main() -> None:

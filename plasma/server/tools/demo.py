@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from plasma.protocol import AuditRecord, PlasmaError, SigningKey, Status, decode
 from plasma.protocol._cli import UsageError
 
 from .broker import answers, start_embedded
+from .processes import Processes
 
 log = logging.getLogger("plasma.demo")
 
@@ -189,41 +189,6 @@ def _resolve_broker(url: str, workdir: Path) -> tuple[str, subprocess.Popen | No
         return url, None
     log.info("no broker at %s: starting the embedded amqtt broker (MQTT 3.1.1) there", url)
     return url, start_embedded(config.host, config.port)
-
-
-class Processes:
-    """Child processes with their logs; stops them all with SIGTERM, then SIGKILL."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.children: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str]) -> None:
-        logf = (self.log_dir / f"{name}.log").open("ab")
-        # one BLAS thread per process: 2-core machine shared by the server and every device
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-        self.children[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
-                                               start_new_session=True, env=env)
-        log.info("started %s (pid %d), log: %s", name, self.children[name].pid,
-                 self.log_dir / f"{name}.log")
-
-    def check(self) -> list[str]:
-        """Names of children that died (with their exit codes)."""
-        return [f"{n} exited with {p.returncode}" for n, p in self.children.items()
-                if p.poll() is not None]
-
-    def stop(self, timeout: float = 15.0) -> dict[str, int | None]:
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.children.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return {n: p.returncode for n, p in self.children.items()}
 
 
 def _prepare(cfg: DemoConfig, out: Path) -> tuple[Path, Path, Path]:
