@@ -15,21 +15,21 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from plasma.protocol.bus import BrokerConfig, Message, MqttBus
-from plasma.protocol import AuditRecord, PlasmaError, SigningKey, Status, decode_traces, topics
+from plasma.protocol.bus import BrokerConfig, MqttBus
+from plasma.protocol import SigningKey, TrustStore
+from plasma.protocol.bundle import load_bundle
 from plasma.protocol._cli import UsageError
 
 from .broker import answers, start_embedded
 from .processes import Processes
+from .watch import FleetWatcher
 
 log = logging.getLogger("plasma.demo")
 
@@ -77,100 +77,27 @@ class DemoConfig:
     """Report (and plot) the return of a policy trained for each device's physics (cached under
     ~/.cache/plasma; the first run trains each uncached one, about 10-70 s each)."""
     eval_episodes: int = 10
-    """Fixed-seed episodes for the oracle returns."""
+    """Fixed-seed episodes of each noise-free evaluation and of the oracle returns."""
     extra_server_args: tuple[str, ...] = ()
     """Passed through to ``plasma-server run``."""
 
 
-@dataclass
-class DeviceTrack:
-    """What the demo has seen of one device."""
-
-    physics: str
-    returns: list[tuple[float, float]] = field(default_factory=list)  # (t, episode return)
-    oracle: float | None = None
-    packets: list[tuple[float, str, int]] = field(default_factory=list)  # (t, verdict, version)
-    verdicts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    versions: dict[str, int] = field(default_factory=lambda: {"fleet": 0, "device": 0})
-    _episode: int = -1
-    _acc: float = 0.0
-
-    def add_rows(self, t: float, episode: np.ndarray, reward: np.ndarray, done: np.ndarray) -> None:
-        for ep, r, d in zip(episode.tolist(), reward.tolist(), done.tolist()):
-            if ep != self._episode:
-                self._episode, self._acc = ep, 0.0
-            self._acc += r
-            if d:
-                self.returns.append((t, self._acc))
-                self._episode, self._acc = -1, 0.0
-
-    def rolling(self, n: int = 3) -> float | None:
-        tail = [r for _, r in self.returns[-n:]]
-        return float(np.mean(tail)) if tail else None
-
-
-class Monitor:
-    """Subscribes to the fleet's telemetry, audit and status topics; keeps per-device tracks."""
-
-    def __init__(self, bus: MqttBus, fleet: str, physics: dict[str, str]) -> None:
-        self.t0 = time.time()
-        self.tracks = {dev: DeviceTrack(p) for dev, p in physics.items()}
-        self.lock = threading.Lock()
-        bus.subscribe(topics.device_filter(fleet, "telemetry"), self._telemetry)
-        bus.subscribe(topics.device_filter(fleet, "audit"), self._audit)
-        bus.subscribe(topics.device_filter(fleet, "status"), self._status)
-
-    def _telemetry(self, msg: Message) -> None:
-        try:
-            batch = decode_traces(msg.payload)
-        except PlasmaError as exc:
-            log.debug("monitor: bad frame on %s: %s", msg.topic, exc)
-            return
-        with self.lock:
-            track = self.tracks.get(batch.device)
-            if track is not None:
-                track.add_rows(time.time() - self.t0, batch.episode, batch.reward,
-                               batch.terminated | batch.truncated)
-
-    def _audit(self, msg: Message) -> None:
-        try:
-            record = AuditRecord.model_validate_json(msg.payload)
-        except ValueError:
-            return
-        device = topics.parse(msg.topic).device
-        with self.lock:
-            track = self.tracks.get(device or "")
-            if track is None:
-                return
-            track.verdicts[record.verdict] += 1
-            track.packets.append((time.time() - self.t0, record.verdict, record.version or 0))
-            if record.verdict == "accepted" and record.slot and record.version:
-                track.versions[record.slot] = record.version
-
-    def _status(self, msg: Message) -> None:
-        """The device's own word on what is live (also after a canary rollback)."""
-        try:
-            status = Status.model_validate_json(msg.payload)
-        except ValueError:
-            return
-        with self.lock:
-            track = self.tracks.get(status.device)
-            if track is not None and status.state == "online":
-                track.versions.update(fleet=status.fleet_version, device=status.device_version)
-
-    def progress_lines(self) -> list[str]:
-        with self.lock:
-            lines = []
-            for dev, tr in self.tracks.items():
-                roll = tr.rolling()
-                lines.append(
-                    f"{dev:>8} [{tr.physics:<11}] episodes={len(tr.returns):3d} "
-                    f"return(last 3)={'   n/a' if roll is None else f'{roll:7.1f}'} "
-                    f"accepted={tr.verdicts.get('accepted', 0)} "
-                    f"rejected={tr.verdicts.get('rejected', 0)} "
-                    f"rolled_back={tr.verdicts.get('rolled_back', 0)} "
-                    f"active fleet=v{tr.versions['fleet']} device=v{tr.versions['device']}")
-            return lines
+def progress_lines(watcher: FleetWatcher) -> list[str]:
+    """One line per device: episodes, recent (noisy) return, last noise-free evaluation, verdicts."""
+    with watcher.lock:
+        lines = []
+        for dev, tr in watcher.tracks.items():
+            tail = [r for _, r in tr.episode_returns[-3:]]
+            roll = f"{np.mean(tail):7.1f}" if tail else "   n/a"
+            ev = f"{tr.evaluations[-1].mean_return:7.1f}" if tr.evaluations else "   n/a"
+            lines.append(
+                f"{dev:>8} [{tr.physics_text:<11}] steps={tr.steps:6d} "
+                f"episodes={len(tr.episode_returns):3d} return(last 3)={roll} "
+                f"noise-free={ev} accepted={tr.verdicts.get('accepted', 0)} "
+                f"rejected={tr.verdicts.get('rejected', 0)} "
+                f"rolled_back={tr.verdicts.get('rolled_back', 0)} "
+                f"active fleet=v{tr.versions['fleet']} device=v{tr.versions['device']}")
+        return lines
 
 
 def _default_model() -> Path:
@@ -231,34 +158,40 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     bus = MqttBus(BrokerConfig.from_url(cfg.broker), client_id=f"plasma-demo-{os.getpid()}",
                   clean=True)
     outcome = "interrupted"
+    watcher: FleetWatcher | None = None
     try:
         bus.connect()  # a BusError here propagates after the clean-up below
-        monitor = Monitor(bus, cfg.fleet, physics)
+        watcher = FleetWatcher(bus, cfg.fleet, physics, load_bundle(model),
+                               TrustStore.from_dir(trust), cfg.env_id, cfg.eval_episodes)
         procs.start("server", _server_argv(cfg, keys, model, out))
         for i in range(cfg.devices):
             procs.start(f"dev-{i}", _device_argv(cfg, i, model, trust, out))
-        outcome = _watch(cfg, monitor, procs)
+        outcome = _watch(cfg, watcher, procs)
     except KeyboardInterrupt:
         outcome = "interrupted"
     finally:
         log.info("stopping the server and %d devices...", cfg.devices)
         codes = procs.stop()
+        if watcher is not None:
+            watcher.drain()
+            watcher.close()
         bus.close()
         if broker_proc is not None:
             broker_proc.terminate()
             broker_proc.wait(10)
+    if watcher is None:
+        raise RuntimeError("the demo stopped before it could watch the fleet")
     interrupted = outcome != "completed"
-    if cfg.oracle and not interrupted:
-        _oracles(cfg, monitor)
-    summary = _summary(cfg, monitor, codes, interrupted)
+    oracles = _oracles(cfg, watcher) if cfg.oracle and not interrupted else {}
+    summary = _summary(cfg, watcher, oracles, codes, interrupted)
     summary["outcome"] = outcome
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary["plot"] = str(_plot(monitor, out / "returns.png"))
+    summary["plot"] = str(_plot(watcher, oracles, out / "returns.png"))
     log.info("summary: %s, plot: %s", out / "summary.json", summary["plot"])
     return summary
 
 
-def _watch(cfg: DemoConfig, monitor: Monitor, procs: Processes) -> str:
+def _watch(cfg: DemoConfig, watcher: FleetWatcher, procs: Processes) -> str:
     """"completed" after the duration, "process_died" if a child stopped early."""
     start = time.monotonic()
     next_report = start
@@ -271,50 +204,41 @@ def _watch(cfg: DemoConfig, monitor: Monitor, procs: Processes) -> str:
         if time.monotonic() >= next_report:
             elapsed = time.monotonic() - start
             log.info("t=%4.0fs of %.0fs", elapsed, cfg.duration_s)
-            for line in monitor.progress_lines():
+            for line in progress_lines(watcher):
                 log.info("  %s", line)
             next_report += 10.0
         time.sleep(0.5)
     return "completed"
 
 
-def _oracles(cfg: DemoConfig, monitor: Monitor) -> None:
-    """Each device's oracle return: a policy trained at its physics (cached), fixed seeds."""
-    from ..basepolicy import TrainBaseConfig, cached_policy, evaluate
+def _oracles(cfg: DemoConfig, watcher: FleetWatcher) -> dict[str, float]:
+    """Each device's oracle return: a policy trained at its physics (shipped or cached)."""
+    from ..bench.live import oracle_return
 
-    for tr in monitor.tracks.values():
-        physics = _parse_physics(tr.physics)
+    out = {}
+    for dev, tr in watcher.tracks.items():
         t0 = time.monotonic()
-        policy = cached_policy(TrainBaseConfig(env_id=cfg.env_id, physics=physics))[0]
-        tr.oracle = evaluate(lambda o, p=policy: p.forward(o.astype(np.float32)), cfg.env_id,
-                             physics, cfg.eval_episodes)["mean"]
-        log.info("oracle for %s: %.1f (%.0f s)", tr.physics, tr.oracle, time.monotonic() - t0)
+        out[dev] = oracle_return(cfg.env_id, tr.physics, cfg.eval_episodes)
+        log.info("oracle for %s: %.1f (%.0f s)", tr.physics_text, out[dev], time.monotonic() - t0)
+    return out
 
 
-def _parse_physics(text: str) -> dict[str, float]:
-    return {k.strip(): float(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
-
-
-def _summary(cfg: DemoConfig, monitor: Monitor, codes: dict[str, int | None],
-             interrupted: bool) -> dict[str, Any]:
+def _summary(cfg: DemoConfig, watcher: FleetWatcher, oracles: dict[str, float],
+             codes: dict[str, int | None], interrupted: bool) -> dict[str, Any]:
     devices = {}
-    with monitor.lock:
-        for dev, tr in monitor.tracks.items():
-            rets = [r for _, r in tr.returns]
-            accepted = [t for t, v, _ in tr.packets if v == "accepted"]
-            first_accept = accepted[0] if accepted else None
-            before = [r for t, r in tr.returns if first_accept is None or t < first_accept]
-            # an episode is logged when it ends: skip the one that straddled the last packet
-            after = [r for t, r in tr.returns if accepted and t > accepted[-1]][1:]
+    with watcher.lock:
+        for dev, tr in watcher.tracks.items():
+            rets = [r for _, r in tr.episode_returns]
+            evals = tr.evaluations
             devices[dev] = {
-                "physics": tr.physics, "episodes": len(rets),
+                "physics": tr.physics_text, "episodes": len(rets), "real_steps": tr.steps,
                 "return_first_episodes": _mean(rets[:3]),
-                "return_before_first_packet": _mean(before),
-                "return_after_last_packet": _mean(after),
-                "episodes_after_last_packet": len(after),
                 "return_last_10_episodes": _mean(rets[-10:]),
-                "oracle_return": tr.oracle,
-                "first_packet_s": first_accept,
+                "noise_free_base": evals[0].mean_return if evals else None,
+                "noise_free_final": evals[-1].mean_return if evals else None,
+                "evaluations": [[e.steps, round(e.mean_return, 1)] for e in evals],
+                "oracle_return": oracles.get(dev),
+                "first_packet_steps": tr.first_packet_steps,
                 "packets": dict(tr.verdicts), "active_versions": dict(tr.versions),
             }
     return {"fleet": cfg.fleet, "duration_s": cfg.duration_s, "interrupted": interrupted,
@@ -326,33 +250,31 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _plot(monitor: Monitor, path: Path) -> Path:
+def _plot(watcher: FleetWatcher, oracles: dict[str, float], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    with monitor.lock:
-        for k, (dev, tr) in enumerate(monitor.tracks.items()):
+    with watcher.lock:
+        for k, (dev, tr) in enumerate(watcher.tracks.items()):
             color = f"C{k}"
-            if tr.returns:
-                t, r = zip(*tr.returns)
-                ax.plot(t, r, "o", ms=2.5, alpha=0.45, color=color)
-                k_avg = min(5, len(r))
-                smooth = np.convolve(r, np.ones(k_avg) / k_avg, mode="valid")
-                ax.plot(t[k_avg - 1:], smooth, "-", lw=2, color=color,
-                        label=f"{dev} ({tr.physics}), mean of {k_avg}")
-            if tr.oracle is not None:
-                ax.axhline(tr.oracle, color=color, ls="-.", lw=1,
-                           label=f"{dev}: policy trained for its physics ({tr.oracle:.0f})")
-            for t_pkt, verdict, version in tr.packets:
-                style = {"accepted": "-", "rejected": ":", "rolled_back": "--"}.get(verdict, ":")
-                ax.axvline(t_pkt, color=color, ls=style, alpha=0.5, lw=1)
+            if tr.episode_returns:
+                t, r = zip(*tr.episode_returns)
+                ax.plot(t, r, "o", ms=2.5, alpha=0.35, color=color)
+            if tr.evaluations:
+                te = [e.t for e in tr.evaluations] + [watcher_now(watcher)]
+                re = [e.mean_return for e in tr.evaluations]
+                ax.step(te, re + re[-1:], where="post", lw=2.2, color=color,
+                        label=f"{dev} ({tr.physics_text}): active policy, noise-free")
+            if dev in oracles:
+                ax.axhline(oracles[dev], color=color, ls="-.", lw=1,
+                           label=f"{dev}: policy trained for its physics ({oracles[dev]:.0f})")
     ax.set_xlabel("time since start (s)")
-    ax.set_ylabel("real episode return")
-    ax.set_title("Plasma demo: real episode returns (dots; line: mean of 5 episodes)\n"
-                 "vertical lines: packets (solid accepted, dashed rolled back, dotted rejected)",
+    ax.set_ylabel("return")
+    ax.set_title("Plasma demo: dots are the devices' own episodes (with exploration noise);\n"
+                 "lines are the active policy evaluated noise-free at every activation",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -360,3 +282,8 @@ def _plot(monitor: Monitor, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def watcher_now(watcher: FleetWatcher) -> float:
+    """Seconds since the watcher started (the right end of the plot)."""
+    return time.monotonic() - watcher.t0
