@@ -14,7 +14,6 @@ The oracle of a physics is a policy trained for it by ``train-base``: the shippe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,13 +32,12 @@ from plasma.protocol import SigningKey, TrustStore
 from plasma.protocol.bundle import Bundle, load_bundle
 from plasma.protocol.bus import BrokerConfig, MqttBus
 
-from ..basepolicy import EVAL_SEED0, TrainBaseConfig, cached_policy, evaluate
-from ..policy_net import MLPPolicy
+from ..catalog import find_model, oracle_return
 from ..tools.broker import start_local
 from ..tools.processes import Processes, cpu_seconds
 from ..tools.watch import DeviceWatch, FleetWatcher, parse_physics
 
-__all__ = ["LiveBenchConfig", "bench_live", "device_result", "find_model"]
+__all__ = ["LiveBenchConfig", "bench_live", "device_result"]
 
 log = logging.getLogger(__name__)
 FLEET = "live"
@@ -134,40 +132,6 @@ def device_result(track: DeviceWatch, seed: int, oracle: float, reach: float) ->
         "rejected": track.verdicts.get("rejected", 0),
         "evaluations": [[e.steps, round(e.mean_return, 1)] for e in evals],
     }
-
-
-def find_model(env_id: str, physics: dict[str, float]) -> Path:
-    """The shipped bundle of ``env_id`` trained at ``physics`` (deploy/models), if any."""
-    for root in _model_roots():
-        for manifest in sorted(root.glob("*/manifest.json")):
-            m = json.loads(manifest.read_text())
-            if m.get("env_id") == env_id and _same_physics(m.get("physics", {}), physics, env_id):
-                return manifest.parent
-    raise FileNotFoundError(f"no shipped bundle for {env_id} at {physics or 'nominal'} physics "
-                            "in deploy/models: pass --model, or make one with train-base")
-
-
-def oracle_return(env_id: str, physics: dict[str, float], episodes: int) -> float:
-    """Noise-free fp32 return of a policy trained for ``physics`` (shipped, else cached)."""
-    try:
-        policy = MLPPolicy.load_npz(find_model(env_id, physics) / "policy.npz")
-    except FileNotFoundError:
-        log.info("training an oracle for %s (cached under ~/.cache/plasma)...", physics)
-        policy = cached_policy(TrainBaseConfig(env_id=env_id, physics=physics))[0]
-    return float(evaluate(lambda o: policy.forward(o.astype(np.float32)), env_id, physics,
-                          episodes, EVAL_SEED0)["mean"])
-
-
-def _model_roots() -> list[Path]:
-    here = Path(__file__).resolve().parents[3] / "deploy" / "models"
-    return [p for p in dict.fromkeys((here, Path.cwd() / "deploy" / "models")) if p.is_dir()]
-
-
-def _same_physics(shipped: dict[str, float], wanted: dict[str, float], env_id: str) -> bool:
-    from ..tasks import get_task
-
-    task = get_task(env_id)
-    return task.physics(shipped) == task.physics(wanted)
 
 
 def _session(cfg: LiveBenchConfig, seed: int, work: Path, model: Path, bundle: Bundle,

@@ -213,7 +213,7 @@ def _watch(cfg: DemoConfig, watcher: FleetWatcher, procs: Processes) -> str:
 
 def _oracles(cfg: DemoConfig, watcher: FleetWatcher) -> dict[str, float]:
     """Each device's oracle return: a policy trained at its physics (shipped or cached)."""
-    from ..bench.live import oracle_return
+    from ..catalog import oracle_return
 
     out = {}
     for dev, tr in watcher.tracks.items():
