@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plasma.protocol import TrustStore
+from plasma.protocol import Adapter, TrustStore
 from plasma.protocol.bundle import Bundle, load_bundle
 
 from .audit import AuditContext
@@ -91,6 +91,11 @@ class EdgeDevice:
         """Audit, journal and merge one packet; the Outcome holds the edge AuditRecord.
         ``source`` is the slot whose topic it arrived on ("fleet" or "device"), if any."""
         return self.pipeline.handle(packet, source=source)
+
+    def active_adapters(self) -> dict[str, Adapter | None]:
+        """The adapter live in each slot (None: the base weights there)."""
+        return {slot: (p.adapter if p is not None and p.adapter.layers else None)
+                for slot, p in self.pipeline.live.items()}
 
     @property
     def versions(self) -> tuple[int, int]:

@@ -228,6 +228,11 @@ class AdapterPipeline:
         record = record_for(packet, self.ctx, "rolled_back", tuple(reasons), verdict.scores())
         return Outcome(record, packet, packet.size if packet else 0, 0.0, "canary")
 
+    @property
+    def live(self) -> Mapping[str, DecodedPacket | None]:
+        """The packet live in each slot (None: none)."""
+        return dict(self._live)
+
     def _publish_versions(self) -> None:
         f, d = self._live["fleet"], self._live["device"]
         self.versions = (f.header.version if f else 0, d.header.version if d else 0)
