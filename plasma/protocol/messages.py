@@ -69,6 +69,11 @@ class StateTrace(Message):
     """Version of the device-slot adapter active when the action was taken (0 = none)."""
     timestamp: float
 
+    @property
+    def action_taken(self) -> tuple[float, ...]:
+        """The action applied on the device (exploration included): ``action``."""
+        return self.action
+
     @model_validator(mode="after")
     def _same_obs_dims(self) -> StateTrace:
         if len(self.obs) != len(self.next_obs):
