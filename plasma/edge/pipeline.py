@@ -32,7 +32,7 @@ from .audit import (
 from .canary import Canary, CanaryVerdict
 from .journal import Journal, JournalError, Pending
 from .merge import MergeEngine, MergeError, Staged
-from .policy import PolicyRuntime
+from .runtime import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
 
 __all__ = ["AdapterPipeline", "Outcome"]

@@ -8,7 +8,7 @@ import pytest
 from plasma.edge.audit import AuditContext, ModelPolicies, ModelSpace, audit_model, audit_packet
 from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
-from plasma.edge.policy import PolicyRuntime
+from plasma.edge.runtime import PolicyRuntime
 from plasma.edge.probes import (
     AuditThresholds,
     ObservationRing,

@@ -20,7 +20,7 @@ from plasma.protocol import Adapter
 
 from plasma.protocol.bundle import Bundle, load_bundle
 from ..merge import MergeEngine, merged_weights
-from ..policy import PolicyRuntime, SwapMode, reference_forward
+from ..runtime import PolicyRuntime, SwapMode, reference_forward
 
 __all__ = ["bench_inference", "bench_merge"]
 

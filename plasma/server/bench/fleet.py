@@ -35,7 +35,7 @@ from plasma.edge.canary import Canary, CanaryConfig
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
-from plasma.edge.policy import PolicyRuntime
+from plasma.edge.runtime import PolicyRuntime
 from plasma.edge.probes import behaviour_scores, judge_behaviour, probe_observations
 from plasma.protocol import (
     Adapter,
