@@ -68,28 +68,28 @@ class AuditContext:
     now: float | None = None
 
 
-PacketCheck = Check[DecodedPacket, AuditContext]
+PacketCheck = Check[DecodedPacket, AuditContext, Reason]
 
 
-def target_matches(p: DecodedPacket, ctx: AuditContext) -> CheckResult:
+def target_matches(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
     return CheckResult(check_target(p.header, ctx.fleet, ctx.device, ctx.slots), {})
 
 
-def not_expired(p: DecodedPacket, ctx: AuditContext) -> CheckResult:
+def not_expired(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
     return CheckResult(check_expiry(p.header, time.time() if ctx.now is None else ctx.now), {})
 
 
-def version_is_new(p: DecodedPacket, ctx: AuditContext) -> CheckResult:
+def version_is_new(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
     return CheckResult(check_version(p.header, ctx.highest_version.get(p.header.slot, 0)), {})
 
 
-def base_model_matches(p: DecodedPacket, ctx: AuditContext) -> CheckResult:
+def base_model_matches(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
     if ctx.base_sha256 is None:
         return CheckResult(None, {})
     return CheckResult(check_base_model(p.header, ctx.base_sha256), {})
 
 
-def shapes_match(p: DecodedPacket, ctx: AuditContext) -> CheckResult:
+def shapes_match(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
     if ctx.layers is None:
         if p.header.rank > ctx.max_rank:
             return CheckResult(Reason(code="rank_too_high", check="shapes",
@@ -126,7 +126,7 @@ def audit_packet(data: bytes, ctx: AuditContext, subject: str = "packet",
     reasons, _ = judge_all(checks, packet, ctx)
     verdict = "rejected" if reasons else "accepted"
     return PacketVerdict(_record(f"packet:{packet.header.packet_id}", ctx, packet, verdict,
-                                 reasons), packet)  # type: ignore[arg-type]
+                                 reasons), packet)
 
 
 def _record(subject: str, ctx: AuditContext, packet: DecodedPacket | None, verdict: str,
@@ -192,7 +192,7 @@ def audit_model(packet: DecodedPacket, base_weights: Mapping[str, np.ndarray],
                        finite=adapter.is_finite())
     weight_reasons, scores = judge_all(weight_checks, ev, th)
     if weight_reasons:  # never run a non-finite or huge candidate, even on probes
-        return weight_reasons, _finite_scores(scores)  # type: ignore[return-value]
+        return weight_reasons, _finite_scores(scores)
     rng = np.random.default_rng(seed)
     recent = ring.snapshot() if ring is not None else np.zeros((0, len(space.obs_std)), np.float32)
     obs = probe_observations(recent, th.probe_count, space.obs_low, space.obs_high, rng)
@@ -202,7 +202,7 @@ def audit_model(packet: DecodedPacket, base_weights: Mapping[str, np.ndarray],
     scores.update(probe)  # the whole measurement, judged or not, then what the checks add
     scores.update(judged)
     scores["probe_real_fraction"] = min(len(recent), th.probe_count) / th.probe_count
-    return reasons, _finite_scores(scores)  # type: ignore[return-value]
+    return reasons, _finite_scores(scores)
 
 
 def _finite_scores(scores: Mapping[str, float]) -> dict[str, float]:

@@ -199,10 +199,10 @@ class ModelEvidence:
     """``behaviour_scores`` of the staged candidate (empty before the probes ran)."""
 
 
-ModelCheck = Check[ModelEvidence, AuditThresholds]
+ModelCheck = Check[ModelEvidence, AuditThresholds, Reason]
 
 
-def check_finite(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
+def check_finite(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
     """Factors and the deltas they make must be finite (fp16/fp32 payloads are checked at decode;
     B @ A can still overflow float32)."""
     bad = [name for name, r in ev.ratios.items() if not np.isfinite(r)]
@@ -213,7 +213,7 @@ def check_finite(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
     return CheckResult(None, {})
 
 
-def check_delta_norm(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
+def check_delta_norm(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
     scores = {f"delta_ratio.{name}": r for name, r in ev.ratios.items()}
     worst = max(ev.ratios.items(), key=lambda kv: kv[1], default=None)
     if worst is not None and worst[1] > th.max_delta_ratio:
@@ -223,7 +223,7 @@ def check_delta_norm(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_action_change(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
+def check_action_change(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
     mean, p90 = ev.behaviour["action_change_mean"], ev.behaviour["action_change_p90"]
     scores = {"action_change_mean": mean, "action_change_p90": p90}
     if not (mean <= th.max_mean_action_change and p90 <= th.max_p90_action_change):
@@ -234,7 +234,7 @@ def check_action_change(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_action_bounds(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
+def check_action_bounds(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
     finite, out = ev.behaviour["action_finite"], ev.behaviour["action_out_of_bounds"]
     scores = {"action_out_of_bounds": out, "action_finite": finite}
     if finite < 1.0:
@@ -247,7 +247,7 @@ def check_action_bounds(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_sensitivity(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
+def check_sensitivity(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
     ratio = ev.behaviour["sensitivity_ratio"]
     scores = {"sensitivity_ratio": ratio}
     if not ratio <= th.max_sensitivity_ratio:
@@ -268,4 +268,4 @@ BEHAVIOUR_CHECKS: tuple[ModelCheck, ...] = (check_action_bounds, check_action_ch
 def judge_behaviour(scores: Mapping[str, float], th: AuditThresholds) -> tuple[Reason, ...]:
     """Every failing behaviour check (bounds, action change, sensitivity) on probe scores."""
     reasons, _ = judge_all(BEHAVIOUR_CHECKS, ModelEvidence(ratios={}, behaviour=scores), th)
-    return reasons  # type: ignore[return-value]
+    return reasons

@@ -11,40 +11,44 @@ do not decode, a signature that does not verify) stays an exception of the decod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, NamedTuple, TypeVar, Union
-
-if TYPE_CHECKING:
-    from . import messages, wire
-
-    AnyReason = Union[wire.Reason, messages.Reason]
-    """The device speaks ``wire.Reason``, the server the pydantic ``messages.Reason``."""
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Check", "CheckResult", "judge_all"]
 
 E = TypeVar("E")
 L = TypeVar("L")
+R = TypeVar("R")
 
 
-class CheckResult(NamedTuple):
-    """What one check found: why it fails (None: it passed) and the scores it judged."""
+@dataclass(frozen=True)
+class CheckResult(Generic[R]):
+    """What one check found: why it fails (None: it passed) and the scores it judged.
 
-    reason: AnyReason | None
+    ``R`` is the reason type of the side: the device's ``wire.Reason``, the server's pydantic
+    ``messages.Reason``. Unpacks as ``reason, scores = check(evidence, limits)``.
+    """
+
+    reason: R | None
     scores: dict[str, float]
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.reason, self.scores))
 
-Check = Callable[[E, L], CheckResult]
+
+Check = Callable[[E, L], CheckResult[R]]
 """check(evidence, limits) -> CheckResult; its ``__name__`` names it."""
 
 
-def judge_all(checks: Iterable[Check[E, L]], evidence: E, limits: L
-              ) -> tuple[tuple[AnyReason, ...], dict[str, float]]:
+def judge_all(checks: Iterable[Callable[[E, L], CheckResult[R]]], evidence: E, limits: L
+              ) -> tuple[tuple[R, ...], dict[str, float]]:
     """Run ``checks`` in order: every failing check's reason, and all their scores merged."""
-    reasons: list[AnyReason] = []
+    reasons: list[R] = []
     scores: dict[str, float] = {}
     for check in checks:
-        reason, found = check(evidence, limits)
-        scores.update(found)
-        if reason is not None:
-            reasons.append(reason)
+        found = check(evidence, limits)
+        scores.update(found.scores)
+        if found.reason is not None:
+            reasons.append(found.reason)
     return tuple(reasons), scores

@@ -211,7 +211,7 @@ def test_delta_ratio_gram_path_matches_the_explicit_product() -> None:
 
 
 # -- one check convention: adding a check is one function and one tuple entry ------------------
-def check_calm(ev: ModelEvidence, th: AuditThresholds) -> CheckResult:
+def check_calm(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
     """A test-local behaviour check: any action change at all is too much."""
     change = ev.behaviour["action_change_max"]
     if change > 0:
@@ -231,7 +231,7 @@ def test_adding_a_model_check_is_one_function_and_one_entry(bundle: Bundle,
 
 def test_adding_a_packet_check_is_one_function_and_one_entry(bundle: Bundle,
                                                               key: SigningKey) -> None:
-    def odd_version(p: DecodedPacket, ctx: AuditContext) -> CheckResult:
+    def odd_version(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
         bad = p.header.version % 2 == 1
         return CheckResult(Reason(code="odd_version", check="odd_version", message="odd")
                            if bad else None, {})

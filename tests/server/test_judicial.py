@@ -259,7 +259,7 @@ def test_model_on_real_judges_the_median_member(world) -> None:  # type: ignore[
     assert reason is not None and reason.code == "model_contradicts_real_data"
 
 
-def check_modest(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_modest(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     """A test-local check: a gain above 5 per path is too good to be true."""
     scores = {"modest_gain": ev.gain}
     if ev.gain > 5.0:

@@ -12,16 +12,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .session import SessionSide
-
-if TYPE_CHECKING:
-    from .policy_runtime import PolicyRuntime
 
 __all__ = ["CooperativeBuilds"]
 
 log = logging.getLogger(__name__)
+
+_Self = TypeVar("_Self", bound="CooperativeBuilds")
 
 
 class CooperativeBuilds:
@@ -94,7 +93,7 @@ class CooperativeBuilds:
 
     # -- cooperative builds: the control loop's side ---------------------------------------------
     @contextmanager
-    def attach_control_loop(self) -> Iterator[PolicyRuntime]:
+    def attach_control_loop(self: _Self) -> Iterator[_Self]:
         """Register the calling thread as the control loop: session builds then run in its ``maintain()``.
 
         The loop must call ``maintain()`` (or ``idle(timeout)``) between steps. On exit any pending

@@ -29,11 +29,11 @@ def _reason(code: str, check: str, message: str) -> Reason:
     return Reason(code=code, check=check, message=message[:1000])
 
 
-def _reject(code: str, check: str, message: str, scores: dict[str, float]) -> CheckResult:
+def _reject(code: str, check: str, message: str, scores: dict[str, float]) -> CheckResult[Reason]:
     return CheckResult(_reason(code, check, message), scores)
 
 
-def check_norms(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_norms(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     worst = max(ev.norm_ratios.values(), default=0.0)
     scores = {"max_relative_norm": worst if math.isfinite(worst) else 1e9}
     if not ev.finite:
@@ -46,7 +46,7 @@ def check_norms(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     scores = {"gain": ev.gain, "ref_return": float(ev.ref_returns.mean()),
               "cand_return": float(ev.cand_returns.mean())}
     if ev.gain <= cfg.min_gain:
@@ -55,7 +55,7 @@ def check_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_disagreement(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_disagreement(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     cand, ref = float(ev.cand_disagreement.mean()), float(ev.ref_disagreement.mean())
     scores = {"disagreement_ratio": cand, "disagreement_ratio_ref": ref}
     if cand > cfg.max_disagreement_ratio and cand > cfg.max_disagreement_increase * ref:
@@ -65,7 +65,7 @@ def check_disagreement(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     cand, ref = float((ev.cand_support > 1).mean()), float((ev.ref_support > 1).mean())
     scores = {"out_of_support": cand, "out_of_support_ref": ref}
     if cand > cfg.max_out_of_support and ref > cfg.max_out_of_support:
@@ -79,7 +79,7 @@ def check_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_penalized_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_penalized_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     pen = float(np.mean(ev.cand_penalized - ev.ref_penalized))
     share = pen / ev.gain if ev.gain > 0 else 1.0
     scores = {"penalized_gain": pen, "penalized_share": share}
@@ -90,7 +90,7 @@ def check_penalized_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_reward_spikes(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_reward_spikes(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     real = ev.real_rewards
     ceiling = float(real.max() + cfg.spike_sigmas * (real.std() + 1e-6))
     frac = float((ev.cand_rewards > ceiling).mean())
@@ -103,7 +103,7 @@ def check_reward_spikes(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_reward_model(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_reward_model(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     err = float(np.mean(np.abs(ev.model_rewards_on_real - ev.real_rewards)))
     rel = err / (float(ev.real_rewards.std()) + 1e-6)
     scores = {"reward_error": rel}
@@ -114,7 +114,7 @@ def check_reward_model(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     frac = float((ev.model_error_on_real > cfg.max_model_error).mean())
     scores = {"contradicted_frac": frac, "model_error_p99": float(np.quantile(
         ev.model_error_on_real, 0.99)) if len(ev.model_error_on_real) else 0.0}
@@ -125,7 +125,7 @@ def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_heldout_members(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_heldout_members(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     gains = ev.heldout_gains if len(ev.heldout_gains) else ev.member_gains
     which = "held-out" if len(ev.heldout_gains) else "single planning"
     # the median: a gain that only one member promises is not a gain
@@ -141,7 +141,7 @@ def check_heldout_members(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_probing(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_probing(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     share = float(np.min(ev.probe_gains)) / ev.gain if ev.gain > 0 and len(ev.probe_gains) else 1.0
     scores = {"probe_share": share}
     if ev.gain > 0 and share < cfg.min_probe_share:
@@ -151,7 +151,7 @@ def check_probing(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
+def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     rms = float(np.sqrt(np.mean(ev.action_change**2)))
     p99 = float(np.quantile(ev.action_change, 0.99))
     scores = {"action_change_rms": rms, "action_change_p99": p99}
@@ -162,7 +162,7 @@ def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult:
     return CheckResult(None, scores)
 
 
-CHECKS: tuple[Check[Evidence, JudicialConfig], ...] = (
+CHECKS: tuple[Check[Evidence, JudicialConfig, Reason], ...] = (
     check_norms, check_gain, check_disagreement, check_support, check_penalized_gain,
     check_reward_spikes, check_reward_model, check_model_on_real, check_heldout_members,
     check_probing, check_replay,
@@ -186,10 +186,10 @@ class Judgement:
 
 
 def run_checks(ev: Evidence, cfg: JudicialConfig,
-               checks: Sequence[Check[Evidence, JudicialConfig]] = CHECKS) -> Judgement:
+               checks: Sequence[Check[Evidence, JudicialConfig, Reason]] = CHECKS) -> Judgement:
     """Every check of ``checks`` on ``ev``, in order; scores made finite for the AuditRecord."""
     reasons, scores = judge_all(checks, ev, cfg)
-    return Judgement(reasons, {k: _finite(v) for k, v in scores.items()})  # type: ignore[arg-type]
+    return Judgement(reasons, {k: _finite(v) for k, v in scores.items()})
 
 
 def _finite(x: float) -> float:
