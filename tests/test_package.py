@@ -51,7 +51,7 @@ def test_edge_import_stays_light() -> None:
     loaded = set(json.loads(out.stdout))
     bad = sorted(m for m in loaded for f in FORBIDDEN_ON_EDGE if m == f or m.startswith(f + "."))
     assert not bad, f"plasma.edge loaded server-only modules: {bad}"
-    assert "onnxruntime" in loaded or "plasma.edge.policy" not in loaded
+    assert "onnxruntime" in loaded or "plasma.edge.runtime" not in loaded
     assert "msgspec" in loaded
 
 

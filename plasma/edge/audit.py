@@ -1,19 +1,19 @@
 """Edge stage 8: packet bytes -> AuditRecord (accepted or rejected, with reasons).
 
-The EdgeAuditor is a list of small named checks, each returning a ``Reason`` or
-``None`` (Gymnasium's ``check_env`` is the model): never ``assert``, never an
-exception for a rejection.  Protocol checks run first, in the order of DESIGN.md
-section 3 (size cap, signature, length, digest, parse); then the semantic checks
-(``audit_packet``).  The model-level checks (``audit_model``: finite values, delta
-norms, behaviour probes; see ``plasma.edge.probes``) run afterwards on the merge
-engine's staged, inactive side: exactly the weights that would go live.
+The EdgeAuditor is a tuple of small named checks, each returning its ``Reason`` (or
+``None``) and its scores (``plasma.protocol.checks``, after Gymnasium's ``check_env``):
+never ``assert``, never an exception for a rejection.  Protocol checks run first, in
+the order of DESIGN.md section 3 (size cap, signature, length, digest, parse); then the
+semantic checks (``audit_packet``).  The model-level checks (``audit_model``: finite
+values, delta norms, behaviour probes; see ``plasma.edge.probes``) run afterwards on the
+merge engine's staged, inactive side: exactly the weights that would go live.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,16 +30,20 @@ from plasma.protocol import (
     check_version,
     decode_packet,
 )
+from plasma.protocol.checks import Check, CheckResult, judge_all
 from plasma.protocol.wire import AuditRecord, Reason
 
 from plasma.protocol.bundle import Manifest
 from .probes import (
+    BEHAVIOUR_CHECKS,
+    WEIGHT_CHECKS,
     AuditThresholds,
+    ModelCheck,
+    ModelEvidence,
     ObservationRing,
     Policy,
     behaviour_scores,
     delta_ratios,
-    judge,
     probe_observations,
 )
 
@@ -64,41 +68,40 @@ class AuditContext:
     now: float | None = None
 
 
-Check = Callable[[DecodedPacket, AuditContext], "Reason | None"]
+PacketCheck = Check[DecodedPacket, AuditContext, Reason]
 
 
-def _target(p: DecodedPacket, ctx: AuditContext) -> Reason | None:
-    return check_target(p.header, ctx.fleet, ctx.device, ctx.slots)
+def target_matches(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
+    return CheckResult(check_target(p.header, ctx.fleet, ctx.device, ctx.slots), {})
 
 
-def _expiry(p: DecodedPacket, ctx: AuditContext) -> Reason | None:
-    return check_expiry(p.header, time.time() if ctx.now is None else ctx.now)
+def not_expired(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
+    return CheckResult(check_expiry(p.header, time.time() if ctx.now is None else ctx.now), {})
 
 
-def _version(p: DecodedPacket, ctx: AuditContext) -> Reason | None:
-    return check_version(p.header, ctx.highest_version.get(p.header.slot, 0))
+def version_is_new(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
+    return CheckResult(check_version(p.header, ctx.highest_version.get(p.header.slot, 0)), {})
 
 
-def _base_model(p: DecodedPacket, ctx: AuditContext) -> Reason | None:
-    return None if ctx.base_sha256 is None else check_base_model(p.header, ctx.base_sha256)
+def base_model_matches(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
+    if ctx.base_sha256 is None:
+        return CheckResult(None, {})
+    return CheckResult(check_base_model(p.header, ctx.base_sha256), {})
 
 
-def _shapes(p: DecodedPacket, ctx: AuditContext) -> Reason | None:
+def shapes_match(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
     if ctx.layers is None:
         if p.header.rank > ctx.max_rank:
-            return Reason(code="rank_too_high", check="shapes",
-                          message=f"rank {p.header.rank} exceeds the limit {ctx.max_rank}")
-        return None
-    return check_layers(p.header, ctx.layers, ctx.max_rank)
+            return CheckResult(Reason(code="rank_too_high", check="shapes",
+                                      message=f"rank {p.header.rank} exceeds the limit {ctx.max_rank}"),
+                               {})
+        return CheckResult(None, {})
+    return CheckResult(check_layers(p.header, ctx.layers, ctx.max_rank), {})
 
 
-PROTOCOL_CHECKS: tuple[tuple[str, Check], ...] = (
-    ("target", _target),
-    ("expiry", _expiry),
-    ("version", _version),
-    ("base_model", _base_model),
-    ("shapes", _shapes),
-)
+PROTOCOL_CHECKS: tuple[PacketCheck, ...] = (target_matches, not_expired, version_is_new,
+                                              base_model_matches, shapes_match)
+"""The semantic checks of a decoded packet, in order (decoding has checked the bytes)."""
 
 
 @dataclass(frozen=True)
@@ -113,14 +116,14 @@ class PacketVerdict:
 
 
 def audit_packet(data: bytes, ctx: AuditContext, subject: str = "packet",
-                 checks: tuple[tuple[str, Check], ...] = PROTOCOL_CHECKS) -> PacketVerdict:
+                 checks: tuple[PacketCheck, ...] = PROTOCOL_CHECKS) -> PacketVerdict:
     """Verify, decode and judge one packet. Never raises for bad bytes."""
     try:
         packet = decode_packet(data, ctx.trust, max_bytes=ctx.max_bytes)
     except PacketError as exc:
         reason = Reason(code=exc.code, message=str(exc), check="decode")
         return PacketVerdict(_record(subject, ctx, None, "rejected", (reason,)), None)
-    reasons = tuple(r for _, check in checks if (r := check(packet, ctx)) is not None)
+    reasons, _ = judge_all(checks, packet, ctx)
     verdict = "rejected" if reasons else "accepted"
     return PacketVerdict(_record(f"packet:{packet.header.packet_id}", ctx, packet, verdict,
                                  reasons), packet)
@@ -175,7 +178,9 @@ class ModelSpace:
 def audit_model(packet: DecodedPacket, base_weights: Mapping[str, np.ndarray],
                 policies: ModelPolicies, space: ModelSpace, ring: ObservationRing | None,
                 th: AuditThresholds = AuditThresholds(), seed: int = 0,
-                base_norms: Mapping[str, float] | None = None
+                base_norms: Mapping[str, float] | None = None,
+                weight_checks: tuple[ModelCheck, ...] = WEIGHT_CHECKS,
+                behaviour_checks: tuple[ModelCheck, ...] = BEHAVIOUR_CHECKS,
                 ) -> tuple[tuple[Reason, ...], dict[str, float]]:
     """Model-level reasons (empty: passed) and scores for a packet whose candidate is staged.
 
@@ -183,9 +188,9 @@ def audit_model(packet: DecodedPacket, base_weights: Mapping[str, np.ndarray],
     ``base_norms``: ``||W_base||_F`` per layer, if the caller keeps them (see ``delta_ratios``).
     """
     adapter = packet.adapter
-    ratios = delta_ratios(adapter, base_weights, base_norms)
-    scores = {f"delta_ratio.{name}": r for name, r in ratios.items()}
-    weight_reasons = judge(adapter, ratios, None, th)
+    ev = ModelEvidence(ratios=delta_ratios(adapter, base_weights, base_norms),
+                       finite=adapter.is_finite())
+    weight_reasons, scores = judge_all(weight_checks, ev, th)
     if weight_reasons:  # never run a non-finite or huge candidate, even on probes
         return weight_reasons, _finite_scores(scores)
     rng = np.random.default_rng(seed)
@@ -193,9 +198,11 @@ def audit_model(packet: DecodedPacket, base_weights: Mapping[str, np.ndarray],
     obs = probe_observations(recent, th.probe_count, space.obs_low, space.obs_high, rng)
     probe = behaviour_scores(policies.current, policies.candidate, policies.base, obs,
                              space.act_low, space.act_high, th, space.obs_std, rng)
-    scores.update(probe)
+    reasons, judged = judge_all(behaviour_checks, replace(ev, behaviour=probe), th)
+    scores.update(probe)  # the whole measurement, judged or not, then what the checks add
+    scores.update(judged)
     scores["probe_real_fraction"] = min(len(recent), th.probe_count) / th.probe_count
-    return judge(adapter, ratios, probe, th), _finite_scores(scores)
+    return reasons, _finite_scores(scores)
 
 
 def _finite_scores(scores: Mapping[str, float]) -> dict[str, float]:

@@ -41,7 +41,7 @@ from .journal import Journal
 from .merge import MergeEngine
 from .metrics import EdgeMetrics
 from .pipeline import AdapterPipeline, Outcome
-from .policy import PolicyRuntime
+from .runtime import PolicyRuntime
 from .probes import ObservationRing
 from .telemetry import TelemetryBuffer
 

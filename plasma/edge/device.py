@@ -26,7 +26,7 @@ from .canary import Canary, CanaryConfig
 from .journal import Journal
 from .merge import MergeEngine
 from .pipeline import AdapterPipeline, Outcome
-from .policy import PolicyRuntime
+from .runtime import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
 
 __all__ = ["DeviceConfig", "EdgeDevice"]

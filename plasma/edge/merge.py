@@ -11,7 +11,7 @@ reads it, no session build runs over it) and returns a ``Staged`` handle that ca
 the other side (until the next ``stage``), and otherwise re-stages it from the master. In the
 default tiered rebuild mode no session is built on this path: the probes and the first act()
 calls after the flip run the side's non-prepacked session (exact), and the prepacked one is
-built afterwards by the control loop or a background thread (see ``plasma.edge.policy``).
+built afterwards by the control loop or a background thread (see ``plasma.edge.runtime``).
 
 Errors: ``MergeError`` (code bad_adapter, non_finite, stale, no_rollback) means a broken contract:
 the auditor should have refused the adapter before it got here.
@@ -28,7 +28,8 @@ import numpy as np
 
 from plasma.protocol import SLOTS
 
-from .policy import PolicyRuntime, quantize_into
+from .runtime import PolicyRuntime
+from .runtime.quantize import quantize_into
 
 __all__ = ["AdapterLike", "MergeEngine", "MergeError", "Staged", "merged_weights"]
 

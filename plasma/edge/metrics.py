@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["EdgeMetrics"]
 
-# act() is ~20 us for a small MLP (policy.py); buckets from 5 us to 10 ms.
+# act() is ~20 us for a small MLP (edge/runtime/); buckets from 5 us to 10 ms.
 _ACT_BUCKETS = (5e-6, 10e-6, 20e-6, 40e-6, 80e-6, 160e-6, 320e-6, 1e-3, 3e-3, 10e-3)
 
 

@@ -21,18 +21,20 @@ from plasma.protocol import SLOTS, DecodedPacket, Slot
 from plasma.protocol.wire import AuditRecord, Reason
 
 from .audit import (
-    PROTOCOL_CHECKS,
     AuditContext,
     ModelPolicies,
     ModelSpace,
     audit_model,
     audit_packet,
+    base_model_matches,
     record_for,
+    shapes_match,
+    target_matches,
 )
 from .canary import Canary, CanaryVerdict
 from .journal import Journal, JournalError, Pending
 from .merge import MergeEngine, MergeError, Staged
-from .policy import PolicyRuntime
+from .runtime import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
 
 __all__ = ["AdapterPipeline", "Outcome"]
@@ -41,8 +43,7 @@ log = logging.getLogger(__name__)
 
 # On restart the stored bytes are re-verified (signature, digest, target, base model, shapes);
 # expiry and version are not re-judged: they were judged when the packet arrived.
-_RESTORE_CHECKS = tuple((name, check) for name, check in PROTOCOL_CHECKS
-                        if name in ("target", "base_model", "shapes"))
+_RESTORE_CHECKS = (target_matches, base_model_matches, shapes_match)
 
 
 @dataclass(frozen=True)

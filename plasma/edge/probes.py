@@ -4,8 +4,9 @@ Two steps, so each check is a pure table-testable function:
 
 1. measure: ``delta_ratios`` (weights only) and ``behaviour_scores`` (runs the current, the
    candidate and the shipped base policy on the same probe batch) produce plain floats;
-2. judge: ``check_*`` functions compare those floats with ``AuditThresholds`` and return a
-   ``Reason`` or None.
+2. judge: ``check_*`` functions compare those floats (a ``ModelEvidence``) with
+   ``AuditThresholds`` and return a ``CheckResult`` (reason or None, and the scores they
+   judged); ``WEIGHT_CHECKS`` run before the probes, ``BEHAVIOUR_CHECKS`` after them.
 
 Probe observations come from the device's own recent real observations (``ObservationRing``,
 written by the control loop), or from the manifest's observation bounds while it is empty.
@@ -17,16 +18,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from plasma.protocol import Adapter
+from plasma.protocol.checks import Check, CheckResult, judge_all
 from plasma.protocol.wire import Reason
 
 __all__ = ["AuditThresholds", "ObservationRing", "behaviour_scores", "check_action_bounds",
            "check_action_change", "check_delta_norm", "check_finite", "check_sensitivity",
-           "delta_ratios", "probe_observations", "judge", "judge_behaviour"]
+           "delta_ratios", "probe_observations", "judge_behaviour",
+           "BEHAVIOUR_CHECKS", "WEIGHT_CHECKS", "ModelCheck", "ModelEvidence"]
 
 Policy = Callable[[np.ndarray], np.ndarray]
 """(n, obs_dim) -> (n, act_dim)."""
@@ -184,66 +187,85 @@ def _moved(actions: np.ndarray, n: int, k: int, span: np.ndarray) -> float:
 
 
 # -- judge ------------------------------------------------------------------------------------
-def check_finite(adapter: Adapter, ratios: Mapping[str, float]) -> Reason | None:
+@dataclass(frozen=True)
+class ModelEvidence:
+    """What the model checks judge: the delta norms and, once the probes ran, their scores."""
+
+    ratios: Mapping[str, float]
+    """layer -> ``||delta W||_F / ||W_base||_F`` (``delta_ratios``)."""
+    finite: bool = True
+    """Every factor of the adapter is finite."""
+    behaviour: Mapping[str, float] = field(default_factory=dict)
+    """``behaviour_scores`` of the staged candidate (empty before the probes ran)."""
+
+
+ModelCheck = Check[ModelEvidence, AuditThresholds, Reason]
+
+
+def check_finite(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
     """Factors and the deltas they make must be finite (fp16/fp32 payloads are checked at decode;
     B @ A can still overflow float32)."""
-    bad = [name for name, r in ratios.items() if not np.isfinite(r)]
-    if not adapter.is_finite() or bad:
-        return Reason(code="non_finite", check="finite",
-                      message=f"delta W is not finite in layer(s) {', '.join(bad) or '?'}")
-    return None
+    bad = [name for name, r in ev.ratios.items() if not np.isfinite(r)]
+    if not ev.finite or bad:
+        return CheckResult(Reason(code="non_finite", check="finite",
+                                  message=f"delta W is not finite in layer(s) {', '.join(bad) or '?'}"),
+                           {})
+    return CheckResult(None, {})
 
 
-def check_delta_norm(ratios: Mapping[str, float], th: AuditThresholds) -> Reason | None:
-    worst = max(ratios.items(), key=lambda kv: kv[1], default=None)
+def check_delta_norm(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
+    scores = {f"delta_ratio.{name}": r for name, r in ev.ratios.items()}
+    worst = max(ev.ratios.items(), key=lambda kv: kv[1], default=None)
     if worst is not None and worst[1] > th.max_delta_ratio:
-        return Reason(code="delta_too_large", check="delta_norm",
-                      message=f"layer {worst[0]}: ||dW||/||W|| = {worst[1]:.3g} exceeds "
-                              f"{th.max_delta_ratio:g}")
-    return None
+        return CheckResult(Reason(code="delta_too_large", check="delta_norm",
+                                  message=f"layer {worst[0]}: ||dW||/||W|| = {worst[1]:.3g} exceeds "
+                                          f"{th.max_delta_ratio:g}"), scores)
+    return CheckResult(None, scores)
 
 
-def check_action_change(scores: Mapping[str, float], th: AuditThresholds) -> Reason | None:
-    mean, p90 = scores["action_change_mean"], scores["action_change_p90"]
+def check_action_change(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
+    mean, p90 = ev.behaviour["action_change_mean"], ev.behaviour["action_change_p90"]
+    scores = {"action_change_mean": mean, "action_change_p90": p90}
     if not (mean <= th.max_mean_action_change and p90 <= th.max_p90_action_change):
-        return Reason(code="action_change_too_large", check="action_change",
-                      message=f"actions move {mean:.1%} of their range on average (limit "
-                              f"{th.max_mean_action_change:.0%}), {p90:.1%} on 10 % of the "
-                              f"probes (limit {th.max_p90_action_change:.0%})")
-    return None
+        return CheckResult(Reason(code="action_change_too_large", check="action_change",
+                                  message=f"actions move {mean:.1%} of their range on average (limit "
+                                          f"{th.max_mean_action_change:.0%}), {p90:.1%} on 10 % of the "
+                                          f"probes (limit {th.max_p90_action_change:.0%})"), scores)
+    return CheckResult(None, scores)
 
 
-def check_action_bounds(scores: Mapping[str, float], th: AuditThresholds) -> Reason | None:
-    if scores["action_finite"] < 1.0:
-        return Reason(code="non_finite_action", check="action_bounds",
-                      message="the adapted policy outputs NaN or Inf")
-    if scores["action_out_of_bounds"] > th.action_bound_tolerance:
-        return Reason(code="action_out_of_bounds", check="action_bounds",
-                      message=f"actions leave their bounds by {scores['action_out_of_bounds']:.1%}"
-                              " of the range")
-    return None
+def check_action_bounds(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
+    finite, out = ev.behaviour["action_finite"], ev.behaviour["action_out_of_bounds"]
+    scores = {"action_out_of_bounds": out, "action_finite": finite}
+    if finite < 1.0:
+        return CheckResult(Reason(code="non_finite_action", check="action_bounds",
+                                  message="the adapted policy outputs NaN or Inf"), scores)
+    if out > th.action_bound_tolerance:
+        return CheckResult(Reason(code="action_out_of_bounds", check="action_bounds",
+                                  message=f"actions leave their bounds by {out:.1%} of the range"),
+                           scores)
+    return CheckResult(None, scores)
 
 
-def check_sensitivity(scores: Mapping[str, float], th: AuditThresholds) -> Reason | None:
-    ratio = scores["sensitivity_ratio"]
+def check_sensitivity(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
+    ratio = ev.behaviour["sensitivity_ratio"]
+    scores = {"sensitivity_ratio": ratio}
     if not ratio <= th.max_sensitivity_ratio:
-        return Reason(code="too_sensitive", check="sensitivity",
-                      message=f"small observation perturbations move the adapted policy "
-                              f"{ratio:.1f}x as much as the base policy (limit "
-                              f"{th.max_sensitivity_ratio:g}x)")
-    return None
+        return CheckResult(Reason(code="too_sensitive", check="sensitivity",
+                                  message=f"small observation perturbations move the adapted policy "
+                                          f"{ratio:.1f}x as much as the base policy (limit "
+                                          f"{th.max_sensitivity_ratio:g}x)"), scores)
+    return CheckResult(None, scores)
 
 
-def judge(adapter: Adapter, ratios: Mapping[str, float], scores: Mapping[str, float] | None,
-          th: AuditThresholds) -> tuple[Reason, ...]:
-    """Every failing check, weights first; ``scores`` None means the probes did not run."""
-    found = [check_finite(adapter, ratios), check_delta_norm(ratios, th)]
-    weights = tuple(r for r in found if r is not None)
-    return weights if scores is None else weights + judge_behaviour(scores, th)
+WEIGHT_CHECKS: tuple[ModelCheck, ...] = (check_finite, check_delta_norm)
+"""Judged on the weights alone, before the probes: a candidate failing one never runs."""
+BEHAVIOUR_CHECKS: tuple[ModelCheck, ...] = (check_action_bounds, check_action_change,
+                                            check_sensitivity)
+"""Judged on the probe scores of the staged candidate (``ModelEvidence.behaviour``)."""
 
 
 def judge_behaviour(scores: Mapping[str, float], th: AuditThresholds) -> tuple[Reason, ...]:
     """Every failing behaviour check (bounds, action change, sensitivity) on probe scores."""
-    found = (check_action_bounds(scores, th), check_action_change(scores, th),
-             check_sensitivity(scores, th))
-    return tuple(r for r in found if r is not None)
+    reasons, _ = judge_all(BEHAVIOUR_CHECKS, ModelEvidence(ratios={}, behaviour=scores), th)
+    return reasons

@@ -1,4 +1,4 @@
-"""plasma-server fuzz (server/fuzz.py): a tiny run is clean, and planted bugs are caught."""
+"""plasma-server fuzz (server/tools/fuzz/): a tiny run is clean, and planted bugs are caught."""
 
 from __future__ import annotations
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plasma.edge.audit import AuditContext, ModelPolicies, ModelSpace, audit_model, audit_packet
+from plasma.edge.audit import (
+    PROTOCOL_CHECKS,
+    AuditContext,
+    ModelPolicies,
+    ModelSpace,
+    audit_model,
+    audit_packet,
+)
 from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
-from plasma.edge.policy import PolicyRuntime
+from plasma.edge.runtime import PolicyRuntime
 from plasma.edge.probes import (
+    BEHAVIOUR_CHECKS,
     AuditThresholds,
+    ModelEvidence,
     ObservationRing,
     behaviour_scores,
     check_action_bounds,
@@ -21,21 +30,27 @@ from plasma.edge.probes import (
     delta_ratios,
     probe_observations,
 )
-from plasma.protocol import Adapter, SigningKey, TrustStore, encode_packet
+from plasma.protocol import Adapter, DecodedPacket, SigningKey, TrustStore, encode_packet
+from plasma.protocol.checks import CheckResult
+from plasma.protocol.wire import Reason
 
 TH = AuditThresholds()
 
 
-def scores(**kw: float) -> dict[str, float]:
+def scores(**kw: float) -> ModelEvidence:
     base = {"action_change_mean": 0.0, "action_change_p90": 0.0, "action_out_of_bounds": 0.0,
             "action_finite": 1.0, "sensitivity_ratio": 1.0}
-    return {**base, **kw}
+    return ModelEvidence(ratios={}, behaviour={**base, **kw})
+
+
+def ratios(**kw: float) -> ModelEvidence:
+    return ModelEvidence(ratios=kw)
 
 
 @pytest.mark.parametrize("check, arg, code", [
-    (check_delta_norm, {"l0": 0.1, "l1": 0.99}, None),
-    (check_delta_norm, {"l0": 0.1, "l1": 1.01}, "delta_too_large"),
-    (check_delta_norm, {}, None),
+    (check_delta_norm, ratios(l0=0.1, l1=0.99), None),
+    (check_delta_norm, ratios(l0=0.1, l1=1.01), "delta_too_large"),
+    (check_delta_norm, ratios(), None),
     (check_action_change, scores(action_change_mean=0.1, action_change_p90=0.5), None),
     (check_action_change, scores(action_change_mean=0.4), "action_change_too_large"),
     (check_action_change, scores(action_change_p90=0.8), "action_change_too_large"),
@@ -48,7 +63,7 @@ def scores(**kw: float) -> dict[str, float]:
     (check_sensitivity, scores(sensitivity_ratio=float("inf")), "too_sensitive"),
 ])
 def test_check_table(check, arg, code) -> None:  # type: ignore[no-untyped-def]
-    reason = check(arg, TH)
+    reason, _ = check(arg, TH)
     assert (reason.code if reason else None) == code
 
 
@@ -64,8 +79,8 @@ def adapter(a: float, b: float, name: str = "l0", shape: tuple[int, int] = (4, 3
 ])
 def test_check_finite(factors: tuple[float, float], code: str | None) -> None:
     ad = adapter(*factors)
-    ratios = delta_ratios(ad, {"l0": np.ones((3, 4), np.float32)})
-    reason = check_finite(ad, ratios)
+    found = delta_ratios(ad, {"l0": np.ones((3, 4), np.float32)})
+    reason, _ = check_finite(ModelEvidence(ratios=found, finite=ad.is_finite()), TH)
     assert (reason.code if reason else None) == code
 
 
@@ -138,7 +153,7 @@ def key() -> SigningKey:
 
 
 def judged(bundle: Bundle, key: SigningKey, ad: Adapter, ring: ObservationRing | None = None,
-           th: AuditThresholds = TH) -> tuple[tuple, dict, MergeEngine]:
+           th: AuditThresholds = TH, **checks: tuple) -> tuple[tuple, dict, MergeEngine]:
     runtime = PolicyRuntime(bundle)
     engine = MergeEngine(runtime)
     ctx = AuditContext(trust=TrustStore([key.public_key]), base_sha256=bundle.base_sha256,
@@ -150,7 +165,7 @@ def judged(bundle: Bundle, key: SigningKey, ad: Adapter, ring: ObservationRing |
     staged = engine.stage({"fleet": verdict.packet.adapter})
     policies = ModelPolicies(runtime.act_batch, staged.act_batch, runtime.base_act_batch)
     reasons, s = audit_model(verdict.packet, bundle.weights, policies,
-                             ModelSpace.from_manifest(bundle.manifest), ring, th)
+                             ModelSpace.from_manifest(bundle.manifest), ring, th, **checks)
     return reasons, s, engine
 
 
@@ -193,3 +208,37 @@ def test_delta_ratio_gram_path_matches_the_explicit_product() -> None:
     for n in (1, 2, 7, 32):
         x = rng.random(n)
         assert _percentile(x, 90.0) == pytest.approx(float(np.percentile(x, 90)), abs=1e-12)
+
+
+# -- one check convention: adding a check is one function and one tuple entry ------------------
+def check_calm(ev: ModelEvidence, th: AuditThresholds) -> CheckResult[Reason]:
+    """A test-local behaviour check: any action change at all is too much."""
+    change = ev.behaviour["action_change_max"]
+    if change > 0:
+        return CheckResult(Reason(code="not_calm", check="calm", message=f"moved {change:.3f}"),
+                           {"calm_change": change})
+    return CheckResult(None, {"calm_change": change})
+
+
+def test_adding_a_model_check_is_one_function_and_one_entry(bundle: Bundle,
+                                                             key: SigningKey) -> None:
+    ad = real_adapter(bundle, 0.05)
+    reasons, s, _ = judged(bundle, key, ad)
+    assert reasons == () and "calm_change" not in s
+    reasons, s, _ = judged(bundle, key, ad, behaviour_checks=BEHAVIOUR_CHECKS + (check_calm,))
+    assert [r.code for r in reasons] == ["not_calm"] and s["calm_change"] > 0
+
+
+def test_adding_a_packet_check_is_one_function_and_one_entry(bundle: Bundle,
+                                                              key: SigningKey) -> None:
+    def odd_version(p: DecodedPacket, ctx: AuditContext) -> CheckResult[Reason]:
+        bad = p.header.version % 2 == 1
+        return CheckResult(Reason(code="odd_version", check="odd_version", message="odd")
+                           if bad else None, {})
+
+    ctx = AuditContext(trust=TrustStore([key.public_key]), base_sha256=bundle.base_sha256)
+    data = encode_packet(None, key=key, fleet="f1", slot="fleet", version=1,
+                         base_sha256=bundle.base_sha256)
+    assert audit_packet(data, ctx).accepted
+    verdict = audit_packet(data, ctx, checks=PROTOCOL_CHECKS + (odd_version,))
+    assert [r.code for r in verdict.record.reasons] == ["odd_version"]

@@ -17,7 +17,7 @@ import pytest
 from onnx import numpy_helper
 
 from plasma.protocol.bundle import BASE_WEIGHTS, MANIFEST, MODEL_FP32, MODEL_INT8, Bundle, BundleError, load_bundle
-from plasma.edge.policy import PolicyRuntime, quantize_weight, reference_forward
+from plasma.edge.runtime import PolicyRuntime, quantize_weight, reference_forward
 
 
 def numpy_forward(layers: list[tuple[np.ndarray, np.ndarray]], obs: np.ndarray, m: dict) -> np.ndarray:
@@ -224,14 +224,14 @@ def test_inplace_self_test_passes_and_falls_back(bundle: Bundle, monkeypatch: py
                                                  caplog: pytest.LogCaptureFixture) -> None:
     assert PolicyRuntime(bundle, swap="inplace")._inplace_works(PolicyRuntime(bundle).base_q, None)
     monkeypatch.setattr(PolicyRuntime, "_inplace_works", lambda self, base_q, graph: False)
-    with caplog.at_level(logging.WARNING, logger="plasma.edge.policy"):
+    with caplog.at_level(logging.WARNING, logger="plasma.edge.runtime"):
         rt = PolicyRuntime(bundle, swap="inplace")
     assert rt.swap == "rebuild" and "session rebuild" in caplog.text
 
 
 def test_edge_import_loads_no_server_modules() -> None:
     code = (
-        "import sys, plasma.edge, plasma.protocol.bundle, plasma.edge.policy, plasma.edge.merge, plasma.edge.bench\n"
+        "import sys, plasma.edge, plasma.protocol.bundle, plasma.edge.runtime, plasma.edge.merge, plasma.edge.bench\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('onnx', 'gymnasium', 'torch')\n"
         "       or m.startswith(('plasma.server', 'onnxruntime.quantization'))]\n"
         "print(','.join(bad))\n"

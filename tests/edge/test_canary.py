@@ -13,7 +13,7 @@ from plasma.edge.canary import Canary, CanaryConfig, regression
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
-from plasma.edge.policy import PolicyRuntime, reference_forward
+from plasma.edge.runtime import PolicyRuntime, reference_forward
 from plasma.edge.probes import AuditThresholds, ObservationRing
 from plasma.protocol import Adapter, SigningKey, TrustStore, encode_packet
 

@@ -18,7 +18,7 @@ import pytest
 
 from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
-from plasma.edge.policy import PolicyRuntime, SessionSide
+from plasma.edge.runtime import PolicyRuntime, SessionSide
 
 from .test_daemon_wire import InProcess, packet, pendulum  # noqa: F401 - pendulum is a fixture
 from .test_merge import probes, random_adapter
@@ -167,7 +167,7 @@ def test_legacy_timeout_fallback_when_the_loop_stops_maintaining(bundle: Bundle,
     assert attached.wait(5)
     adapter = random_adapter(bundle, 1)
     t0 = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="plasma.edge.policy"):
+    with caplog.at_level(logging.WARNING, logger="plasma.edge.runtime"):
         engine.activate(engine.stage({"fleet": adapter}))
     assert 0.1 <= time.perf_counter() - t0 < 3
     assert "did not run the session build" in caplog.text
@@ -278,7 +278,7 @@ def test_a_failed_upgrade_leaves_act_on_the_exact_session(engine: MergeEngine, b
 
     monkeypatch.setattr(SessionSide, "build", broken)
     adapter = random_adapter(bundle, 1)
-    with caplog.at_level(logging.ERROR, logger="plasma.edge.policy"):
+    with caplog.at_level(logging.ERROR, logger="plasma.edge.runtime"):
         with rt.attach_control_loop():
             engine.activate(engine.stage({"fleet": adapter}))
             assert rt.maintain() is True

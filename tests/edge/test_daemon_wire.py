@@ -429,7 +429,7 @@ class ImitateBase:
         return self.obs, {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        from plasma.edge.policy import reference_forward
+        from plasma.edge.runtime import reference_forward
 
         target = reference_forward(self.bundle, self.obs[None])[0]
         reward = -float(np.sum((action - target) ** 2))

@@ -11,7 +11,7 @@ import pytest
 
 from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine, MergeError, merged_weights
-from plasma.edge.policy import PolicyRuntime, quantize_weight, reference_forward
+from plasma.edge.runtime import PolicyRuntime, quantize_weight, reference_forward
 from plasma.protocol import Adapter
 
 SWAPS = ["rebuild", "inplace"]
@@ -250,7 +250,7 @@ def test_one_output_layer_loads_and_merges(tmp_path) -> None:
 
     from plasma.protocol.bundle import load_bundle
     from plasma.edge.merge import MergeEngine
-    from plasma.edge.policy import PolicyRuntime
+    from plasma.edge.runtime import PolicyRuntime
     from plasma.protocol import Adapter
     from plasma.server.export import export_bundle, random_mlp_layers
 

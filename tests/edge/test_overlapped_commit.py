@@ -13,7 +13,7 @@ from plasma.edge.canary import Canary
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
-from plasma.edge.policy import PolicyRuntime
+from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import Adapter, SigningKey, TrustStore, encode_packet
 
 KEY = SigningKey.generate()

@@ -13,7 +13,7 @@ import pytest
 
 from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
-from plasma.edge.policy import PolicyRuntime, SessionSide
+from plasma.edge.runtime import PolicyRuntime, SessionSide
 
 from .test_merge import probes, random_adapter
 

@@ -6,7 +6,7 @@ Inputs: arbitrary bytes, byte-level mutations of valid packets and frames (what 
 without the key can send), and structure-aware mutations that fix the lengths and digest and
 RE-SIGN with the trusted key, so the header and payload parsers behind the signature check
 are reached too (what a buggy or compromised server could send).  ``plasma-server fuzz``
-(server/fuzz.py) runs the long version of this.
+(server/tools/fuzz/) runs the long version of this.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from plasma.protocol import AuditRecord
+from plasma.protocol import AuditRecord, Reason
+from plasma.protocol.checks import CheckResult
 from plasma.server.judicial import (
     CHECKS,
     Evidence,
@@ -256,3 +257,19 @@ def test_model_on_real_judges_the_median_member(world) -> None:  # type: ignore[
     reason, _ = check_model_on_real(dataclasses.replace(evidence(), model_error_on_real=every),
                                     JudicialConfig())
     assert reason is not None and reason.code == "model_contradicts_real_data"
+
+
+def check_modest(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
+    """A test-local check: a gain above 5 per path is too good to be true."""
+    scores = {"modest_gain": ev.gain}
+    if ev.gain > 5.0:
+        return CheckResult(Reason(code="too_good", check="modest", message="gain above 5"), scores)
+    return CheckResult(None, scores)
+
+
+def test_adding_a_check_is_one_function_and_one_entry() -> None:
+    assert run_checks(evidence(), CFG).ok
+    judgement = run_checks(evidence(), CFG, checks=CHECKS + (check_modest,))
+    assert [r.code for r in judgement.reasons] == ["too_good"]
+    assert judgement.scores["modest_gain"] == pytest.approx(10.0)
+    assert judgement.correctable  # not in NOT_CORRECTABLE: a correction may try again

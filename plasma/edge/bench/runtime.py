@@ -20,7 +20,7 @@ from plasma.protocol import Adapter
 
 from plasma.protocol.bundle import Bundle, load_bundle
 from ..merge import MergeEngine, merged_weights
-from ..policy import PolicyRuntime, SwapMode, reference_forward
+from ..runtime import PolicyRuntime, SwapMode, reference_forward
 
 __all__ = ["bench_inference", "bench_merge"]
 
@@ -78,7 +78,7 @@ def bench_inference(bundle_dir: str | Path | None = None, n: int = 20000, swap: 
         "bare_ort_p50_us": float(bare_p50), "bare_ort_p99_us": float(np.percentile(theirs, 99) / 1e3),
         "overhead_ratio": float(p50 / bare_p50),
     }
-    if getattr(runtime, "tiered", False):  # act() between a tiered activation and its prepacked upgrade
+    if runtime.tiered:  # act() between a tiered activation and its prepacked upgrade
         engine = MergeEngine(runtime)
         plain: list[int] = []
         bare_again: list[int] = []
@@ -118,13 +118,12 @@ def _merge_windows(engine: MergeEngine, adapters: list[Adapter], n: int, spacing
     prepacked session again (tiered runtime, measured within the spacing).
     """
     windows = np.zeros((n, 2), np.int64)
-    wait_upgraded = getattr(engine.runtime, "wait_upgraded", None)
     for i in range(n):
         windows[i, 0] = time.perf_counter_ns()
         engine.activate(engine.stage({"fleet": adapters[i % len(adapters)]}))
         windows[i, 1] = time.perf_counter_ns()
-        if upgrades is not None and wait_upgraded is not None:
-            wait_upgraded(1.0)
+        if upgrades is not None:
+            engine.runtime.wait_upgraded(1.0)
             upgrades.append(time.perf_counter_ns() - windows[i, 1])
         if spacing_s:
             time.sleep(max(0.0, spacing_s - (time.perf_counter_ns() - windows[i, 1]) / 1e9))
@@ -238,10 +237,10 @@ def bench_merge(bundle_dir: str | Path | None = None, rank: int = 8, n: int = 20
         _bare_session(bundle)
         reload_ns.append(time.perf_counter_ns() - t0)
     return {
-        "swap": runtime.swap, "tiered": bool(getattr(runtime, "tiered", False)), "rank": rank, "n": n,
+        "swap": runtime.swap, "tiered": runtime.tiered, "rank": rank, "n": n,
         "builds_on_loop": runtime.builds_on_loop, "build_fallbacks": runtime.build_fallbacks,
-        "builds_in_background": int(getattr(runtime, "builds_in_background", 0)),
-        "stale_builds": int(getattr(runtime, "stale_builds", 0)),
+        "builds_in_background": runtime.builds_in_background,
+        "stale_builds": runtime.stale_builds,
         "merge_activate_p50_ms": float(np.percentile(merge_ns, 50) / 1e6),
         "merge_activate_p99_ms": float(np.percentile(merge_ns, 99) / 1e6),
         "merge_activate_back_to_back_p50_ms": float(np.percentile(back_to_back_ns, 50) / 1e6),

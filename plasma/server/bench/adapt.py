@@ -87,7 +87,7 @@ class _EdgeSide:
     """Base bundle + a throwaway signing key: every adapter goes through the real packet codec
     (encode, sign, verify, decode, int8 factors) and the edge's merge, then acts on int8 ONNX.
 
-    Preferred path: ``plasma.edge.policy.PolicyRuntime`` + ``MergeEngine.restore``. If the runtime
+    Preferred path: ``plasma.edge.runtime.PolicyRuntime`` + ``MergeEngine.restore``. If the runtime
     refuses the bundle (measured 2026-11-25: ``quantize_weight`` writes into a read-only view when
     the last layer is (1, n), i.e. act_dim 1), fall back to the edge's ``merged_weights`` (same
     arithmetic as the engine), re-exported to dynamic-int8 ONNX and run in a plain session.
@@ -96,7 +96,7 @@ class _EdgeSide:
     def __init__(self, bundle_dir: Path, task: Any) -> None:
         from plasma.protocol.bundle import load_bundle
         from plasma.edge.merge import MergeEngine
-        from plasma.edge.policy import PolicyRuntime
+        from plasma.edge.runtime import PolicyRuntime
         from plasma.protocol.signing import SigningKey, TrustStore
 
         self.bundle = load_bundle(bundle_dir)

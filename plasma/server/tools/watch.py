@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from plasma.edge.merge import MergeEngine
-from plasma.edge.policy import PolicyRuntime
+from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import AuditRecord, PacketError, PlasmaError, Status, TrustStore, \
     decode_packet, decode_traces, topics
 from plasma.protocol.bundle import Bundle

@@ -1,0 +1,95 @@
+"""Server stage 5: what the judicial audit is given - its budgets and thresholds, and the device's real data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..policy_net import LoRA
+from ..tasks import TaskSpec
+
+__all__ = ["JudicialConfig", "RealData", "Redistill", "StateFilter", "UntrustFn"]
+
+UntrustFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""untrust(obs (n, od), act (n, ad)) -> (n,) >= 0; 0 where the model can be trusted."""
+StateFilter = Callable[[np.ndarray], np.ndarray]
+"""keep(states (n, od)) -> (n,) bool: label states the planner may learn from."""
+Redistill = Callable[[TaskSpec, StateFilter], LoRA]
+"""Distill again planning under the given (penalized) task and labelling only kept states."""
+
+
+@dataclass(frozen=True)
+class JudicialConfig:
+    """Budgets and thresholds of the judicial audit (defaults calibrated by ``bench audit``)."""
+
+    paths: int = 256
+    """Phantom paths per policy, from real start states (common random numbers for both)."""
+    horizon: int = 60
+    """Steps per audit path."""
+    seed: int = 0
+    """Seed of start-state sampling and probes."""
+    min_gain: float = 0.0
+    """Per-path predicted gain the candidate must exceed to be worth publishing."""
+    disagreement_quantile: float = 0.95
+    """Quantile of disagreement on real transitions used as the trusted level."""
+    max_disagreement_ratio: float = 3.0
+    """Flag if the candidate's mean path disagreement exceeds this multiple of the trusted level"""
+    max_disagreement_increase: float = 1.5
+    """...and this multiple of the reference policy's own path disagreement."""
+    support_quantile: float = 0.99
+    """Quantile of real-to-real nearest-neighbour distances used as the support radius."""
+    max_out_of_support: float = 0.2
+    """Flag if more than this fraction of candidate path states lie beyond the support radius
+    (bench audit: honest candidates 0.00-0.08; models fitted on 60 transitions 0.24-0.36)."""
+    penalty_lambda: float | None = None
+    """MOPO lambda in reward units per unit of excess disagreement ratio; None = std of real
+    rewards."""
+    min_penalized_share: float = 0.25
+    """Share of the gain that must survive the uncertainty penalty (bench audit, one seed:
+    honest candidates kept 0.38-0.45 of their gain and improved the real return by ~540;
+    0.5 blocked them)."""
+    spike_sigmas: float = 3.0
+    """A path reward is a spike above max(real rewards) + this many real-reward stds."""
+    max_spike_frac: float = 0.01
+    """Flag if more than this fraction of candidate path rewards are spikes."""
+    max_reward_error: float = 0.1
+    """Flag if phantom and recorded real rewards differ by this many real-reward stds (mean abs)."""
+    max_model_error: float = 0.5
+    """A real transition is contradicted when a member's one-step prediction misses it by
+    more than this many real-observation stds (honest fits miss by ~0.01)."""
+    max_contradicted: float = 0.005
+    """Flag if more than this fraction of the real transitions are contradicted."""
+    min_heldout_share: float = 0.5
+    """Mean gain under held-out members must be at least this share of the audited gain."""
+    probe_sigma: float = 0.05
+    """Start-state perturbation, in real-observation stds."""
+    probe_repeats: int = 2
+    """Perturbed replays of the gain measurement."""
+    min_probe_share: float = 0.5
+    """Worst perturbed gain must be at least this share of the unperturbed gain."""
+    max_action_rms: float = 0.5
+    """RMS action change on recorded real states, in half action ranges."""
+    max_action_p99: float = 1.5
+    """99th percentile of the action change on recorded real states, in half action ranges."""
+    max_relative_norm: float = 1.0
+    """Largest allowed ||dW||_F / ||W||_F of any adapted layer."""
+    support_points: int = 2000
+    """Real states kept for nearest-neighbour support distances."""
+    drop_support: float = 3.0
+    """In a correction, label states beyond this many support radii are dropped."""
+
+
+@dataclass(frozen=True)
+class RealData:
+    """Recorded real transitions of the device (or fleet) the candidate is for."""
+
+    obs: np.ndarray
+    """(n, obs_dim)"""
+    act: np.ndarray
+    """(n, act_dim)"""
+    rew: np.ndarray
+    """(n,)"""
+    next_obs: np.ndarray
+    """(n, obs_dim)"""

@@ -1,0 +1,66 @@
+"""Server stage 5: where the world model can be trusted - near real states, where its members agree."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..worldmodel import WorldModel
+from .config import JudicialConfig, RealData
+
+__all__ = ["TrustModel"]
+
+
+class TrustModel:
+    """Where the world model can be trusted: near real states, where members agree."""
+
+    def __init__(self, model: WorldModel, real: RealData, cfg: JudicialConfig) -> None:
+        rng = np.random.default_rng(cfg.seed)
+        self.model = model
+        self.scale = real.obs.std(0) + 1e-6  # (od,)
+        keep = rng.choice(len(real.obs), min(cfg.support_points, len(real.obs)), replace=False)
+        self.points = (real.obs[keep] / self.scale).astype(np.float32)  # (m, od)
+        nn = _nearest(self.points, self.points, exclude_self=True)
+        self.support_radius = float(np.quantile(nn, cfg.support_quantile)) + 1e-6 \
+            if len(nn) > 1 else 1.0
+        dis = model.disagreement(real.obs, real.act)
+        self.trusted_disagreement = float(np.quantile(dis, cfg.disagreement_quantile)) + 1e-6
+        span = real.obs.max(0) - real.obs.min(0) + 1e-6
+        self.low, self.high = real.obs.min(0) - 0.1 * span, real.obs.max(0) + 0.1 * span
+        self.span = span
+
+    def disagreement_ratio(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        return self.model.disagreement(obs, act) / self.trusted_disagreement
+
+    def support_ratio(self, obs: np.ndarray) -> np.ndarray:
+        return _nearest(obs / self.scale, self.points) / self.support_radius
+
+    def box_excess(self, obs: np.ndarray) -> np.ndarray:
+        """Cheap support proxy for the planner: distance outside the real range, in spans."""
+        excess = (np.maximum(self.low - obs, 0) + np.maximum(obs - self.high, 0)) / self.span
+        return excess.sum(-1)
+
+    def untrust(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """MOPO's u: disagreement in excess of the real-data level (0 where members agree)."""
+        return np.maximum(self.disagreement_ratio(obs, act) - 1, 0)
+
+    def untrust_fast(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """The planner's penalty: ``untrust`` + distance outside the real range (no neighbours)."""
+        return self.untrust(obs, act) + self.box_excess(obs)
+
+    def trusted_states(self, obs: np.ndarray, act: np.ndarray, max_support: float) -> np.ndarray:
+        """(n,) bool: members agree and the state is within ``max_support`` support radii."""
+        return (self.untrust(obs, act) <= 0) & (self.support_ratio(obs) <= max_support)
+
+
+def _nearest(queries: np.ndarray, points: np.ndarray, exclude_self: bool = False,
+             chunk: int = 2048) -> np.ndarray:
+    """(q,) Euclidean distance from each query to its nearest point."""
+    out = np.empty(len(queries), np.float32)
+    p2 = (points**2).sum(1)  # (m,)
+    for i in range(0, len(queries), chunk):
+        q = queries[i:i + chunk].astype(np.float32)
+        d2 = (q**2).sum(1)[:, None] + p2[None] - 2 * q @ points.T  # (chunk, m)
+        if exclude_self:
+            d2[np.arange(len(q)), np.arange(i, i + len(q))] = np.inf
+        out[i:i + chunk] = np.sqrt(np.maximum(d2.min(1), 0))
+    return out
