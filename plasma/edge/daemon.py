@@ -29,7 +29,7 @@ import numpy as np
 from plasma.protocol import TrustStore, topics
 
 from .audit import AuditContext, record_for
-from plasma.protocol._cli import UsageError
+from plasma.protocol.errors import ServiceError
 from plasma.protocol.wire import AuditRecord, Reason, Status
 
 from plasma.protocol.bundle import load_bundle
@@ -106,7 +106,7 @@ class Daemon:
             try:
                 self.metrics.serve(self.cfg.metrics_port)
             except OSError as exc:
-                raise UsageError(f"cannot serve metrics on port {self.cfg.metrics_port}: "
+                raise ServiceError(f"cannot serve metrics on port {self.cfg.metrics_port}: "
                                  f"{exc.strerror or exc}") from None
         for kind in ("fleet", "device"):
             self.bus.subscribe(self._adapter_topic(kind), self._on_packet(kind), qos=1)

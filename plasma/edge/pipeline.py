@@ -100,7 +100,7 @@ class AdapterPipeline:
             try:
                 self.engine.restore(adapters)
             except MergeError as exc:  # verified bytes the merge refuses: run the base model
-                return (*restored.problems, f"stored adapters not re-applied ({exc})")
+                return (*restored.problems, f"stored adapters not re-applied ({exc.code}: {exc})")
             self._live.update(restored.packets)
         self._publish_versions()
         return restored.problems
@@ -151,7 +151,7 @@ class AdapterPipeline:
             staged = self.engine.stage({slot: packet.adapter if packet.adapter.layers else None})
         except MergeError as exc:
             self._withdraw(pending)
-            return self._reject(packet, ctx, exc.code, f"merge refused the adapter: {exc}", "merge")
+            return self._reject(packet, ctx, exc.code, f"merge refused the adapter: {exc.code}: {exc}", "merge")
         reasons, scores = self._probe(packet, staged)
         if reasons:
             self._withdraw(pending)

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from plasma.protocol import AuditRecord, PlasmaError, TraceBatch
+from plasma.protocol import AuditRecord, TraceBatch
+from plasma.protocol.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,6 @@ _COLUMNS = (  # the blob layout: the telemetry frame's columns, in this order
     ("terminated", "u1", False), ("truncated", "u1", False), ("fleet_version", "<u4", False),
     ("device_version", "<u4", False), ("timestamp", "<f8", False),
 )
-
-
-class StoreError(PlasmaError):
-    code = "store_error"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from plasma.protocol import (
     encode_traces,
     topics,
 )
-from plasma.protocol._cli import UsageError
+from plasma.protocol.errors import ConfigError
 from plasma.server.publisher import judicial_topic
 from plasma.server.run import run_server
 from plasma.server.service_config import load_service_config
@@ -93,10 +93,10 @@ def test_config_precedence_and_errors(tmp_path: Path) -> None:
     assert (cfg.fleet, cfg.min_new_transitions, cfg.budget) == ("fromenv", 70, "small")
     assert cfg.broker.tls and cfg.broker.port == 8884 and cfg.broker.password == "s3cret"
     assert cfg.task_id == "Pendulum-v1"
-    with pytest.raises(UsageError, match="--key"):
+    with pytest.raises(ConfigError, match="--key"):
         load_service_config({"broker": "mqtt://h", "fleet": "f", "model": "m", "env": "e"},
                             environ={})
-    with pytest.raises(UsageError, match="fleet"):
+    with pytest.raises(ConfigError, match="fleet"):
         load_service_config({"broker": "mqtt://h", "fleet": "no/slash", "key": "k", "model": "m",
                              "env": "e"}, environ={})
 

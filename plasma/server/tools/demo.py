@@ -25,7 +25,7 @@ import numpy as np
 from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol import SigningKey, TrustStore
 from plasma.protocol.bundle import load_bundle
-from plasma.protocol._cli import UsageError
+from plasma.protocol.errors import ConfigError
 
 from .broker import answers, start_embedded
 from .processes import Processes
@@ -105,8 +105,8 @@ def _default_model() -> Path:
     for candidate in (here, Path.cwd() / "deploy" / "models" / "pendulum-nominal"):
         if (candidate / "manifest.json").exists():
             return candidate
-    raise UsageError("no base model found: pass --model BUNDLE_DIR (the repository ships "
-                     "deploy/models/pendulum-nominal; `plasma-server train-base` makes one)")
+    raise ConfigError("no base model found: pass --model BUNDLE_DIR (the repository ships "
+                      "deploy/models/pendulum-nominal; `plasma-server train-base` makes one)")
 
 
 def _resolve_broker(url: str, workdir: Path) -> tuple[str, subprocess.Popen | None]:
