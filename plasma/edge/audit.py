@@ -47,6 +47,9 @@ from .probes import (
     probe_observations,
 )
 
+__all__ = ["audit_model", "audit_packet", "AuditContext", "Check", "DEFAULT_MAX_RANK",
+           "ModelPolicies", "ModelSpace", "PacketVerdict", "PROTOCOL_CHECKS", "record_for"]
+
 DEFAULT_MAX_RANK = 16
 
 

@@ -17,6 +17,8 @@ from plasma.protocol.topics import validate_id
 from .audit import AuditContext, audit_packet
 from plasma.protocol.bundle import BundleError
 
+__all__ = ["build_parser", "DESCRIPTION", "main"]
+
 DESCRIPTION = """\
 Plasma edge: runs a quantized ONNX policy, receives signed LoRA packets over MQTT,
 audits them, merges them in place and rolls back by itself if real reward drops.

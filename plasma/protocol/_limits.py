@@ -9,6 +9,10 @@ import uuid
 
 from .slots import SLOTS, Slot, slot_kind
 
+__all__ = ["header_inconsistency", "HEX32_PATTERN", "ID_PATTERN", "KEY_ID_PATTERN",
+           "LAYER_NAME_PATTERN", "MAX_FEATURES", "MAX_LAYERS", "MAX_RANK", "new_id",
+           "REASON_CODE_PATTERN", "SCHEMA_VERSION", "SHA256_PATTERN"]
+
 SCHEMA_VERSION = 1
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

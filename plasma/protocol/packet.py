@@ -52,6 +52,12 @@ from .signing import KEY_ID_BYTES, SigningKey, TrustStore
 from .wire import LayerSpec as WireLayerSpec
 from .wire import PacketHeader, Reason
 
+__all__ = ["assemble_packet", "check_base_model", "check_expiry", "check_layers", "check_target",
+           "check_version", "CLOCK_SKEW_S", "decode_packet", "decode_payload", "DecodedPacket",
+           "DEFAULT_EXPIRES_IN", "DEFAULT_MAX_PACKET_BYTES", "encode_packet", "encode_payload",
+           "FORMAT_VERSION", "Header", "LayerLike", "MAGIC", "MAX_HEADER_LEN", "MAX_SIGNATURES",
+           "payload_size", "peek_header", "PREFIX_LEN", "SIG_ENTRY_LEN", "SIG_LEN"]
+
 if TYPE_CHECKING:
     from . import messages
 

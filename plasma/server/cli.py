@@ -19,6 +19,8 @@ from plasma.protocol import (
 )
 from plasma.protocol._cli import EXIT_OK, EXIT_USAGE, Parser, UsageError
 
+__all__ = ["build_parser", "DESCRIPTION", "Handler", "main"]
+
 DESCRIPTION = """\
 Plasma server: learns each device's dynamics from its telemetry, practises in that
 world model, distills a LoRA adapter, audits it and publishes it as a signed packet.

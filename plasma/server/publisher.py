@@ -47,6 +47,9 @@ from plasma.protocol import (
 
 from .store import TraceStore
 
+__all__ = ["ACK_VERDICTS", "judicial_topic", "MAX_ACK_BYTES", "Published", "Publisher",
+           "PublisherConfig", "slot_topic"]
+
 log = logging.getLogger(__name__)
 
 MAX_ACK_BYTES = 64 * 1024

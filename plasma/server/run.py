@@ -41,6 +41,8 @@ from .store import TraceStore
 from .tasks import TaskSpec, get_task
 from .worldmodel import WorldModel, WorldModelConfig
 
+__all__ = ["Server", "policy_from_bundle", "register", "run_server"]
+
 log = logging.getLogger(__name__)
 
 

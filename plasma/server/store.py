@@ -36,6 +36,8 @@ import numpy as np
 from plasma.protocol import AuditRecord, TraceBatch
 from plasma.protocol.errors import StoreError
 
+__all__ = ["Ack", "MIGRATIONS", "SCHEMA_VERSION", "TraceStore"]
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS: tuple[str, ...] = (

@@ -31,6 +31,8 @@ from .broker import answers, start_embedded
 from .processes import Processes
 from .watch import FleetWatcher
 
+__all__ = ["DEFAULT_PHYSICS", "DemoConfig", "progress_lines", "run_demo", "watcher_now"]
+
 log = logging.getLogger("plasma.demo")
 
 DEFAULT_PHYSICS = ("m=1.6,g=12", "m=1.3,g=13", "g=14")
