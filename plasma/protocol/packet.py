@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from ._limits import Slot
+from .slots import SLOTS, Slot, slot_kind
 from .adapter import Adapter
 from .errors import (
     HeaderInvalid,
@@ -361,7 +361,7 @@ def check_base_model(header: Header, base_sha256: str) -> Reason | None:
 
 
 def check_target(header: Header, fleet: str | None, device: str | None,
-                 slots: Iterable[Slot] = ("fleet", "device")) -> Reason | None:
+                 slots: Iterable[Slot] = SLOTS) -> Reason | None:
     """Mix-and-match: the packet must be for this fleet, this device and an allowed slot."""
     if header.slot not in tuple(slots):
         return Reason(code="wrong_slot", check="target",
@@ -369,7 +369,7 @@ def check_target(header: Header, fleet: str | None, device: str | None,
     if fleet is not None and header.fleet != fleet:
         return Reason(code="wrong_fleet", check="target",
                       message=f"packet is for fleet {header.fleet!r}, not {fleet!r}")
-    if header.slot == "device" and device is not None and header.device != device:
+    if slot_kind(header.slot).per_device and device is not None and header.device != device:
         return Reason(code="wrong_device", check="target",
                       message=f"packet is for device {header.device!r}, not {device!r}")
     return None

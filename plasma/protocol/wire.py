@@ -268,11 +268,16 @@ class Status(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     device: Id
     state: Literal["online", "offline"]
     base_sha256: Sha256Hex | None = None
+    versions: dict[Slot, NonNegInt] = msgspec.field(default_factory=dict)
     fleet_version: NonNegInt = 0
     device_version: NonNegInt = 0
     steps: NonNegInt = 0
     rolling_reward: Float | None = None
     timestamp: Float = msgspec.field(default_factory=time.time)
+
+    def slot_versions(self) -> dict[str, int]:
+        """Slot -> live version; today's statuses carry only the fleet/device pair."""
+        return {"fleet": self.fleet_version, "device": self.device_version, **self.versions}
 
 
 class FrameHeader(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):

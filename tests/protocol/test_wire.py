@@ -111,6 +111,8 @@ status = st.fixed_dictionaries({
     "fleet": ids, "device": ids, "state": st.sampled_from(["online", "offline"]),
 }, optional={
     "schema_version": st.just(1), "base_sha256": st.none() | sha256,
+    "versions": st.dictionaries(st.sampled_from(["fleet", "device"]), big_nonneg,
+                                max_size=3),
     "fleet_version": big_nonneg, "device_version": big_nonneg, "steps": big_nonneg,
     "rolling_reward": st.none() | finite, "timestamp": finite,
 })

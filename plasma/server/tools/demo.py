@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from plasma.protocol.bus import BrokerConfig, MqttBus
-from plasma.protocol import SigningKey, TrustStore
+from plasma.protocol import SLOTS, SigningKey, TrustStore
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.errors import ConfigError
 
@@ -98,7 +98,7 @@ def progress_lines(watcher: FleetWatcher) -> list[str]:
                 f"noise-free={ev} accepted={tr.verdicts.get('accepted', 0)} "
                 f"rejected={tr.verdicts.get('rejected', 0)} "
                 f"rolled_back={tr.verdicts.get('rolled_back', 0)} "
-                f"active fleet=v{tr.versions['fleet']} device=v{tr.versions['device']}")
+                "active " + " ".join(f"{s}=v{tr.versions.get(s, 0)}" for s in SLOTS))
         return lines
 
 
