@@ -11,7 +11,8 @@ from .slots import SLOTS, Slot, slot_kind
 
 __all__ = ["header_inconsistency", "HEX32_PATTERN", "ID_PATTERN", "KEY_ID_PATTERN",
            "LAYER_NAME_PATTERN", "MAX_FEATURES", "MAX_LAYERS", "MAX_RANK", "new_id",
-           "REASON_CODE_PATTERN", "SCHEMA_VERSION", "SHA256_PATTERN"]
+           "REASON_CODE_PATTERN", "SCHEMA_VERSION", "SHA256_PATTERN",
+           "SLOTS", "Slot"]  # re-exported from .slots for messages and wire
 
 SCHEMA_VERSION = 1
 
