@@ -24,6 +24,6 @@ def test_the_recipe_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("accepted fleet adapter v1")
     outcome = namespace["outcome"]
     assert outcome.record.verdict == "accepted"  # type: ignore[attr-defined]
-    replay = namespace["pipeline"].handle(namespace["packet"], source="fleet")  # type: ignore[attr-defined]
+    replay = namespace["device"].receive(namespace["packet"], source="fleet")  # type: ignore[attr-defined]
     assert replay.record.verdict == "rejected"
     assert [r.code for r in replay.record.reasons] == ["already_active"]

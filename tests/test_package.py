@@ -38,7 +38,7 @@ EDGE_NAMES = {
     "AuditContext", "audit_packet", "AuditThresholds", "ObservationRing", "Journal", "Restored",
     "PolicyRuntime", "MergeEngine", "AdapterPipeline", "Outcome", "Canary", "CanaryConfig",
     "TelemetryBuffer", "TelemetryConfig", "Daemon", "DaemonConfig", "load_config", "Env",
-    "make_env",
+    "make_env", "EdgeDevice", "DeviceConfig",
 }
 
 SERVER_NAMES = {

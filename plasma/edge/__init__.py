@@ -17,6 +17,7 @@ _WHERE = {
     "PolicyRuntime": "runtime", "MergeEngine": "merge", "AdapterPipeline": "pipeline",
     "Outcome": "pipeline", "Canary": "canary", "CanaryConfig": "canary",
     "TelemetryBuffer": "telemetry", "TelemetryConfig": "telemetry",
+    "EdgeDevice": "device", "DeviceConfig": "device",
     # the daemon
     "Daemon": "daemon", "DaemonConfig": "config", "load_config": "config",
     "Env": "envs", "make_env": "envs",
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .canary import Canary, CanaryConfig
     from .config import DaemonConfig, load_config
     from .daemon import Daemon
+    from .device import DeviceConfig, EdgeDevice
     from .envs import Env, make_env
     from .journal import Journal, Restored
     from .merge import MergeEngine
