@@ -107,7 +107,7 @@ class Daemon:
                 self.metrics.serve(self.cfg.metrics_port)
             except OSError as exc:
                 raise ServiceError(f"cannot serve metrics on port {self.cfg.metrics_port}: "
-                                 f"{exc.strerror or exc}") from None
+                                   f"{exc.strerror or exc}") from None
         for kind in SLOT_KINDS:
             self.bus.subscribe(kind.topic(self.cfg.fleet, self.cfg.device),
                                self._on_packet(kind.name), qos=1)
