@@ -154,7 +154,8 @@ class AdapterPipeline:
             staged = self.engine.stage({slot: packet.adapter if packet.adapter.layers else None})
         except MergeError as exc:
             self._withdraw(pending)
-            return self._reject(packet, ctx, exc.code, f"merge refused the adapter: {exc.code}: {exc}", "merge")
+            return self._reject(packet, ctx, exc.code,
+                                f"merge refused the adapter: {exc.code}: {exc}", "merge")
         reasons, scores = self._probe(packet, staged)
         if reasons:
             self._withdraw(pending)
