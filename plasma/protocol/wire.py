@@ -292,3 +292,5 @@ class FrameHeader(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=T
     seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     """Frame counter of the sending device (restarts at 0 with the daemon)."""
     created_at: Float = 0.0
+    slots: Annotated[tuple[Slot, ...], msgspec.Meta(min_length=1, max_length=16)] | None = None
+    """The slots whose version columns the body holds, in order; None: fleet, device."""

@@ -274,7 +274,10 @@ class TraceStore:
             cols = {k: v[keep] for k, v in cols.items()}
         if len(cols["reward"]) == 0:
             return None
-        return TraceBatch(fleet=fleet, device=device or "*", seq=int(rows[-1][0]), **cols)
+        # the blob holds the two version columns of schema 1; a new slot kind needs a migration
+        versions = {slot: cols.pop(f"{slot}_version") for slot in ("fleet", "device")}
+        return TraceBatch(fleet=fleet, device=device or "*", seq=int(rows[-1][0]),
+                          versions=versions, **cols)
 
     def count_rows(self, fleet: str, device: str | None = None, *, after_id: int = 0) -> int:
         """Rows received after chunk ``after_id`` (the adaptation schedule's trigger)."""

@@ -68,8 +68,8 @@ def frames(fleet: str, device: str, n_frames: int, rows: int = 50) -> list[bytes
             step=np.arange(f * n, (f + 1) * n, dtype=np.uint32), obs=np.array(o),
             action=np.array(a),
             reward=np.array(r, np.float32), next_obs=np.array(nx), terminated=np.zeros(n, bool),
-            truncated=np.zeros(n, bool), fleet_version=np.zeros(n, np.uint32),
-            device_version=np.zeros(n, np.uint32),
+            truncated=np.zeros(n, bool), versions={"fleet": np.zeros(n, np.uint32),
+                                                    "device": np.zeros(n, np.uint32)},
             timestamp=t + 0.05 * np.arange(f * n, (f + 1) * n),
             seq=f)))
     return out
