@@ -6,10 +6,19 @@ import json
 import subprocess
 import sys
 
+import importlib
+import pkgutil
+
+import plasma
+import plasma.edge
 import plasma.protocol
+import plasma.server
+import pytest
+from plasma.protocol import errors
 
 PROTOCOL_NAMES = {
     "SCHEMA_VERSION", "SLOTS", "DEFAULT_MAX_PACKET_BYTES",
+    "SLOT_KINDS", "SlotKind", "slot_kind", "slot_topic", "Bundle", "load_bundle",
     "AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason", "SimulationResult",
     "Slot", "StateTrace", "Status", "Verdict", "WorldState", "new_id",
     "Adapter", "adapter_from_arrays", "load_adapter_npz", "save_adapter_npz",
@@ -21,6 +30,22 @@ PROTOCOL_NAMES = {
     "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",
     "SignatureUnknownKey", "SignatureInvalid", "PayloadDigestMismatch", "HeaderInvalid",
     "PayloadInvalid", "TelemetryError", "TopicError", "KeyFileError", "AdapterFileError",
+    "MessageInvalid", "BundleError", "ConfigError", "BusError", "EnvError", "MergeError",
+    "JournalError", "StoreError", "ServiceError",
+}
+
+EDGE_NAMES = {
+    "AuditContext", "audit_packet", "AuditThresholds", "ObservationRing", "Journal", "Restored",
+    "PolicyRuntime", "MergeEngine", "AdapterPipeline", "Outcome", "Canary", "CanaryConfig",
+    "TelemetryBuffer", "TelemetryConfig", "Daemon", "DaemonConfig", "load_config", "Env",
+    "make_env", "EdgeDevice", "DeviceConfig",
+}
+
+SERVER_NAMES = {
+    "TraceStore", "Ingest", "IngestConfig", "WorldModel", "WorldModelConfig",
+    "PhantomPathSimulator", "PhantomConfig", "LoRADistiller", "DistillConfig",
+    "JudicialAuditor", "JudicialConfig", "Publisher", "PublisherConfig", "Server", "run_server",
+    "ServiceConfig", "load_service_config", "TaskSpec", "get_task", "MLPPolicy",
 }
 
 
@@ -28,6 +53,61 @@ def test_protocol_public_names_are_pinned() -> None:
     assert set(plasma.protocol.__all__) == PROTOCOL_NAMES
     for name in PROTOCOL_NAMES:
         assert hasattr(plasma.protocol, name), name
+
+
+def test_edge_public_names_are_pinned() -> None:
+    assert set(plasma.edge.__all__) == EDGE_NAMES and len(plasma.edge.__all__) == len(EDGE_NAMES)
+    for name in EDGE_NAMES:
+        assert hasattr(plasma.edge, name), name
+    assert "PolicyRuntime" in dir(plasma.edge)
+    with pytest.raises(AttributeError):
+        plasma.edge.NoSuchName  # noqa: B018
+
+
+def test_server_public_names_are_pinned() -> None:
+    assert set(plasma.server.__all__) == SERVER_NAMES
+    assert len(plasma.server.__all__) == len(SERVER_NAMES)
+    for name in SERVER_NAMES:
+        assert hasattr(plasma.server, name), name
+
+
+def test_every_module_declares_all() -> None:
+    """Every module says what it exports, and exports only names it has."""
+    missing, dangling = [], []
+    for info in pkgutil.walk_packages(plasma.__path__, "plasma."):
+        if info.name.endswith(".__main__"):  # runs its command line when imported
+            continue
+        module = importlib.import_module(info.name)
+        names = getattr(module, "__all__", None)
+        if names is None:
+            missing.append(info.name)
+            continue
+        dangling += [f"{info.name}.{n}" for n in names if not hasattr(module, n)]
+    assert not missing, f"modules without __all__: {missing}"
+    assert not dangling, f"__all__ names a module does not have: {dangling}"
+
+
+def test_every_library_error_is_in_the_tree_and_drawn() -> None:
+    """One base, a stable code per class, and the docstring draws every class."""
+    classes = [getattr(errors, n) for n in errors.__all__]
+    for cls in classes:
+        assert issubclass(cls, errors.PlasmaError), cls
+        assert cls.code and cls.code == cls.code.lower(), cls
+        assert cls.__name__ in (errors.__doc__ or ""), f"{cls.__name__} is not drawn"
+    assert len({cls.code for cls in classes}) == len(classes), "codes are unique"
+    from plasma.edge import journal, merge
+    from plasma.protocol import bundle
+    from plasma.protocol.bus import base
+    assert journal.JournalError is errors.JournalError and merge.MergeError is errors.MergeError
+    assert bundle.BundleError is errors.BundleError and base.BusError is errors.BusError
+
+
+def test_domain_errors_keep_their_codes_out_of_the_message() -> None:
+    exc = errors.BundleError("manifest.json is not JSON", code="bad_manifest")
+    assert (exc.code, str(exc)) == ("bad_manifest", "manifest.json is not JSON")
+    assert isinstance(exc, ValueError)  # callers that caught the old ValueError still do
+    assert errors.MergeError("x", code="stale").code == "stale"
+    assert errors.ConfigError("rate_hz must be >= 0").code == "bad_config"
 
 
 FORBIDDEN_ON_EDGE = ("plasma.server", "onnx", "onnxruntime.quantization", "gymnasium", "torch",

@@ -19,6 +19,7 @@ import numpy as np
 
 from plasma.protocol import (
     DEFAULT_MAX_PACKET_BYTES,
+    SLOTS,
     DecodedPacket,
     PacketError,
     Slot,
@@ -47,6 +48,9 @@ from .probes import (
     probe_observations,
 )
 
+__all__ = ["audit_model", "audit_packet", "AuditContext", "Check", "DEFAULT_MAX_RANK",
+           "ModelPolicies", "ModelSpace", "PacketVerdict", "PROTOCOL_CHECKS", "record_for"]
+
 DEFAULT_MAX_RANK = 16
 
 
@@ -62,7 +66,7 @@ class AuditContext:
     """Target layers of the model: name -> (in_features, out_features)."""
     highest_version: Mapping[Slot, int] = field(default_factory=dict)
     """Highest version ever accepted per slot (persisted by the journal)."""
-    slots: tuple[Slot, ...] = ("fleet", "device")
+    slots: tuple[Slot, ...] = SLOTS
     max_rank: int = DEFAULT_MAX_RANK
     max_bytes: int = DEFAULT_MAX_PACKET_BYTES
     now: float | None = None

@@ -9,13 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from plasma.protocol import KeyFileError, PlasmaError, TrustStore
+from plasma.protocol import PlasmaError, TrustStore
 from plasma.protocol._cli import (EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError,
                                   add_broker_arguments)
 from plasma.protocol.topics import validate_id
 
 from .audit import AuditContext, audit_packet
-from plasma.protocol.bundle import BundleError
+
+__all__ = ["build_parser", "DESCRIPTION", "main"]
 
 DESCRIPTION = """\
 Plasma edge: runs a quantized ONNX policy, receives signed LoRA packets over MQTT,
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
-    except (UsageError, PlasmaError, KeyFileError, BundleError) as exc:
+    except (UsageError, PlasmaError) as exc:  # every library error is a PlasmaError
         print(f"plasma-edge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as exc:  # an optional extra that is not installed: say which

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from plasma.protocol import DEFAULT_MAX_PACKET_BYTES, TopicError
-from plasma.protocol._cli import UsageError, coerce, layered, read_toml
+from plasma.protocol.errors import ConfigError
+from plasma.protocol._cli import coerce, layered, read_toml
 from plasma.protocol.topics import validate_id
 
 from plasma.protocol.bus import BrokerConfig, BusError
@@ -75,7 +76,7 @@ class DaemonConfig:
 
 def load_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
                 ) -> DaemonConfig:
-    """Merge the three sources; raises UsageError with one line an operator can act on."""
+    """Merge the three sources; raises ConfigError with one line an operator can act on."""
     environ = os.environ if environ is None else environ
     file_values, sections = read_toml(flags.get("config"), SCALARS, _SECTIONS)
     values = layered(flags, environ, "PLASMA_EDGE_", SCALARS, file_values, REQUIRED)
@@ -85,25 +86,25 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = No
 def _section(name: str, table: Any) -> Any:
     cls = _SECTIONS[name]
     if not isinstance(table, dict):
-        raise UsageError(f"config [{name}] must be a table")
+        raise ConfigError(f"config [{name}] must be a table")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(fields))
     if unknown:
-        raise UsageError(f"config [{name}]: unknown keys {', '.join(unknown)}")
+        raise ConfigError(f"config [{name}]: unknown keys {', '.join(unknown)}")
     kwargs = {}
     for key, value in table.items():
         default = fields[key].default
         kind = type(default) if default is not dataclasses.MISSING else float
         if kind is bool:
             if not isinstance(value, bool):
-                raise UsageError(f"{name}.{key}: expected true or false, got {value!r}")
+                raise ConfigError(f"{name}.{key}: expected true or false, got {value!r}")
             kwargs[key] = value
         else:
             kwargs[key] = coerce(f"{name}.{key}", value, kind)
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        raise UsageError(f"config [{name}]: {exc}") from None
+        raise ConfigError(f"config [{name}]: {exc}") from None
 
 
 def _build(values: dict[str, Any], sections: dict[str, Any]) -> DaemonConfig:
@@ -114,12 +115,12 @@ def _build(values: dict[str, Any], sections: dict[str, Any]) -> DaemonConfig:
         validate_id(values["fleet"], "fleet")
         validate_id(values["device"], "device")
     except (BusError, TopicError) as exc:
-        raise UsageError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     for key in ("model", "trust", "state"):
         values[key] = Path(values[key])
     if values.get("rate_hz", 0) < 0:
-        raise UsageError("rate_hz must be >= 0")
+        raise ConfigError("rate_hz must be >= 0")
     if not 0.0 <= values.get("explore_noise", 0.0) <= 2.0:
-        raise UsageError("explore_noise must be between 0 and 2 (fraction of the half action range)")
+        raise ConfigError("explore_noise must be between 0 and 2 (fraction of the half action range)")
     extra = {name: _section(name, table) for name, table in sections.items()}
     return DaemonConfig(broker=broker, **values, **extra)

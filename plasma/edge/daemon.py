@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from plasma.protocol import TrustStore, topics
+from plasma.protocol import SLOT_KINDS, TrustStore, topics
 
 from .audit import AuditContext, record_for
-from plasma.protocol._cli import UsageError
+from plasma.protocol.errors import ServiceError
 from plasma.protocol.wire import AuditRecord, Reason, Status
 
 from plasma.protocol.bundle import load_bundle
@@ -99,17 +99,18 @@ class Daemon:
         """Run until SIGTERM/SIGINT or the step/episode budget; 0 on a clean stop."""
         for note in self.notes:
             log.error("state: %s", note)
-        f, d = self.pipeline.versions
-        log.info("policy %s ready (base %s...), fleet adapter v%d, device adapter v%d",
-                 self.cfg.model, self.bundle.base_sha256[:12], f, d)
+        live = ", ".join(f"{slot} adapter v{v}" for slot, v in self.pipeline.slot_versions.items())
+        log.info("policy %s ready (base %s...), %s", self.cfg.model, self.bundle.base_sha256[:12],
+                 live)
         if self.cfg.metrics_port is not None:
             try:
                 self.metrics.serve(self.cfg.metrics_port)
             except OSError as exc:
-                raise UsageError(f"cannot serve metrics on port {self.cfg.metrics_port}: "
-                                 f"{exc.strerror or exc}") from None
-        for kind in ("fleet", "device"):
-            self.bus.subscribe(self._adapter_topic(kind), self._on_packet(kind), qos=1)
+                raise ServiceError(f"cannot serve metrics on port {self.cfg.metrics_port}: "
+                                   f"{exc.strerror or exc}") from None
+        for kind in SLOT_KINDS:
+            self.bus.subscribe(kind.topic(self.cfg.fleet, self.cfg.device),
+                               self._on_packet(kind.name), qos=1)
         threads = [threading.Thread(target=fn, name=f"plasma-{fn.__name__.strip('_')}",
                                     daemon=True)
                    for fn in (self._connect, self._work, self._control)]
@@ -258,10 +259,6 @@ class Daemon:
             self._enqueue(("canary", verdict))
 
     # -- bus thread ---------------------------------------------------------------------------
-    def _adapter_topic(self, kind: str) -> str:
-        return topics.fleet_adapter(self.cfg.fleet) if kind == "fleet" \
-            else topics.device_adapter(self.cfg.fleet, self.cfg.device)
-
     def _on_packet(self, kind: str) -> Any:
         def handle(message: Message) -> None:
             if not message.payload:  # an empty retained message clears the topic: not a packet
@@ -359,9 +356,8 @@ class Daemon:
     def _tick(self) -> None:
         """Status, gauges and any audit records held while the broker was away."""
         self._flush_records()
-        f, d = self.pipeline.versions
-        self.metrics.active_version.labels(slot="fleet").set(f)
-        self.metrics.active_version.labels(slot="device").set(d)
+        for slot, version in self.pipeline.slot_versions.items():
+            self.metrics.active_version.labels(slot=slot).set(version)
         rolling = self.canary.rolling_mean()
         if rolling is not None:
             self.metrics.rolling_reward.set(rolling)
@@ -369,9 +365,10 @@ class Daemon:
         self._publish(self._status_topic, self._status("online"), retain=True)
 
     def _status(self, state: str) -> bytes:
-        f, d = self.pipeline.versions
+        versions = dict(self.pipeline.slot_versions)
         return Status(fleet=self.cfg.fleet, device=self.cfg.device, state=state,  # type: ignore[arg-type]
-                      base_sha256=self.bundle.base_sha256, fleet_version=f, device_version=d,
+                      base_sha256=self.bundle.base_sha256, versions=versions,
+                      fleet_version=versions["fleet"], device_version=versions["device"],
                       steps=self.steps, rolling_reward=self.canary.rolling_mean()
                       ).model_dump_json().encode()
 

@@ -98,6 +98,6 @@ class EdgeDevice:
                 for slot, p in self.pipeline.live.items()}
 
     @property
-    def versions(self) -> tuple[int, int]:
-        """Active (fleet, device) adapter versions (0: none)."""
+    def versions(self) -> tuple[int, ...]:
+        """Active adapter versions in slot-table order, (fleet, device) (0: none)."""
         return self.pipeline.versions

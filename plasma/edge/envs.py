@@ -15,18 +15,14 @@ import importlib
 import re
 from typing import Any, Protocol
 
-from plasma.protocol import PlasmaError
-from plasma.protocol._cli import UsageError, parse_kv
+from plasma.protocol._cli import parse_kv
+from plasma.protocol.errors import ConfigError, EnvError
 
 __all__ = ["Env", "EnvError", "EnvSpec", "make_env", "parse_env"]
 
 INSTALL_HINT = "pip install 'plasma[env]'"
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class EnvError(PlasmaError):
-    code = "bad_env"
 
 
 class Env(Protocol):
@@ -58,7 +54,7 @@ def parse_env(text: str) -> EnvSpec:
         return EnvSpec("class", text.strip(), {})
     try:
         physics = parse_kv(tail, "physics override") if sep else {}
-    except UsageError as exc:
+    except ConfigError as exc:
         raise EnvError(f"--env {text!r}: {exc}") from None
     if sep and not physics:
         raise EnvError(f"--env {text!r}: nothing after ':'")

@@ -2,26 +2,18 @@
 
 Layout (fixed names: nothing here comes from a packet field, so ids cannot traverse paths)::
 
-    STATE/journal.log      append-only log of records (below), mode 0600
-    STATE/quarantine/      damaged log spans, stored packets that no longer verify, the files of
-                           the old layout after their import: kept for forensics, never read
+    STATE/journal.log      append-only log of records (``journal_record``), mode 0600
+    STATE/quarantine/      damaged log spans and stored packets that no longer verify: kept for
+                           forensics, never read
 
-A record is ``[magic u32 | length u32 | crc32 u32 | kind u8 | slot u8 | version u64 | payload]``
-(little-endian; ``length`` counts the payload; the crc covers length, kind, slot, version and
-payload). Kinds: ACCEPT (payload = the raw verified packet bytes), ROLLBACK (the canary rolled
-that version back), FLOOR (the highest version ever accepted, written by compaction, the import
-of the old layout, or when the log vanished under a running journal) and
-WITHDRAWN (the stored bytes of that version stopped verifying on a load). Every record's
-version counts for ``highest``: a rolled-back or withdrawn version stays refused.
+Every record's version counts for ``highest``: a rolled-back or withdrawn version stays refused.
 
 ``commit`` appends one record with one ``os.write`` and makes it durable with ONE
 ``os.fdatasync`` before it returns, i.e. before the merge is activated (rollback protection,
-DESIGN.md section 5). A record is atomic by its crc: a torn one is discarded whole on load, so
-the state is the one before the commit or the one after it. The old tmp + fsync + rename +
-directory fsync layout cost p50 20 ms per accept on the dev machine's disk in its slow phase
-where this costs 4 ms, and 0.9 ms vs 0.2 ms in its fast phase (``bench_commit``, 200 commits of
-4-32 KiB, same runs). A failed append is cut back to the previous length, so no half record is
-left for the next load; an open log whose directory was removed is refused, not written.
+docs/design.md). A record is atomic by its crc: a torn one is discarded whole on load, so the
+state is the one before the commit or the one after it. A failed append is cut back to the
+previous length, so no half record is left for the next load; an open log whose directory was
+removed is refused, not written.
 
 ``load`` scans the records in order. A torn or corrupt tail (what a crash mid-append leaves)
 ends the scan: the damaged bytes are copied to quarantine and cut off, so later appends stay
@@ -34,10 +26,6 @@ Compaction: when the log passes ``COMPACT_BYTES`` (and twice what it would keep)
 ``COMPACT_RECORDS``, the start of the next ``commit`` rewrites it atomically (tmp, fsync,
 rename, directory fsync) with one FLOOR record and the last two packets per slot.
 
-Migration: a state directory of the old layout (``versions.json``, ``fleet.pkt``,
-``fleet.prev.pkt``, ``device.pkt``...) is imported by the first ``load``: the same files are read
-and verified as before, written as one log atomically, then moved to ``quarantine/``.
-
 Errors: ``JournalError`` (code ``state_write_failed``) when the directory is full, read-only
 or gone; the daemon turns it into a rejection and keeps the adapters it runs. ``load`` never
 raises for a damaged or unwritable directory: it returns what it could read, with notes.
@@ -46,168 +34,35 @@ raises for a damaged or unwritable directory: it returns what it could read, wit
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import struct
 import queue
-import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from plasma.protocol import SLOTS, DecodedPacket, PlasmaError, Slot
+from plasma.protocol import SLOTS, DecodedPacket, Slot
+from plasma.protocol.errors import JournalError
 
-__all__ = ["Journal", "JournalError", "Restored", "Verify", "atomic_write"]
+from . import journal_files as files
+from .journal_files import Quiet, atomic_write, fsync_dir, why, write_all
+from .journal_record import (ACCEPT, FLOOR, HEAD, MAX_STATE_FILE, ROLLBACK, WITHDRAWN, Damage,
+                             Rec, check, encode_record, scan)
+
+__all__ = ["Journal", "JournalError", "Pending", "Restored", "Verify", "atomic_write"]
 
 log = logging.getLogger(__name__)
 
 LOG = "journal.log"
 QUARANTINE = "quarantine"
-MAX_STATE_FILE = 4 * 1024 * 1024  # far above the packet cap; a bigger file is damage, not a packet
 COMPACT_BYTES = 1024 * 1024
 COMPACT_RECORDS = 4096  # bounds the load scan when the log is mostly small ROLLBACK records
 KEEP_PER_SLOT = 2  # the current packet and the fallback if its bytes stop verifying
 
-ACCEPT, ROLLBACK, FLOOR, WITHDRAWN = 1, 2, 3, 4
-_KINDS = (ACCEPT, ROLLBACK, FLOOR, WITHDRAWN)
-MAGIC = b"PLJ1"
-_MAGIC = struct.unpack("<I", MAGIC)[0]
-_HEAD = struct.Struct("<IIIBBQ")  # magic, length, crc32, kind, slot, version: 22 bytes
-_CRC_HEAD = struct.Struct("<IBBQ")  # length, kind, slot, version (then the payload)
-_LEGACY = tuple(f"{slot}{suffix}" for slot in SLOTS for suffix in (".pkt", ".prev.pkt", ".pkt.new")
-                ) + ("versions.json", "versions.json.tmp")
-
 Verify = Callable[[bytes], "DecodedPacket | str"]
 """Re-verification of stored bytes: the decoded packet, or words saying why it is unusable."""
-
-
-class JournalError(PlasmaError):
-    code = "state_write_failed"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """tmp, fsync, rename, fsync dir; raises JournalError (the tmp file is removed on failure)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-        if sync_dir:
-            _fsync_dir(path.parent)
-    except OSError as exc:
-        with _quiet():
-            tmp.unlink(missing_ok=True)
-        raise JournalError(f"cannot write {path}: {_why(exc)}") from None
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:  # one call unless the kernel writes short (a nearly full disk)
-        view = view[os.write(fd, view):]
-
-
-def _datasync(fd: int) -> None:
-    """The append's one durable sync: data and the new length, not the mtime."""
-    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync: fsync, at a higher price
-
-
-def _why(exc: OSError) -> str:
-    hint = {errno.ENOSPC: " (disk full)", errno.EROFS: " (read-only file system)",
-            errno.EACCES: " (permission denied)", errno.EDQUOT: " (quota exceeded)"}
-    return f"{exc.strerror or exc}{hint.get(exc.errno or 0, '')}"
-
-
-class _quiet:
-    """Suppress OSError during cleanup of a write that already failed."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> bool:
-        return kind is not None and issubclass(kind, OSError)
-
-
-# -- records ----------------------------------------------------------------------------------
-def _record(kind: int, slot: Slot, version: int, payload: bytes = b"") -> bytes:
-    index = SLOTS.index(slot)
-    crc = zlib.crc32(payload, zlib.crc32(_CRC_HEAD.pack(len(payload), kind, index, version)))
-    return _HEAD.pack(_MAGIC, len(payload), crc, kind, index, version) + payload
-
-
-@dataclass(frozen=True)
-class _Rec:
-    kind: int
-    slot: Slot
-    version: int
-    offset: int
-    """Of the payload, in the log."""
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-
-def _parse(buf: bytes, pos: int) -> _Rec | str:
-    """The record at ``pos``, or why there is none."""
-    if len(buf) - pos < _HEAD.size:
-        return "short record header"
-    magic, length, crc, kind, index, version = _HEAD.unpack_from(buf, pos)
-    if magic != _MAGIC:
-        return "bad magic"
-    if length > MAX_STATE_FILE:
-        return f"impossible length {length}"
-    start = pos + _HEAD.size
-    if start + length > len(buf):
-        return "short record"
-    payload = memoryview(buf)[start:start + length]
-    if crc != zlib.crc32(payload, zlib.crc32(_CRC_HEAD.pack(length, kind, index, version))):
-        return "crc mismatch"
-    if kind not in _KINDS or index >= len(SLOTS):
-        return f"unknown record kind {kind} or slot {index}"
-    return _Rec(kind, SLOTS[index], version, start, length)
-
-
-def _scan(buf: bytes) -> tuple[list[_Rec], list[tuple[int, int, str]]]:
-    """Valid records, and the damaged spans (start, end, why) between or after them."""
-    records: list[_Rec] = []
-    damage: list[tuple[int, int, str]] = []
-    pos = 0
-    while pos < len(buf):
-        got = _parse(buf, pos)
-        if isinstance(got, _Rec):
-            records.append(got)
-            pos = got.end
-            continue
-        resume = buf.find(MAGIC, pos + 1)  # bit rot mid-log: later records are still valid
-        while resume >= 0 and not isinstance(_parse(buf, resume), _Rec):
-            resume = buf.find(MAGIC, resume + 1)
-        end = len(buf) if resume < 0 else resume
-        damage.append((pos, end, got))
-        pos = end
-    return records, damage
 
 
 @dataclass(frozen=True)
@@ -236,7 +91,7 @@ class Pending:
 
     def sync(self, fd: int) -> None:
         try:
-            _datasync(fd)
+            files.datasync(fd)
         except OSError as exc:
             self._error = exc
         finally:
@@ -284,9 +139,9 @@ class Journal:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.root / QUARANTINE).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise JournalError(f"cannot create state directory {self.root}: {_why(exc)}") from None
+            raise JournalError(f"cannot create state directory {self.root}: {why(exc)}") from None
         self._highest: dict[Slot, int] = {slot: 0 for slot in SLOTS}
-        self._stacks: dict[Slot, list[_Rec]] = {slot: [] for slot in SLOTS}
+        self._stacks: dict[Slot, list[Rec]] = {slot: [] for slot in SLOTS}
         self._fd: int | None = None  # open O_APPEND once the log is known to end on a record
         self._syncer = _Syncer()
         self._size = 0
@@ -297,10 +152,9 @@ class Journal:
         """Re-verify the stored packets; withdraw what no longer verifies and fall back to the previous one."""
         self.close()
         problems: list[str] = []
-        migrated = self._migrate(verify, problems) if self._legacy_only() else None
-        # Appends only onto a log read whole: never onto one that failed to read or to import.
-        buf = migrated if self._legacy_only() else self._read(problems)
-        writable = buf is not None and not self._legacy_only()
+        # Appends only onto a log read whole: never onto one that failed to read.
+        buf = self._read(problems)
+        writable = buf is not None
         buf = buf or b""
         damage = self._index(buf, problems)
         packets, raw, withdrawn = self._pick(buf, verify, problems)
@@ -314,7 +168,9 @@ class Journal:
                 self._compact()
         except JournalError as exc:
             problems.append(f"{exc}; accepted packets are refused until it is fixed")
-        self._retire_legacy()
+        if self.path.exists():
+            with Quiet():
+                self.path.with_name(LOG + ".tmp").unlink(missing_ok=True)  # a crashed compaction
         return Restored(packets, raw, dict(self._highest), tuple(problems))
 
     def highest(self) -> dict[Slot, int]:
@@ -331,7 +187,7 @@ class Journal:
             while stack:
                 rec = stack[-1]
                 data = bytes(buf[rec.offset:rec.end])
-                result = _check(verify(data) if data else "empty", rec)
+                result = check(verify(data) if data else "empty", rec)
                 if not isinstance(result, str):
                     packets[slot], raw[slot] = result, data
                     break
@@ -346,12 +202,12 @@ class Journal:
         try:
             return self.path.read_bytes() if self.path.exists() else b""
         except OSError as exc:
-            problems.append(f"cannot read {self.path}: {_why(exc)}")
+            problems.append(f"cannot read {self.path}: {why(exc)}")
             return None
 
-    def _index(self, buf: bytes, problems: list[str]) -> list[tuple[int, int, str]]:
+    def _index(self, buf: bytes, problems: list[str]) -> list[Damage]:
         """Rebuild highest and the per-slot stacks from ``buf``; note and quarantine damage."""
-        records, damage = _scan(buf)
+        records, damage = scan(buf)
         self._highest = {slot: 0 for slot in SLOTS}
         self._stacks = {slot: [] for slot in SLOTS}
         for rec in records:
@@ -364,7 +220,7 @@ class Journal:
             self._quarantine("journal.damaged", buf[start:end])
         return damage
 
-    def _apply(self, rec: _Rec) -> None:
+    def _apply(self, rec: Rec) -> None:
         self._highest[rec.slot] = max(self._highest[rec.slot], rec.version)
         if rec.kind == ACCEPT:
             self._stacks[rec.slot].append(rec)
@@ -397,16 +253,16 @@ class Journal:
                 self._ensure_attached()
         if self._fd is None:
             raise JournalError(f"{self.path} is not open for appends (invariant)")
-        record, start = _record(ACCEPT, slot, version, data), self._size
+        record, start = encode_record(ACCEPT, slot, version, data), self._size
         try:
             if os.fstat(self._fd).st_nlink == 0:
                 self.close()
                 raise FileNotFoundError(errno.ENOENT, "the state directory was removed")
-            _write_all(self._fd, record)
+            write_all(self._fd, record)
         except OSError as exc:
             self._cut_back(start)
             raise JournalError(f"cannot persist {slot} v{version} in {self.path}: "
-                               f"{_why(exc)}") from None
+                               f"{why(exc)}") from None
         pending = Pending(slot, version, start, len(record), len(data))
         self._size = start + len(record)  # later appends go after it, whatever happens
         self._syncer.submit(pending, self._fd)
@@ -419,9 +275,9 @@ class Journal:
             self._cut_back(pending.start)
             self._size = pending.start
             raise JournalError(f"cannot persist {pending.slot} v{pending.version} in "
-                               f"{self.path}: {_why(error)}")
+                               f"{self.path}: {why(error)}")
         self._records += 1
-        self._apply(_Rec(ACCEPT, pending.slot, pending.version, pending.start + _HEAD.size,
+        self._apply(Rec(ACCEPT, pending.slot, pending.version, pending.start + HEAD.size,
                          pending.payload_len))
 
     def withdraw(self, pending: Pending) -> None:
@@ -436,7 +292,7 @@ class Journal:
             self._size = pending.start
             return
         self._records += 1
-        self._apply(_Rec(ACCEPT, pending.slot, pending.version, pending.start + _HEAD.size,
+        self._apply(Rec(ACCEPT, pending.slot, pending.version, pending.start + HEAD.size,
                          pending.payload_len))
         self._append(WITHDRAWN, pending.slot, pending.version)
 
@@ -447,26 +303,26 @@ class Journal:
 
     def close(self) -> None:
         if self._fd is not None:
-            with _quiet():
+            with Quiet():
                 os.close(self._fd)
             self._fd = None
 
     def _append(self, kind: int, slot: Slot, version: int, payload: bytes = b"") -> None:
         if self._fd is None:
             raise JournalError(f"{self.path} is not open for appends (invariant)")
-        record, start = _record(kind, slot, version, payload), self._size
+        record, start = encode_record(kind, slot, version, payload), self._size
         try:
             if os.fstat(self._fd).st_nlink == 0:  # the open log was deleted with its directory
                 self.close()
                 raise FileNotFoundError(errno.ENOENT, "the state directory was removed")
-            _write_all(self._fd, record)
-            _datasync(self._fd)
+            write_all(self._fd, record)
+            files.datasync(self._fd)
         except OSError as exc:
             self._cut_back(start)
             raise JournalError(f"cannot persist {slot} v{version} in {self.path}: "
-                               f"{_why(exc)}") from None
+                               f"{why(exc)}") from None
         self._size, self._records = start + len(record), self._records + 1
-        self._apply(_Rec(kind, slot, version, start + _HEAD.size, len(payload)))
+        self._apply(Rec(kind, slot, version, start + HEAD.size, len(payload)))
 
     def _cut_back(self, length: int) -> None:
         """Remove a half-written record; if even that fails, the next use re-scans the log."""
@@ -474,17 +330,15 @@ class Journal:
             return
         try:
             os.ftruncate(self._fd, length)
-            _datasync(self._fd)
+            files.datasync(self._fd)
         except OSError as exc:
             log.error("cannot cut %s back to %d bytes (%s); it is re-scanned before the next "
-                      "write", self.path, length, _why(exc))
+                      "write", self.path, length, why(exc))
             self.close()
 
     def _ensure_attached(self) -> None:
         if self._fd is not None:
             return
-        if self._legacy_only():
-            raise JournalError(f"{self.root} holds the old state layout: load() imports it first")
         problems: list[str] = []
         buf = self._read(problems)
         if buf is None:
@@ -500,34 +354,34 @@ class Journal:
             if known[slot] > logged[slot]:
                 self._append(FLOOR, slot, known[slot])
 
-    def _attach(self, damage: list[tuple[int, int, str]]) -> None:
+    def _attach(self, damage: list[Damage]) -> None:
         """Open the log for appends, first cutting off damage so that it ends on a record."""
         created = not self.path.exists()
         tail_only = len(damage) == 1 and damage[0][1] == self._size  # what a crash leaves
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise JournalError(f"cannot open {self.path}: {_why(exc)}") from None
+            raise JournalError(f"cannot open {self.path}: {why(exc)}") from None
         self._fd = fd
         try:
             if os.fstat(fd).st_size != self._size:
                 self.close()
                 raise JournalError(f"{self.path} changed while it was read; retry")
             if created:
-                _fsync_dir(self.root)  # the log's directory entry, once
+                fsync_dir(self.root)  # the log's directory entry, once
             if tail_only:
                 os.ftruncate(fd, damage[0][0])
                 os.fsync(fd)
                 self._size = damage[0][0]
         except OSError as exc:
             self.close()
-            raise JournalError(f"cannot repair {self.path}: {_why(exc)}") from None
+            raise JournalError(f"cannot repair {self.path}: {why(exc)}") from None
         if damage and not tail_only:
             self._compact()  # damage before valid records (bit rot): rewrite without it
 
     def _due(self) -> bool:
         """Compaction pays off: the log is big and mostly history, or long."""
-        kept = sum(_HEAD.size + r.length for stack in self._stacks.values()
+        kept = sum(HEAD.size + r.length for stack in self._stacks.values()
                    for r in stack[-KEEP_PER_SLOT:])
         return self._size > max(COMPACT_BYTES, 2 * kept) or self._records > COMPACT_RECORDS
 
@@ -539,12 +393,12 @@ class Journal:
         try:
             for slot in SLOTS:
                 if self._highest[slot]:
-                    parts.append(_record(FLOOR, slot, self._highest[slot]))
+                    parts.append(encode_record(FLOOR, slot, self._highest[slot]))
                 for rec in self._stacks[slot][-KEEP_PER_SLOT:]:
-                    parts.append(_record(ACCEPT, slot, rec.version,
+                    parts.append(encode_record(ACCEPT, slot, rec.version,
                                          os.pread(self._fd, rec.length, rec.offset)))
         except OSError as exc:
-            raise JournalError(f"cannot read {self.path}: {_why(exc)}") from None
+            raise JournalError(f"cannot read {self.path}: {why(exc)}") from None
         data = b"".join(parts)
         atomic_write(self.path, data)
         self.close()
@@ -552,128 +406,15 @@ class Journal:
         self._attach([])
         log.info("compacted %s to %d bytes", self.path, len(data))
 
-    # -- quarantine and the old layout --------------------------------------------------------
+    # -- quarantine --------------------------------------------------------------------------
     def _quarantine(self, label: str, data: bytes) -> None:
         """Keep a copy for forensics; best effort (the note already says what was wrong)."""
         target = self.root / QUARANTINE / f"{label}.{time.time_ns()}"
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, data[:MAX_STATE_FILE])
+                write_all(fd, data[:MAX_STATE_FILE])
             finally:
                 os.close(fd)
         except OSError as exc:
-            log.error("cannot quarantine a copy to %s: %s", target, _why(exc))
-
-    def _legacy_only(self) -> bool:
-        return not self.path.exists() and any((self.root / n).exists() for n in _LEGACY)
-
-    def _migrate(self, verify: Verify, problems: list[str]) -> bytes:
-        """Import the old layout (same reads and checks as before) into one log, written atomically.
-
-        Returns the log bytes; if they cannot be written, ``load`` still restores from them.
-        """
-        highest = _legacy_versions(self.root, problems)
-        parts: list[bytes] = []
-        for slot in SLOTS:
-            accepted: list[bytes] = []
-            for name in (f"{slot}.prev.pkt", f"{slot}.pkt"):  # oldest first: the stack order
-                got = _legacy_packet(self.root / name, slot, verify, problems)
-                if got is not None:
-                    version = got[0].header.version
-                    highest[slot] = max(highest[slot], version)
-                    accepted.append(_record(ACCEPT, slot, version, got[1]))
-            floor = [_record(FLOOR, slot, highest[slot])] if highest[slot] else []
-            parts += floor + accepted  # the layout compaction writes
-        data = b"".join(parts)
-        try:
-            atomic_write(self.path, data)
-        except JournalError as exc:
-            problems.append(f"cannot import the old state layout: {exc}")
-            return data
-        log.warning("imported the old state layout of %s into %s; the old files are in %s/",
-                    self.root, LOG, QUARANTINE)
-        return data
-
-    def _retire_legacy(self) -> None:
-        """Once the log is durable, the old files move to quarantine (also after a crash mid-import)."""
-        if not self.path.exists():
-            return
-        with _quiet():
-            self.path.with_name(LOG + ".tmp").unlink(missing_ok=True)  # a crashed compaction
-        for name in _LEGACY:
-            path = self.root / name
-            if path.exists():
-                with _quiet():
-                    os.replace(path, self.root / QUARANTINE / f"{name}.migrated.{time.time_ns()}")
-
-
-def _check(result: DecodedPacket | str, rec: _Rec) -> DecodedPacket | str:
-    if isinstance(result, str):
-        return result
-    if result.header.slot != rec.slot:
-        return f"holds a {result.header.slot}-slot packet"
-    if result.header.version != rec.version:
-        return f"holds v{result.header.version}"
-    return result
-
-
-def _legacy_versions(root: Path, problems: list[str]) -> dict[Slot, int]:
-    out: dict[Slot, int] = {slot: 0 for slot in SLOTS}
-    path = root / "versions.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_bytes()[:4096])
-            for slot in SLOTS:
-                value = data.get(slot, 0)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError(f"bad version for {slot}: {value!r}")
-                out[slot] = value
-        except (OSError, ValueError, AttributeError) as exc:  # JSONDecodeError is a ValueError
-            problems.append(f"versions.json is damaged ({exc}); rebuilt from the stored packets")
-            out = {slot: 0 for slot in SLOTS}
-    for rolled in (root / QUARANTINE).glob("*.rolled_back.v*"):  # rolled back: still refused
-        name, _, version = rolled.name.partition(".rolled_back.v")
-        for slot in SLOTS:
-            if name == slot and version.isdigit():
-                out[slot] = max(out[slot], int(version))
-    return out
-
-
-def _legacy_packet(path: Path, slot: Slot, verify: Verify, problems: list[str]
-                   ) -> tuple[DecodedPacket, bytes] | None:
-    if not path.exists():
-        return None
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_STATE_FILE + 1)
-    except OSError as exc:
-        problems.append(f"cannot read {path.name}: {_why(exc)}")
-        return None
-    result = verify(data) if len(data) <= MAX_STATE_FILE else "larger than any packet"
-    if not isinstance(result, str) and result.header.slot != slot:
-        result = f"holds a {result.header.slot}-slot packet"
-    if isinstance(result, str):
-        problems.append(f"{path.name} is unusable ({result}); not imported, kept in {QUARANTINE}/")
-        return None
-    return result, data
-
-
-def bench_commit(root: str | Path, n: int = 200, *, size: int = 32 * 1024,
-                 journal: Callable[[Path], Any] = Journal) -> dict[str, float]:
-    """Time ``n`` commits of ``size``-byte packets into a fresh directory under ``root``.
-
-    ``journal`` builds the journal under test (e.g. an older implementation, for a comparison).
-    """
-    payload = os.urandom(size)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        j = journal(Path(tmp) / "state")
-        times = []
-        for version in range(1, n + 1):
-            t0 = time.perf_counter()
-            j.commit("fleet", payload, version)
-            times.append((time.perf_counter() - t0) * 1e3)
-        getattr(j, "close", lambda: None)()
-    times.sort()
-    return {"commit_p50_ms": times[len(times) // 2],
-            "commit_p99_ms": times[min(len(times) - 1, (len(times) * 99) // 100)]}
+            log.error("cannot quarantine a copy to %s: %s", target, why(exc))

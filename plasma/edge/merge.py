@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from plasma.protocol import SLOTS
+from plasma.protocol.errors import MergeError
 
 from .runtime import PolicyRuntime
 from .runtime.quantize import quantize_into
@@ -46,14 +47,6 @@ class AdapterLike(Protocol):
 
 
 State = Mapping[str, "AdapterLike | None"]
-
-
-class MergeError(ValueError):
-    """An adapter or handle the merge cannot use; ``code``: bad_adapter, non_finite, stale, no_rollback."""
-
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
 
 
 # (factor c, A (rank, in), B (out, rank)) for one layer

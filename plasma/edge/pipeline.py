@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import numpy as np
 
@@ -83,12 +84,14 @@ class AdapterPipeline:
         self._base_norms = {name: float(np.linalg.norm(w))  # the fp32 master never changes
                             for name, w in runtime.bundle.weights.items()}
         runtime.base_act_batch(self.space.obs_low[None])  # build the base session now, not later
-        self._live: dict[Slot, DecodedPacket | None] = {"fleet": None, "device": None}
+        self._live: dict[Slot, DecodedPacket | None] = {slot: None for slot in SLOTS}
         self._before: dict[Slot, DecodedPacket | None] | None = None
         self._last_tag: tuple[Slot, int] | None = None
         self._probe_seed = 0
-        self.versions: tuple[int, int] = (0, 0)
-        """(fleet, device) versions live in act(); replaced whole, read by the control thread."""
+        self.slot_versions: Mapping[Slot, int] = MappingProxyType({slot: 0 for slot in SLOTS})
+        """Slot -> version live in act() (0: none); replaced whole, read by the control thread."""
+        self.versions: tuple[int, ...] = tuple(self.slot_versions.values())
+        """The same versions in slot-table order: (fleet, device)."""
 
     # -- restart ------------------------------------------------------------------------------
     def restore(self) -> tuple[str, ...]:
@@ -100,7 +103,7 @@ class AdapterPipeline:
             try:
                 self.engine.restore(adapters)
             except MergeError as exc:  # verified bytes the merge refuses: run the base model
-                return (*restored.problems, f"stored adapters not re-applied ({exc})")
+                return (*restored.problems, f"stored adapters not re-applied ({exc.code}: {exc})")
             self._live.update(restored.packets)
         self._publish_versions()
         return restored.problems
@@ -151,7 +154,8 @@ class AdapterPipeline:
             staged = self.engine.stage({slot: packet.adapter if packet.adapter.layers else None})
         except MergeError as exc:
             self._withdraw(pending)
-            return self._reject(packet, ctx, exc.code, f"merge refused the adapter: {exc}", "merge")
+            return self._reject(packet, ctx, exc.code,
+                                f"merge refused the adapter: {exc.code}: {exc}", "merge")
         reasons, scores = self._probe(packet, staged)
         if reasons:
             self._withdraw(pending)
@@ -235,5 +239,7 @@ class AdapterPipeline:
         return dict(self._live)
 
     def _publish_versions(self) -> None:
-        f, d = self._live["fleet"], self._live["device"]
-        self.versions = (f.header.version if f else 0, d.header.version if d else 0)
+        live = {slot: (packet.header.version if packet else 0)
+                for slot, packet in ((s, self._live.get(s)) for s in SLOTS)}
+        self.slot_versions = MappingProxyType(live)
+        self.versions = tuple(live.values())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plasma.protocol import TraceBatch, encode_traces
+from plasma.protocol import SLOTS, TraceBatch, encode_traces
 
 __all__ = ["TelemetryBuffer", "TelemetryConfig"]
 
@@ -50,9 +50,10 @@ class TelemetryBuffer:
             "obs": np.zeros((n, obs_dim), np.float32), "action": np.zeros((n, act_dim), np.float32),
             "reward": np.zeros(n, np.float32), "next_obs": np.zeros((n, obs_dim), np.float32),
             "terminated": np.zeros(n, bool), "truncated": np.zeros(n, bool),
-            "fleet_version": np.zeros(n, np.uint32), "device_version": np.zeros(n, np.uint32),
+            **{f"{slot}_version": np.zeros(n, np.uint32) for slot in SLOTS},
             "timestamp": np.zeros(n, np.float64),
         }
+        self._version_cols = [self._cols[f"{slot}_version"] for slot in SLOTS]  # slot-table order
         self._rows = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -68,7 +69,7 @@ class TelemetryBuffer:
 
     def add(self, episode: int, step: int, obs: np.ndarray, action: np.ndarray, reward: float,
             next_obs: np.ndarray, terminated: bool, truncated: bool,
-            versions: tuple[int, int]) -> None:
+            versions: tuple[int, ...]) -> None:
         """One transition (control thread). Never blocks on the network."""
         with self._lock:
             i = self._rows
@@ -79,7 +80,8 @@ class TelemetryBuffer:
             c["episode"][i], c["step"][i] = episode, step
             c["obs"][i], c["action"][i], c["next_obs"][i] = obs, action, next_obs
             c["reward"][i], c["terminated"][i], c["truncated"][i] = reward, terminated, truncated
-            c["fleet_version"][i], c["device_version"][i] = versions
+            for column, version in zip(self._version_cols, versions):
+                column[i] = version
             c["timestamp"][i] = time.time()
             self._rows = i + 1
         if i + 1 >= self.cfg.flush_rows and (i + 1) % self.cfg.flush_rows == 0:
@@ -113,7 +115,10 @@ class TelemetryBuffer:
         return sent
 
     def _frame(self, cols: dict[str, np.ndarray]) -> bytes:
-        batch = TraceBatch(fleet=self.fleet, device=self.device, seq=self._seq, **cols)
+        cols = dict(cols)
+        versions = {slot: cols.pop(f"{slot}_version") for slot in SLOTS}
+        batch = TraceBatch(fleet=self.fleet, device=self.device, seq=self._seq,
+                           versions=versions, **cols)
         self._seq += 1
         self.sent_frames += 1
         return encode_traces(batch)

@@ -1,4 +1,4 @@
-"""Plasma's contract: messages, packet codec, telemetry frames, signing, topics, errors.
+"""Plasma's contract: messages, packet codec, telemetry frames, signing, topics, slot kinds, errors.
 
 Depends on pydantic, msgspec, numpy, PyNaCl (verifying) and cryptography (signing, imported
 only when a private key is made or loaded).
@@ -12,10 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import topics
 from .adapter import Adapter, adapter_from_arrays, load_adapter_npz, save_adapter_npz
+from .bundle import Bundle, BundleError, load_bundle
 from .errors import (
     AdapterFileError,
+    BusError,
+    ConfigError,
+    EnvError,
     HeaderInvalid,
+    JournalError,
     KeyFileError,
+    MergeError,
+    MessageInvalid,
     PacketBadLength,
     PacketBadMagic,
     PacketError,
@@ -25,14 +32,17 @@ from .errors import (
     PayloadDigestMismatch,
     PayloadInvalid,
     PlasmaError,
+    ServiceError,
     SignatureDuplicate,
     SignatureInvalid,
     SignatureMissing,
     SignatureUnknownKey,
+    StoreError,
     TelemetryError,
     TopicError,
 )
-from ._limits import SCHEMA_VERSION, SLOTS, Slot, new_id
+from ._limits import SCHEMA_VERSION, new_id
+from .slots import SLOT_KINDS, SLOTS, Slot, SlotKind, slot_kind, slot_topic
 from .packet import (
     DEFAULT_MAX_PACKET_BYTES,
     DecodedPacket,
@@ -84,10 +94,13 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SCHEMA_VERSION", "SLOTS", "DEFAULT_MAX_PACKET_BYTES",
+    # slot kinds
+    "SLOT_KINDS", "SlotKind", "slot_kind", "slot_topic",
     # messages
     "AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason", "SimulationResult",
     "Slot", "StateTrace", "Status", "Verdict", "WorldState", "new_id",
-    # adapters and packets
+    # bundles, adapters and packets
+    "Bundle", "load_bundle",
     "Adapter", "adapter_from_arrays", "load_adapter_npz", "save_adapter_npz",
     "DecodedPacket", "decode_packet", "encode_packet", "peek_header",
     "check_base_model", "check_expiry", "check_layers", "check_target", "check_version",
@@ -100,4 +113,6 @@ __all__ = [
     "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",
     "SignatureUnknownKey", "SignatureInvalid", "PayloadDigestMismatch", "HeaderInvalid",
     "PayloadInvalid", "TelemetryError", "TopicError", "KeyFileError", "AdapterFileError",
+    "MessageInvalid", "BundleError", "ConfigError", "BusError", "EnvError", "MergeError",
+    "JournalError", "StoreError", "ServiceError",
 ]

@@ -1,4 +1,7 @@
-"""Small helpers shared by the two command-line tools (stdlib only)."""
+"""Small helpers shared by the two command-line tools and their config loaders (stdlib only).
+
+The loaders' helpers raise ``ConfigError`` (a ``PlasmaError``); only the CLIs raise ``UsageError``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,11 @@ import sys
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
+
+from .errors import ConfigError
+
+__all__ = ["EXIT_OK", "EXIT_REJECTED", "EXIT_USAGE", "Parser", "UsageError", "add_broker_arguments",
+           "coerce", "layered", "parse_kv", "read_toml"]
 
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2
 
@@ -24,7 +32,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_kv(text: str, what: str = "value") -> dict[str, float]:
-    """``"m=1.6,g=12"`` -> ``{"m": 1.6, "g": 12.0}``; raises UsageError on bad input."""
+    """``"m=1.6,g=12"`` -> ``{"m": 1.6, "g": 12.0}``; raises ConfigError on bad input."""
     out: dict[str, float] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
@@ -33,7 +41,7 @@ def parse_kv(text: str, what: str = "value") -> dict[str, float]:
                 raise ValueError
             out[key.strip()] = float(value)
         except ValueError:
-            raise UsageError(f"bad {what} {item!r}: expected KEY=NUMBER[,KEY=NUMBER...]") from None
+            raise ConfigError(f"bad {what} {item!r}: expected KEY=NUMBER[,KEY=NUMBER...]") from None
     return out
 
 
@@ -58,28 +66,28 @@ def read_toml(path: str | None, known: Mapping[str, type],
     try:
         import tomllib
     except ImportError:  # Python 3.10
-        raise UsageError("--config needs Python 3.11 or newer (tomllib)") from None
+        raise ConfigError("--config needs Python 3.11 or newer (tomllib)") from None
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path}: {exc}") from None
+        raise ConfigError(f"config file {path}: {exc}") from None
     tables = {k: data.pop(k) for k in list(data) if k in sections}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise UsageError(f"config file {path}: unknown keys {', '.join(unknown)}")
+        raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)}")
     return data, tables
 
 
 def coerce(name: str, raw: Any, kind: type) -> Any:
-    """``raw`` (a flag, an environment string or a TOML value) as ``kind``; UsageError if not."""
+    """``raw`` (a flag, an environment string or a TOML value) as ``kind``; ConfigError if not."""
     if isinstance(raw, bool) or (kind is str and not isinstance(raw, str)):
-        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}")
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}")
     try:
         return kind(raw)
     except (TypeError, ValueError):
-        raise UsageError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
 
 
 def layered(flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str,
@@ -87,7 +95,7 @@ def layered(flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str,
             required: Collection[str]) -> dict[str, Any]:
     """Each option from a flag, else ``{prefix}{NAME}`` in the environment, else the file.
 
-    Raises UsageError naming every missing required option.
+    Raises ConfigError naming every missing required option.
     """
     values: dict[str, Any] = {}
     for name, kind in scalars.items():
@@ -100,6 +108,6 @@ def layered(flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str,
             values[name] = coerce(name, raw, kind)
     missing = [n for n in required if n not in values]
     if missing:
-        raise UsageError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing)
+        raise ConfigError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing)
                          + f" (flag, {prefix}* variable or config file)")
     return values

@@ -6,7 +6,13 @@ Standard library only: the device imports this without pydantic.
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+
+from .slots import SLOTS, Slot, slot_kind
+
+__all__ = ["header_inconsistency", "HEX32_PATTERN", "ID_PATTERN", "KEY_ID_PATTERN",
+           "LAYER_NAME_PATTERN", "MAX_FEATURES", "MAX_LAYERS", "MAX_RANK", "new_id",
+           "REASON_CODE_PATTERN", "SCHEMA_VERSION", "SHA256_PATTERN",
+           "SLOTS", "Slot"]  # re-exported from .slots for messages and wire
 
 SCHEMA_VERSION = 1
 
@@ -17,9 +23,6 @@ HEX32_PATTERN = r"^[0-9a-f]{32}$"
 REASON_CODE_PATTERN = r"^[a-z0-9_]{1,64}$"
 LAYER_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
 
-Slot = Literal["fleet", "device"]
-SLOTS: tuple[Slot, ...] = ("fleet", "device")
-
 MAX_RANK = 64
 MAX_LAYERS = 64
 MAX_FEATURES = 65536
@@ -29,7 +32,7 @@ def header_inconsistency(slot: str, device: str | None, created_at: float, expir
                          layer_names: list[str]) -> str | None:
     """What is wrong across the fields of a packet header (None: nothing); one rule for both
     the pydantic ``InstructionPacket`` and its msgspec mirror ``wire.PacketHeader``."""
-    if (slot == "device") != (device is not None):
+    if slot in SLOTS and slot_kind(slot).per_device != (device is not None):
         return "slot 'device' needs a device id; slot 'fleet' must not have one"
     if expires_at <= created_at:
         return "expires_at must be after created_at"

@@ -18,6 +18,8 @@ import numpy as np
 from ._limits import MAX_FEATURES, MAX_LAYERS, MAX_RANK
 from .errors import AdapterFileError
 
+__all__ = ["Adapter", "adapter_from_arrays", "load_adapter_npz", "save_adapter_npz"]
+
 
 @dataclass(frozen=True)
 class Adapter:

@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from .errors import MessageInvalid
+from .errors import BundleError, MessageInvalid
 from .wire import WireStruct
 
 __all__ = ["Bundle", "BundleError", "LayerEntry", "Manifest", "load_bundle", "MODEL_INT8", "MODEL_FP32",
@@ -40,17 +40,6 @@ MANIFEST = "manifest.json"
 WEIGHT_QMAX = 64
 """What new bundles use (``Manifest.weight_qmax``)."""
 MAX_MODEL_BYTES = 64 * 1024 * 1024  # an edge MLP policy is ~100 KB; refuse to hash/load anything absurd
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used.
-
-    ``code`` is stable: missing_file, bad_manifest, bad_weights, digest_mismatch, bad_model, base_mismatch.
-    """
-
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
 
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]

@@ -1,26 +1,45 @@
-"""Protocol errors: one family, each class with a stable ``code``.
+"""The one error family of the library: every error Plasma raises derives from ``PlasmaError``.
+
+Each class has a stable, machine-readable ``code`` (the class default, or a finer one given at
+the raise, e.g. ``BundleError(..., code="bad_manifest")``); ``str(exc)`` is one actionable line
+without the code in front. The command-line tools alone turn a ``PlasmaError`` into a usage
+error and an exit status. Wrong arguments from a caller's own code (a bug, not a condition) stay
+``ValueError`` / ``TypeError``.
 
 Exception tree::
 
-    PlasmaError
-    ├── PacketError            anything wrong with an instruction packet
-    │   ├── PacketTooLarge         size cap exceeded (checked before reading)
-    │   ├── PacketTruncated        shorter than its own lengths say
-    │   ├── PacketBadMagic         not a Plasma packet
-    │   ├── PacketUnsupported      unknown format version
-    │   ├── PacketBadLength        lengths that do not add up (trailing bytes...)
-    │   ├── SignatureMissing       no signature entries
-    │   ├── SignatureDuplicate     the same key signed twice
-    │   ├── SignatureUnknownKey    no trusted key among the signers
-    │   ├── SignatureInvalid       a trusted key's signature does not verify
-    │   ├── PayloadDigestMismatch  payload bytes differ from the signed digest
-    │   ├── HeaderInvalid          header is not a valid InstructionPacket
-    │   └── PayloadInvalid         factor bytes malformed or not finite
-    ├── TelemetryError         a telemetry frame that cannot be decoded
-    ├── MessageInvalid         a wire message (msgspec mirror of a model) breaking the contract
-    ├── TopicError             a topic or id outside the allowed grammar
-    ├── KeyFileError           a key file missing, malformed or readable by others
-    └── AdapterFileError       an adapter npz that does not hold a LoRA adapter
+    PlasmaError                plasma_error
+    ├── PacketError            packet_invalid: anything wrong with an instruction packet
+    │   ├── PacketTooLarge         too_large: size cap exceeded (checked before reading)
+    │   ├── PacketTruncated        truncated: shorter than its own lengths say
+    │   ├── PacketBadMagic         bad_magic: not a Plasma packet
+    │   ├── PacketUnsupported      unsupported_format: unknown format version
+    │   ├── PacketBadLength        bad_length: lengths that do not add up (trailing bytes...)
+    │   ├── SignatureMissing       signature_missing: no signature entries
+    │   ├── SignatureDuplicate     signature_duplicate: the same key signed twice
+    │   ├── SignatureUnknownKey    unknown_key: no trusted key among the signers
+    │   ├── SignatureInvalid       bad_signature: a trusted key's signature does not verify
+    │   ├── PayloadDigestMismatch  digest_mismatch: payload bytes differ from the signed digest
+    │   ├── HeaderInvalid          bad_header: header is not a valid InstructionPacket
+    │   └── PayloadInvalid         bad_payload: factor bytes malformed or not finite
+    ├── TelemetryError         bad_telemetry: a telemetry frame that cannot be decoded
+    ├── MessageInvalid         bad_message: a wire message (msgspec mirror) breaking the contract
+    ├── TopicError             bad_topic: a topic or id outside the allowed grammar
+    ├── KeyFileError           bad_key_file: a key file missing, malformed or readable by others
+    ├── AdapterFileError       bad_adapter_file: an adapter npz that does not hold a LoRA adapter
+    ├── BundleError            bad_bundle: a model bundle that cannot be used (missing_file,
+    │                              bad_manifest, bad_weights, digest_mismatch, bad_model,
+    │                              base_mismatch)
+    ├── ConfigError            bad_config: configuration (flags, environment, TOML) that does
+    │                              not make a valid daemon or server
+    ├── BusError               bus_error: the broker seam (bad URL, connection, subscription)
+    ├── EnvError               bad_env: an --env value that names no usable environment
+    ├── MergeError             merge_error: an adapter or handle the merge cannot use
+    │                              (bad_adapter, non_finite, stale, no_rollback)
+    ├── JournalError           state_write_failed: the device's state directory cannot be written
+    ├── StoreError             store_error: the server's trace store cannot be opened or used
+    └── ServiceError           service_error: a server or daemon that cannot start as configured
+                                   (metrics port taken, model and task disagree...)
 
 Rejections that are *decisions* (expired, replayed, wrong base model...) are not
 exceptions: they are ``Reason`` values inside an ``AuditRecord``.
@@ -28,9 +47,18 @@ exceptions: they are ``Reason`` values inside an ``AuditRecord``.
 
 from __future__ import annotations
 
+__all__ = [
+    "PlasmaError", "PacketError", "PacketTooLarge", "PacketTruncated", "PacketBadMagic",
+    "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",
+    "SignatureUnknownKey", "SignatureInvalid", "PayloadDigestMismatch", "HeaderInvalid",
+    "PayloadInvalid", "TelemetryError", "MessageInvalid", "TopicError", "KeyFileError",
+    "AdapterFileError", "BundleError", "ConfigError", "BusError", "EnvError", "MergeError",
+    "JournalError", "StoreError", "ServiceError",
+]
+
 
 class PlasmaError(Exception):
-    """Base of every Plasma protocol error; ``code`` is stable and machine-readable."""
+    """Base of every Plasma error; ``code`` is stable and machine-readable."""
 
     code = "plasma_error"
 
@@ -125,3 +153,39 @@ class MessageInvalid(PlasmaError, ValueError):
         super().__init__(message, code=code)
         self.field = field
         self.detail = message if detail is None else detail
+
+
+class BundleError(PlasmaError, ValueError):
+    """A bundle that cannot be used; ``code`` says which part (see the tree above)."""
+
+    code = "bad_bundle"
+
+
+class ConfigError(PlasmaError, ValueError):
+    code = "bad_config"
+
+
+class BusError(PlasmaError):
+    code = "bus_error"
+
+
+class EnvError(PlasmaError):
+    code = "bad_env"
+
+
+class MergeError(PlasmaError, ValueError):
+    """An adapter or handle the merge cannot use; ``code``: bad_adapter, non_finite, stale, no_rollback."""
+
+    code = "merge_error"
+
+
+class JournalError(PlasmaError):
+    code = "state_write_failed"
+
+
+class StoreError(PlasmaError):
+    code = "store_error"
+
+
+class ServiceError(PlasmaError):
+    code = "service_error"

@@ -214,8 +214,16 @@ class Status(Message):
     device: Id
     state: Literal["online", "offline"]
     base_sha256: Sha256Hex | None = None
+    versions: dict[Slot, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    """Slot -> version of the adapter live in that slot (0 or absent: none)."""
     fleet_version: int = Field(default=0, ge=0)
+    """``versions["fleet"]``, kept for readers of today's statuses."""
     device_version: int = Field(default=0, ge=0)
+    """``versions["device"]``, kept for readers of today's statuses."""
     steps: int = Field(default=0, ge=0)
     rolling_reward: float | None = None
     timestamp: float = Field(default_factory=time.time)
+
+    def slot_versions(self) -> dict[str, int]:
+        """Slot -> live version; today's statuses carry only the fleet/device pair."""
+        return {"fleet": self.fleet_version, "device": self.device_version, **self.versions}

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from ._limits import Slot
+from .slots import SLOTS, Slot, slot_kind
 from .adapter import Adapter
 from .errors import (
     HeaderInvalid,
@@ -51,6 +51,12 @@ from .errors import (
 from .signing import KEY_ID_BYTES, SigningKey, TrustStore
 from .wire import LayerSpec as WireLayerSpec
 from .wire import PacketHeader, Reason
+
+__all__ = ["assemble_packet", "check_base_model", "check_expiry", "check_layers", "check_target",
+           "check_version", "CLOCK_SKEW_S", "decode_packet", "decode_payload", "DecodedPacket",
+           "DEFAULT_EXPIRES_IN", "DEFAULT_MAX_PACKET_BYTES", "encode_packet", "encode_payload",
+           "FORMAT_VERSION", "Header", "LayerLike", "MAGIC", "MAX_HEADER_LEN", "MAX_SIGNATURES",
+           "payload_size", "peek_header", "PREFIX_LEN", "SIG_ENTRY_LEN", "SIG_LEN"]
 
 if TYPE_CHECKING:
     from . import messages
@@ -355,7 +361,7 @@ def check_base_model(header: Header, base_sha256: str) -> Reason | None:
 
 
 def check_target(header: Header, fleet: str | None, device: str | None,
-                 slots: Iterable[Slot] = ("fleet", "device")) -> Reason | None:
+                 slots: Iterable[Slot] = SLOTS) -> Reason | None:
     """Mix-and-match: the packet must be for this fleet, this device and an allowed slot."""
     if header.slot not in tuple(slots):
         return Reason(code="wrong_slot", check="target",
@@ -363,7 +369,7 @@ def check_target(header: Header, fleet: str | None, device: str | None,
     if fleet is not None and header.fleet != fleet:
         return Reason(code="wrong_fleet", check="target",
                       message=f"packet is for fleet {header.fleet!r}, not {fleet!r}")
-    if header.slot == "device" and device is not None and header.device != device:
+    if slot_kind(header.slot).per_device and device is not None and header.device != device:
         return Reason(code="wrong_device", check="target",
                       message=f"packet is for device {header.device!r}, not {device!r}")
     return None

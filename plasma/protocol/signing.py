@@ -30,6 +30,10 @@ from nacl.signing import VerifyKey
 
 from .errors import KeyFileError
 
+__all__ = ["KEY_ID_BYTES", "key_id_of", "KeyLike", "load_public_key", "MAX_KEY_FILE",
+           "PRIVATE_NAME", "PUBLIC_NAME", "PublicKey", "RAW_KEY_BYTES", "SIGNATURE_BYTES",
+           "SigningKey", "TrustStore"]
+
 if TYPE_CHECKING:  # the device never imports cryptography
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,

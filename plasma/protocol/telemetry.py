@@ -4,10 +4,13 @@ Wire layout (little-endian)::
 
     prefix  16 bytes  magic b"PLST" | format u16 = 1 | flags u16 = 0 |
                       header_len u32 | body_len u32
-    header  header_len bytes of JSON: a FrameHeader (fleet, device, rows, dims, seq)
+    header  header_len bytes of JSON: a FrameHeader (fleet, device, rows, dims, seq, slots)
     body    episode u32[n] | step u32[n] | obs f32[n,o] | action f32[n,a] | reward f32[n] |
             next_obs f32[n,o] | done u8[n] (bit 0 terminated, bit 1 truncated) |
-            fleet_version u32[n] | device_version u32[n] | timestamp f64[n]
+            SLOT_version u32[n] for each SLOT of the header's ``slots`` | timestamp f64[n]
+
+``slots`` names the version columns in order (the adapter version live in each slot when the
+action was taken); a header without it is today's frame: ``fleet`` then ``device``.
 
 Frames are not signed: the broker's ACL decides who may write a device's telemetry
 topic.  Decoding checks every length before reading and refuses non-finite values.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,17 +42,22 @@ __all__ = ["FrameHeader", "TraceBatch", "decode_traces", "encode_traces", "MAX_R
 # FrameHeader (the JSON header of a frame) is a msgspec struct: see plasma.protocol.wire.
 
 
-def _layout(n: int, o: int, a: int) -> list[tuple[str, str, tuple[int, ...]]]:
+_TODAYS_SLOTS = ("fleet", "device")  # the version columns of a header without ``slots``
+
+
+def _layout(n: int, o: int, a: int, slots: Sequence[str] = _TODAYS_SLOTS
+            ) -> list[tuple[str, str, tuple[int, ...]]]:
     return [
         ("episode", "<u4", (n,)), ("step", "<u4", (n,)), ("obs", "<f4", (n, o)),
         ("action", "<f4", (n, a)), ("reward", "<f4", (n,)), ("next_obs", "<f4", (n, o)),
-        ("done", "u1", (n,)), ("fleet_version", "<u4", (n,)),
-        ("device_version", "<u4", (n,)), ("timestamp", "<f8", (n,)),
+        ("done", "u1", (n,)), *((f"{slot}_version", "<u4", (n,)) for slot in slots),
+        ("timestamp", "<f8", (n,)),
     ]
 
 
-def _body_size(n: int, o: int, a: int) -> int:
-    return sum(np.dtype(dt).itemsize * int(np.prod(shape)) for _, dt, shape in _layout(n, o, a))
+def _body_size(n: int, o: int, a: int, slots: Sequence[str] = _TODAYS_SLOTS) -> int:
+    return sum(np.dtype(dt).itemsize * int(np.prod(shape))
+               for _, dt, shape in _layout(n, o, a, slots))
 
 
 @dataclass(frozen=True)
@@ -66,13 +74,25 @@ class TraceBatch:
     next_obs: np.ndarray  # (n, obs_dim) float32
     terminated: np.ndarray  # (n,) bool
     truncated: np.ndarray  # (n,) bool
-    fleet_version: np.ndarray  # (n,) uint32
-    device_version: np.ndarray  # (n,) uint32
+    versions: Mapping[str, np.ndarray]
+    """Slot -> (n,) uint32: the adapter version live in that slot when the action was taken."""
     timestamp: np.ndarray  # (n,) float64
     seq: int = 0
 
     def __len__(self) -> int:
         return int(self.reward.shape[0])
+
+    @property
+    def fleet_version(self) -> np.ndarray:
+        return self._version("fleet")
+
+    @property
+    def device_version(self) -> np.ndarray:
+        return self._version("device")
+
+    def _version(self, slot: str) -> np.ndarray:
+        got = self.versions.get(slot)
+        return got if got is not None else np.zeros(len(self), np.uint32)
 
     @classmethod
     def from_traces(cls, traces: Sequence[StateTrace], seq: int = 0) -> TraceBatch:
@@ -91,8 +111,8 @@ class TraceBatch:
             next_obs=np.array([t.next_obs for t in traces], np.float32),
             terminated=np.array([t.terminated for t in traces], bool),
             truncated=np.array([t.truncated for t in traces], bool),
-            fleet_version=np.array([t.fleet_version for t in traces], np.uint32),
-            device_version=np.array([t.device_version for t in traces], np.uint32),
+            versions={"fleet": np.array([t.fleet_version for t in traces], np.uint32),
+                      "device": np.array([t.device_version for t in traces], np.uint32)},
             timestamp=np.array([t.timestamp for t in traces], np.float64),
             seq=seq,
         )
@@ -118,13 +138,16 @@ class TraceBatch:
 def encode_traces(batch: TraceBatch) -> bytes:
     """Pack a batch into one frame; raises ValueError on inconsistent or non-finite rows."""
     n, o, a = len(batch), batch.obs.shape[1], batch.action.shape[1]
+    slots = tuple(batch.versions)
     header = FrameHeader(fleet=batch.fleet, device=batch.device, rows=n, obs_dim=o, act_dim=a,
-                         seq=batch.seq, created_at=time.time())
-    done = batch.terminated.astype(np.uint8) | (batch.truncated.astype(np.uint8) << 1)
-    columns = {name: getattr(batch, name) for name, _, _ in _layout(n, o, a) if name != "done"}
-    columns["done"] = done
+                         seq=batch.seq, created_at=time.time(),
+                         slots=None if slots == _TODAYS_SLOTS else slots)  # today's bytes
+    columns = {name: getattr(batch, name) for name, _, _ in _layout(n, o, a, ())
+               if name != "done"}
+    columns.update({f"{slot}_version": column for slot, column in batch.versions.items()})
+    columns["done"] = batch.terminated.astype(np.uint8) | (batch.truncated.astype(np.uint8) << 1)
     parts = []
-    for name, dt, shape in _layout(n, o, a):
+    for name, dt, shape in _layout(n, o, a, slots):
         arr = np.asarray(columns[name])
         if arr.shape != shape:
             raise ValueError(f"column {name} has shape {arr.shape}, expected {shape}")
@@ -133,6 +156,8 @@ def encode_traces(batch: TraceBatch) -> bytes:
         parts.append(np.ascontiguousarray(arr, dtype=dt).tobytes())
     body = b"".join(parts)
     header_bytes = header.model_dump_json().encode()
+    if header.slots is None:  # today's slots: today's header bytes, readable by today's servers
+        header_bytes = header_bytes.removesuffix(b',"slots":null}') + b"}"
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), len(body)) + header_bytes \
         + body
 
@@ -155,9 +180,12 @@ def decode_traces(data: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> T
         raise TelemetryError("frame lengths do not match its size", code="bad_length")
     header = _parse_frame_header(data[_PREFIX.size:_PREFIX.size + header_len])
     n, o, a = header.rows, header.obs_dim, header.act_dim
-    if _body_size(n, o, a) != body_len:
-        raise TelemetryError(f"body is {body_len} bytes, {n} rows need {_body_size(n, o, a)}",
-                             code="bad_length")
+    slots = _slots_of(header)
+    if len(set(slots)) != len(slots):
+        raise TelemetryError(f"frame header names a slot twice: {list(slots)}", code="bad_header")
+    need = _body_size(n, o, a, slots)
+    if need != body_len:
+        raise TelemetryError(f"body is {body_len} bytes, {n} rows need {need}", code="bad_length")
     return _decode_body(memoryview(data)[_PREFIX.size + header_len:], header)
 
 
@@ -169,10 +197,15 @@ def _parse_frame_header(raw: bytes) -> FrameHeader:
                              code="bad_header") from None
 
 
+def _slots_of(header: FrameHeader) -> tuple[str, ...]:
+    return _TODAYS_SLOTS if header.slots is None else tuple(header.slots)
+
+
 def _decode_body(body: memoryview, header: FrameHeader) -> TraceBatch:
     cols: dict[str, np.ndarray] = {}
     offset = 0
-    for name, dt, shape in _layout(header.rows, header.obs_dim, header.act_dim):
+    slots = _slots_of(header)
+    for name, dt, shape in _layout(header.rows, header.obs_dim, header.act_dim, slots):
         count = int(np.prod(shape))
         arr = np.frombuffer(body, dtype=dt, count=count, offset=offset).reshape(shape)
         offset += arr.nbytes
@@ -182,5 +215,6 @@ def _decode_body(body: memoryview, header: FrameHeader) -> TraceBatch:
     done = cols.pop("done")
     if (done > 3).any():
         raise TelemetryError("done flags use unknown bits", code="bad_payload")
+    versions = {slot: cols.pop(f"{slot}_version") for slot in slots}
     return TraceBatch(fleet=header.fleet, device=header.device, terminated=(done & 1) > 0,
-                      truncated=(done & 2) > 0, seq=header.seq, **cols)
+                      truncated=(done & 2) > 0, seq=header.seq, versions=versions, **cols)

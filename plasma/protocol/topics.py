@@ -18,6 +18,9 @@ from typing import Literal
 
 from .errors import TopicError
 
+__all__ = ["audit", "device_adapter", "device_filter", "fleet_adapter", "parse", "ROOT",
+           "server_audit", "status", "telemetry", "Topic", "TopicKind", "validate_id"]
+
 ROOT = "plasma/v1"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TopicKind = Literal["fleet_adapter", "device_adapter", "telemetry", "status", "audit"]

@@ -268,11 +268,16 @@ class Status(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     device: Id
     state: Literal["online", "offline"]
     base_sha256: Sha256Hex | None = None
+    versions: dict[Slot, NonNegInt] = msgspec.field(default_factory=dict)
     fleet_version: NonNegInt = 0
     device_version: NonNegInt = 0
     steps: NonNegInt = 0
     rolling_reward: Float | None = None
     timestamp: Float = msgspec.field(default_factory=time.time)
+
+    def slot_versions(self) -> dict[str, int]:
+        """Slot -> live version; today's statuses carry only the fleet/device pair."""
+        return {"fleet": self.fleet_version, "device": self.device_version, **self.versions}
 
 
 class FrameHeader(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -287,3 +292,5 @@ class FrameHeader(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=T
     seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     """Frame counter of the sending device (restarts at 0 with the daemon)."""
     created_at: Float = 0.0
+    slots: Annotated[tuple[Slot, ...], msgspec.Meta(min_length=1, max_length=16)] | None = None
+    """The slots whose version columns the body holds, in order; None: fleet, device."""

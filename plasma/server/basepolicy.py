@@ -15,6 +15,10 @@ from .phantom import PlannerConfig, SimDynamics, mppi_plan, policy_plan
 from .policy_net import Adam, LoRA, MLPPolicy
 from .tasks import TaskSpec, get_task, make_env
 
+__all__ = ["behaviour_clone", "cache_key", "cached_policy", "collect", "default_cache_dir",
+           "EVAL_SEED0", "evaluate", "export_policy", "mppi_expert", "PolicyFn",
+           "sim_rollout_states", "train_base", "train_policy", "TrainBaseConfig"]
+
 log = logging.getLogger(__name__)
 
 PolicyFn = Callable[[np.ndarray], np.ndarray]

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plasma.protocol import (
-    KeyFileError,
     PlasmaError,
     SigningKey,
     encode_packet,
@@ -18,6 +17,8 @@ from plasma.protocol import (
     peek_header,
 )
 from plasma.protocol._cli import EXIT_OK, EXIT_USAGE, Parser, UsageError
+
+__all__ = ["build_parser", "DESCRIPTION", "Handler", "main"]
 
 DESCRIPTION = """\
 Plasma server: learns each device's dynamics from its telemetry, practises in that
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
-    except (UsageError, PlasmaError, KeyFileError) as exc:
+    except (UsageError, PlasmaError) as exc:  # every library error is a PlasmaError
         print(f"plasma-server: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as exc:  # an optional extra that is not installed: say which

@@ -13,6 +13,8 @@ from typing import Any
 
 from plasma.protocol._cli import EXIT_OK, Parser, UsageError, parse_kv
 
+__all__ = ["register"]
+
 log = logging.getLogger("plasma.server")
 
 

@@ -12,6 +12,8 @@ import numpy as np
 from .phantom import PhantomPathSimulator
 from .policy_net import Adam, LoRA, MLPPolicy
 
+__all__ = ["DistillConfig", "DistillResult", "LoRADistiller"]
+
 log = logging.getLogger(__name__)
 
 

@@ -29,6 +29,8 @@ from plasma.protocol.telemetry import DEFAULT_MAX_FRAME_BYTES
 
 from .store import StoreError, TraceStore
 
+__all__ = ["Ingest", "IngestConfig", "RateLimitedLog", "SHARE_GROUP"]
+
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "plasma-ingest"

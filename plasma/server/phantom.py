@@ -16,6 +16,11 @@ from .policy_net import LoRA, MLPPolicy
 from .tasks import TaskSpec
 from .worldmodel import WorldModel, WorldModelConfig
 
+__all__ = ["bench_phantom", "blas_threads", "Dynamics", "member_blocks", "ModelDynamics",
+           "mppi_plan", "PhantomBenchConfig", "PhantomConfig", "PhantomPathSimulator",
+           "PhantomRollout", "PlannerConfig", "PlanResult", "policy_plan", "SimDynamics",
+           "step_paths"]
+
 
 @contextmanager
 def blas_threads(n: int | None) -> Iterator[None]:

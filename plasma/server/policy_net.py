@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["Adam", "ForwardCache", "Layer", "LoRA", "MLPPolicy", "policy_from_mapping"]
+
 Layer = tuple[np.ndarray, np.ndarray]
 
 

@@ -42,10 +42,15 @@ from plasma.protocol import (
     decode_packet,
     encode_packet,
     new_id,
+    slot_kind,
+    slot_topic,
     topics,
 )
 
 from .store import TraceStore
+
+__all__ = ["ACK_VERDICTS", "judicial_topic", "MAX_ACK_BYTES", "Published", "Publisher",
+           "PublisherConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,6 @@ ACK_VERDICTS = ("accepted", "rejected", "rolled_back")
 def judicial_topic(fleet: str) -> str:
     """Where the server publishes its judicial audit records (one topic per fleet)."""
     return topics.server_audit(fleet)
-
-
-def slot_topic(fleet: str, slot: Slot, device: str | None) -> str:
-    if slot == "fleet":
-        return topics.fleet_adapter(fleet)
-    return topics.device_adapter(fleet, device or "")
 
 
 @dataclass(frozen=True)
@@ -181,7 +180,7 @@ class Publisher:
     def submit(self, adapter: Adapter | None, slot: Slot, device: str | None = None, *,
                priority: int = 5, provenance: Provenance | None = None) -> None:
         """Queue a complete adapter for a slot (``None`` clears it); replaces a waiting one."""
-        if (slot == "device") != (device is not None):
+        if slot_kind(slot).per_device != (device is not None):
             raise ValueError("slot 'device' needs a device id; slot 'fleet' must not have one")
         if not 0 <= priority <= 9:
             raise ValueError("priority must be in 0..9")

@@ -27,7 +27,8 @@ import numpy as np
 from plasma.protocol.bundle import Bundle, BundleError, load_bundle
 from plasma.protocol.bus import Bus, MqttBus
 from plasma.protocol import Adapter, Provenance, SigningKey, TraceBatch, new_id
-from plasma.protocol._cli import UsageError, add_broker_arguments
+from plasma.protocol._cli import add_broker_arguments
+from plasma.protocol.errors import ConfigError
 
 from .distill import DistillConfig, LoRADistiller
 from .judicial import JudicialAuditor, JudicialConfig, RealData, StateFilter, split_members
@@ -39,6 +40,8 @@ from .service_config import BUDGETS, SCALARS, ServiceConfig, load_service_config
 from .store import TraceStore
 from .tasks import TaskSpec, get_task
 from .worldmodel import WorldModel, WorldModelConfig
+
+__all__ = ["Server", "policy_from_bundle", "register", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +357,8 @@ def policy_from_bundle(bundle: Bundle) -> MLPPolicy:
     """The base policy the devices run, from its bundle's fp32 master weights."""
     m = bundle.manifest
     if m.hidden_activation != "tanh":
-        raise UsageError(f"{bundle.root}: hidden activation {m.hidden_activation!r}; the server's "
-                         "policy math is tanh only")
+        raise BundleError(f"{bundle.root}: hidden activation {m.hidden_activation!r}; the server's "
+                          "policy math is tanh only", code="bad_model")
     return MLPPolicy([(np.asarray(w), np.asarray(b)) for w, b in bundle.layers()],
                      obs_mean=np.asarray(m.obs_mean), obs_std=np.asarray(m.obs_std),
                      act_low=np.asarray(m.act_low), act_high=np.asarray(m.act_high))
@@ -400,17 +403,17 @@ class Server:
         try:
             bundle = load_bundle(cfg.model)
         except BundleError as exc:
-            raise UsageError(f"--model {cfg.model}: {exc}") from None
+            raise BundleError(f"--model {cfg.model}: {exc}", code=exc.code) from None
         self.base = policy_from_bundle(bundle)
         try:
             self.task = get_task(cfg.task_id)
         except KeyError as exc:
-            raise UsageError(str(exc.args[0])) from None
+            raise ConfigError(str(exc.args[0])) from None
         if (bundle.manifest.obs_dim, bundle.manifest.act_dim) != (self.task.obs_dim,
                                                                   self.task.act_dim):
-            raise UsageError(f"--model has dims {bundle.manifest.obs_dim}/"
-                             f"{bundle.manifest.act_dim}, {cfg.task_id} has "
-                             f"{self.task.obs_dim}/{self.task.act_dim}")
+            raise ConfigError(f"--model has dims {bundle.manifest.obs_dim}/"
+                              f"{bundle.manifest.act_dim}, {cfg.task_id} has "
+                              f"{self.task.obs_dim}/{self.task.act_dim}")
         self.store = TraceStore(cfg.store)
         client_id = f"plasma-server-{cfg.fleet}-{socket.gethostname()}"
         self.bus = bus if bus is not None else MqttBus(cfg.broker, client_id=client_id)

@@ -17,7 +17,8 @@ from typing import Any
 
 from plasma.protocol.bus import BrokerConfig, BusError
 from plasma.protocol import TopicError
-from plasma.protocol._cli import UsageError, layered, read_toml
+from plasma.protocol.errors import ConfigError
+from plasma.protocol._cli import layered, read_toml
 from plasma.protocol.topics import validate_id
 
 __all__ = ["ServiceConfig", "load_service_config", "SCALARS", "REQUIRED", "BUDGETS"]
@@ -77,7 +78,7 @@ class ServiceConfig:
 
 def load_service_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
                         ) -> ServiceConfig:
-    """Merge the three sources; raises UsageError with one line an operator can act on."""
+    """Merge the three sources; raises ConfigError with one line an operator can act on."""
     environ = os.environ if environ is None else environ
     file_values, _ = read_toml(flags.get("config"), SCALARS)
     return _build(layered(flags, environ, "PLASMA_SERVER_", SCALARS, file_values, REQUIRED))
@@ -90,7 +91,7 @@ def _build(values: dict[str, Any]) -> ServiceConfig:
                                              "key_file")})
         validate_id(values["fleet"], "fleet")
     except (BusError, TopicError) as exc:
-        raise UsageError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     for key in ("key", "model", "store"):
         if key in values:
             values[key] = Path(values[key])
@@ -100,14 +101,14 @@ def _build(values: dict[str, Any]) -> ServiceConfig:
 
 def _check_ranges(values: dict[str, Any]) -> None:
     if values.get("budget", "default") not in BUDGETS:
-        raise UsageError(f"budget must be one of {', '.join(BUDGETS)}")
+        raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}")
     if values.get("dtype", "int8") not in ("int8", "fp16", "fp32"):
-        raise UsageError("dtype must be int8, fp16 or fp32")
+        raise ConfigError("dtype must be int8, fp16 or fp32")
     for name in ("min_new_transitions", "max_transitions"):
         if values.get(name, 1) < 1:
-            raise UsageError(f"{name} must be >= 1")
+            raise ConfigError(f"{name} must be >= 1")
     for name in ("fleet_every", "check_interval", "publish_interval"):
         if values.get(name, 0) < 0:
-            raise UsageError(f"{name} must be >= 0")
+            raise ConfigError(f"{name} must be >= 0")
     if values.get("expires_in", 1) <= 0:
-        raise UsageError("expires_in must be > 0")
+        raise ConfigError("expires_in must be > 0")

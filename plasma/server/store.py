@@ -33,7 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from plasma.protocol import AuditRecord, PlasmaError, TraceBatch
+from plasma.protocol import AuditRecord, TraceBatch
+from plasma.protocol.errors import StoreError
+
+__all__ = ["Ack", "MIGRATIONS", "SCHEMA_VERSION", "TraceStore"]
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +90,6 @@ _COLUMNS = (  # the blob layout: the telemetry frame's columns, in this order
     ("terminated", "u1", False), ("truncated", "u1", False), ("fleet_version", "<u4", False),
     ("device_version", "<u4", False), ("timestamp", "<f8", False),
 )
-
-
-class StoreError(PlasmaError):
-    code = "store_error"
 
 
 @dataclass(frozen=True)
@@ -275,7 +274,10 @@ class TraceStore:
             cols = {k: v[keep] for k, v in cols.items()}
         if len(cols["reward"]) == 0:
             return None
-        return TraceBatch(fleet=fleet, device=device or "*", seq=int(rows[-1][0]), **cols)
+        # the blob holds the two version columns of schema 1; a new slot kind needs a migration
+        versions = {slot: cols.pop(f"{slot}_version") for slot in ("fleet", "device")}
+        return TraceBatch(fleet=fleet, device=device or "*", seq=int(rows[-1][0]),
+                          versions=versions, **cols)
 
     def count_rows(self, fleet: str, device: str | None = None, *, after_id: int = 0) -> int:
         """Rows received after chunk ``after_id`` (the adaptation schedule's trigger)."""

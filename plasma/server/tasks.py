@@ -23,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["apply_physics", "get_task", "make_env", "MOUNTAINCAR", "mountaincar_reward",
+           "mountaincar_step", "PENDULUM", "pendulum_reward", "pendulum_step", "RewardFn",
+           "SimStepFn", "TASKS", "TaskSpec"]
+
 RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 """reward(obs (B, obs_dim), act (B, act_dim), next_obs (B, obs_dim)) -> (B,)"""
 SimStepFn = Callable[[np.ndarray, np.ndarray, Mapping[str, float]], np.ndarray]

@@ -10,6 +10,8 @@ import numpy as np
 
 from .policy_net import Adam
 
+__all__ = ["FitReport", "Member", "WorldModel", "WorldModelConfig"]
+
 log = logging.getLogger(__name__)
 
 

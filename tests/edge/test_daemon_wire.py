@@ -22,7 +22,7 @@ from plasma.protocol.bus import BrokerConfig, Message, MqttBus
 from plasma.edge.config import load_config
 from plasma.edge.telemetry import TelemetryBuffer, TelemetryConfig
 from plasma.protocol import Adapter, SigningKey, decode_traces, encode_packet, topics
-from plasma.protocol._cli import UsageError
+from plasma.protocol.errors import ConfigError
 
 
 SIZES = [3, 16, 16, 1]
@@ -309,7 +309,7 @@ def test_config_precedence_flag_env_file(tmp_path: Path) -> None:
     ({"rate_hz": -1.0}, "rate_hz"),
 ])
 def test_config_errors(change: dict[str, Any], message: str) -> None:
-    with pytest.raises(UsageError, match=message.replace("/", ".")):
+    with pytest.raises(ConfigError, match=message.replace("/", ".")):
         load_config({**REQUIRED, **change}, {})
 
 
@@ -322,7 +322,7 @@ def test_config_errors(change: dict[str, Any], message: str) -> None:
 ])
 def test_config_file_errors(tmp_path: Path, toml: str, message: str) -> None:
     (tmp_path / "c.toml").write_text(toml)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_config({**REQUIRED, "config": str(tmp_path / "c.toml")}, {})
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import stat
@@ -12,14 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from plasma.edge import journal as jmod
+from plasma.edge import journal_record as rec
+from plasma.edge.bench.journal import bench_commit
 from plasma.edge.audit import AuditContext
 from plasma.protocol.bundle import Bundle
 from plasma.edge.canary import Canary
-from plasma.edge.journal import Journal, JournalError, bench_commit
+from plasma.edge.journal import Journal, JournalError
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
 from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import (
+    SLOTS,
     Adapter,
     DecodedPacket,
     PacketError,
@@ -56,20 +58,20 @@ def versions(restored: object) -> dict[str, int]:
 
 def spans(root: Path) -> list[tuple[int, int]]:
     """(start, end) of every valid record of the log, in order."""
-    records, damage = jmod._scan((root / "journal.log").read_bytes())
+    records, damage = rec.scan((root / "journal.log").read_bytes())
     assert damage == []
-    return [(r.offset - jmod._HEAD.size, r.end) for r in records]
+    return [(r.offset - rec.HEAD.size, r.end) for r in records]
 
 
 def rewrite_payload(root: Path, index: int, damage) -> None:
     """Damage the packet bytes of record ``index`` but keep a valid crc: stored bytes that no
-    longer verify (what a damaged fleet.pkt was in the old layout)."""
+    longer verify."""
     path = root / "journal.log"
     buf = path.read_bytes()
     start, end = spans(root)[index]
-    _, _, _, kind, slot, version = jmod._HEAD.unpack_from(buf, start)
-    payload = damage(buf[start + jmod._HEAD.size:end])
-    path.write_bytes(buf[:start] + jmod._record(kind, jmod.SLOTS[slot], version, payload)
+    _, _, _, kind, slot, version = rec.HEAD.unpack_from(buf, start)
+    payload = damage(buf[start + rec.HEAD.size:end])
+    path.write_bytes(buf[:start] + rec.encode_record(kind, SLOTS[slot], version, payload)
                      + buf[end:])
 
 
@@ -203,7 +205,7 @@ def test_compaction_bounds_the_log_and_keeps_what_load_needs(tmp_path: Path,
     r = Journal(tmp_path).load(verify)
     assert versions(r) == {"fleet": 38, "device": 8} and r.problems == ()
     assert r.highest == {"fleet": 39, "device": 8}  # the rolled-back version still counts
-    kinds = [jmod._HEAD.unpack_from((tmp_path / "journal.log").read_bytes(), s)[3]
+    kinds = [rec.HEAD.unpack_from((tmp_path / "journal.log").read_bytes(), s)[3]
              for s, _ in spans(tmp_path)]
     assert len(kinds) <= 8 and not list(tmp_path.glob("*.tmp"))
     rewrite_payload(tmp_path, -1, lambda b: b[:10])  # the fallback survived compaction
@@ -224,57 +226,6 @@ def test_wrong_slot_record_is_withdrawn(tmp_path: Path) -> None:
     Journal(tmp_path).commit("fleet", pkt("device", 3), 3)
     r = Journal(tmp_path).load(verify)
     assert r.packets == {} and r.problems and r.highest["fleet"] == 3
-
-
-# -- the old layout (versions.json, SLOT.pkt, SLOT.prev.pkt) is imported once ------------------
-def old_layout(root: Path, files: dict[str, bytes]) -> Path:
-    (root / "quarantine").mkdir(parents=True)
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-    return root
-
-
-def test_old_layout_is_imported_once(tmp_path: Path) -> None:
-    root = old_layout(tmp_path, {
-        "versions.json": b'{"fleet": 2, "device": 5}', "fleet.prev.pkt": pkt("fleet", 1),
-        "fleet.pkt": pkt("fleet", 2), "device.pkt": pkt("device", 5),
-        "quarantine/device.rolled_back.v9": pkt("device", 9)})
-    with pytest.raises(JournalError):  # appending before the import would lose it
-        Journal(root).commit("fleet", pkt("fleet", 3), 3)
-    r = Journal(root).load(verify)
-    assert versions(r) == {"fleet": 2, "device": 5} and r.highest == {"fleet": 2, "device": 9}
-    assert sorted(p.name for p in root.iterdir()) == ["journal.log", "quarantine"]
-    assert len(list((root / "quarantine").glob("*.migrated.*"))) == 4
-    # FLOOR fleet, fleet v1, fleet v2, FLOOR device, device v5: v1 was imported as the fallback
-    rewrite_payload(root, 2, lambda b: b"")
-    again = Journal(root).load(verify)
-    assert versions(again) == {"fleet": 1, "device": 5} and again.highest["device"] == 9
-
-
-@pytest.mark.parametrize("text", ["{not json", '{"fleet": -1}', '{"fleet": "3"}', "[]", ""])
-def test_old_damaged_versions_file_is_rebuilt_from_packets(tmp_path: Path, text: str) -> None:
-    root = old_layout(tmp_path, {"versions.json": text.encode(), "fleet.pkt": pkt("fleet", 4)})
-    r = Journal(root).load(verify)
-    assert r.highest["fleet"] == 4 and versions(r) == {"fleet": 4}
-    assert any("versions.json" in p for p in r.problems)
-
-
-def test_old_crash_between_packet_and_versions_write(tmp_path: Path) -> None:
-    root = old_layout(tmp_path, {"versions.json": json.dumps({"fleet": 1, "device": 0}).encode(),
-                                 "fleet.prev.pkt": pkt("fleet", 1), "fleet.pkt": pkt("fleet", 2)})
-    r = Journal(root).load(verify)
-    assert r.highest["fleet"] == 2 and versions(r) == {"fleet": 2}
-
-
-def test_old_crash_after_rotation_before_install(tmp_path: Path) -> None:
-    root = old_layout(tmp_path, {"fleet.prev.pkt": pkt("fleet", 1), "fleet.pkt.new": b"half"})
-    assert versions(Journal(root).load(verify)) == {"fleet": 1}
-
-
-def test_old_wrong_slot_file_is_not_imported(tmp_path: Path) -> None:
-    root = old_layout(tmp_path, {"fleet.pkt": pkt("device", 3)})
-    r = Journal(root).load(verify)
-    assert r.packets == {} and r.problems
 
 
 # -- failures -----------------------------------------------------------------------------------
@@ -379,3 +330,37 @@ def test_pipeline_rejects_with_state_write_failed_and_keeps_adapter(
     assert "read-only" in outcome.describe()
     assert pipeline.versions == (1, 0)
     np.testing.assert_array_equal(runtime.act_batch(x), live)
+
+
+# -- today's logs stay readable: the slot byte is the slot kind's code ----------------------------
+def _todays_record(kind: int, slot_byte: int, version: int, payload: bytes) -> bytes:
+    """A record exactly as the journal wrote it before slot kinds became a table."""
+    import struct
+    import zlib
+    crc = zlib.crc32(payload, zlib.crc32(struct.pack("<IBBQ", len(payload), kind, slot_byte,
+                                                      version)))
+    return struct.pack("<IIIBBQ", 0x314A4C50, len(payload), crc, kind, slot_byte,
+                       version) + payload
+
+
+def test_todays_log_bytes_load_unchanged(tmp_path: Path) -> None:
+    log = (_todays_record(3, 0, 4, b"") + _todays_record(1, 0, 4, pkt("fleet", 4))
+           + _todays_record(1, 1, 7, pkt("device", 7)) + _todays_record(2, 1, 7, b"")
+           + _todays_record(3, 1, 9, b""))
+    (tmp_path / "journal.log").write_bytes(log)
+    r = Journal(tmp_path).load(verify)
+    assert versions(r) == {"fleet": 4} and r.highest == {"fleet": 4, "device": 9}
+    assert r.problems == ()
+
+
+def test_records_encode_as_today(tmp_path: Path) -> None:
+    assert rec.encode_record(rec.ACCEPT, "device", 7, b"xy") == _todays_record(1, 1, 7, b"xy")
+    assert rec.encode_record(rec.FLOOR, "fleet", 3) == _todays_record(3, 0, 3, b"")
+
+
+def test_unknown_slot_byte_is_damage(tmp_path: Path) -> None:
+    good = _todays_record(1, 0, 1, pkt("fleet", 1))
+    (tmp_path / "journal.log").write_bytes(good + _todays_record(1, 9, 2, b"zz"))
+    r = Journal(tmp_path).load(verify)
+    assert versions(r) == {"fleet": 1} and r.highest == {"fleet": 1, "device": 0}
+    assert any("slot 9" in p for p in r.problems)

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from plasma.edge import journal as jmod
+from plasma.edge import journal_files as files
 from plasma.edge.audit import AuditContext
 from plasma.protocol.bundle import Bundle
 from plasma.edge.canary import Canary
@@ -42,14 +42,14 @@ def packet(bundle: Bundle, version: int, scale: float) -> bytes:
 def test_sync_runs_beside_the_probes_and_lands_before_activation(
         bundle: Bundle, tmp_path: Path, monkeypatch) -> None:
     synced_on, order = [], []
-    real_sync = jmod._datasync
+    real_sync = files.datasync
 
     def sync(fd: int) -> None:
         synced_on.append(threading.current_thread().name)
         real_sync(fd)
         order.append("synced")
 
-    monkeypatch.setattr(jmod, "_datasync", sync)
+    monkeypatch.setattr(files, "datasync", sync)
     pipeline = make_pipeline(bundle, tmp_path)
     activate = pipeline.engine.activate
     monkeypatch.setattr(pipeline.engine, "activate",

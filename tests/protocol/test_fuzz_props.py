@@ -78,7 +78,7 @@ def _frames() -> list[bytes]:
             reward=rng.standard_normal(n).astype(np.float32),
             next_obs=rng.standard_normal((n, o)).astype(np.float32),
             terminated=np.zeros(n, bool), truncated=np.zeros(n, bool),
-            fleet_version=np.zeros(n, np.uint32), device_version=np.zeros(n, np.uint32),
+            versions={"fleet": np.zeros(n, np.uint32), "device": np.zeros(n, np.uint32)},
             timestamp=np.arange(n, dtype=np.float64), seq=n)
         out.append(encode_traces(batch))
     return out

@@ -33,8 +33,8 @@ def make_batch(n: int, obs_dim: int, act_dim: int, seed: int = 0, seq: int = 0,
         reward=(rng.standard_normal(n) * 1e3).astype(np.float32),  # (n,)
         next_obs=rng.standard_normal((n, obs_dim)).astype(np.float32),  # (n, obs_dim)
         terminated=rng.random(n) < 0.3, truncated=rng.random(n) < 0.3,
-        fleet_version=rng.integers(0, 2**32, n, dtype=np.uint32),
-        device_version=rng.integers(0, 2**32, n, dtype=np.uint32),
+        versions={"fleet": rng.integers(0, 2**32, n, dtype=np.uint32),
+                  "device": rng.integers(0, 2**32, n, dtype=np.uint32)},
         timestamp=1.7e9 + rng.random(n) * 1e6,  # float64: sub-microsecond must survive
         seq=seq,
     )
@@ -289,3 +289,38 @@ def test_random_body_under_a_valid_header(n: int, obs_dim: int, act_dim: int,
     else:
         assert len(batch) == n and np.isfinite(batch.obs).all()
         batch.rows()  # every decoded row is a valid StateTrace
+
+
+# ---------------------------------------------------------------- versions per slot
+def test_todays_frames_keep_their_bytes_and_decode() -> None:
+    """fleet then device is today's layout: no ``slots`` in the header, same body."""
+    batch = make_batch(4, 3, 2, seed=5)
+    frame = encode_traces(batch)
+    assert b'"slots"' not in frame
+    back = decode_traces(frame)
+    assert list(back.versions) == ["fleet", "device"]
+    assert_same(batch, back)
+
+
+def test_version_columns_follow_the_header_slots() -> None:
+    batch = make_batch(3, 2, 2, seed=6)
+    swapped = TraceBatch(**{**batch.__dict__, "versions": {"device": batch.device_version,
+                                                            "fleet": batch.fleet_version}})
+    frame = encode_traces(swapped)
+    assert b'"slots":["device","fleet"]' in frame
+    back = decode_traces(frame)
+    assert list(back.versions) == ["device", "fleet"]
+    assert_same(batch, back)
+    only_fleet = TraceBatch(**{**batch.__dict__, "versions": {"fleet": batch.fleet_version}})
+    one = decode_traces(encode_traces(only_fleet))  # one version column fewer in the body
+    assert list(one.versions) == ["fleet"] and one.device_version.tolist() == [0, 0, 0]
+    np.testing.assert_array_equal(one.fleet_version, batch.fleet_version)
+
+
+def test_a_slot_named_twice_is_a_bad_header() -> None:
+    batch = make_batch(2, 2, 2)
+    frame = encode_traces(TraceBatch(**{**batch.__dict__,
+                                        "versions": {"device": batch.device_version,
+                                                     "fleet": batch.fleet_version}}))
+    twice = frame.replace(b'["device","fleet"]', b'["fleet", "fleet"]')  # same length
+    assert error_code(twice) == "bad_header"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from plasma.protocol import PlasmaError, messages, wire
 from plasma.protocol.errors import MessageInvalid
-from plasma.protocol.messages import Id, Message
+from plasma.protocol.messages import Id, Message, Slot
 from plasma.protocol.telemetry import MAX_ACT_DIM, MAX_OBS_DIM, MAX_ROWS
 
 
@@ -36,6 +36,7 @@ class PydanticFrameHeader(Message):
     act_dim: int = Field(ge=1, le=MAX_ACT_DIM)
     seq: int = Field(default=0, ge=0, le=2**63 - 1)
     created_at: float = 0.0
+    slots: tuple[Slot, ...] | None = Field(default=None, min_length=1, max_length=16)
 
 
 PAIRS: dict[str, tuple[type[BaseModel], type[wire.WireStruct]]] = {
@@ -111,6 +112,8 @@ status = st.fixed_dictionaries({
     "fleet": ids, "device": ids, "state": st.sampled_from(["online", "offline"]),
 }, optional={
     "schema_version": st.just(1), "base_sha256": st.none() | sha256,
+    "versions": st.dictionaries(st.sampled_from(["fleet", "device"]), big_nonneg,
+                                max_size=3),
     "fleet_version": big_nonneg, "device_version": big_nonneg, "steps": big_nonneg,
     "rolling_reward": st.none() | finite, "timestamp": finite,
 })
@@ -118,7 +121,9 @@ frame_header = st.fixed_dictionaries({
     "fleet": ids, "device": ids, "rows": st.integers(0, MAX_ROWS),
     "obs_dim": st.integers(1, MAX_OBS_DIM), "act_dim": st.integers(1, MAX_ACT_DIM),
 }, optional={"schema_version": st.just(1), "seq": st.integers(0, 2**63 - 1),
-             "created_at": finite})
+             "created_at": finite,
+             "slots": st.none() | st.lists(st.sampled_from(["fleet", "device"]), min_size=1,
+                                           max_size=3)})
 
 VALID: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "LayerSpec": layer_spec, "Provenance": provenance, "InstructionPacket": packet_header(),

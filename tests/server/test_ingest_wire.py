@@ -27,7 +27,7 @@ def batch(fleet: str, device: str, n: int = 16, seq: int = 0, obs_dim: int = 3,
         reward=rng.standard_normal(n).astype(np.float32),
         next_obs=rng.standard_normal((n, obs_dim)).astype(np.float32),
         terminated=np.zeros(n, bool), truncated=np.zeros(n, bool),
-        fleet_version=np.zeros(n, np.uint32), device_version=np.zeros(n, np.uint32),
+        versions={"fleet": np.zeros(n, np.uint32), "device": np.zeros(n, np.uint32)},
         timestamp=t0 + 0.05 * np.arange(n), seq=seq)
 
 

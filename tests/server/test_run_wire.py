@@ -24,7 +24,7 @@ from plasma.protocol import (
     encode_traces,
     topics,
 )
-from plasma.protocol._cli import UsageError
+from plasma.protocol.errors import ConfigError
 from plasma.server.publisher import judicial_topic
 from plasma.server.run import run_server
 from plasma.server.service_config import load_service_config
@@ -68,8 +68,8 @@ def frames(fleet: str, device: str, n_frames: int, rows: int = 50) -> list[bytes
             step=np.arange(f * n, (f + 1) * n, dtype=np.uint32), obs=np.array(o),
             action=np.array(a),
             reward=np.array(r, np.float32), next_obs=np.array(nx), terminated=np.zeros(n, bool),
-            truncated=np.zeros(n, bool), fleet_version=np.zeros(n, np.uint32),
-            device_version=np.zeros(n, np.uint32),
+            truncated=np.zeros(n, bool), versions={"fleet": np.zeros(n, np.uint32),
+                                                    "device": np.zeros(n, np.uint32)},
             timestamp=t + 0.05 * np.arange(f * n, (f + 1) * n),
             seq=f)))
     return out
@@ -93,10 +93,10 @@ def test_config_precedence_and_errors(tmp_path: Path) -> None:
     assert (cfg.fleet, cfg.min_new_transitions, cfg.budget) == ("fromenv", 70, "small")
     assert cfg.broker.tls and cfg.broker.port == 8884 and cfg.broker.password == "s3cret"
     assert cfg.task_id == "Pendulum-v1"
-    with pytest.raises(UsageError, match="--key"):
+    with pytest.raises(ConfigError, match="--key"):
         load_service_config({"broker": "mqtt://h", "fleet": "f", "model": "m", "env": "e"},
                             environ={})
-    with pytest.raises(UsageError, match="fleet"):
+    with pytest.raises(ConfigError, match="fleet"):
         load_service_config({"broker": "mqtt://h", "fleet": "no/slash", "key": "k", "model": "m",
                              "env": "e"}, environ={})
 

@@ -24,7 +24,7 @@ def make_batch(fleet: str, device: str, t0: float, n: int = 8, seq: int = 0, obs
         reward=rng.standard_normal(n).astype(np.float32),
         next_obs=rng.standard_normal((n, obs_dim)).astype(np.float32),
         terminated=np.zeros(n, bool), truncated=np.arange(n) == n - 1,
-        fleet_version=np.full(n, 2, np.uint32), device_version=np.full(n, 3, np.uint32),
+        versions={"fleet": np.full(n, 2, np.uint32), "device": np.full(n, 3, np.uint32)},
         timestamp=t0 + np.arange(n, dtype=np.float64), seq=seq)
 
 

@@ -8,6 +8,8 @@ import numpy as np
 
 from plasma.protocol import Adapter, SigningKey, TrustStore, decode_packet, encode_packet
 
+__all__ = ["bench_packet"]
+
 
 def bench_packet(sizes: tuple[int, ...] = (64, 256, 256, 256, 8), rank: int = 4,
                  dtype: str = "int8", n: int = 5000, seed: int = 0) -> dict[str, float | int]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["bench_rss", "read_status"]
+
 _FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 

@@ -8,6 +8,8 @@ import numpy as np
 
 from plasma.protocol.bundle import Bundle
 
+__all__ = ["quantize_into", "quantize_weight", "reference_forward"]
+
 _TINY = float(np.finfo(np.float32).tiny)
 
 

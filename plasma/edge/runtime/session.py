@@ -13,6 +13,8 @@ import onnxruntime as ort
 
 from plasma.protocol.bundle import Bundle, BundleError
 
+__all__ = ["PlainSession", "preoptimize", "Runner", "SessionSide", "SwapMode"]
+
 log = logging.getLogger(__name__)
 
 SwapMode = Literal["rebuild", "inplace"]

@@ -11,13 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from ..errors import PlasmaError
+from ..errors import BusError
 
 __all__ = ["Bus", "BusError", "BrokerConfig", "Handler", "Message", "topic_matches"]
-
-
-class BusError(PlasmaError):
-    code = "bus_error"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from ..policy_net import LoRA, MLPPolicy
 from ..tasks import get_task
 from ..worldmodel import WorldModel, WorldModelConfig
 
+__all__ = ["AdaptBenchConfig", "bench_adapt", "estimated_packet_bytes"]
+
 log = logging.getLogger(__name__)
 
 

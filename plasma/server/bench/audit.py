@@ -35,6 +35,8 @@ from ..run import RoundConfig, adaptation_round, fit_world_model, round_config
 from ..tasks import TaskSpec, get_task
 from ..worldmodel import WorldModel
 
+__all__ = ["AuditBenchConfig", "bench_audit", "TeleportModel"]
+
 log = logging.getLogger(__name__)
 
 

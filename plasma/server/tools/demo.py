@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 
 from plasma.protocol.bus import BrokerConfig, MqttBus
-from plasma.protocol import SigningKey, TrustStore
+from plasma.protocol import SLOTS, SigningKey, TrustStore
 from plasma.protocol.bundle import load_bundle
-from plasma.protocol._cli import UsageError
+from plasma.protocol.errors import ConfigError
 
 from .broker import answers, start_embedded
 from .processes import Processes
 from .watch import FleetWatcher
+
+__all__ = ["DEFAULT_PHYSICS", "DemoConfig", "progress_lines", "run_demo", "watcher_now"]
 
 log = logging.getLogger("plasma.demo")
 
@@ -96,7 +98,7 @@ def progress_lines(watcher: FleetWatcher) -> list[str]:
                 f"noise-free={ev} accepted={tr.verdicts.get('accepted', 0)} "
                 f"rejected={tr.verdicts.get('rejected', 0)} "
                 f"rolled_back={tr.verdicts.get('rolled_back', 0)} "
-                f"active fleet=v{tr.versions['fleet']} device=v{tr.versions['device']}")
+                "active " + " ".join(f"{s}=v{tr.versions.get(s, 0)}" for s in SLOTS))
         return lines
 
 
@@ -105,8 +107,8 @@ def _default_model() -> Path:
     for candidate in (here, Path.cwd() / "deploy" / "models" / "pendulum-nominal"):
         if (candidate / "manifest.json").exists():
             return candidate
-    raise UsageError("no base model found: pass --model BUNDLE_DIR (the repository ships "
-                     "deploy/models/pendulum-nominal; `plasma-server train-base` makes one)")
+    raise ConfigError("no base model found: pass --model BUNDLE_DIR (the repository ships "
+                      "deploy/models/pendulum-nominal; `plasma-server train-base` makes one)")
 
 
 def _resolve_broker(url: str, workdir: Path) -> tuple[str, subprocess.Popen | None]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime
-from plasma.protocol import AuditRecord, PacketError, PlasmaError, Status, TrustStore, \
+from plasma.protocol import SLOTS, AuditRecord, PacketError, PlasmaError, Status, TrustStore, \
     decode_packet, decode_traces, topics
 from plasma.protocol.bundle import Bundle
 from plasma.protocol.bus import Bus, Message
@@ -66,7 +66,7 @@ class DeviceWatch:
 
     device: str
     physics_text: str
-    versions: dict[str, int] = field(default_factory=lambda: {"fleet": 0, "device": 0})
+    versions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SLOTS, 0))
     steps: int = 0
     evaluations: list[Evaluation] = field(default_factory=list)
     verdicts: Counter[str] = field(default_factory=Counter)
@@ -140,7 +140,7 @@ class FleetWatcher:
             if track is None or status.state != "online":
                 return
             track.steps = max(track.steps, status.steps)
-            versions = {"fleet": status.fleet_version, "device": status.device_version}
+            versions = status.slot_versions()
             if versions == track.versions:
                 return
             track.versions = versions

@@ -75,7 +75,7 @@ def frame_seeds() -> list[bytes]:
             reward=rng.standard_normal(n).astype(np.float32),
             next_obs=rng.standard_normal((n, o)).astype(np.float32),
             terminated=rng.random(n) < 0.1, truncated=rng.random(n) < 0.1,
-            fleet_version=np.ones(n, np.uint32), device_version=np.zeros(n, np.uint32),
+            versions={"fleet": np.ones(n, np.uint32), "device": np.zeros(n, np.uint32)},
             timestamp=1.7e9 + np.arange(n, dtype=np.float64), seq=n)))
     return seeds
 
