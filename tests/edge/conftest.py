@@ -1,4 +1,5 @@
-"""Fixtures for edge tests: the small prebuilt bundle of tests/fixtures/bundles (no ``onnx``)."""
+"""Fixtures for edge tests: the small prebuilt bundles of tests/fixtures/bundles (no ``onnx``)
+and the Pendulum device kit of the daemon tests."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from plasma.protocol.bundle import Bundle, load_bundle
-from tests.helpers.bundles import EDGE, bundle_path, copy_bundle
+from tests.helpers.bundles import EDGE, PENDULUM_SMALL, bundle_path, copy_bundle
+from tests.helpers.daemon import DeviceKit, make_kit
 
 
 @pytest.fixture
@@ -37,3 +39,11 @@ def bundle(shared_bundle_dir: Path) -> Bundle:
 def bundle_dir(make_bundle: Callable[..., Path]) -> Path:
     """A fresh bundle directory the test may tamper with."""
     return make_bundle()
+
+
+@pytest.fixture(scope="module")
+def pendulum(tmp_path_factory: pytest.TempPathFactory) -> DeviceKit:
+    """The prebuilt random-MLP Pendulum bundle (3-16-16-1), a signing key and a trust store."""
+    return make_kit(tmp_path_factory.mktemp("pendulum"), PENDULUM_SMALL,
+                    "status_interval = 0.2\nrate_hz = 200\n[canary]\nenabled = false\n"
+                    "[telemetry]\nflush_s = 0.5\n")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,9 @@ from plasma.edge.telemetry import TelemetryBuffer, TelemetryConfig
 from plasma.protocol import Adapter, SigningKey, decode_traces, topics
 from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol.errors import ConfigError
-from tests.helpers.bundles import PENDULUM_SMALL
-from tests.helpers.daemon import DeviceKit, make_kit, start_daemon
+from tests.helpers.daemon import DeviceKit, InProcess, start_daemon
 from tests.helpers.ports import free_port
 from tests.helpers.watcher import Watcher
-
-
-@pytest.fixture(scope="module")
-def pendulum(tmp_path_factory: pytest.TempPathFactory) -> DeviceKit:
-    """The prebuilt random-MLP Pendulum bundle (3-16-16-1), a signing key and a trust store."""
-    return make_kit(tmp_path_factory.mktemp("pendulum"), PENDULUM_SMALL,
-                    "status_interval = 0.2\nrate_hz = 200\n[canary]\nenabled = false\n"
-                    "[telemetry]\nflush_s = 0.5\n")
 
 
 @pytest.fixture
@@ -65,11 +55,6 @@ def publish(url: str, topic: str, data: bytes, retain: bool = False) -> None:
     bus.close()
 
 
-def packet(p: DeviceKit, fleet: str, slot: str, version: int, **kw: Any) -> bytes:
-    """A valid packet from the kit's server key (device packets address dev1)."""
-    return p.packet(fleet, slot, version, **kw)
-
-
 def tampered(data: bytes) -> bytes:
     """One header byte changed after signing (the 'version' digit stays a valid JSON)."""
     at = data.index(b'"version":') + len(b'"version":')
@@ -86,7 +71,7 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: Devi
     w.wait(w.status(lambda s: s["state"] == "online" and s["steps"] > 0))
 
     start = len(w.audits)
-    publish(url, topics.fleet_adapter(fleet), packet(pendulum, fleet, "fleet", 3), retain=True)
+    publish(url, topics.fleet_adapter(fleet), pendulum.packet(fleet, "fleet", 3), retain=True)
     record = w.wait(w.audit_for(start, version=3))
     assert record["verdict"] == "accepted", record
     assert record["scores"]["sensitivity_ratio"] > 0
@@ -96,19 +81,19 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: Devi
     fleet_topic = topics.fleet_adapter(fleet)
     cases = [
         (b"garbage bytes, not a packet", "bad_magic"),
-        ((fleet_topic, packet(pendulum, fleet, "fleet", 3)), "replayed_version"),
-        ((fleet_topic, packet(pendulum, fleet, "fleet", 2)), "rollback_version"),
-        (packet(pendulum, fleet, "fleet", 4), "wrong_slot"),  # a fleet packet on the device topic
-        (packet(pendulum, fleet, "device", 1, created_at=time.time() - 1000, expires_in=500),
+        ((fleet_topic, pendulum.packet(fleet, "fleet", 3)), "replayed_version"),
+        ((fleet_topic, pendulum.packet(fleet, "fleet", 2)), "rollback_version"),
+        (pendulum.packet(fleet, "fleet", 4), "wrong_slot"),  # a fleet packet on the device topic
+        (pendulum.packet(fleet, "device", 1, created_at=time.time() - 1000, expires_in=500),
          "expired"),
-        (packet(pendulum, fleet, "device", 2, key=SigningKey.generate()), "unknown_key"),
-        (tampered(packet(pendulum, fleet, "device", 2)), "bad_signature"),
-        (packet(pendulum, fleet, "device", 3, base_sha256="ab" * 32), "wrong_base_model"),
-        (packet(pendulum, fleet, "device", 4, device="dev2"), "wrong_device"),
-        (packet(pendulum, fleet, "device", 4, adapter=Adapter(alpha=1.0, rank=1, layers={
+        (pendulum.packet(fleet, "device", 2, key=SigningKey.generate()), "unknown_key"),
+        (tampered(pendulum.packet(fleet, "device", 2)), "bad_signature"),
+        (pendulum.packet(fleet, "device", 3, base_sha256="ab" * 32), "wrong_base_model"),
+        (pendulum.packet(fleet, "device", 4, device="dev2"), "wrong_device"),
+        (pendulum.packet(fleet, "device", 4, adapter=Adapter(alpha=1.0, rank=1, layers={
             "l0": (np.ones((1, 5), np.float32), np.ones((16, 1), np.float32))})),
          "shape_mismatch"),
-        (packet(pendulum, fleet, "device", 5, adapter=pendulum.adapter(5, scale=3.0)),
+        (pendulum.packet(fleet, "device", 5, adapter=pendulum.adapter(5, scale=3.0)),
          "delta_too_large"),
     ]
     for data, code in cases:
@@ -142,8 +127,8 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
     proc = device["start"]()
     w.wait(w.status(lambda s: s["state"] == "online"))
     start = len(w.audits)
-    publish(url, topics.fleet_adapter(fleet), packet(pendulum, fleet, "fleet", 3), retain=True)
-    publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
+    publish(url, topics.fleet_adapter(fleet), pendulum.packet(fleet, "fleet", 3), retain=True)
+    publish(url, topics.device_adapter(fleet, "dev1"), pendulum.packet(fleet, "device", 7))
     assert w.wait(w.audit_for(start, version=3))["verdict"] == "accepted"
     assert w.wait(w.audit_for(start, version=7))["verdict"] == "accepted"
     proc.kill()  # SIGKILL: no flush, no offline status from the daemon (the will says offline)
@@ -159,7 +144,7 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
     retained = w.wait(w.audit_for(start, version=3))  # the retained fleet packet comes back
     assert retained["reasons"][0]["code"] == "already_active"
     start = len(w.audits)
-    publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
+    publish(url, topics.device_adapter(fleet, "dev1"), pendulum.packet(fleet, "device", 7))
     record = w.wait(w.audit_for(start, version=7))
     assert record["reasons"][0]["code"] == "replayed_version"
     proc.send_signal(signal.SIGTERM)
@@ -248,49 +233,8 @@ def test_telemetry_is_bounded_while_the_broker_is_down() -> None:
     assert batches[0].fleet_version.tolist() == [2] * 4 and batches[2].step.tolist() == [8, 9]
 
 
-# -- in-process, on the in-memory bus: faults inside the daemon become records -----------------
-class InProcess:
-    """A Daemon on a MemoryBus, run on a thread (so it installs no signal handlers)."""
-
-    def __init__(self, pendulum: DeviceKit, state: Path, env: Any = None,
-                 toml: str = "") -> None:
-        from plasma.protocol.bus import MemoryBroker, MemoryBus
-        from plasma.edge.daemon import Daemon
-
-        config = state.parent / "inproc.toml"
-        config.write_text(pendulum.config.read_text() + toml)
-        broker = MemoryBroker()
-        flags = {**REQUIRED, "model": str(pendulum.bundle), "trust": str(pendulum.trust),
-                 "state": str(state), "config": str(config), "fleet": "fmem", "device": "dev1"}
-        self.daemon = Daemon(load_config(flags, {}), bus=MemoryBus(broker), env=env)
-        self.audits: list[dict[str, Any]] = []
-        self.watcher = MemoryBus(broker)
-        self.watcher.connect()
-        self.watcher.subscribe(topics.audit("fmem", "dev1"),
-                               lambda m: self.audits.append(json.loads(m.payload)))
-        self.runner = threading.Thread(target=self.daemon.run)
-
-    def __enter__(self) -> InProcess:
-        self.runner.start()
-        self.until(lambda: self.daemon.bus.connected and self.daemon.steps > 0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.daemon.stop.set()
-        self.runner.join(15)
-        assert not self.runner.is_alive()
-
-    def until(self, what: Callable[[], Any], timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (found := what()):
-            assert time.monotonic() < deadline, self.audits[-3:]
-            time.sleep(0.01)
-        return found
-
-    def publish(self, topic: str, data: bytes) -> None:
-        self.watcher.publish(topic, data)
-
-
+# -- in-process, on the in-memory bus (tests.helpers.daemon.InProcess): faults inside the daemon
+# -- become records ------------------------------------------------------------------------------
 def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: DeviceKit,
                                                               tmp_path: Path) -> None:
     def boom(*args: Any, **kwargs: Any) -> Any:
@@ -354,7 +298,7 @@ def test_daemon_rolls_back_a_regressing_adapter(pendulum: DeviceKit, tmp_path: P
     env = ImitateBase(pendulum.bundle)
     with InProcess(pendulum, tmp_path / "state", env=env, toml=toml) as d:
         d.until(lambda: d.daemon.steps > 120)  # a full baseline window
-        data = packet(pendulum, "fmem", "fleet", 2, adapter=bad)
+        data = pendulum.packet("fmem", "fleet", 2, adapter=bad)
         d.publish(topics.fleet_adapter("fmem"), data)
         assert d.until(lambda: d.audits)[0]["verdict"] == "accepted"
         rolled = d.until(lambda: [a for a in d.audits if a["verdict"] == "rolled_back"])[0]

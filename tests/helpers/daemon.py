@@ -1,5 +1,5 @@
-"""Test helpers: a device kit (bundle, server key, trust store, config) and ``plasma-edge run``
-as a subprocess, shared by the edge wire tests and the deploy suites."""
+"""Test helpers: a device kit (bundle, server key, trust store, config), ``plasma-edge run`` as a
+subprocess and the daemon in process on the in-memory bus; shared by the edge and deploy tests."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plasma.protocol import Adapter, SigningKey, encode_packet
+from plasma.protocol import Adapter, SigningKey, encode_packet, topics
 from plasma.protocol.bus import BrokerConfig
 
 from .adapters import small_adapter
@@ -137,3 +139,47 @@ def stop_daemon(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait(5)
+
+
+class InProcess:
+    """A Daemon on a MemoryBus, run on a thread (so it installs no signal handlers); fleet
+    ``fmem``, device ``dev1``; ``audits`` collects its audit records."""
+
+    def __init__(self, pendulum: DeviceKit, state: Path, env: Any = None,
+                 toml: str = "") -> None:
+        from plasma.edge.config import load_config
+        from plasma.edge.daemon import Daemon
+        from plasma.protocol.bus import MemoryBroker, MemoryBus
+
+        config = state.parent / "inproc.toml"
+        config.write_text(pendulum.config.read_text() + toml)
+        broker = MemoryBroker()
+        flags = {"broker": "mqtt://h:1", "env": "Pendulum-v1", "model": str(pendulum.bundle), "trust": str(pendulum.trust),
+                 "state": str(state), "config": str(config), "fleet": "fmem", "device": "dev1"}
+        self.daemon = Daemon(load_config(flags, {}), bus=MemoryBus(broker), env=env)
+        self.audits: list[dict[str, Any]] = []
+        self.watcher = MemoryBus(broker)
+        self.watcher.connect()
+        self.watcher.subscribe(topics.audit("fmem", "dev1"),
+                               lambda m: self.audits.append(json.loads(m.payload)))
+        self.runner = threading.Thread(target=self.daemon.run)
+
+    def __enter__(self) -> InProcess:
+        self.runner.start()
+        self.until(lambda: self.daemon.bus.connected and self.daemon.steps > 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.daemon.stop.set()
+        self.runner.join(15)
+        assert not self.runner.is_alive()
+
+    def until(self, what: Callable[[], Any], timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (found := what()):
+            assert time.monotonic() < deadline, self.audits[-3:]
+            time.sleep(0.01)
+        return found
+
+    def publish(self, topic: str, data: bytes) -> None:
+        self.watcher.publish(topic, data)
