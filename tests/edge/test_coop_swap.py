@@ -21,7 +21,8 @@ from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime, SessionSide
 
 from tests.helpers.daemon import DeviceKit, InProcess
-from .test_merge import probes, random_adapter
+from tests.helpers.adapters import bundle_adapter as random_adapter
+from tests.helpers.adapters import probes
 
 
 @pytest.fixture

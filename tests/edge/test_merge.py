@@ -14,6 +14,7 @@ from plasma.edge.merge import MergeEngine, MergeError, merged_weights
 from plasma.edge.runtime import PolicyRuntime, quantize_weight, reference_forward
 from plasma.protocol import Adapter
 from tests.helpers.adapters import bundle_adapter as random_adapter
+from tests.helpers.adapters import probes
 
 SWAPS = ["rebuild", "inplace"]
 
@@ -21,12 +22,6 @@ SWAPS = ["rebuild", "inplace"]
 def delta(adapter: Adapter, name: str) -> np.ndarray:
     a, b = adapter.layers[name]
     return (adapter.alpha / adapter.rank) * (b.astype(np.float64) @ a)  # (out, in)
-
-
-def probes(bundle: Bundle, n: int = 400, seed: int = 5) -> np.ndarray:
-    m = bundle.manifest
-    rng = np.random.default_rng(seed)
-    return (np.array(m.obs_mean) + np.array(m.obs_std) * rng.standard_normal((n, m.obs_dim))).astype(np.float32)
 
 
 @pytest.fixture(params=SWAPS)

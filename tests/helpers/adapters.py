@@ -1,4 +1,5 @@
-"""Test helpers: small LoRA adapters, random or sized against a bundle's layers."""
+"""Test helpers: small LoRA adapters, random or sized against a bundle's layers, and probe
+observations drawn from a bundle's normalisation."""
 
 from __future__ import annotations
 
@@ -46,3 +47,11 @@ def bundle_adapter(bundle: Bundle, seed: int, rank: int = 4, size: float = 0.1,
              * rng.standard_normal((n_out, rank))).astype(np.float32)
         factors[name] = (a, b)
     return Adapter(alpha=2.0 * rank, rank=rank, layers=factors)
+
+
+def probes(bundle: Bundle, n: int = 400, seed: int = 5) -> np.ndarray:
+    """``n`` observations ~ N(obs_mean, obs_std) of the bundle, float32 (n, obs_dim)."""
+    m = bundle.manifest
+    rng = np.random.default_rng(seed)
+    return (np.array(m.obs_mean) + np.array(m.obs_std)
+            * rng.standard_normal((n, m.obs_dim))).astype(np.float32)
