@@ -9,11 +9,12 @@ every process exits cleanly. Each run is about 80 s of wall time.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers.ports import free_port
 
 pytest.importorskip("gymnasium")
 pytest.importorskip("matplotlib")
@@ -54,8 +55,6 @@ def test_demo_loop_over_mosquitto(mosquitto: Any, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_loop_over_the_embedded_broker(tmp_path: Path) -> None:
     pytest.importorskip("amqtt")
-    with socket.socket() as sock:  # a free port: nothing answers there, so the demo starts amqtt
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing answers there, so the demo starts amqtt
     out = tmp_path / "demo"
     check(small_demo(f"mqtt://127.0.0.1:{port}", out), out)

@@ -16,7 +16,7 @@ Layout of OUT::
                       PLASMA_SERVER_... for a server -> the systemd EnvironmentFile
 
 USER is FLEET.DEVICE for a device (ids are [A-Za-z0-9_-], so the dot cannot collide), the
-given name for a server worker or the admin.  The ACL (DESIGN.md section 4):
+given name for a server worker or the admin.  The ACL (docs/design.md section 4):
 
     device FLEET.DEVICE  read  plasma/v1/FLEET/adapter/fleet, plasma/v1/FLEET/device/DEVICE/adapter
                          write plasma/v1/FLEET/device/DEVICE/{telemetry,status,audit}

@@ -3,7 +3,7 @@
 The EdgeAuditor is a tuple of small named checks, each returning its ``Reason`` (or
 ``None``) and its scores (``plasma.protocol.checks``, after Gymnasium's ``check_env``):
 never ``assert``, never an exception for a rejection.  Protocol checks run first, in
-the order of DESIGN.md section 3 (size cap, signature, length, digest, parse); then the
+the order of docs/design.md section 3 (size cap, signature, length, digest, parse); then the
 semantic checks (``audit_packet``).  The model-level checks (``audit_model``: finite
 values, delta norms, behaviour probes; see ``plasma.edge.probes``) run afterwards on the
 merge engine's staged, inactive side: exactly the weights that would go live.

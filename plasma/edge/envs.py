@@ -6,7 +6,7 @@ Two forms::
     mypkg.robot:RobotEnv       a user's class with reset() and step(), built with no arguments
 
 Gymnasium is imported inside ``make_env`` only: ``plasma.edge`` never loads it at import time
-(DESIGN.md section 1), and a device acting on real hardware never needs it.
+(docs/design.md section 1), and a device acting on real hardware never needs it.
 """
 
 from __future__ import annotations

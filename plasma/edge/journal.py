@@ -10,10 +10,11 @@ Every record's version counts for ``highest``: a rolled-back or withdrawn versio
 
 ``commit`` appends one record with one ``os.write`` and makes it durable with ONE
 ``os.fdatasync`` before it returns, i.e. before the merge is activated (rollback protection,
-docs/design.md). A record is atomic by its crc: a torn one is discarded whole on load, so the
-state is the one before the commit or the one after it. A failed append is cut back to the
-previous length, so no half record is left for the next load; an open log whose directory was
-removed is refused, not written.
+docs/design.md section 5). A record is atomic by its crc: a torn one is discarded whole on load,
+so the state is the one before the commit or the one after it. One append and one sync cost
+a fraction of a tmp + fsync + rename + directory fsync per accept (docs/benchmarks.md, "Edge
+journal"). A failed append is cut back to the previous length, so no half record is
+left for the next load; an open log whose directory was removed is refused, not written.
 
 ``load`` scans the records in order. A torn or corrupt tail (what a crash mid-append leaves)
 ends the scan: the damaged bytes are copied to quarantine and cut off, so later appends stay

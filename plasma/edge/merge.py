@@ -1,7 +1,7 @@
 """Edge stage 9: verified adapters -> merged int8 weights, double-buffered, with instant rollback.
 
 Per layer: W = W_base + sum over slots ("fleet", "device") of (alpha / rank) * B @ A, always
-from the fp32 master (chained requantization drifts, DESIGN.md section 3), then requantized
+from the fp32 master (chained requantization drifts, docs/design.md section 3), then requantized
 with exactly the shipped scheme (``quantize_weight``). A layer no adapter touches gets the base
 int8 weights, so removing every adapter gives the shipped policy bit for bit.
 

@@ -11,7 +11,7 @@ Two steps, so each check is a pure table-testable function:
 Probe observations come from the device's own recent real observations (``ObservationRing``,
 written by the control loop), or from the manifest's observation bounds while it is empty.
 Dynamic int8 quantizes activations per tensor, so a row's action depends on the other rows of
-its batch (~1e-3, measured by helper-1): every comparison runs the models on the same batch.
+its batch (~1e-3, docs/design.md section 6): every comparison runs the models on the same batch.
 """
 
 from __future__ import annotations

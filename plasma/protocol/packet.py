@@ -1,4 +1,4 @@
-"""The instruction packet: a signed header plus LoRA factor bytes (DESIGN.md section 3).
+"""The instruction packet: a signed header plus LoRA factor bytes (docs/design.md section 3).
 
 Wire layout (little-endian)::
 

@@ -1,4 +1,4 @@
-"""MQTT topics (DESIGN.md section 4): frozen values that refuse bad ids when built.
+"""MQTT topics (docs/design.md section 4): frozen values that refuse bad ids when built.
 
 ::
 

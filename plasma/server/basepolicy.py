@@ -211,7 +211,7 @@ def train_policy(cfg: TrainBaseConfig) -> tuple[MLPPolicy, dict[str, Any]]:
 
 def export_policy(policy: MLPPolicy, out_dir: str | Path, task: TaskSpec, physics: Mapping[str, float],
                   meta: Mapping[str, Any] | None = None) -> Path:
-    """Write a bundle with helper-1's exporter, plus our own ``policy.npz`` beside it."""
+    """Write a bundle with the exporter (plasma.server.export), plus our own ``policy.npz`` beside it."""
     from .export import export_bundle
 
     out = export_bundle(Path(out_dir), policy.layers, obs_mean=policy.obs_mean, obs_std=policy.obs_std,

@@ -22,7 +22,7 @@ class DistillConfig:
     """How the adapter is fitted."""
 
     rank: int = 4
-    """LoRA rank r (DESIGN.md 7: rank 4 closed about 0.9 of the Pendulum gap)."""
+    """LoRA rank r (rank 4 closes about 0.9 of the Pendulum gap: docs/benchmarks.md, bench adapt)."""
     alpha: float | None = None
     """LoRA alpha; None means alpha = rank (scale 1)."""
     targets: tuple[str, ...] | None = None

@@ -26,9 +26,8 @@ __all__ = ["bench_phantom", "blas_threads", "Dynamics", "member_blocks", "ModelD
 def blas_threads(n: int | None) -> Iterator[None]:
     """Run the block with numpy's BLAS limited to ``n`` threads (None: leave it alone).
 
-    Measured on the 2-core machine while other jobs ran: 1,000 paths x 30 steps through 5 x (2x200)
-    members reached 630-730 k model steps/s with 1 thread against 12-400 k with 2 (thread hand-offs
-    on 200-row matmuls cost more than they save)."""
+    One thread is fastest for these small matmuls: thread hand-offs on 200-row matmuls cost more
+    than they save (figures in docs/benchmarks.md, "World-model rollouts: BLAS threads")."""
     if not n:
         yield
         return
@@ -76,8 +75,8 @@ class ModelDynamics:
 def member_blocks(n_paths: int, n_members: int) -> list[tuple[int, slice]]:
     """TS-inf assignment: path p uses member p * n_members // n_paths, as contiguous slices.
 
-    Contiguous blocks keep every member a plain 2-D matmul on a view (no gather): measured
-    (DESIGN.md 7) about 5x faster than one 3-D np.matmul over members."""
+    Contiguous blocks keep every member a plain 2-D matmul on a view (no gather): about 5x
+    faster than one 3-D np.matmul over members (docs/benchmarks.md)."""
     edges = [(m * n_paths) // n_members for m in range(n_members + 1)]
     return [(m, slice(edges[m], edges[m + 1])) for m in range(n_members) if edges[m + 1] > edges[m]]
 

@@ -161,17 +161,11 @@ def round_config(budget: str, seed: int = 0, max_transitions: int = 20_000) -> R
     (the demo, tests). ``bench audit``'s targets are met on ``default``; ``small`` is weaker
     against model exploitation (below): use it where the world model is fitted honestly.
 
-    Measured 2026-11-25 (one seed each, 1,000-3,000 real transitions with 0.1 exploration noise,
-    OpenBLAS at 1 thread). ``small``: m=1.6,g=12 went -800 -> -282 on the first approved packet,
-    m=1.3,g=13 -814 -> -410, g=14 -869 -> -209 (oracles -223, -223, -174); in the 3-device
-    demo every device reached -230 to -300 within three minutes. But on ``bench audit``'s
-    exploit (seed 0) ``small`` published the exploiting candidate (real -800 -> -1107; the
-    devices' canary is then the line of defence): small members disagree everywhere, so the
-    corrupted region did not stand out (penalized share 0.81 against 0.04 on ``default``).
-    7 x 2x128 members with 2 held out blocked it (seed 0) or corrected it to -881 (seed 1), but
-    took 25-35 s per round beside three devices, too slow for the demo. The older ``small``
-    (horizon-20 audit, 16 x 15 x 1 planning) published a candidate whose real return fell
-    -800 -> -855.
+    ``small`` adapts well on honestly fitted models but, on ``bench audit``'s exploit, its small
+    members disagree everywhere, so a corrupted region does not stand out and it can publish an
+    exploiting candidate (the devices' canary is then the line of defence); a larger ensemble
+    that blocks it is too slow for the demo. Figures: docs/benchmarks.md, "Server round
+    budgets".
     """
     if budget == "small":
         return RoundConfig(

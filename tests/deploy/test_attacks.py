@@ -1,4 +1,4 @@
-"""DESIGN.md section 5, attack by attack, against a running ``plasma-edge run``.
+"""docs/design.md section 5, attack by attack, against a running ``plasma-edge run``.
 
 The broker is the SHIPPED Mosquitto config (TLS, passwords, ACL; tests/deploy/conftest.py). The
 device is ``fa.d1``; the attacker holds the server identity (devices may not write adapter

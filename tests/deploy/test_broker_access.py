@@ -1,4 +1,4 @@
-"""The shipped broker config enforces DESIGN.md section 4 against real clients.
+"""The shipped broker config enforces docs/design.md section 4 against real clients.
 
 Mosquitto drops an unauthorized PUBLISH without telling an MQTT 3.1.1 client (an MQTT 5
 client gets a PUBACK with reason 0x87), and its acl_file never refuses a SUBSCRIBE: it

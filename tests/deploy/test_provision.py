@@ -1,4 +1,4 @@
-"""deploy/scripts/provision.py: idempotent, owner-only secrets, the exact ACL of DESIGN.md 4."""
+"""deploy/scripts/provision.py: idempotent, owner-only secrets, the exact ACL of docs/design.md section 4."""
 
 from __future__ import annotations
 

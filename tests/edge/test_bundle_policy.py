@@ -1,8 +1,11 @@
-"""Exporter, bundle loading and the policy runtime, on real ONNX models run by onnxruntime."""
+"""Bundle loading and the policy runtime, on the prebuilt ONNX bundle run by onnxruntime.
+
+The exporter's own tests (fresh exports, requantization bit for bit) are in
+tests/server/test_export.py: edge tests run without ``onnx``.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import subprocess
@@ -11,24 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
 from plasma.protocol.bundle import BASE_WEIGHTS, MANIFEST, MODEL_FP32, MODEL_INT8, Bundle, BundleError, load_bundle
-from plasma.edge.runtime import PolicyRuntime, quantize_weight, reference_forward
-
-
-def numpy_forward(layers: list[tuple[np.ndarray, np.ndarray]], obs: np.ndarray, m: dict) -> np.ndarray:
-    """The convention, written out independently of the code under test (float64)."""
-    h = (obs - np.array(m["obs_mean"])) / np.array(m["obs_std"])
-    for k, (w, b) in enumerate(layers):
-        h = h @ w.T.astype(np.float64) + b
-        if k < len(layers) - 1:
-            h = np.tanh(h) if m["hidden_activation"] == "tanh" else np.maximum(h, 0)
-    low, high = np.array(m["act_low"]), np.array(m["act_high"])
-    return low + (np.tanh(h) + 1) / 2 * (high - low)
+from plasma.edge.runtime import PolicyRuntime, reference_forward
 
 
 def observations(m: dict, n: int, seed: int = 0) -> np.ndarray:
@@ -37,71 +27,12 @@ def observations(m: dict, n: int, seed: int = 0) -> np.ndarray:
     return (np.array(m["obs_mean"]) + np.array(m["obs_std"]) * noise).astype(np.float32)
 
 
-def run(path: Path, obs: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"obs": obs})[0]
-
-
-def int8_initializers(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-
-
-# -- exporter -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_fp32_model_matches_numpy_forward_and_int8_is_close(make_bundle: Callable[..., Path], activation: str) -> None:
-    root = make_bundle(activation=activation)
-    m = json.loads((root / MANIFEST).read_text())
-    npz = np.load(root / BASE_WEIGHTS, allow_pickle=False)
-    layers = [(npz[f"l{k}.W"], npz[f"l{k}.b"]) for k in range(len(m["layers"]))]
-    obs = observations(m, 256)
-    want = numpy_forward(layers, obs.astype(np.float64), m)
-    fp32 = run(root / MODEL_FP32, obs)
-    assert fp32.dtype == np.float32 and fp32.shape == (256, m["act_dim"])
-    assert np.abs(fp32 - want).max() < 1e-5
-    span = np.max(np.array(m["act_high"]) - np.array(m["act_low"]))
-    assert np.abs(run(root / MODEL_INT8, obs) - fp32).max() < 0.02 * span  # measured ~0.004 * span
-
-
-def test_bundle_layout_and_manifest(shared_bundle_dir: Path) -> None:
-    root = shared_bundle_dir
-    assert sorted(p.name for p in root.iterdir()) == sorted([MODEL_INT8, MODEL_FP32, BASE_WEIGHTS, MANIFEST])
-    m = json.loads((root / MANIFEST).read_text())
-    assert set(m) == {"schema", "obs_dim", "act_dim", "obs_low", "obs_high", "act_low", "act_high", "obs_mean",
-                      "obs_std", "hidden_activation", "weight_qmax", "env_id", "physics", "base_sha256", "layers",
-                      "meta"}
-    assert m["schema"] == 1 and m["env_id"] == "Test-v0" and m["physics"] == {"g": 9.81}
-    assert m["base_sha256"] == hashlib.sha256((root / MODEL_INT8).read_bytes()).hexdigest()
-    inits = int8_initializers(root / MODEL_INT8)
-    for k, layer in enumerate(m["layers"]):
-        assert layer["name"] == f"l{k}"
-        q, scale, zp = inits[layer["weight_q"]], inits[layer["weight_scale"]], inits[layer["weight_zero_point"]]
-        assert q.dtype == np.int8 and q.shape == (layer["in"], layer["out"])
-        assert scale.dtype == np.float32 and scale.shape == (layer["out"],)
-        assert zp.dtype == np.int8 and not zp.any()
-        assert m["weight_qmax"] == 64 and np.abs(q).max() <= 64  # reduce-range: exact without VNNI
-
+# -- the prebuilt bundle in onnxruntime -------------------------------------------------------
 
 def test_dynamic_batch_dimension(bundle: Bundle) -> None:
     session = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
     for n in (1, 7, 300):
         assert session.run(None, {"obs": np.zeros((n, 12), np.float32)})[0].shape == (n, 3)
-
-
-@pytest.mark.parametrize("zero_row", [False, True])
-def test_requantizing_master_reproduces_shipped_int8_bit_for_bit(tmp_path: Path, zero_row: bool) -> None:
-    from plasma.server.export import export_bundle, random_mlp_layers
-
-    layers = random_mlp_layers([10, 40, 4], seed=3)
-    if zero_row:  # an all-zero output channel: the quantizer's scale-1.0 guard
-        layers[0][0][5] = 0.0
-    root = export_bundle(tmp_path / "b", layers, obs_mean=np.zeros(10), obs_std=np.ones(10),
-                         act_low=-np.ones(4), act_high=np.ones(4))
-    inits = int8_initializers(root / MODEL_INT8)
-    for k, (w, _) in enumerate(layers):
-        q, scale = quantize_weight(w, 64)
-        assert np.array_equal(q, inits[f"l{k}.W_quantized"])
-        assert np.array_equal(scale, inits[f"l{k}.W_scale"])
 
 
 # -- bundle loading errors ----------------------------------------------------------------------

@@ -20,8 +20,9 @@ from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime, SessionSide
 
-from .test_daemon_wire import InProcess, packet, pendulum  # noqa: F401 - pendulum is a fixture
-from .test_merge import probes, random_adapter
+from tests.helpers.daemon import DeviceKit, InProcess
+from tests.helpers.adapters import bundle_adapter as random_adapter
+from tests.helpers.adapters import probes
 
 
 @pytest.fixture
@@ -361,14 +362,14 @@ def test_idle_puts_a_build_off_once_when_it_would_miss_the_tick(engine: MergeEng
     assert results == [False, True, False] and rt.builds_on_loop == 1
 
 
-def test_daemon_control_loop_builds_the_accepted_adapter(tmp_path: Path, pendulum: dict[str, Any]) -> None:
+def test_daemon_control_loop_builds_the_accepted_adapter(tmp_path: Path, pendulum: DeviceKit) -> None:
     """In the daemon, an accepted packet's prepacked session is built by the control thread."""
     from plasma.protocol import topics
 
     with InProcess(pendulum, tmp_path / "state") as d:
         rt = d.daemon.runtime
         assert rt.swap == "rebuild" and rt.tiered
-        d.publish(topics.fleet_adapter("fmem"), packet(pendulum, "fmem", "fleet", 1))
+        d.publish(topics.fleet_adapter("fmem"), pendulum.packet("fmem", "fleet", 1))
         assert d.until(lambda: d.audits)[0]["verdict"] == "accepted"
         assert d.until(lambda: rt.builds_on_loop >= 1 and rt.live_prepacked)
         assert rt.build_fallbacks == 0 and rt.builds_in_background == 0

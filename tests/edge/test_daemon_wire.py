@@ -3,132 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from plasma.protocol.bus import BrokerConfig, Message, MqttBus
 from plasma.edge.config import load_config
 from plasma.edge.telemetry import TelemetryBuffer, TelemetryConfig
-from plasma.protocol import Adapter, SigningKey, decode_traces, encode_packet, topics
+from plasma.protocol import Adapter, SigningKey, decode_traces, topics
+from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol.errors import ConfigError
-
-
-SIZES = [3, 16, 16, 1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def pendulum(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A random-MLP Pendulum bundle, a signing key and a trust store."""
-    from plasma.server.export import export_bundle, random_mlp_layers
-
-    root = tmp_path_factory.mktemp("pendulum")
-    bundle = export_bundle(
-        root / "bundle", random_mlp_layers(SIZES, 0), obs_mean=np.zeros(3),
-        obs_std=np.array([1.0, 1.0, 4.0]), act_low=np.array([-2.0]), act_high=np.array([2.0]),
-        hidden_activation="tanh", obs_low=np.array([-1.0, -1.0, -8.0]),
-        obs_high=np.array([1.0, 1.0, 8.0]), env_id="Pendulum-v1")
-    key = SigningKey.generate()
-    key.save(root / "keys")
-    (root / "trust").mkdir()
-    shutil.copyfile(root / "keys" / "signing.pub", root / "trust" / "server.pub")
-    config = root / "edge.toml"
-    config.write_text("status_interval = 0.2\nrate_hz = 200\n[canary]\nenabled = false\n"
-                      "[telemetry]\nflush_s = 0.5\n")
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return {"bundle": bundle, "key": key, "trust": root / "trust", "config": config,
-            "base_sha256": manifest["base_sha256"]}
-
-
-def small_adapter(seed: int = 1, scale: float = 0.02) -> Adapter:
-    rng = np.random.default_rng(seed)
-    layers = {f"l{k}": (rng.normal(0, scale, (2, i)).astype(np.float32),
-                        rng.normal(0, scale, (o, 2)).astype(np.float32))
-              for k, (i, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
-    return Adapter(alpha=2.0, rank=2, layers=layers)
-
-
-class Watcher:
-    """A separate MQTT client that records the device's audit and status messages."""
-
-    def __init__(self, url: str, fleet: str, device: str) -> None:
-        self.bus = MqttBus(BrokerConfig.from_url(url), clean=True)
-        self.audits: list[dict[str, Any]] = []
-        self.statuses: list[dict[str, Any]] = []
-        self.frames: list[bytes] = []
-        self.cond = threading.Condition()
-        self.bus.connect()
-        self.bus.subscribe(topics.audit(fleet, device), self._add(self.audits))
-        self.bus.subscribe(topics.status(fleet, device), self._add(self.statuses))
-        self.bus.subscribe(topics.telemetry(fleet, device), self._raw)
-
-    def _add(self, into: list[dict[str, Any]]) -> Callable[[Message], None]:
-        def handler(message: Message) -> None:
-            with self.cond:
-                into.append(json.loads(message.payload))
-                self.cond.notify_all()
-        return handler
-
-    def _raw(self, message: Message) -> None:
-        with self.cond:
-            self.frames.append(message.payload)
-            self.cond.notify_all()
-
-    def wait(self, what: Callable[[], Any], timeout: float = 15.0) -> Any:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not (found := what()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out; audits={self.audits[-3:]} "
-                                         f"statuses={self.statuses[-2:]}")
-                self.cond.wait(left)
-            return found
-
-    def audit_for(self, start: int, **fields: Any) -> Callable[[], Any]:
-        return lambda: next((a for a in self.audits[start:]
-                             if all(a.get(k) == v for k, v in fields.items())), None)
-
-    def status(self, pred: Callable[[dict[str, Any]], bool]) -> Callable[[], Any]:
-        return lambda: next((s for s in reversed(self.statuses) if pred(s)), None)
-
-    def close(self) -> None:
-        self.bus.close()
-
-
-def start_daemon(p: dict[str, Any], url: str, fleet: str, device: str, state: Path,
-                 log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "plasma.edge.cli", "run", "--broker", url, "--fleet", fleet,
-            "--device", device, "--model", str(p["bundle"]), "--trust", str(p["trust"]),
-            "--state", str(state), "--env", "Pendulum-v1:m=1.6,g=12",
-            "--config", str(p["config"]), *extra]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+from tests.helpers.daemon import DeviceKit, InProcess, start_daemon
+from tests.helpers.ports import free_port
+from tests.helpers.watcher import Watcher
 
 
 @pytest.fixture
-def device(mosquitto: Any, pendulum: dict[str, Any], tmp_path: Path, request: Any
+def device(mosquitto: Any, pendulum: DeviceKit, tmp_path: Path, request: Any
            ) -> Iterator[dict[str, Any]]:
     fleet, dev = f"f{abs(hash(request.node.name)) % 10**8}", "dev1"
-    watcher = Watcher(mosquitto.url, fleet, dev)
+    watcher = Watcher(mosquitto.url, fleet, dev, telemetry=True)
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(*extra: str) -> subprocess.Popen[bytes]:
@@ -154,16 +55,6 @@ def publish(url: str, topic: str, data: bytes, retain: bool = False) -> None:
     bus.close()
 
 
-def packet(p: dict[str, Any], fleet: str, slot: str, version: int, **kw: Any) -> bytes:
-    fields: dict[str, Any] = dict(key=p["key"], fleet=fleet, slot=slot, version=version,
-                                  base_sha256=p["base_sha256"])
-    if slot == "device":
-        fields["device"] = "dev1"
-    fields.update(kw)
-    adapter = fields.pop("adapter", small_adapter(version))
-    return encode_packet(adapter, **fields)
-
-
 def tampered(data: bytes) -> bytes:
     """One header byte changed after signing (the 'version' digit stays a valid JSON)."""
     at = data.index(b'"version":') + len(b'"version":')
@@ -172,7 +63,7 @@ def tampered(data: bytes) -> bytes:
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict[str, Any]
+def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: DeviceKit
                                           ) -> None:
     w, fleet, url = device["watcher"], device["fleet"], device["url"]
     port = free_port()
@@ -180,7 +71,7 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
     w.wait(w.status(lambda s: s["state"] == "online" and s["steps"] > 0))
 
     start = len(w.audits)
-    publish(url, topics.fleet_adapter(fleet), packet(pendulum, fleet, "fleet", 3), retain=True)
+    publish(url, topics.fleet_adapter(fleet), pendulum.packet(fleet, "fleet", 3), retain=True)
     record = w.wait(w.audit_for(start, version=3))
     assert record["verdict"] == "accepted", record
     assert record["scores"]["sensitivity_ratio"] > 0
@@ -190,19 +81,19 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
     fleet_topic = topics.fleet_adapter(fleet)
     cases = [
         (b"garbage bytes, not a packet", "bad_magic"),
-        ((fleet_topic, packet(pendulum, fleet, "fleet", 3)), "replayed_version"),
-        ((fleet_topic, packet(pendulum, fleet, "fleet", 2)), "rollback_version"),
-        (packet(pendulum, fleet, "fleet", 4), "wrong_slot"),  # a fleet packet on the device topic
-        (packet(pendulum, fleet, "device", 1, created_at=time.time() - 1000, expires_in=500),
+        ((fleet_topic, pendulum.packet(fleet, "fleet", 3)), "replayed_version"),
+        ((fleet_topic, pendulum.packet(fleet, "fleet", 2)), "rollback_version"),
+        (pendulum.packet(fleet, "fleet", 4), "wrong_slot"),  # a fleet packet on the device topic
+        (pendulum.packet(fleet, "device", 1, created_at=time.time() - 1000, expires_in=500),
          "expired"),
-        (packet(pendulum, fleet, "device", 2, key=SigningKey.generate()), "unknown_key"),
-        (tampered(packet(pendulum, fleet, "device", 2)), "bad_signature"),
-        (packet(pendulum, fleet, "device", 3, base_sha256="ab" * 32), "wrong_base_model"),
-        (packet(pendulum, fleet, "device", 4, device="dev2"), "wrong_device"),
-        (packet(pendulum, fleet, "device", 4, adapter=Adapter(alpha=1.0, rank=1, layers={
+        (pendulum.packet(fleet, "device", 2, key=SigningKey.generate()), "unknown_key"),
+        (tampered(pendulum.packet(fleet, "device", 2)), "bad_signature"),
+        (pendulum.packet(fleet, "device", 3, base_sha256="ab" * 32), "wrong_base_model"),
+        (pendulum.packet(fleet, "device", 4, device="dev2"), "wrong_device"),
+        (pendulum.packet(fleet, "device", 4, adapter=Adapter(alpha=1.0, rank=1, layers={
             "l0": (np.ones((1, 5), np.float32), np.ones((16, 1), np.float32))})),
          "shape_mismatch"),
-        (packet(pendulum, fleet, "device", 5, adapter=small_adapter(5, scale=3.0)),
+        (pendulum.packet(fleet, "device", 5, adapter=pendulum.adapter(5, scale=3.0)),
          "delta_too_large"),
     ]
     for data, code in cases:
@@ -231,13 +122,13 @@ def test_accepts_rejects_and_keeps_acting(device: dict[str, Any], pendulum: dict
 @pytest.mark.broker
 @pytest.mark.slow
 def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
-                                              pendulum: dict[str, Any]) -> None:
+                                              pendulum: DeviceKit) -> None:
     w, fleet, url = device["watcher"], device["fleet"], device["url"]
     proc = device["start"]()
     w.wait(w.status(lambda s: s["state"] == "online"))
     start = len(w.audits)
-    publish(url, topics.fleet_adapter(fleet), packet(pendulum, fleet, "fleet", 3), retain=True)
-    publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
+    publish(url, topics.fleet_adapter(fleet), pendulum.packet(fleet, "fleet", 3), retain=True)
+    publish(url, topics.device_adapter(fleet, "dev1"), pendulum.packet(fleet, "device", 7))
     assert w.wait(w.audit_for(start, version=3))["verdict"] == "accepted"
     assert w.wait(w.audit_for(start, version=7))["verdict"] == "accepted"
     proc.kill()  # SIGKILL: no flush, no offline status from the daemon (the will says offline)
@@ -253,7 +144,7 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
     retained = w.wait(w.audit_for(start, version=3))  # the retained fleet packet comes back
     assert retained["reasons"][0]["code"] == "already_active"
     start = len(w.audits)
-    publish(url, topics.device_adapter(fleet, "dev1"), packet(pendulum, fleet, "device", 7))
+    publish(url, topics.device_adapter(fleet, "dev1"), pendulum.packet(fleet, "device", 7))
     record = w.wait(w.audit_for(start, version=7))
     assert record["reasons"][0]["code"] == "replayed_version"
     proc.send_signal(signal.SIGTERM)
@@ -263,7 +154,7 @@ def test_kill9_restart_restores_last_accepted(device: dict[str, Any],
 @pytest.mark.broker
 @pytest.mark.slow
 def test_broker_down_at_start_does_not_stop_acting(fresh_mosquitto: Any,
-                                                    pendulum: dict[str, Any],
+                                                    pendulum: DeviceKit,
                                                     tmp_path: Path) -> None:
     fresh_mosquitto.stop()
     proc = start_daemon(pendulum, fresh_mosquitto.url, "fdown", "dev1", tmp_path / "state",
@@ -272,7 +163,7 @@ def test_broker_down_at_start_does_not_stop_acting(fresh_mosquitto: Any,
         time.sleep(2.0)
         assert proc.poll() is None
         fresh_mosquitto.start()
-        w = Watcher(fresh_mosquitto.url, "fdown", "dev1")
+        w = Watcher(fresh_mosquitto.url, "fdown", "dev1", telemetry=True)
         status = w.wait(w.status(lambda s: s["state"] == "online" and s["steps"] > 100),
                         timeout=40)
         assert status["steps"] > 100  # it kept acting while the broker was away
@@ -342,50 +233,9 @@ def test_telemetry_is_bounded_while_the_broker_is_down() -> None:
     assert batches[0].fleet_version.tolist() == [2] * 4 and batches[2].step.tolist() == [8, 9]
 
 
-# -- in-process, on the in-memory bus: faults inside the daemon become records -----------------
-class InProcess:
-    """A Daemon on a MemoryBus, run on a thread (so it installs no signal handlers)."""
-
-    def __init__(self, pendulum: dict[str, Any], state: Path, env: Any = None,
-                 toml: str = "") -> None:
-        from plasma.protocol.bus import MemoryBroker, MemoryBus
-        from plasma.edge.daemon import Daemon
-
-        config = state.parent / "inproc.toml"
-        config.write_text(pendulum["config"].read_text() + toml)
-        broker = MemoryBroker()
-        flags = {**REQUIRED, "model": str(pendulum["bundle"]), "trust": str(pendulum["trust"]),
-                 "state": str(state), "config": str(config), "fleet": "fmem", "device": "dev1"}
-        self.daemon = Daemon(load_config(flags, {}), bus=MemoryBus(broker), env=env)
-        self.audits: list[dict[str, Any]] = []
-        self.watcher = MemoryBus(broker)
-        self.watcher.connect()
-        self.watcher.subscribe(topics.audit("fmem", "dev1"),
-                               lambda m: self.audits.append(json.loads(m.payload)))
-        self.runner = threading.Thread(target=self.daemon.run)
-
-    def __enter__(self) -> InProcess:
-        self.runner.start()
-        self.until(lambda: self.daemon.bus.connected and self.daemon.steps > 0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.daemon.stop.set()
-        self.runner.join(15)
-        assert not self.runner.is_alive()
-
-    def until(self, what: Callable[[], Any], timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (found := what()):
-            assert time.monotonic() < deadline, self.audits[-3:]
-            time.sleep(0.01)
-        return found
-
-    def publish(self, topic: str, data: bytes) -> None:
-        self.watcher.publish(topic, data)
-
-
-def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: dict[str, Any],
+# -- in-process, on the in-memory bus (tests.helpers.daemon.InProcess): faults inside the daemon
+# -- become records ------------------------------------------------------------------------------
+def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: DeviceKit,
                                                               tmp_path: Path) -> None:
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected fault")
@@ -399,7 +249,7 @@ def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: dict[str
         d.until(lambda: d.daemon.steps > steps + 10)  # still acting
 
 
-def test_packets_beyond_the_queue_are_rejected_not_buffered(pendulum: dict[str, Any],
+def test_packets_beyond_the_queue_are_rejected_not_buffered(pendulum: DeviceKit,
                                                             tmp_path: Path) -> None:
     with InProcess(pendulum, tmp_path / "state") as d:
         real = d.daemon.pipeline.handle
@@ -436,19 +286,19 @@ class ImitateBase:
         return self.reset()[0], reward, False, False, {}
 
 
-def test_daemon_rolls_back_a_regressing_adapter(pendulum: dict[str, Any], tmp_path: Path) -> None:
+def test_daemon_rolls_back_a_regressing_adapter(pendulum: DeviceKit, tmp_path: Path) -> None:
     toml = ("[canary]\nenabled = true\nwindow = 100\ngrace = 10\nmin_baseline = 50\n"
             "[audit]\nmax_mean_action_change = 1.0\nmax_p90_action_change = 1.0\n"
             "max_delta_ratio = 10.0\n")
     base = tmp_path / "base.toml"  # the shared config without its "[canary] enabled = false"
-    base.write_text(pendulum["config"].read_text().replace("[canary]\nenabled = false\n", ""))
-    pendulum = {**pendulum, "config": base}
+    base.write_text(pendulum.config.read_text().replace("[canary]\nenabled = false\n", ""))
+    pendulum = replace(pendulum, config=base)
     bad = Adapter(alpha=1.0, rank=1, layers={"l2": (np.full((1, 16), 0.2, np.float32),
                                                     np.ones((1, 1), np.float32))})
-    env = ImitateBase(pendulum["bundle"])
+    env = ImitateBase(pendulum.bundle)
     with InProcess(pendulum, tmp_path / "state", env=env, toml=toml) as d:
         d.until(lambda: d.daemon.steps > 120)  # a full baseline window
-        data = packet(pendulum, "fmem", "fleet", 2, adapter=bad)
+        data = pendulum.packet("fmem", "fleet", 2, adapter=bad)
         d.publish(topics.fleet_adapter("fmem"), data)
         assert d.until(lambda: d.audits)[0]["verdict"] == "accepted"
         rolled = d.until(lambda: [a for a in d.audits if a["verdict"] == "rolled_back"])[0]
@@ -458,21 +308,21 @@ def test_daemon_rolls_back_a_regressing_adapter(pendulum: dict[str, Any], tmp_pa
     assert "fleet" not in restored.packets and restored.highest["fleet"] == 2
 
 
-def test_model_info_prints_the_manifest(pendulum: dict[str, Any], capsys: Any) -> None:
+def test_model_info_prints_the_manifest(pendulum: DeviceKit, capsys: Any) -> None:
     from plasma.edge.cli import main
 
-    assert main(["model", "info", str(pendulum["bundle"])]) == 0
+    assert main(["model", "info", str(pendulum.bundle)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["base_sha256"] == pendulum["base_sha256"]
+    assert info["base_sha256"] == pendulum.base_sha256
     assert info["layers"] == [{"name": "l0", "in": 3, "out": 16}, {"name": "l1", "in": 16, "out": 16},
                               {"name": "l2", "in": 16, "out": 1}]
-    assert main(["model", "info", str(pendulum["trust"])]) == 1  # not a bundle: one-line error
+    assert main(["model", "info", str(pendulum.trust)]) == 1  # not a bundle: one-line error
 
 
 @pytest.mark.broker
-def test_step_budget_exits_zero_and_flushes(mosquitto: Any, pendulum: dict[str, Any],
+def test_step_budget_exits_zero_and_flushes(mosquitto: Any, pendulum: DeviceKit,
                                             tmp_path: Path) -> None:
-    w = Watcher(mosquitto.url, "fbudget", "dev1")
+    w = Watcher(mosquitto.url, "fbudget", "dev1", telemetry=True)
     proc = start_daemon(pendulum, mosquitto.url, "fbudget", "dev1", tmp_path / "state",
                         tmp_path / "daemon.log", "--max-steps", "150", "--rate-hz", "0")
     try:
@@ -504,12 +354,12 @@ class RecordingEnv:
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.5])
-def test_explore_noise_is_applied_clipped_and_recorded(pendulum: dict[str, Any], tmp_path: Path,
+def test_explore_noise_is_applied_clipped_and_recorded(pendulum: DeviceKit, tmp_path: Path,
                                                        noise: float) -> None:
     env = RecordingEnv()
     config = tmp_path / "noise.toml"  # top-level keys go before the shared config's tables
-    config.write_text(f"explore_noise = {noise}\nseed = 3\n" + pendulum["config"].read_text())
-    with InProcess({**pendulum, "config": config}, tmp_path / "state", env=env) as d:
+    config.write_text(f"explore_noise = {noise}\nseed = 3\n" + pendulum.config.read_text())
+    with InProcess(replace(pendulum, config=config), tmp_path / "state", env=env) as d:
         recorded: list[tuple[np.ndarray, np.ndarray]] = []
         add = d.daemon.telemetry.add
 

@@ -13,33 +13,15 @@ from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine, MergeError, merged_weights
 from plasma.edge.runtime import PolicyRuntime, quantize_weight, reference_forward
 from plasma.protocol import Adapter
+from tests.helpers.adapters import bundle_adapter as random_adapter
+from tests.helpers.adapters import probes
 
 SWAPS = ["rebuild", "inplace"]
-
-
-def random_adapter(bundle: Bundle, seed: int, rank: int = 4, size: float = 0.1,
-                   layers: list[str] | None = None) -> Adapter:
-    """delta W with entries ~ size * typical |W| (random A, B); alpha = 2 * rank."""
-    rng = np.random.default_rng(seed)
-    factors = {}
-    for name, n_in, n_out in bundle.layer_specs:
-        if layers is not None and name not in layers:
-            continue
-        a = rng.standard_normal((rank, n_in)).astype(np.float32) / np.sqrt(n_in)
-        b = (size / np.sqrt(n_in) / np.sqrt(2 * rank) * rng.standard_normal((n_out, rank))).astype(np.float32)
-        factors[name] = (a, b)
-    return Adapter(alpha=2.0 * rank, rank=rank, layers=factors)
 
 
 def delta(adapter: Adapter, name: str) -> np.ndarray:
     a, b = adapter.layers[name]
     return (adapter.alpha / adapter.rank) * (b.astype(np.float64) @ a)  # (out, in)
-
-
-def probes(bundle: Bundle, n: int = 400, seed: int = 5) -> np.ndarray:
-    m = bundle.manifest
-    rng = np.random.default_rng(seed)
-    return (np.array(m.obs_mean) + np.array(m.obs_std) * rng.standard_normal((n, m.obs_dim))).astype(np.float32)
 
 
 @pytest.fixture(params=SWAPS)
@@ -248,20 +230,19 @@ def test_bench_smoke(shared_bundle_dir: Path) -> None:
     assert 0 < merge["fidelity_max_abs_err"] < 0.05
 
 
-def test_one_output_layer_loads_and_merges(tmp_path) -> None:
+def test_one_output_layer_loads_and_merges() -> None:
     """Pendulum's policy ends in a 1-output layer: W.T is contiguous there (regression)."""
     import numpy as np
 
-    from plasma.protocol.bundle import load_bundle
+    from plasma.protocol.bundle import BASE_WEIGHTS, load_bundle
     from plasma.edge.merge import MergeEngine
     from plasma.edge.runtime import PolicyRuntime
     from plasma.protocol import Adapter
-    from plasma.server.export import export_bundle, random_mlp_layers
+    from tests.helpers.bundles import ONE_OUTPUT, bundle_path
 
-    layers = random_mlp_layers([3, 16, 1], seed=3)
-    bundle = load_bundle(export_bundle(tmp_path / "m", layers, obs_mean=np.zeros(3),
-                                       obs_std=np.ones(3), act_low=-2 * np.ones(1),
-                                       act_high=2 * np.ones(1)))
+    bundle = load_bundle(bundle_path(ONE_OUTPUT))
+    with np.load(bundle_path(ONE_OUTPUT) / BASE_WEIGHTS) as npz:
+        master_l1 = npz["l1.W"]
     runtime = PolicyRuntime(bundle)
     before = runtime.act(np.zeros(3, np.float32)).copy()
     rng = np.random.default_rng(0)
@@ -270,4 +251,4 @@ def test_one_output_layer_loads_and_merges(tmp_path) -> None:
     engine = MergeEngine(runtime)
     engine.activate(engine.stage({"device": adapter}))
     assert not np.allclose(runtime.act(np.zeros(3, np.float32)), before)
-    assert np.all(bundle.weights["l1"] == layers[1][0])  # the master was not touched
+    assert np.all(bundle.weights["l1"] == master_l1)  # the master was not touched

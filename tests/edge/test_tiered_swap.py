@@ -15,7 +15,8 @@ from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime, SessionSide
 
-from .test_merge import probes, random_adapter
+from tests.helpers.adapters import bundle_adapter as random_adapter
+from tests.helpers.adapters import probes
 
 
 @pytest.fixture

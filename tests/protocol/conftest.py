@@ -7,14 +7,14 @@ Helpers are handed out as fixtures (factories) because tests run with
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import pytest
 
 from plasma.protocol import Adapter, InstructionPacket, LayerSpec, SigningKey, TrustStore
 from plasma.protocol import packet as packet_mod
+from tests.helpers.adapters import random_adapter
 
 BASE_SHA = "ab" * 32
 OTHER_SHA = "cd" * 32
@@ -44,18 +44,6 @@ def base_sha() -> str:
 
 
 AdapterFactory = Callable[..., Adapter]
-
-
-def random_adapter(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int = 0,
-                   magnitude: float = 1.0, alpha: float = 8.0) -> Adapter:
-    """name -> (in, out); factors ~ N(0, magnitude), float32."""
-    rng = np.random.default_rng(seed)
-    layers = {
-        name: ((rng.standard_normal((rank, i)) * magnitude).astype(np.float32),  # (rank, in)
-               (rng.standard_normal((o, rank)) * magnitude).astype(np.float32))  # (out, rank)
-        for name, (i, o) in shapes.items()
-    }
-    return Adapter(alpha=alpha, rank=rank, layers=layers)
 
 
 @pytest.fixture(scope="session")

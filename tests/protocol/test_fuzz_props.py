@@ -35,6 +35,7 @@ from plasma.protocol import (
 from plasma.protocol import packet as packet_mod
 from plasma.protocol import telemetry as telemetry_mod
 from plasma.protocol.adapter import Adapter
+from tests.helpers.adapters import random_adapter
 
 FUZZ = settings(max_examples=250, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -45,11 +46,7 @@ BASE = "ab" * 32
 
 
 def _adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Adapter:
-    rng = np.random.default_rng(seed)
-    return Adapter(alpha=4.0, rank=rank, layers={
-        name: (rng.standard_normal((rank, i)).astype(np.float32),  # (rank, in)
-               rng.standard_normal((o, rank)).astype(np.float32))  # (out, rank)
-        for name, (i, o) in shapes.items()})
+    return random_adapter(shapes, rank, seed, alpha=4.0)
 
 
 def _packets() -> list[bytes]:

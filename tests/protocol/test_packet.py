@@ -181,7 +181,7 @@ def test_clear_slot_packet_round_trips(dtype: str, key: SigningKey, trust: Trust
 def test_size_rank4_int8_mlp_64_256x3_8(key: SigningKey, trust: TrustStore,
                                         make_adapter: Callable[..., Adapter],
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """DESIGN.md section 3: about 8.1 KB for rank 4 on all four layers of 64-256-256-256-8."""
+    """About 7.5 KB for rank 4 on all four layers of 64-256-256-256-8 (docs/design.md section 3)."""
     shapes = {"net.0": (64, 256), "net.2": (256, 256), "net.4": (256, 256), "net.6": (256, 8)}
     data = encode(make_adapter(shapes, rank=4, seed=1), key, dtype="int8")
     with capsys.disabled():  # the figure is part of the report, show it in every run

@@ -7,23 +7,20 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from plasma.protocol.bus import BrokerConfig, MemoryBroker, MemoryBus, Message, MqttBus
 from plasma.protocol import Adapter, AuditRecord, SigningKey, TrustStore, decode_packet, topics
 from plasma.server.publisher import Publisher, PublisherConfig, judicial_topic
 from plasma.server.store import TraceStore
+from tests.helpers.adapters import random_adapter
 
 BASE = "ab" * 32
 KEY = SigningKey.generate()
 
 
 def adapter(seed: int = 0) -> Adapter:
-    rng = np.random.default_rng(seed)
-    return Adapter(alpha=4.0, rank=4, layers={
-        "l0": (rng.standard_normal((4, 3)).astype(np.float32),
-               rng.standard_normal((8, 4)).astype(np.float32))})
+    return random_adapter({"l0": (3, 8)}, rank=4, seed=seed, alpha=4.0)
 
 
 class FakeClock:

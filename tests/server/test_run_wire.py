@@ -29,22 +29,17 @@ from plasma.server.publisher import judicial_topic
 from plasma.server.run import run_server
 from plasma.server.service_config import load_service_config
 from plasma.server.tasks import PENDULUM
+from tests.helpers.bundles import PENDULUM_SMALL, bundle_path
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from plasma.server.export import export_bundle
-
+    """A server key and the prebuilt random-MLP Pendulum bundle (3-16-16-1)."""
     root = tmp_path_factory.mktemp("run")
     SigningKey.generate().save(root / "keys")
-    rng = np.random.default_rng(0)
-    layers = [(rng.standard_normal((16, 3)).astype(np.float32) * 0.5, np.zeros(16, np.float32)),
-              (rng.standard_normal((1, 16)).astype(np.float32) * 0.5, np.zeros(1, np.float32))]
-    export_bundle(root / "bundle", layers, obs_mean=PENDULUM.obs_mean, obs_std=PENDULUM.obs_std,
-                  act_low=PENDULUM.act_low, act_high=PENDULUM.act_high, env_id="Pendulum-v1")
-    return {"root": root, "keys": root / "keys", "bundle": root / "bundle"}
+    return {"root": root, "keys": root / "keys", "bundle": bundle_path(PENDULUM_SMALL)}
 
 
 def frames(fleet: str, device: str, n_frames: int, rows: int = 50) -> list[bytes]:

@@ -75,8 +75,8 @@ class SessionSide:
     def build(self) -> Runner:
         """A new session over the current buffers (prepacked unless the side is "inplace"); not installed.
 
-        Measured for 64-256x3-8: 1.28 ms p50 from the shipped bytes with all graph optimizations,
-        0.54 ms from pre-optimized bytes with optimizations off; the same run() time (18.8 us).
+        From pre-optimized bytes (when the side has them) with optimizations off: about half the
+        build time, the same run() time (docs/benchmarks.md, "Edge runtime: session builds").
         """
         return self._make(prepack=self._prepack)
 

@@ -90,9 +90,10 @@ class _EdgeSide:
     (encode, sign, verify, decode, int8 factors) and the edge's merge, then acts on int8 ONNX.
 
     Preferred path: ``plasma.edge.runtime.PolicyRuntime`` + ``MergeEngine.restore``. If the runtime
-    refuses the bundle (measured 2026-11-25: ``quantize_weight`` writes into a read-only view when
-    the last layer is (1, n), i.e. act_dim 1), fall back to the edge's ``merged_weights`` (same
-    arithmetic as the engine), re-exported to dynamic-int8 ONNX and run in a plain session.
+    refuses the bundle (it once did for act_dim 1: ``quantize_weight`` wrote into a read-only view
+    when the last layer was (1, n); tests/edge/test_merge.py keeps that case), fall back to the
+    edge's ``merged_weights`` (same arithmetic as the engine), re-exported to dynamic-int8 ONNX
+    and run in a plain session.
     """
 
     def __init__(self, bundle_dir: Path, task: Any) -> None:

@@ -8,9 +8,7 @@ round (world model -> phantom DAgger -> LoRA -> judicial review with one correct
   disagreement cannot see it): braking hard while spinning (torque < -1 at angular
   velocity > 2, never done in the real data: the base policy pumps energy) "teleports" the
   pendulum upright and at rest, the highest reward there is. The planner exploits it.
-  Earlier tries, measured: a reward bonus for hanging still at the bottom was not reached
-  within the planner's horizon; a teleport in a region the device did visit was caught by
-  ``model_on_real`` alone and its candidate still helped for real (-800 -> -318).
+  (Why this region: docs/benchmarks.md, "Judicial audit: the exploit scenario".)
 - ``few_data``: the ensemble fitted on a handful of transitions.
 
 ``return_after`` is the REAL return (gym env, fixed evaluation seeds) with the final

@@ -30,9 +30,9 @@ check                        flags when
                              device's own recorded transitions (a corrupted or poisoned region
                              that all members share: disagreement cannot see it)
 ``heldout_members``          the gain does not hold under ensemble members the producer
-                             never planned with (DESIGN.md 7: an adapter tuned on one
-                             member kept its predicted return while the real one fell,
-                             and mean disagreement did not move)
+                             never planned with (docs/design.md section 7: an adapter tuned
+                             on one member kept its predicted return while the real one
+                             fell, and mean disagreement did not move)
 ``probing``                  the gain vanishes when start states are perturbed slightly
 ``replay``                   on recorded real states the candidate's actions move too far
                              from the reference's

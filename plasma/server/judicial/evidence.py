@@ -154,11 +154,10 @@ class EvidenceGatherer:
         path the planner uses), in real-observation stds (worst observation dimension).
 
         The median, not the worst member: the check is for a region every member gets wrong
-        (disagreement cannot see that). Measured 2026-11-25 on the demo's honest device data
-        (4,000 transitions, 5 x 2x64 members): one member missed 0.25-1.3 % of the transitions
-        by more than 0.5 stds, all near Pendulum's speed clip (|thdot| about 7.5 of 8), and the
-        worst-member rule blocked 19 of 56 honest rounds. A lone divergent member is what the
-        disagreement and held-out checks are for."""
+        (disagreement cannot see that). On honest data a lone member misses a few transitions
+        near Pendulum's speed clip, and a worst-member rule blocked a third of honest rounds
+        (docs/benchmarks.md, "Judicial audit: the model-on-real check"). A lone divergent member
+        is what the disagreement and held-out checks are for."""
         scale = real.obs.std(0) + 1e-6
         od = self.task.obs_dim
         errs = [np.abs(self.task.project_obs(model.step_member(m, real.obs, real.act)[:, :od])

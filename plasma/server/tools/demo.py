@@ -37,7 +37,7 @@ log = logging.getLogger("plasma.demo")
 
 DEFAULT_PHYSICS = ("m=1.6,g=12", "m=1.3,g=13", "g=14")
 """Heavier masses and stronger gravity: each hurts the nominal policy by several hundred
-(DESIGN.md 7: mass alone barely hurts, gravity hurts a lot). m=2.0,g=10 was dropped: the
+(docs/design.md section 7: mass alone barely hurts, gravity hurts a lot). m=2.0,g=10 was dropped: the
 nominal policy already scores about -280 there, level with a policy trained for it (-308)."""
 
 
