@@ -283,13 +283,13 @@ def _break_consistency(doc: dict[str, Any], what: str) -> None:
 
 
 def _known_stricter(doc: Any) -> bool:
-    """Where wire is deliberately stricter than pydantic: ``true`` for ``Literal[1]``.
+    """Where wire is deliberately stricter than pydantic: ``true`` or ``1.0`` for ``Literal[1]``.
 
-    pydantic accepts JSON ``true`` as ``schema_version`` (True == 1 in Python) and stores 1;
-    the wire structs refuse a bool wherever a number is expected.  Nothing produces it.
+    pydantic accepts JSON ``true`` and ``1.0`` as ``schema_version`` (both == 1 in Python) and
+    stores 1; the wire structs want the integer itself.  Nothing produces either.
     """
-    return isinstance(doc, dict) and any(
-        d.get("schema_version") is True for d in [doc] if isinstance(d, dict))
+    return isinstance(doc, dict) and (doc.get("schema_version") is True
+                                      or isinstance(doc.get("schema_version"), float))
 
 
 def _accepts(fn: Any, raw: bytes) -> tuple[bool, Any]:
