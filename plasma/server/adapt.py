@@ -35,7 +35,16 @@ import numpy as np
 
 from .distill import DistillConfig, LoRADistiller
 from .judicial import Decision, JudicialAuditor, JudicialConfig, RealData, StateFilter, split_members
-from .phantom import PhantomConfig, PhantomPathSimulator, PlannerConfig
+from .phantom import (
+    ModelDynamics,
+    PhantomConfig,
+    PhantomPathSimulator,
+    PlannerConfig,
+    member_blocks,
+    mppi_plan,
+    policy_plan,
+    step_paths,
+)
 from .policy_net import LoRA, MLPPolicy
 from .sysid import PhysicsModel, SysIdConfig
 from .tasks import TaskSpec
@@ -86,6 +95,10 @@ class AdaptConfig:
     label_states: int = 500
     """Visited phantom states relabelled by the planner per DAgger iteration (plus a quarter as
     many recorded real states)."""
+    expert_paths: int = 8
+    """Whole episodes of receding-horizon MPPI in the world model per round, from real start
+    states (warm-started plans: far better labels than one cold MPPI call per state); their states
+    and actions join the labels. 0: DAgger labels only."""
     select_paths: int = 128
     """Producer-side selection: after each DAgger iteration the adapter's whole-episode phantom
     return from this many real start states is measured; the best iterate (or the starting
@@ -202,6 +215,10 @@ def phantom_dagger(task: TaskSpec, policy: MLPPolicy, model: Model, real: RealDa
     distiller = LoRADistiller(policy, cfg.distill)
     lora = init.copy() if init is not None else distiller.init_adapter()
     labels = labels if labels is not None else Labels.empty(task)
+    if cfg.expert_paths and keep is None:
+        e_obs, e_act = expert_labels(task, model, policy, init, real.obs[rng.integers(
+            0, len(real.obs), cfg.expert_paths)], task.episode_steps, planner, rng)
+        labels = labels.plus(e_obs, e_act, cfg.label_memory)
     starts = real.obs[rng.integers(0, len(real.obs), cfg.select_paths)]
     best, best_ret = lora, _episode_return(sim, policy, lora if init is not None else None, starts,
                                            task.episode_steps) if cfg.select_paths else 0.0
@@ -227,6 +244,26 @@ def phantom_dagger(task: TaskSpec, policy: MLPPolicy, model: Model, real: RealDa
         else:
             best = lora
     return best, labels
+
+
+def expert_labels(task: TaskSpec, model: Model, policy: MLPPolicy, lora: LoRA | None,
+                  starts: np.ndarray, steps: int, planner: PlannerConfig,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Receding-horizon MPPI in the world model (warm-started plans, as ``train-base`` makes its
+    expert on the nominal simulator): the states it visits over whole episodes from real start
+    states, and its actions. obs (steps * paths, od), act (steps * paths, ad)."""
+    dyn = ModelDynamics(model)  # type: ignore[arg-type]
+    blocks = member_blocks(len(starts), dyn.n_members)
+    obs = starts.astype(np.float32)
+    plan = policy_plan(dyn, task, policy, lora, obs, planner.horizon)
+    out_obs, out_act = [], []
+    for _ in range(steps):
+        res = mppi_plan(dyn, task, obs, plan, planner, rng)
+        out_obs.append(obs)
+        out_act.append(res.actions.astype(np.float32))
+        obs, _ = step_paths(dyn, task, obs, res.actions, blocks)
+        plan = np.concatenate([res.plan[:, 1:], res.plan[:, -1:]], axis=1)
+    return np.concatenate(out_obs), np.concatenate(out_act)
 
 
 def _is_physics(model: object) -> bool:
