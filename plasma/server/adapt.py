@@ -86,7 +86,7 @@ class AdaptConfig:
     """Learned-ensemble settings (tasks without a simulator, or ``world_model="ensemble"``)."""
     heldout_members: int = 2
     """Members the planner never sees: the judicial auditor validates the gain on them."""
-    dagger_iters: int = 3
+    dagger_iters: int = 2
     """Phantom DAgger iterations per round: roll the adapted policy in the model, relabel, refit."""
     phantom_paths: int = 128
     """Phantom paths per DAgger iteration (start states drawn from the real traces)."""
@@ -95,21 +95,28 @@ class AdaptConfig:
     label_states: int = 500
     """Visited phantom states relabelled by the planner per DAgger iteration (plus a quarter as
     many recorded real states)."""
-    expert_paths: int = 8
+    expert_paths: int = 16
     """Whole episodes of receding-horizon MPPI in the world model per round, from real start
     states (warm-started plans: far better labels than one cold MPPI call per state); their states
-    and actions join the labels. 0: DAgger labels only."""
+    and actions join the labels. With the physics prior only: a learned ensemble step costs about
+    50x more (measured: minutes per round). 0: DAgger labels only."""
+    expert_iterations: int = 2
+    """MPPI refinements per expert step (its plans are warm-started: ``train-base`` uses 2)."""
     select_paths: int = 128
     """Producer-side selection: after each DAgger iteration the adapter's whole-episode phantom
     return from this many real start states is measured; the best iterate (or the starting
     adapter) is the candidate, so a round never submits something its own model says is worse
     over an episode (the audit's horizon is shorter). 0: the last iterate."""
+    select_margin: float = 0.01
+    """An iterate replaces the starting (accepted) adapter only if its whole-episode phantom
+    return is better by this fraction: tiny gains are not worth a packet (the audit's probes
+    call them fragile, and each packet moves the device's policy)."""
     label_memory: int = 6000
     """Planner labels kept across rounds (newest first); the adapter is distilled on all of them."""
     planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(
         candidates=96, horizon=30, iterations=3, score_plan=False))
     """MPPI in the world model, centred on the adapted policy's own plan."""
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(rank=4, steps=400,
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(rank=8, steps=500,
                                                                         anchor=0.05))
     """LoRA distillation; ``anchor`` is the trust region's weight: squared action change against
     the last accepted adapter (the base policy in the first round) on real states."""
@@ -128,6 +135,26 @@ class AdaptConfig:
             raise ValueError(f"{task.env_id} has no simulator: world_model must be ensemble")
         return self.world_model
 
+    def for_task(self, task: TaskSpec) -> AdaptConfig:
+        """This config with the world model resolved for ``task`` (``Learner`` calls it): the
+        learned ensemble gets the planner and distillation budgets calibrated for it."""
+        kind = self.kind(task)
+        if kind == self.world_model:
+            return self
+        return _ensemble_budget(replace(self, world_model=kind)) if kind == "ensemble" else \
+            replace(self, world_model=kind)
+
+
+def _ensemble_budget(cfg: AdaptConfig) -> AdaptConfig:
+    """The learned ensemble's budget: each model step is an MLP per member (about 50x the
+    physics prior's cost), so the planner and distillation of the former ``run --budget
+    default`` (about a minute per round on two cores), no expert episodes."""
+    if cfg.planner.candidates <= 32:  # already small
+        return replace(cfg, expert_paths=0)
+    return replace(cfg, expert_paths=0, label_states=300,
+                   planner=replace(cfg.planner, candidates=32, iterations=2),
+                   distill=replace(cfg.distill, rank=4, steps=200))
+
 
 def adapt_config(budget: str = "default", seed: int = 0, max_transitions: int = 20_000,
                  world_model: str = "auto") -> AdaptConfig:
@@ -143,10 +170,12 @@ def adapt_config(budget: str = "default", seed: int = 0, max_transitions: int = 
             heldout_members=1, dagger_iters=2, phantom_paths=64, phantom_horizon=40,
             label_states=200, label_memory=3000,
             planner=PlannerConfig(candidates=32, horizon=25, iterations=2, score_plan=False),
-            distill=DistillConfig(rank=4, steps=200, anchor=0.05),
+            distill=DistillConfig(rank=4, steps=200, anchor=0.05), expert_paths=8,
             judicial=JudicialConfig(paths=128, horizon=60, probe_repeats=1, support_points=1000))
     else:
         cfg = AdaptConfig(world_model=world_model, sysid=SysIdConfig(members=5, seed=seed))
+        if world_model == "ensemble":
+            cfg = _ensemble_budget(cfg)
     return seeded(replace(cfg, max_transitions=max_transitions), seed)
 
 
@@ -215,11 +244,13 @@ def phantom_dagger(task: TaskSpec, policy: MLPPolicy, model: Model, real: RealDa
     distiller = LoRADistiller(policy, cfg.distill)
     lora = init.copy() if init is not None else distiller.init_adapter()
     labels = labels if labels is not None else Labels.empty(task)
-    if cfg.expert_paths and keep is None:
-        e_obs, e_act = expert_labels(task, model, policy, init, real.obs[rng.integers(
-            0, len(real.obs), cfg.expert_paths)], task.episode_steps, planner, rng)
+    if cfg.expert_paths and keep is None and _is_physics(model):
+        e_obs, e_act = expert_labels(task, model, policy, init, _starts(
+            task, model, real, cfg.expert_paths, rng), task.episode_steps,
+            replace(planner, iterations=cfg.expert_iterations), rng)
         labels = labels.plus(e_obs, e_act, cfg.label_memory)
-    starts = real.obs[rng.integers(0, len(real.obs), cfg.select_paths)]
+    starts = _starts(task, model, real, cfg.select_paths, rng)
+    at_start = init is not None  # the accepted adapter: beaten only by a clear margin
     best, best_ret = lora, _episode_return(sim, policy, lora if init is not None else None, starts,
                                            task.episode_steps) if cfg.select_paths else 0.0
     for _ in range(cfg.dagger_iters):
@@ -239,8 +270,8 @@ def phantom_dagger(task: TaskSpec, policy: MLPPolicy, model: Model, real: RealDa
                              anchor_to=init).adapter
         if cfg.select_paths:
             ret = _episode_return(sim, policy, lora, starts, task.episode_steps)
-            if ret > best_ret:
-                best, best_ret = lora, ret
+            if ret > best_ret + (cfg.select_margin * abs(best_ret) if at_start else 0.0):
+                best, best_ret, at_start = lora, ret, False
         else:
             best = lora
     return best, labels
@@ -264,6 +295,19 @@ def expert_labels(task: TaskSpec, model: Model, policy: MLPPolicy, lora: LoRA | 
         obs, _ = step_paths(dyn, task, obs, res.actions, blocks)
         plan = np.concatenate([res.plan[:, 1:], res.plan[:, -1:]], axis=1)
     return np.concatenate(out_obs), np.concatenate(out_act)
+
+
+def _starts(task: TaskSpec, model: Model, real: RealData, n: int, rng: np.random.Generator
+            ) -> np.ndarray:
+    """Start states of whole phantom episodes: recorded real states; with the physics prior,
+    half of them drawn uniformly from the task's observation box instead (the prior holds
+    there too, and the device's next episodes may start anywhere its real ones have not)."""
+    pick = real.obs[rng.integers(0, len(real.obs), n)].astype(np.float32)
+    if _is_physics(model):
+        k = n // 2
+        box = rng.uniform(task.obs_low, task.obs_high, (k, task.obs_dim)).astype(np.float32)
+        pick[:k] = task.project_obs(box)
+    return pick
 
 
 def _is_physics(model: object) -> bool:
@@ -353,7 +397,7 @@ class Learner:
     ``plasma-server run`` keeps one per device; ``bench adapt`` one for its device."""
 
     def __init__(self, task: TaskSpec, cfg: AdaptConfig, adapter: LoRA | None = None) -> None:
-        self.task, self.cfg = task, cfg
+        self.task, self.cfg = task, cfg.for_task(task)
         self.model: Model | None = None
         self.labels = Labels.empty(task)
         self.adapter = adapter
