@@ -107,7 +107,7 @@ class AdaptConfig:
     return from this many real start states is measured; the best iterate (or the starting
     adapter) is the candidate, so a round never submits something its own model says is worse
     over an episode (the audit's horizon is shorter). 0: the last iterate."""
-    select_margin: float = 0.01
+    select_margin: float = 0.03
     """An iterate replaces the starting (accepted) adapter only if its whole-episode phantom
     return is better by this fraction: tiny gains are not worth a packet (the audit's probes
     call them fragile, and each packet moves the device's policy)."""
