@@ -50,6 +50,10 @@ from .sysid import PhysicsModel, SysIdConfig
 from .tasks import TaskSpec
 from .worldmodel import WorldModel, WorldModelConfig
 
+__all__ = ["AdaptConfig", "BUDGETS", "Labels", "Learner", "Model", "RoundResult", "adapt_config",
+           "adaptation_round", "expert_labels", "fit_model", "new_model", "phantom_dagger",
+           "seeded"]
+
 log = logging.getLogger(__name__)
 
 BUDGETS = ("default", "small")

@@ -28,6 +28,8 @@ import numpy as np
 from .tasks import TaskSpec
 from .worldmodel import FitReport
 
+__all__ = ["PhysicsModel", "SysIdConfig", "identify", "physics_error"]
+
 log = logging.getLogger(__name__)
 
 

@@ -78,8 +78,9 @@ def _batch(device: str, seq: int, n: int = 100) -> TraceBatch:
     return TraceBatch(fleet="f", device=device, seq=seq, episode=np.zeros(n, np.uint32),
                       step=np.arange(n, dtype=np.uint32), obs=real.obs, action=real.act,
                       reward=real.rew, next_obs=real.next_obs, terminated=np.zeros(n, bool),
-                      truncated=np.zeros(n, bool), fleet_version=np.zeros(n, np.uint32),
-                      device_version=np.zeros(n, np.uint32), timestamp=t)
+                      truncated=np.zeros(n, bool),
+                      versions={"fleet": np.zeros(n, np.uint32), "device": np.zeros(n, np.uint32)},
+                      timestamp=t)
 
 
 class _Publisher:
