@@ -95,14 +95,17 @@ class LoRADistiller:
 
     def fit(self, states: np.ndarray, targets: np.ndarray, anchor_states: np.ndarray | None = None,
             init: LoRA | None = None, simulator: PhantomPathSimulator | None = None, start_pool: np.ndarray | None = None,
-            eval_paths: int = 200, eval_horizon: int = 100) -> DistillResult:
+            eval_paths: int = 200, eval_horizon: int = 100, anchor_to: LoRA | None = None) -> DistillResult:
         """Fit from ``init`` (or a fresh standard-init adapter). If a ``PhantomPathSimulator`` and real
-        start states are given, also report predicted returns before/after under the world model."""
+        start states are given, also report predicted returns before/after under the world model.
+
+        The closeness term anchors to the actions of the policy with ``anchor_to`` (the last
+        accepted adapter: a trust region between packets); None anchors to the base policy."""
         c = self.cfg
         lora = init.copy() if init is not None else self.init_adapter()
         start = lora.copy()
         anchor_states = states if anchor_states is None else anchor_states
-        anchor_actions = self.policy.forward(anchor_states)
+        anchor_actions = self.policy.forward(anchor_states, anchor_to)
         opt = Adam(lora.params(), lr=c.lr)
         full = np.arange(len(states))
         _, imit_before, _ = self.loss_and_grads(lora, states, targets, anchor_states[:0], anchor_actions[:0])

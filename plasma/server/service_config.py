@@ -50,20 +50,20 @@ class ServiceConfig:
     """Task id of the devices' world, e.g. ``Pendulum-v1`` (physics overrides after ':' ignored)."""
     store: Path = Path("plasma-server.sqlite")
     """SQLite trace store (created if missing; WAL files beside it)."""
-    min_new_transitions: int = 800
+    min_new_transitions: int = 200
     """A device with at least this many new real transitions gets a device-slot round."""
     fleet_every: int = 0
     """Run a fleet-slot round on every device's data after this many device rounds (0 = never)."""
-    check_interval: float = 5.0
+    check_interval: float = 1.0
     """Seconds between looks at the store for devices due a round."""
-    publish_interval: float = 30.0
+    publish_interval: float = 5.0
     """At most one packet per target (device or fleet slot) per this many seconds."""
     max_transitions: int = 20_000
     """Newest real transitions used per round."""
     metrics_port: int | None = None
     """Serve Prometheus /metrics on this port (None = off)."""
     budget: str = "default"
-    """Compute per round: ``default`` (about a minute on two cores) or ``small`` (tests, demos)."""
+    """Compute per round: ``default`` (seconds per round with the physics prior) or ``small`` (tests, demos)."""
     dtype: str = "int8"
     """Adapter encoding on the wire: int8, fp16 or fp32."""
     expires_in: float = 7 * 24 * 3600.0

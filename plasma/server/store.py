@@ -81,6 +81,14 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (fleet, device, slot, version, verdict)
     );
     """,
+    # 2 -> 3: adaptation progress per slot target, so a restarted server resumes
+    """
+    CREATE TABLE learners (
+        fleet TEXT NOT NULL, slot TEXT NOT NULL, target TEXT NOT NULL,
+        cursor INTEGER NOT NULL, adapter BLOB, rounds INTEGER NOT NULL, updated_at REAL NOT NULL,
+        PRIMARY KEY (fleet, slot, target)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -390,6 +398,25 @@ class TraceStore:
         with self._read() as conn:
             rows = conn.execute(sql + " ORDER BY received_at, rowid", params).fetchall()
         return [Ack(*r) for r in rows]
+
+    # ------------------------------------------------------------------ adaptation progress
+    def save_learner(self, fleet: str, slot: str, target: str, cursor: int,
+                     adapter: bytes | None, rounds: int) -> None:
+        """Persist a slot target's data cursor (last chunk id a completed round read), its last
+        accepted adapter (npz bytes, None = base) and its round count."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO learners VALUES (?,?,?,?,?,?,?)",
+                         (fleet, slot, target, int(cursor), adapter, int(rounds), time.time()))
+
+    def load_learner(self, fleet: str, slot: str, target: str) -> dict[str, object] | None:
+        """``{"cursor", "adapter", "rounds"}`` as saved, or None if the target never had a round."""
+        with self._read() as conn:
+            row = conn.execute("SELECT cursor, adapter, rounds FROM learners WHERE fleet=? AND "
+                               "slot=? AND target=?", (fleet, slot, target)).fetchone()
+        if row is None:
+            return None
+        return {"cursor": int(row[0]), "adapter": bytes(row[1]) if row[1] is not None else None,
+                "rounds": int(row[2])}
 
     def device_state(self, fleet: str, device: str, slot: str) -> dict[str, object]:
         """Per slot: the newest version the device accepted and the verdict of its latest answer."""

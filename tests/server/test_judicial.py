@@ -79,6 +79,12 @@ CASES = [
     ("dynamics contradict the device's transitions",
      {"model_error_on_real": np.r_[np.full(480, 0.01), np.full(20, 3.0)]},
      "model_contradicts_real_data"),
+    ("candidate paths contradict the identified prior",
+     {"cand_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)],
+      "ref_prior_error": np.full((N, H), 0.01)}, "model_contradicts_prior"),
+    ("the reference's paths contradict the prior as much",
+     {"cand_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)],
+      "ref_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)]}, None),
     ("held-out members see no gain", {"heldout_gains": np.array([-5.0, 1.0])},
      "gain_not_on_heldout_members"),
     ("one planning member promises it all (no held-out)",
@@ -103,7 +109,7 @@ def test_check_table(name: str, overrides: dict, code: str | None) -> None:
 
 def test_every_check_is_named_and_returns_scores() -> None:
     names = {c.__name__ for c in CHECKS}
-    assert len(names) == len(CHECKS) == 11
+    assert len(names) == len(CHECKS) == 12
     for check in CHECKS:
         reason, scores = check(evidence(), CFG)
         assert reason is None and scores

@@ -1,4 +1,4 @@
-"""Server bench: the whole adaptation loop without a broker (real env -> model -> phantom -> LoRA -> edge merge)."""
+"""Server bench: one device adapted by the product's rounds without a broker (real env -> ``plasma.server.adapt`` -> packet -> edge merge)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,14 @@ from ..basepolicy import (
     PolicyFn,
     TrainBaseConfig,
     cached_policy,
-    collect,
     default_cache_dir,
     evaluate,
     export_policy,
 )
-from ..distill import DistillConfig, LoRADistiller
-from ..phantom import PhantomConfig, PhantomPathSimulator, PlannerConfig, blas_threads
+from ..adapt import AdaptConfig, Learner, adapt_config
+from ..phantom import blas_threads
 from ..policy_net import LoRA, MLPPolicy
 from ..tasks import get_task
-from ..worldmodel import WorldModel, WorldModelConfig
 
 __all__ = ["AdaptBenchConfig", "bench_adapt", "estimated_packet_bytes"]
 
@@ -34,7 +32,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AdaptBenchConfig:
-    """``plasma-server bench adapt``: base policy in a shifted world, adapted by LoRA packets."""
+    """``plasma-server bench adapt``: one device with shifted physics, adapted by the product's own
+    rounds (``plasma.server.adapt``), without a broker.
+
+    The device steps its real env continuously; a round runs whenever ``min_new_transitions`` new
+    transitions are in (as ``plasma-server run`` schedules it), on every transition so far; the
+    device keeps acting with its current policy for the round's wall time at ``rate_hz``, then the
+    approved adapter goes through the real packet codec and the edge merge and becomes active.
+    At the start and at every activation the active int8 policy is evaluated noise-free on
+    ``eval_episodes`` fixed-seed episodes of the device's physics (outside the device)."""
 
     env_id: str = "Pendulum-v1"
     """Gymnasium id of a task in ``plasma.server.tasks.TASKS``."""
@@ -44,33 +50,20 @@ class AdaptBenchConfig:
     """Physics the base policy was trained at (empty = defaults)."""
     base_dir: str | None = None
     """Bundle dir of the base policy (with ``policy.npz``); None = train/cache one at ``base_physics``."""
-    rounds: int = 4
-    """Packets: each round collects real data, refits the model, plans, distills, ships."""
-    episodes_per_round: int = 2
-    """Real episodes per round (Pendulum: 200 steps each; 4 x 2 x 200 = 1,600 real steps)."""
-    explore_noise: float = 0.3
-    """Gaussian action noise on the device while collecting, fraction of the half action range."""
-    model: WorldModelConfig = field(default_factory=lambda: WorldModelConfig(
-        ensemble_size=5, hidden=(128, 128), max_epochs=60, patience=5))
-    """World-model settings (2x128 fits Pendulum's dynamics; measured ~2x faster than 2x200)."""
-    dagger_iters: int = 2
-    """Phantom DAgger iterations per round: roll the adapted policy in the model, relabel, refit."""
-    phantom_paths: int = 128
-    """Phantom paths per DAgger iteration (start states drawn from the real traces)."""
-    phantom_horizon: int = 60
-    """Steps per phantom path."""
-    label_states: int = 400
-    """Visited phantom states relabelled by the planner per DAgger iteration."""
-    label_memory: int | None = None
-    """Distil on the planner labels of the last this-many rounds only (None: all rounds, DAgger's
-    aggregate); early labels come from a model fitted on less data."""
-    planner: PlannerConfig = field(default_factory=lambda: PlannerConfig(
-        candidates=48, horizon=30, iterations=3, score_plan=False))
-    """MPPI in the world model, the policy's own plan as prior; every candidate is scored on every
-    member (one run: gap closed 0.94 against 0.61 when each candidate saw one member). On l=1.3,
-    48 x 30 x 3 closed 0.85 where 32 x 25 x 2 closed 0.76, at about 2.7x the planner compute."""
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(rank=4, steps=300, anchor=0.05))
-    """LoRA distillation settings."""
+    budget: str = "default"
+    """The round's named budget (``plasma.server.adapt.adapt_config``): the product's own."""
+    world_model: str = "auto"
+    """``auto`` (the product's default), ``physics`` or ``ensemble`` (to compare them)."""
+    real_steps: int = 3000
+    """Real device steps in all."""
+    min_new_transitions: int = 200
+    """New real transitions that start a round (``plasma-server run``'s default)."""
+    explore_noise: float = 0.0
+    """Gaussian action noise on the device (``plasma-edge run --explore-noise``'s default)."""
+    rate_hz: float = 50.0
+    """Device steps per second: a round's wall time becomes this many steps of lag."""
+    target: float = 0.9
+    """Gap closed that counts as reached (``steps_to_reach``, ``steps_to_hold``)."""
     train: TrainBaseConfig = field(default_factory=TrainBaseConfig)
     """Template for training the base and oracle policies (its env_id and physics are replaced)."""
     eval_episodes: int = 10
@@ -82,7 +75,9 @@ class AdaptBenchConfig:
     blas_threads: int | None = 1
     """OpenBLAS threads during the run (1: measured faster for these small matmuls, see phantom.blas_threads)."""
     seed: int = 0
-    """Seed for collection, model and distillation."""
+    """Seed of the device's resets and noise, and of every round."""
+    adapt: AdaptConfig | None = None
+    """Override the named budget (tests only: tiny budgets)."""
 
 
 class _EdgeSide:
@@ -151,11 +146,17 @@ class _EdgeSide:
         return len(data)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """(batch, obs_dim) -> (batch, act_dim) on the int8 policy the device would run."""
+        """(batch, obs_dim) -> (batch, act_dim) on the int8 policy the device would run, one
+        observation per call as the device acts: dynamic int8 quantizes activations with one
+        scale per call, so a batch of lock-stepped episodes would share it (measured: an
+        adapted policy lost 50-60 of return, balancing episodes swinging once more)."""
         x = np.ascontiguousarray(obs, np.float32)
         if self.engine is not None:
-            return np.asarray(self.engine.runtime.act_batch(x), np.float32)
-        return np.asarray(self._session.run(None, {self._input: x})[0], np.float32)
+            run = self.engine.runtime.act_batch
+        else:
+            def run(row: np.ndarray) -> np.ndarray:
+                return self._session.run(None, {self._input: row})[0]
+        return np.concatenate([np.asarray(run(x[i:i + 1]), np.float32) for i in range(len(x))])
 
 
 def estimated_packet_bytes(lora: LoRA) -> int:
@@ -178,15 +179,35 @@ def _base_bundle(cfg: AdaptBenchConfig, policy: MLPPolicy, cache: Path) -> Path:
 
 
 def bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
-    """Run the loop; returns returns (base, adapted, oracle), gap closed, real steps, packets, bytes, timings.
+    """Run one device; returns base/oracle/final returns, gap closed, steps to reach and hold the
+    target, packets, bytes, and per-round timings (``server_cpu_s_per_round``).
 
-    ``wall_s`` covers the loop and the three evaluations; training (or loading from the cache) the
-    base and oracle policies and exporting the base bundle are in ``wall_s_including_setup``."""
+    ``wall_s`` covers the loop and the evaluations; training (or loading from the cache) the base
+    and oracle policies and exporting the base bundle are in ``wall_s_including_setup``."""
     with blas_threads(cfg.blas_threads):
         return _bench_adapt(cfg)
 
 
+def gap_figures(evals: list[tuple[int, float]], base: float, oracle: float, target: float
+                ) -> dict[str, Any]:
+    """steps_to_reach (first evaluation at or above ``target`` gap closed), steps_to_hold (real
+    steps after which every evaluation stays there; None if the last is below), final gap."""
+    gap = oracle - base
+    closed = [((ret - base) / gap if abs(gap) > 1e-9 else float("nan")) for _, ret in evals]
+    reach = next((s for (s, _), c in zip(evals, closed) if c >= target), None)
+    hold = None
+    for (s, _), c in zip(reversed(evals), reversed(closed)):
+        if c < target:
+            break
+        hold = s
+    return {"gap_closed": closed[-1], "steps_to_reach": reach, "steps_to_hold": hold,
+            "gap_curve": [(s, round(c, 4)) for (s, _), c in zip(evals, closed)]}
+
+
 def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
+    from ..judicial import RealData
+    from ..tasks import make_env
+
     t_start = time.perf_counter()
     task = get_task(cfg.env_id)
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
@@ -201,83 +222,87 @@ def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
         base_bundle = _base_bundle(cfg, base, base_cache) if cfg.edge_eval else Path()
     oracle, _, _ = cached_policy(replace(cfg.train, env_id=cfg.env_id, physics=dict(cfg.physics)), root)
     edge = _EdgeSide(base_bundle, task) if cfg.edge_eval else None
-    t_loop, cpu_loop = time.perf_counter(), time.process_time()
+    t_loop = time.perf_counter()
 
-    base_act = edge.act if edge else _policy_fn(base, None)
-    base_eval = evaluate(base_act, cfg.env_id, cfg.physics, cfg.eval_episodes)
+    base_eval = evaluate(edge.act if edge else _policy_fn(base, None), cfg.env_id, cfg.physics,
+                         cfg.eval_episodes)
     oracle_eval = evaluate(_policy_fn(oracle, None), cfg.env_id, cfg.physics, cfg.eval_episodes)
 
-    model = WorldModel(task.obs_dim, task.act_dim, cfg.model)
-    sim = PhantomPathSimulator(model, task, PhantomConfig(paths=cfg.phantom_paths, horizon=cfg.phantom_horizon,
-                                                          action_noise=0.05, with_disagreement=False,
-                                                          seed=cfg.seed))
-    distiller = LoRADistiller(base, cfg.distill)
-    lora = distiller.init_adapter()
-    data: dict[str, np.ndarray] = {}
-    label_rounds: list[tuple[np.ndarray, np.ndarray]] = []  # (states, planner actions) per round
+    acfg = cfg.adapt or adapt_config(cfg.budget, cfg.seed, world_model=cfg.world_model)
+    learner = Learner(task, acfg)
+    env = make_env(cfg.env_id, cfg.physics)
+    episode = 0
+    obs = np.asarray(env.reset(seed=cfg.seed * 100_000 + episode)[0], np.float32)
+    sigma = cfg.explore_noise * 0.5 * (task.act_high - task.act_low)
+    cols: dict[str, list[np.ndarray]] = {"obs": [], "act": [], "rew": [], "next_obs": []}
+    act_fn = edge.act if edge else _policy_fn(base, None)
+    evals: list[tuple[int, float]] = [(0, base_eval["mean"])]
     rounds: list[dict[str, Any]] = []
-    real_steps = packets = packet_bytes = 0
-    for r in range(cfg.rounds):
-        t_round = time.perf_counter()
-        # 1. the device acts with what it has (base, then base + last adapter) and streams transitions
-        act = edge.act if edge else _policy_fn(base, lora if r else None)
-        batch = collect(act, cfg.env_id, cfg.physics, cfg.episodes_per_round,
-                        seed0=cfg.seed * 100_000 + 1000 * (r + 1), noise=cfg.explore_noise, rng=rng)
-        real_steps += len(batch["obs"])
-        for k in ("obs", "act", "rew", "next_obs"):
-            data[k] = np.concatenate([data[k], batch[k]]) if k in data else batch[k]
-        # 2. world model on every real transition so far (warm start)
-        fit = model.fit(data["obs"], data["act"], data["next_obs"],
-                        data["rew"] if cfg.model.learn_reward else None)
-        # 3-4. phantom DAgger: adapted policy visits states in the model, planner relabels, LoRA refits
-        dist = None
-        label_rounds.append((np.empty((0, task.obs_dim), np.float32), np.empty((0, task.act_dim), np.float32)))
-        if cfg.label_memory:
-            del label_rounds[:-cfg.label_memory]
-        for _ in range(cfg.dagger_iters):
-            roll = sim.rollout(data["obs"], base, lora)
-            visited = roll.obs[:, :-1].reshape(-1, task.obs_dim)  # (paths * horizon, obs_dim)
-            pick = rng.choice(len(visited), min(cfg.label_states, len(visited)), replace=False)
-            states = np.concatenate([visited[pick], data["obs"][rng.choice(len(data["obs"]),
-                                                                            cfg.label_states // 4)]])
-            plan = sim.plan(states, base, lora, cfg.planner)
-            label_rounds[-1] = (np.concatenate([label_rounds[-1][0], states]),
-                                np.concatenate([label_rounds[-1][1], plan.actions]))
-            labels_obs = np.concatenate([o for o, _ in label_rounds])
-            labels_act = np.concatenate([a for _, a in label_rounds])
-            dist = distiller.fit(labels_obs, labels_act, anchor_states=data["obs"], init=lora)
-            lora = dist.adapter
-        pred = distiller.predicted_returns(sim, data["obs"], [None, lora], paths=200, horizon=100)
-        # 5-6. ship: packet codec + edge merge (or the size estimate without the edge)
-        size = edge.ship(lora) if edge else estimated_packet_bytes(lora)
-        packets += 1
-        packet_bytes += size
-        rounds.append({
-            "round": r, "real_steps": real_steps, "collect_return": float(batch["returns"].mean()),
-            "model_val_mse": fit.val_mse, "model_disagreement": fit.disagreement, "model_epochs": fit.epochs,
-            "labels": sum(len(o) for o, _ in label_rounds), "imitation_loss": dist.imitation_after if dist else None,
-            "predicted_return_base": pred[0], "predicted_return_adapted": pred[1],
-            "packet_bytes": size, "round_s": time.perf_counter() - t_round,
-        })
-        log.info("round %d: %s", r, rounds[-1])
+    pending: tuple[int, LoRA] | None = None  # (activation step, adapter)
+    last_round = packets = packet_bytes = 0
+    episode_returns, ep_ret = [], 0.0
+    for step in range(1, cfg.real_steps + 1):
+        a = act_fn(obs[None])[0]
+        if cfg.explore_noise > 0:
+            a = np.clip(a + sigma * rng.standard_normal(a.shape), task.act_low, task.act_high)
+        a = np.asarray(a, np.float32)
+        nxt, r, term, trunc, _ = env.step(a)
+        for k, v in (("obs", obs), ("act", a), ("rew", np.float32(r)), ("next_obs", nxt)):
+            cols[k].append(np.asarray(v, np.float32))
+        ep_ret += float(r)
+        obs = np.asarray(nxt, np.float32)
+        if term or trunc:
+            episode += 1
+            episode_returns.append(ep_ret)
+            ep_ret = 0.0
+            obs = np.asarray(env.reset(seed=cfg.seed * 100_000 + episode)[0], np.float32)
+        if pending is not None and step >= pending[0]:
+            lora = pending[1]
+            pending = None
+            size = edge.ship(lora) if edge else estimated_packet_bytes(lora)
+            packets += 1
+            packet_bytes += size
+            act_fn = edge.act if edge else _policy_fn(base, lora)
+            ev = evaluate(act_fn, cfg.env_id, cfg.physics, cfg.eval_episodes)
+            evals.append((step, ev["mean"]))
+            rounds[-1].update(activated_at=step, eval_return=ev["mean"], packet_bytes=size)
+            log.info("step %d: adapter active, noise-free return %.1f (base %.1f, oracle %.1f)",
+                     step, ev["mean"], base_eval["mean"], oracle_eval["mean"])
+        if pending is None and step - last_round >= cfg.min_new_transitions:
+            last_round = step
+            data = {k: np.stack(v) for k, v in cols.items()}
+            n = min(len(data["obs"]), acfg.max_transitions)
+            real = RealData(*(data[k][-n:] for k in ("obs", "act", "rew", "next_obs")))
+            result = learner.round(base, real, fleet="bench", slot="device", device="bench-device",
+                                   subject=f"bench:round{len(rounds)}")
+            lag = int(np.ceil(result.seconds * cfg.rate_hz))
+            rounds.append({"round": len(rounds), "real_steps": step, "verdict": result.verdict,
+                           "reasons": [x.code for x in result.record.reasons],
+                           "seconds": result.seconds, "cpu_s": result.cpu_seconds,
+                           "lag_steps": lag, "labels": len(learner.labels),
+                           "model": result.model_kind, **result.scores})
+            log.info("round %d at step %d: %s in %.1f s", len(rounds) - 1, step, result.verdict,
+                     result.seconds)
+            if result.adapter is not None:
+                pending = (step + max(lag, 1), result.adapter)
 
-    adapted_act = edge.act if edge else _policy_fn(base, lora)
-    adapted_eval = evaluate(adapted_act, cfg.env_id, cfg.physics, cfg.eval_episodes)
-    gap = oracle_eval["mean"] - base_eval["mean"]
+    figures = gap_figures(evals, base_eval["mean"], oracle_eval["mean"], cfg.target)
+    cpu = [r["cpu_s"] for r in rounds]
     return {
-        "env_id": cfg.env_id, "physics": dict(cfg.physics),
-        "base_return": base_eval["mean"], "adapted_return": adapted_eval["mean"],
+        "env_id": cfg.env_id, "physics": dict(cfg.physics), "seed": cfg.seed, "budget": cfg.budget,
+        "world_model": rounds[0]["model"] if rounds else cfg.world_model,
+        "base_return": base_eval["mean"], "final_return": evals[-1][1],
         "oracle_return": oracle_eval["mean"],
-        "base_sem": base_eval["sem"], "adapted_sem": adapted_eval["sem"], "oracle_sem": oracle_eval["sem"],
-        "gap_closed": (adapted_eval["mean"] - base_eval["mean"]) / gap if abs(gap) > 1e-9 else float("nan"),
-        "gap_in_sems": abs(gap) / max(np.hypot(base_eval["sem"], oracle_eval["sem"]), 1e-9),
-        "real_steps": real_steps, "packets": packets, "packet_bytes": packet_bytes,
-        "packet_bytes_last": rounds[-1]["packet_bytes"] if rounds else 0,
-        "edge_eval": bool(edge), "edge_runtime_error": edge.runtime_error if edge else "", "eval_episodes": cfg.eval_episodes, "eval_seed0": EVAL_SEED0,
+        "base_sem": base_eval["sem"], "oracle_sem": oracle_eval["sem"],
+        **figures,
+        "first_packet_steps": next((r["activated_at"] for r in rounds if "activated_at" in r), None),
+        "real_steps": cfg.real_steps, "packets": packets, "packet_bytes": packet_bytes,
+        "rounds": rounds, "episode_returns": episode_returns,
+        "server_cpu_s_per_round": float(np.mean(cpu)) if cpu else 0.0,
+        "server_cpu_s_per_round_max": float(np.max(cpu)) if cpu else 0.0,
+        "edge_eval": bool(edge), "edge_runtime_error": edge.runtime_error if edge else "",
+        "eval_episodes": cfg.eval_episodes, "eval_seed0": EVAL_SEED0,
         "wall_s": time.perf_counter() - t_loop,
         "wall_s_including_setup": time.perf_counter() - t_start,
-        "cpu_s": time.process_time() - cpu_loop,  # all threads: a load-independent cost figure
-
-        "rounds": rounds,
-        "adapter": lora,
+        "adapter": learner.adapter,
     }

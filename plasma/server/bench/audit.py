@@ -29,9 +29,8 @@ import numpy as np
 from ..basepolicy import TrainBaseConfig, cached_policy, collect, evaluate
 from ..judicial import JudicialAuditor, JudicialConfig, RealData
 from ..policy_net import LoRA, MLPPolicy
-from ..run import RoundConfig, adaptation_round, fit_world_model, round_config
+from ..adapt import AdaptConfig, Model, adapt_config, adaptation_round, fit_model, seeded
 from ..tasks import TaskSpec, get_task
-from ..worldmodel import WorldModel
 
 __all__ = ["AuditBenchConfig", "bench_audit", "TeleportModel"]
 
@@ -56,8 +55,10 @@ class AuditBenchConfig:
     """...and torque below this (braking): the model predicts upright at rest."""
     eval_episodes: int = 10
     """Real evaluation episodes per policy, fixed seeds."""
-    round: RoundConfig = field(default_factory=lambda: round_config("default"))
-    """Adaptation-round budgets: those of ``plasma-server run --budget default``."""
+    round: AdaptConfig = field(default_factory=lambda: adapt_config("default"))
+    """Adaptation-round budgets: those of ``plasma-server run --budget default`` (its world model
+    too: the identified physics prior for Pendulum; ``adapt_config(world_model="ensemble")`` for
+    the learned ensemble)."""
     judicial: JudicialConfig = field(default_factory=JudicialConfig)
     """Auditor thresholds."""
     scenarios: tuple[str, ...] = ("honest", "exploit", "few_data")
@@ -66,18 +67,19 @@ class AuditBenchConfig:
     """Seed of collection and of every round."""
 
 
-class TeleportModel(WorldModel):
-    """A fitted Pendulum ensemble whose every member teleports to upright-at-rest in a region."""
+class TeleportModel:
+    """Mixin of a fitted Pendulum model (ensemble or physics prior) whose every member teleports
+    to upright-at-rest in a region; ``wrap`` makes a corrupted copy of any fitted model."""
 
     region: tuple[float, float] = (2.0, -1.0)
     """(angular velocity above, torque below)."""
 
     @classmethod
-    def wrap(cls, model: WorldModel, region: tuple[float, float]) -> TeleportModel:
+    def wrap(cls, model: Model, region: tuple[float, float]) -> Model:
         corrupted = copy.copy(model)  # shares the fitted members and normalization
-        corrupted.__class__ = cls
-        corrupted.region = region
-        return corrupted  # type: ignore[return-value]
+        corrupted.__class__ = type(f"Teleport{type(model).__name__}", (cls, type(model)), {})
+        corrupted.region = region  # type: ignore[attr-defined]
+        return corrupted
 
     def _teleport(self, obs: np.ndarray, act: np.ndarray, out: np.ndarray) -> np.ndarray:
         speed, torque = self.region
@@ -86,10 +88,10 @@ class TeleportModel(WorldModel):
         return out
 
     def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
-        return self._teleport(obs, act, super().step_member(member, obs, act))
+        return self._teleport(obs, act, super().step_member(member, obs, act))  # type: ignore[misc]
 
     def step_mean(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
-        return self._teleport(obs, act, super().step_mean(obs, act))
+        return self._teleport(obs, act, super().step_mean(obs, act))  # type: ignore[misc]
 
 
 def _act(policy: MLPPolicy, lora: LoRA | None):  # type: ignore[no-untyped-def]
@@ -107,7 +109,7 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
                    noise=0.1, rng=np.random.default_rng(cfg.seed))
     real = RealData(data["obs"], data["act"], data["rew"], data["next_obs"])
     before = evaluate(_act(base, None), cfg.env_id, cfg.physics, cfg.eval_episodes)
-    model = fit_world_model(task, real, cfg.round)  # honest and exploit share the ensemble
+    model = fit_model(task, real, cfg.round)  # honest and exploit share the fitted model
     out = []
     for name in cfg.scenarios:
         world, rows, fitted = task, real, model
@@ -125,18 +127,16 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
 
 def _seeded(cfg: AuditBenchConfig) -> AuditBenchConfig:
     """One seed for everything: collection, world model, planner, distiller and auditor."""
-    r, seed = cfg.round, cfg.seed
-    rounds = replace(r, seed=seed, model=replace(r.model, seed=seed),
-                     planner=replace(r.planner, seed=seed), distill=replace(r.distill, seed=seed))
-    return replace(cfg, round=rounds, judicial=replace(cfg.judicial, seed=seed))
+    return replace(cfg, round=seeded(cfg.round, cfg.seed), judicial=replace(cfg.judicial, seed=cfg.seed))
 
 
 def _scenario(name: str, world: TaskSpec, base: MLPPolicy, real: RealData,
-              model: WorldModel | None, cfg: AuditBenchConfig, before: float) -> dict[str, Any]:
+              model: Model | None, cfg: AuditBenchConfig, before: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     auditor = JudicialAuditor(world, base, cfg.judicial)
-    result = adaptation_round(world, base, real, cfg.round, auditor, fleet="bench", slot="device",
-                              device="bench-device", subject=f"bench:{name}", model=model)
+    result, _, _ = adaptation_round(world, base, real, cfg.round, auditor, fleet="bench",
+                                    slot="device", device="bench-device", subject=f"bench:{name}",
+                                    model=model)
     decision = result.decision
     after = evaluate(_act(base, decision.candidate), cfg.env_id, cfg.physics, cfg.eval_episodes)
     record = result.record

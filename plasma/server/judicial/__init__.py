@@ -18,7 +18,12 @@ check                        flags when
 ``support``                  many candidate path states far from every real state (nearest-
                              neighbour distance in real-std units vs the real data's own),
                              whoever drives them there: with few data even the reference's
-                             paths leave the support, and the whole comparison is untrusted
+                             paths leave the support, and the whole comparison is untrusted.
+                             With a simulator in the task, a path state also counts as
+                             supported when every transition leading to it matches the
+                             nominal simulator at physics the auditor identifies itself on
+                             the real data (``vouch_prior``): the prior carries the support
+                             there, and a corrupted transition ends it
 ``penalized_gain``           most of the gain disappears under MOPO's r - lambda * u, with
                              u the disagreement in excess of the real-data level (support
                              distance is not in u: measured on Pendulum, an honest gain
@@ -29,6 +34,11 @@ check                        flags when
 ``model_on_real``            the dynamics the paths use (median member) contradict the
                              device's own recorded transitions (a corrupted or poisoned region
                              that all members share: disagreement cannot see it)
+``model_on_prior``           (tasks with a simulator) candidate paths run through transitions
+                             that contradict the nominal simulator at physics the auditor
+                             identifies itself on the real data, more than the reference's
+                             paths do (a corrupted region the data never visited: neither
+                             disagreement nor the real transitions can see it)
 ``heldout_members``          the gain does not hold under ensemble members the producer
                              never planned with (docs/design.md section 7: an adapter tuned
                              on one member kept its predicted return while the real one
@@ -54,6 +64,7 @@ from .checks import (
     check_disagreement,
     check_gain,
     check_heldout_members,
+    check_model_on_prior,
     check_model_on_real,
     check_norms,
     check_penalized_gain,
@@ -72,6 +83,6 @@ from .trust import TrustModel
 __all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Decision", "Evidence", "EvidenceGatherer",
            "JudicialAuditor", "JudicialConfig", "Judgement", "RealData", "Redistill",
            "StateFilter", "TrustModel", "UntrustFn", "check_disagreement", "check_gain",
-           "check_heldout_members", "check_model_on_real", "check_norms", "check_penalized_gain",
+           "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms", "check_penalized_gain",
            "check_probing", "check_replay", "check_reward_model", "check_reward_spikes",
            "check_support", "member_view", "rollout_paths", "run_checks", "split_members"]

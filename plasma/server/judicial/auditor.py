@@ -87,7 +87,7 @@ class JudicialAuditor(EvidenceGatherer):
                heldout: WorldModel | None = None, redistill: Redistill | None = None,
                subject: str = "candidate") -> Decision:
         """Audit; if only correctable checks fail, redistill once under the penalty and re-audit."""
-        trust = TrustModel(model, real, self.cfg)
+        trust = TrustModel(model, real, self.cfg, self.task)
         first = self.audit(candidate, model=model, real=real, reference=reference,
                            heldout=heldout, trust=trust)
         if first.ok:

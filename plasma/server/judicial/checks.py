@@ -15,13 +15,13 @@ from .config import JudicialConfig
 from .evidence import Evidence
 
 __all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Judgement", "check_disagreement",
-           "check_gain", "check_heldout_members", "check_model_on_real", "check_norms",
+           "check_gain", "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
            "check_penalized_gain", "check_probing", "check_replay", "check_reward_model",
            "check_reward_spikes", "check_support", "run_checks"]
 
 NOT_CORRECTABLE = {"non_finite_adapter", "adapter_norm_too_large", "no_predicted_gain",
                    "reward_model_mismatch", "model_contradicts_real_data",
-                   "world_model_lacks_data"}
+                   "model_contradicts_prior", "world_model_lacks_data"}
 """Reasons a redistillation in the same world cannot fix (broken adapter, no gain, wrong world)."""
 
 
@@ -125,6 +125,20 @@ def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason
     return CheckResult(None, scores)
 
 
+def check_model_on_prior(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
+    if not ev.cand_prior_error.size:  # no simulator in the task: nothing to compare with
+        return CheckResult(None, {"prior_contradicted": 0.0, "prior_contradicted_ref": 0.0})
+    cand = float((ev.cand_prior_error > cfg.max_model_error).mean())
+    ref = float((ev.ref_prior_error > cfg.max_model_error).mean()) if ev.ref_prior_error.size \
+        else 0.0
+    scores = {"prior_contradicted": cand, "prior_contradicted_ref": ref}
+    if cand > cfg.max_prior_contradicted and cand > cfg.max_prior_increase * ref:
+        return _reject("model_contradicts_prior", "model_on_prior",
+                       f"{cand:.1%} of candidate path transitions contradict the simulator at the "
+                       f"physics identified on the real data (reference paths: {ref:.1%})", scores)
+    return CheckResult(None, scores)
+
+
 def check_heldout_members(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     gains = ev.heldout_gains if len(ev.heldout_gains) else ev.member_gains
     which = "held-out" if len(ev.heldout_gains) else "single planning"
@@ -164,8 +178,8 @@ def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
 
 CHECKS: tuple[Check[Evidence, JudicialConfig, Reason], ...] = (
     check_norms, check_gain, check_disagreement, check_support, check_penalized_gain,
-    check_reward_spikes, check_reward_model, check_model_on_real, check_heldout_members,
-    check_probing, check_replay,
+    check_reward_spikes, check_reward_model, check_model_on_real, check_model_on_prior,
+    check_heldout_members, check_probing, check_replay,
 )
 
 

@@ -79,6 +79,15 @@ class JudicialConfig:
     """Real states kept for nearest-neighbour support distances."""
     drop_support: float = 3.0
     """In a correction, label states beyond this many support radii are dropped."""
+    max_prior_contradicted: float = 0.005
+    """``model_on_prior``: flag if more than this fraction of candidate path transitions miss the
+    auditor's identified prior by more than ``max_model_error`` stds..."""
+    max_prior_increase: float = 2.0
+    """...and more than this multiple of the reference paths' fraction."""
+    vouch_prior: bool = True
+    """Tasks with a simulator: path states reached only through transitions that match the
+    simulator at physics identified by the auditor on the real data (within ``max_model_error``
+    real-observation stds) count as supported. Off: the nearest-real-state rule alone."""
 
 
 @dataclass(frozen=True)

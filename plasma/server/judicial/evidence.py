@@ -61,6 +61,11 @@ class Evidence:
     """layer -> ||dW||_F / ||W||_F of the candidate (relative to the base weights)."""
     finite: bool = True
     """Every factor of the candidate is finite."""
+    ref_prior_error: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N, H) reference path transitions' miss against the auditor's identified prior (empty
+    without a simulator)."""
+    cand_prior_error: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N, H) the same along candidate paths."""
 
     @property
     def gain(self) -> float:
@@ -79,7 +84,7 @@ class EvidenceGatherer:
                  reference: LoRA | None = None, heldout: WorldModel | None = None,
                  trust: TrustModel | None = None) -> Evidence:
         cfg, task = self.cfg, self.task
-        trust = trust or TrustModel(model, real, cfg)
+        trust = trust or TrustModel(model, real, cfg, task)
         lam = self._lambda(real)
         rng = np.random.default_rng(cfg.seed)
         starts = real.obs[rng.integers(0, len(real.obs), cfg.paths)].astype(np.float32)
@@ -106,6 +111,8 @@ class EvidenceGatherer:
             norm_ratios=self._norm_ratios(candidate),
             finite=all(np.isfinite(a).all() and np.isfinite(b).all()
                        for a, b in candidate.factors.values()),
+            ref_prior_error=trust.prior_error(ref[0], ref[1]),
+            cand_prior_error=trust.prior_error(cand[0], cand[1]),
         )
 
     def _lambda(self, real: RealData) -> float:
@@ -120,6 +127,7 @@ class EvidenceGatherer:
         flat_obs = obs[:, :-1].reshape(n * h, -1)
         dis = trust.disagreement_ratio(flat_obs, act.reshape(n * h, -1)).reshape(n, h)
         sup = trust.support_ratio(obs[:, 1:].reshape(n * h, -1)).reshape(n, h)
+        sup = np.where(trust.vouched(obs, act), np.minimum(sup, 1.0), sup)
         return dis, sup
 
     def _gain(self, dyn: ModelDynamics | OneMember, starts: np.ndarray, candidate: LoRA,

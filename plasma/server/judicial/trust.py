@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+from ..tasks import TaskSpec
 from ..worldmodel import WorldModel
 from .config import JudicialConfig, RealData
 
@@ -11,11 +14,23 @@ __all__ = ["TrustModel"]
 
 
 class TrustModel:
-    """Where the world model can be trusted: near real states, where members agree."""
+    """Where the world model can be trusted: near real states (or reached by transitions the
+    identified prior confirms), where members agree."""
 
-    def __init__(self, model: WorldModel, real: RealData, cfg: JudicialConfig) -> None:
+    def __init__(self, model: WorldModel, real: RealData, cfg: JudicialConfig,
+                 task: TaskSpec | None = None) -> None:
         rng = np.random.default_rng(cfg.seed)
         self.model = model
+        self.max_model_error = cfg.max_model_error
+        self.prior: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        if cfg.vouch_prior and task is not None and task.sim_step is not None \
+                and len(real.obs) >= 10:
+            from ..sysid import SysIdConfig, identify
+
+            ident = identify(task, real.obs, real.act, real.next_obs,
+                             SysIdConfig(members=1, member_iterations=0, seed=cfg.seed))
+            physics, sim, project = ident.physics, task.sim_step, task.project_obs
+            self.prior = lambda o, a: project(sim(o, a, physics))
         self.scale = real.obs.std(0) + 1e-6  # (od,)
         keep = rng.choice(len(real.obs), min(cfg.support_points, len(real.obs)), replace=False)
         self.points = (real.obs[keep] / self.scale).astype(np.float32)  # (m, od)
@@ -46,6 +61,23 @@ class TrustModel:
     def untrust_fast(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         """The planner's penalty: ``untrust`` + distance outside the real range (no neighbours)."""
         return self.untrust(obs, act) + self.box_excess(obs)
+
+    def prior_error(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """obs (N, H + 1, od), act (N, H, ad) -> (N, H) miss of each path transition against the
+        identified prior, in real-observation stds (worst dimension); empty without a prior."""
+        n, h = act.shape[:2]
+        if self.prior is None:
+            return np.empty((0, 0), np.float32)
+        pred = self.prior(obs[:, :-1].reshape(n * h, -1), act.reshape(n * h, -1)).reshape(n, h, -1)
+        return (np.abs(pred - obs[:, 1:]) / self.scale).max(-1)
+
+    def vouched(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """obs (N, H + 1, od), act (N, H, ad) -> (N, H) bool: every transition up to step t matches
+        the auditor's identified prior (all False without one)."""
+        if self.prior is None:
+            return np.zeros(act.shape[:2], bool)
+        err = self.prior_error(obs, act)  # (N, H)
+        return np.logical_and.accumulate(err <= self.max_model_error, axis=1)
 
     def trusted_states(self, obs: np.ndarray, act: np.ndarray, max_support: float) -> np.ndarray:
         """(n,) bool: members agree and the state is within ``max_support`` support radii."""
