@@ -46,7 +46,11 @@ class TieredUpgrades:
             return None
         self._cond.notify_all()
         if self._worker is None:
-            self._worker = threading.Thread(target=self._background, name="plasma-prepack", daemon=True)
+            # Not a daemon thread: killed at interpreter exit inside an ONNX Runtime session build,
+            # it aborted the process ("terminate called without an active exception", 1 run in 3
+            # of docs/examples/lora_distillation.py). Exit now waits for it: at most one build
+            # plus upgrade_linger_s.
+            self._worker = threading.Thread(target=self._background, name="plasma-prepack", daemon=False)
             return self._worker
         return None
 
