@@ -270,10 +270,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL",
                       help="used when a broker answers there; else an embedded one starts there")
     demo.add_argument("--devices", type=int, default=3)
-    demo.add_argument("--duration", type=float, default=240.0, metavar="SECONDS")
+    demo.add_argument("--duration", type=float, default=120.0, metavar="SECONDS")
     demo.add_argument("--physics", default=None, metavar="K=V,...;K=V,...",
                       help="per-device physics, separated by ';' (cycled)")
-    demo.add_argument("--rate-hz", type=float, default=100.0, help="device control rate")
+    demo.add_argument("--rate-hz", type=float, default=50.0, help="device control rate (50)")
     demo.add_argument("--model", default=None, metavar="BUNDLE_DIR",
                       help="base policy (default: deploy/models/pendulum-nominal)")
     demo.add_argument("--out", default="plasma-demo", metavar="DIR",
