@@ -35,6 +35,7 @@ from ..server.adapt import Learner, adapt_config
 from ..server.basepolicy import EVAL_SEED0, evaluate
 from ..server.catalog import find_model
 from ..server.judicial import RealData
+from ..server.phantom import blas_threads
 from ..server.policy_net import MLPPolicy
 from ..server.run import policy_from_bundle
 from ..server.store import TraceStore
@@ -303,8 +304,11 @@ class PlasmaAgent:
                         np.asarray(batch.next_obs, np.float32))
 
     def _round(self, real: RealData) -> Any:
-        return self.learner.round(self.policy, real, fleet=self.fleet, slot="device",
-                                  device=self.device_id)
+        # one BLAS thread, as plasma-server run's worker: these matmuls are small, and two
+        # threads fighting the caller's own work for two cores made rounds 3-6x slower
+        with blas_threads(1):
+            return self.learner.round(self.policy, real, fleet=self.fleet, slot="device",
+                                      device=self.device_id)
 
     def _model(self) -> Any:
         """The learner's world model, fitted now if no round has run yet."""
