@@ -31,10 +31,10 @@ from plasma.protocol import (
     check_version,
     decode_packet,
 )
+from plasma.protocol.bundle import Manifest
 from plasma.protocol.checks import Check, CheckResult, judge_all
 from plasma.protocol.wire import AuditRecord, Reason
 
-from plasma.protocol.bundle import Manifest
 from .probes import (
     BEHAVIOUR_CHECKS,
     WEIGHT_CHECKS,

@@ -10,8 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plasma.protocol import PlasmaError, TrustStore
-from plasma.protocol._cli import (EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError,
-                                  add_broker_arguments)
+from plasma.protocol._cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError, add_broker_arguments
 from plasma.protocol.topics import validate_id
 
 from .audit import AuditContext, audit_packet

@@ -26,8 +26,8 @@ from .canary import Canary, CanaryConfig
 from .journal import Journal
 from .merge import MergeEngine
 from .pipeline import AdapterPipeline, Outcome
-from .runtime import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
+from .runtime import PolicyRuntime
 
 __all__ = ["DeviceConfig", "EdgeDevice"]
 

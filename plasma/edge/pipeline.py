@@ -35,8 +35,8 @@ from .audit import (
 from .canary import Canary, CanaryVerdict
 from .journal import Journal, JournalError, Pending
 from .merge import MergeEngine, MergeError, Staged
-from .runtime import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
+from .runtime import PolicyRuntime
 
 __all__ = ["AdapterPipeline", "Outcome"]
 

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from .slots import SLOTS, Slot, slot_kind
 from .adapter import Adapter
 from .errors import (
     HeaderInvalid,
@@ -49,6 +48,7 @@ from .errors import (
     SignatureUnknownKey,
 )
 from .signing import KEY_ID_BYTES, SigningKey, TrustStore
+from .slots import SLOTS, Slot, slot_kind
 from .wire import LayerSpec as WireLayerSpec
 from .wire import PacketHeader, Reason
 

@@ -194,8 +194,8 @@ def export_bundle(
             "schema": 1, "obs_dim": layers[0][0].shape[1], "act_dim": layers[-1][0].shape[0],
             "obs_low": _opt_list(obs_low), "obs_high": _opt_list(obs_high),
             **{k: v.tolist() for k, v in vec.items()},
-            "hidden_activation": hidden_activation, "weight_qmax": WEIGHT_QMAX, "env_id": env_id, "physics": dict(physics or {}),
-            "base_sha256": hashlib.sha256(int8_bytes).hexdigest(),
+            "hidden_activation": hidden_activation, "weight_qmax": WEIGHT_QMAX, "env_id": env_id,
+            "physics": dict(physics or {}), "base_sha256": hashlib.sha256(int8_bytes).hexdigest(),
             "layers": [e.model_dump(by_alias=True) for e in _layer_entries(onnx.load_from_string(int8_bytes), layers)],
             "meta": dict(meta or {}),
         }

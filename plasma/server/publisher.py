@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from plasma.protocol.bus import Bus, Message
 from plasma.protocol import (
     Adapter,
     AuditRecord,
@@ -46,6 +45,7 @@ from plasma.protocol import (
     slot_topic,
     topics,
 )
+from plasma.protocol.bus import Bus, Message
 
 from .store import TraceStore
 
@@ -243,7 +243,7 @@ class Publisher:
                 self._last_sent[job.key] = self._clock()
             try:
                 self._publish(job)
-            except Exception:  # noqa: BLE001 - keep publishing other slots; logged with the job
+            except Exception:  # keep publishing other slots; logged with the job
                 log.exception("publisher: could not publish %s %s", job.slot, job.device or "")
 
     def _publish(self, job: _Job) -> Published:

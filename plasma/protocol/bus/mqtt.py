@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Bus, BrokerConfig, BusError, Handler, Message, topic_matches
+from .base import BrokerConfig, Bus, BusError, Handler, Message, topic_matches
 
 __all__ = ["MqttBus"]
 
@@ -202,7 +202,7 @@ class MqttBus(Bus):
         for handler in handlers:
             try:
                 handler(message)
-            except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
+            except Exception:  # a handler bug must not kill the network thread
                 log.exception("handler for %s failed", msg.topic)
 
     # ---- operations
