@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -363,9 +363,9 @@ class Daemon:
         self.metrics.telemetry_dropped.set(self.telemetry.dropped_rows)
         self._publish(self._status_topic, self._status("online"), retain=True)
 
-    def _status(self, state: str) -> bytes:
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
         versions = dict(self.pipeline.slot_versions)
-        return Status(fleet=self.cfg.fleet, device=self.cfg.device, state=state,  # type: ignore[arg-type]
+        return Status(fleet=self.cfg.fleet, device=self.cfg.device, state=state,
                       base_sha256=self.bundle.base_sha256, versions=versions,
                       fleet_version=versions["fleet"], device_version=versions["device"],
                       steps=self.steps, rolling_reward=self.canary.rolling_mean()

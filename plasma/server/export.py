@@ -188,7 +188,7 @@ def export_bundle(
         int8_bytes = tmp_int8.read_bytes()
     (out / MODEL_INT8).write_bytes(int8_bytes)
     arrays = {f"l{k}.{p}": a for k, (w, b) in enumerate(layers) for p, a in (("W", w), ("b", b))}
-    np.savez(out / BASE_WEIGHTS, **arrays)  # type: ignore[arg-type]
+    np.savez(out / BASE_WEIGHTS, allow_pickle=False, **arrays)
     manifest = Manifest.model_validate(
         {
             "schema": 1, "obs_dim": layers[0][0].shape[1], "act_dim": layers[-1][0].shape[0],

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -113,7 +114,7 @@ class Publisher:
     """Signs and publishes queued adapters; tracks device acknowledgements in the store."""
 
     def __init__(self, bus: Bus, store: TraceStore, key: SigningKey, cfg: PublisherConfig,
-                 clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.bus, self.store, self.key, self.cfg = bus, store, key, cfg
         self._clock = clock
         self._heap: list[_Job] = []
