@@ -19,7 +19,7 @@ from tests.helpers.ports import free_port
 pytest.importorskip("gymnasium")
 pytest.importorskip("matplotlib")
 
-from plasma.server.tools.demo import DemoConfig, run_demo  # noqa: E402
+from plasma.server.tools.demo import DemoConfig, run_demo
 
 DURATION_S = 40.0
 """The first round runs after 200 real steps (4 s at 50 Hz) and takes 5-10 s; 40 s leaves room

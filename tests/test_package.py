@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import subprocess
 import sys
 
-import importlib
-import pkgutil
+import pytest
 
 import plasma
 import plasma.edge
 import plasma.protocol
 import plasma.server
-import pytest
 from plasma.protocol import errors
 
 PROTOCOL_NAMES = {

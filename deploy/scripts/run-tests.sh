@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything the test suite needs, on a fresh machine: Mosquitto (the wire tests start
-# their own broker on a free port), a virtual environment with the dev extras, pytest.
+# their own broker on a free port), a virtual environment with the dev extras; then lint
+# (ruff), types (mypy, strict on plasma/protocol and plasma/edge) and pytest. Any failure
+# fails the script, so CI (.ci/run) fails on a lint or type error before a test runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -17,4 +19,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[dev]"
+echo "ruff check plasma tests"
+.venv/bin/python -m ruff check plasma tests
+echo "mypy (pyproject.toml [tool.mypy]: strict on plasma/protocol and plasma/edge)"
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

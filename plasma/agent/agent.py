@@ -27,8 +27,7 @@ import numpy as np
 from plasma.edge.device import DeviceConfig, EdgeDevice
 from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime
-from plasma.protocol import AuditRecord, PlasmaError, Reason, SigningKey, StateTrace, \
-    TraceBatch, TrustStore, WorldState
+from plasma.protocol import AuditRecord, PlasmaError, Reason, SigningKey, StateTrace, TraceBatch, TrustStore, WorldState
 from plasma.protocol.bundle import Bundle, load_bundle
 
 from ..server.adapt import Learner, adapt_config

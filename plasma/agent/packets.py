@@ -14,8 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from plasma.edge.device import EdgeDevice
-from plasma.protocol import Adapter, AuditRecord, InstructionPacket, SigningKey, decode_packet, \
-    encode_packet, peek_header, topics
+from plasma.protocol import (
+    Adapter,
+    AuditRecord,
+    InstructionPacket,
+    SigningKey,
+    decode_packet,
+    encode_packet,
+    peek_header,
+    topics,
+)
 from plasma.protocol.bus import Bus
 
 from ..server.distill import DistillConfig

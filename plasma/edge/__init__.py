@@ -25,19 +25,28 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-if TYPE_CHECKING:
-    from .audit import AuditContext, audit_packet
-    from .canary import Canary, CanaryConfig
-    from .config import DaemonConfig, load_config
-    from .daemon import Daemon
-    from .device import DeviceConfig, EdgeDevice
-    from .envs import Env, make_env
-    from .journal import Journal, Restored
-    from .merge import MergeEngine
-    from .pipeline import AdapterPipeline, Outcome
-    from .runtime import PolicyRuntime
-    from .probes import AuditThresholds, ObservationRing
-    from .telemetry import TelemetryBuffer, TelemetryConfig
+if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (__all__ is computed)
+    from .audit import AuditContext as AuditContext
+    from .audit import audit_packet as audit_packet
+    from .canary import Canary as Canary
+    from .canary import CanaryConfig as CanaryConfig
+    from .config import DaemonConfig as DaemonConfig
+    from .config import load_config as load_config
+    from .daemon import Daemon as Daemon
+    from .device import DeviceConfig as DeviceConfig
+    from .device import EdgeDevice as EdgeDevice
+    from .envs import Env as Env
+    from .envs import make_env as make_env
+    from .journal import Journal as Journal
+    from .journal import Restored as Restored
+    from .merge import MergeEngine as MergeEngine
+    from .pipeline import AdapterPipeline as AdapterPipeline
+    from .pipeline import Outcome as Outcome
+    from .probes import AuditThresholds as AuditThresholds
+    from .probes import ObservationRing as ObservationRing
+    from .runtime import PolicyRuntime as PolicyRuntime
+    from .telemetry import TelemetryBuffer as TelemetryBuffer
+    from .telemetry import TelemetryConfig as TelemetryConfig
 
 
 def __getattr__(name: str) -> Any:

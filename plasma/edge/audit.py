@@ -31,10 +31,10 @@ from plasma.protocol import (
     check_version,
     decode_packet,
 )
-from plasma.protocol.checks import Check, CheckResult, judge_all
-from plasma.protocol.wire import AuditRecord, Reason
-
 from plasma.protocol.bundle import Manifest
+from plasma.protocol.checks import Check, CheckResult, judge_all
+from plasma.protocol.wire import AuditRecord, Reason, Verdict
+
 from .probes import (
     BEHAVIOUR_CHECKS,
     WEIGHT_CHECKS,
@@ -128,19 +128,19 @@ def audit_packet(data: bytes, ctx: AuditContext, subject: str = "packet",
         reason = Reason(code=exc.code, message=str(exc), check="decode")
         return PacketVerdict(_record(subject, ctx, None, "rejected", (reason,)), None)
     reasons, _ = judge_all(checks, packet, ctx)
-    verdict = "rejected" if reasons else "accepted"
+    verdict: Verdict = "rejected" if reasons else "accepted"
     return PacketVerdict(_record(f"packet:{packet.header.packet_id}", ctx, packet, verdict,
                                  reasons), packet)
 
 
-def _record(subject: str, ctx: AuditContext, packet: DecodedPacket | None, verdict: str,
+def _record(subject: str, ctx: AuditContext, packet: DecodedPacket | None, verdict: Verdict,
             reasons: tuple[Reason, ...], scores: Mapping[str, float] | None = None
             ) -> AuditRecord:
     header = packet.header if packet is not None else None
     return AuditRecord(
         auditor="edge", subject=subject[:256], fleet=ctx.fleet, device=ctx.device,
         slot=header.slot if header else None, version=header.version if header else None,
-        verdict=verdict, reasons=reasons, scores=dict(scores or {}),  # type: ignore[arg-type]
+        verdict=verdict, reasons=reasons, scores=dict(scores or {}),
     )
 
 
@@ -214,7 +214,7 @@ def _finite_scores(scores: Mapping[str, float]) -> dict[str, float]:
     return {k: (float(v) if np.isfinite(v) else -1.0) for k, v in scores.items()}
 
 
-def record_for(packet: DecodedPacket | None, ctx: AuditContext, verdict: str,
+def record_for(packet: DecodedPacket | None, ctx: AuditContext, verdict: Verdict,
                reasons: tuple[Reason, ...] = (), scores: Mapping[str, float] | None = None,
                subject: str | None = None) -> AuditRecord:
     """An edge AuditRecord about ``packet`` (or about bytes that never parsed)."""

@@ -8,10 +8,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from plasma.protocol import PlasmaError, TrustStore
-from plasma.protocol._cli import (EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError,
-                                  add_broker_arguments)
+from plasma.protocol._cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError, add_broker_arguments
 from plasma.protocol.topics import validate_id
 
 from .audit import AuditContext, audit_packet
@@ -50,7 +50,14 @@ def _check_packet(args: argparse.Namespace) -> int:
     return EXIT_REJECTED if rejected else EXIT_OK
 
 
-def _model_context(model_dir: str | None) -> dict:
+class _ModelContext(TypedDict, total=False):
+    """The AuditContext fields a ``--model`` bundle sets."""
+
+    base_sha256: str
+    layers: dict[str, tuple[int, int]]
+
+
+def _model_context(model_dir: str | None) -> _ModelContext:
     if model_dir is None:
         return {}
     from plasma.protocol.bundle import load_bundle
@@ -97,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     return run(load_config(flags))
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
+def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser("run", help="run the device daemon (control loop + MQTT + audit + merge)",
                        description="Every option may also come from PLASMA_EDGE_<NAME> or "
                                    "--config FILE (TOML); flags win.")
@@ -129,7 +136,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
-def _add_model(sub: argparse._SubParsersAction) -> None:
+def _add_model(sub: argparse._SubParsersAction[Parser]) -> None:
     model = sub.add_parser("model", help="inspect a policy bundle")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True,
                                      parser_class=Parser)
@@ -163,7 +170,7 @@ def _bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def _add_bench(sub: argparse._SubParsersAction[Parser]) -> None:
     bench = sub.add_parser("bench", help="benchmarks of the edge hot paths (JSON output)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True,
                                 parser_class=Parser)
@@ -217,7 +224,7 @@ def build_parser() -> Parser:
     return parser
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_model, _add_bench]
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[Parser]], None]] = [_add_run, _add_model, _add_bench]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from plasma.protocol import DEFAULT_MAX_PACKET_BYTES, TopicError
-from plasma.protocol.errors import ConfigError
 from plasma.protocol._cli import coerce, layered, read_toml
+from plasma.protocol.bus import BrokerConfig, BusError
+from plasma.protocol.errors import ConfigError
 from plasma.protocol.topics import validate_id
 
-from plasma.protocol.bus import BrokerConfig, BusError
 from .canary import CanaryConfig
 from .probes import AuditThresholds
 from .telemetry import TelemetryConfig

@@ -22,18 +22,17 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from plasma.protocol import SLOT_KINDS, TrustStore, topics
-
-from .audit import AuditContext, record_for
+from plasma.protocol.bundle import load_bundle
+from plasma.protocol.bus import Bus, BusError, Message, MqttBus
 from plasma.protocol.errors import ServiceError
 from plasma.protocol.wire import AuditRecord, Reason, Status
 
-from plasma.protocol.bundle import load_bundle
-from plasma.protocol.bus import Bus, BusError, Message, MqttBus
+from .audit import AuditContext, record_for
 from .canary import Canary
 from .config import DaemonConfig
 from .envs import Env, make_env
@@ -41,8 +40,8 @@ from .journal import Journal
 from .merge import MergeEngine
 from .metrics import EdgeMetrics
 from .pipeline import AdapterPipeline, Outcome
-from .runtime import PolicyRuntime
 from .probes import ObservationRing
+from .runtime import PolicyRuntime
 from .telemetry import TelemetryBuffer
 
 __all__ = ["Daemon", "run"]
@@ -168,7 +167,7 @@ class Daemon:
         try:
             with self.runtime.attach_control_loop():  # session rebuilds after a merge run here, in idle time
                 self._control_loop()
-        except Exception:  # noqa: BLE001 - last line of defence: report and stop cleanly (exit 1)
+        except Exception:  # last line of defence: report and stop cleanly (exit 1)
             log.exception("control loop crashed")
             self.failed = True
         finally:
@@ -184,7 +183,7 @@ class Daemon:
             try:
                 nxt, done = self._step(episode, step, obs)
                 failures = 0
-            except Exception:  # noqa: BLE001 - a broken world must not kill the daemon; reset it
+            except Exception:  # a broken world must not kill the daemon; reset it
                 failures += 1
                 log.exception("control step failed (%d in a row)", failures)
                 if failures >= MAX_ENV_FAILURES:
@@ -239,7 +238,7 @@ class Daemon:
     def _reset(self, seed: int | None) -> np.ndarray | None:
         try:
             obs, _ = self.env.reset(seed=seed)
-        except Exception:  # noqa: BLE001 - reported; the loop stops cleanly instead of crashing
+        except Exception:  # reported; the loop stops cleanly instead of crashing
             log.exception("env.reset failed")
             self.failed = True
             return None
@@ -295,13 +294,13 @@ class Daemon:
                 try:
                     with self._report_lock:
                         self._tick()
-                except Exception:  # noqa: BLE001 - a status bug must not stop packet handling
+                except Exception:  # a status bug must not stop packet handling
                     log.exception("status update failed")
 
     def _run_job(self, job: tuple[Any, ...]) -> None:
         try:
             outcome = self._dispatch(job)
-        except Exception as exc:  # noqa: BLE001 - top-level catch: a daemon bug becomes a record
+        except Exception as exc:  # top-level catch: a daemon bug becomes a record
             log.exception("packet worker failed on a %s job", job[0])
             reason = Reason(code="internal_error", check="worker", message=repr(exc)[:1000])
             outcome = Outcome(record_for(None, self.pipeline.ctx, "rejected", (reason,)))
@@ -312,7 +311,7 @@ class Daemon:
             return
         try:
             self._report(outcome)
-        except Exception:  # noqa: BLE001 - the verdict stands; only its report was lost
+        except Exception:  # the verdict stands; only its report was lost
             log.exception("could not report: %s", outcome.describe())
 
     def _dispatch(self, job: tuple[Any, ...]) -> Outcome | None:
@@ -364,9 +363,9 @@ class Daemon:
         self.metrics.telemetry_dropped.set(self.telemetry.dropped_rows)
         self._publish(self._status_topic, self._status("online"), retain=True)
 
-    def _status(self, state: str) -> bytes:
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
         versions = dict(self.pipeline.slot_versions)
-        return Status(fleet=self.cfg.fleet, device=self.cfg.device, state=state,  # type: ignore[arg-type]
+        return Status(fleet=self.cfg.fleet, device=self.cfg.device, state=state,
                       base_sha256=self.bundle.base_sha256, versions=versions,
                       fleet_version=versions["fleet"], device_version=versions["device"],
                       steps=self.steps, rolling_reward=self.canary.rolling_mean()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,8 @@ from .canary import Canary, CanaryConfig
 from .journal import Journal
 from .merge import MergeEngine
 from .pipeline import AdapterPipeline, Outcome
-from .runtime import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
+from .runtime import PolicyRuntime
 
 __all__ = ["DeviceConfig", "EdgeDevice"]
 
@@ -71,10 +72,11 @@ class EdgeDevice:
 
     @classmethod
     def open(cls, bundle_dir: str | Path, trust_dir: str | Path, state_dir: str | Path,
-             **config: object) -> EdgeDevice:
-        """From paths: the bundle directory, a directory of trusted ``*.pub`` keys, the state."""
+             **config: Any) -> EdgeDevice:
+        """From paths: the bundle directory, a directory of trusted ``*.pub`` keys, the state.
+        ``config`` holds ``DeviceConfig`` fields by name (unknown names raise TypeError)."""
         return cls(load_bundle(bundle_dir), TrustStore.from_dir(trust_dir), state_dir,
-                   DeviceConfig(**config))  # type: ignore[arg-type]
+                   DeviceConfig(**config))
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """(obs_dim,) -> a copy of the (act_dim,) action of the active int8 policy."""

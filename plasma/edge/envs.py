@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any, Protocol
+from typing import Any, Protocol, SupportsFloat
 
 from plasma.protocol._cli import parse_kv
 from plasma.protocol.errors import ConfigError, EnvError
@@ -26,11 +26,12 @@ _CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Env(Protocol):
-    """What the control loop needs (Gymnasium's API): obs from reset, a 5-tuple from step."""
+    """What the control loop needs (Gymnasium's API): obs from reset, a 5-tuple from step
+    (obs, reward, terminated, truncated, info)."""
 
     def reset(self, *, seed: int | None = None) -> tuple[Any, dict[str, Any]]: ...
 
-    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]: ...
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]: ...
 
 
 class EnvSpec:
@@ -76,7 +77,7 @@ def make_env(text: str) -> Env:
     except gymnasium.error.Error as exc:
         raise EnvError(f"--env {spec.target}: {exc}") from None
     _set_physics(env.unwrapped, spec.physics, spec.target)
-    return env  # type: ignore[no-any-return]
+    return env
 
 
 def _user_env(target: str) -> Env:
@@ -88,10 +89,10 @@ def _user_env(target: str) -> Env:
     cls = getattr(module, class_name, None)
     if cls is None:
         raise EnvError(f"--env {target}: {module_name} has no {class_name}")
-    env = cls()
+    env: Env = cls()  # a user's class: checked for the two methods just below
     if not (callable(getattr(env, "reset", None)) and callable(getattr(env, "step", None))):
         raise EnvError(f"--env {target}: {class_name} needs reset() and step() methods")
-    return env  # type: ignore[no-any-return]
+    return env
 
 
 def _set_physics(env: object, physics: dict[str, float], env_id: str) -> None:

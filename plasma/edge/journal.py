@@ -49,8 +49,19 @@ from plasma.protocol.errors import JournalError
 
 from . import journal_files as files
 from .journal_files import Quiet, atomic_write, fsync_dir, why, write_all
-from .journal_record import (ACCEPT, FLOOR, HEAD, MAX_STATE_FILE, ROLLBACK, WITHDRAWN, Damage,
-                             Rec, check, encode_record, scan)
+from .journal_record import (
+    ACCEPT,
+    FLOOR,
+    HEAD,
+    MAX_STATE_FILE,
+    ROLLBACK,
+    WITHDRAWN,
+    Damage,
+    Rec,
+    check,
+    encode_record,
+    scan,
+)
 
 __all__ = ["Journal", "JournalError", "Pending", "Restored", "Verify", "atomic_write"]
 
@@ -214,9 +225,9 @@ class Journal:
         for rec in records:
             self._apply(rec)
         self._size, self._records = len(buf), len(records)
-        for start, end, why in damage:
+        for start, end, reason in damage:
             what = "torn or corrupt tail" if end == len(buf) else "damaged span"
-            problems.append(f"{LOG}: {what} at bytes {start}-{end} ({why}); cut off, a copy is "
+            problems.append(f"{LOG}: {what} at bytes {start}-{end} ({reason}); cut off, a copy is "
                             f"in {QUARANTINE}/")
             self._quarantine("journal.damaged", buf[start:end])
         return damage

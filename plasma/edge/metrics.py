@@ -6,7 +6,10 @@ Without a metrics port every metric is a no-op and prometheus_client is never im
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["EdgeMetrics"]
 
@@ -14,8 +17,39 @@ __all__ = ["EdgeMetrics"]
 _ACT_BUCKETS = (5e-6, 10e-6, 20e-6, 40e-6, 80e-6, 160e-6, 320e-6, 1e-3, 3e-3, 10e-3)
 
 
+# What the daemon calls on each metric: met by prometheus_client's metrics and by _Null.
+class _Histogram(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class _CounterFamily(Protocol):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> _Counter: ...
+
+
+class _GaugeFamily(Protocol):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> _Gauge: ...
+
+
 class EdgeMetrics:
     """Everything the daemon exports; safe to call from any thread."""
+
+    act_latency: _Histogram
+    accept_latency: _Histogram
+    steps: _Counter
+    rollbacks: _Counter
+    rolling_reward: _Gauge
+    telemetry_dropped: _Gauge
+    packets: _CounterFamily
+    active_version: _GaugeFamily
+    registry: CollectorRegistry
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -59,10 +93,10 @@ class EdgeMetrics:
 class _Null:
     """Stands in for every metric when metrics are off: each call does nothing."""
 
-    def labels(self, *args: Any, **kwargs: Any) -> _Null:
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> _Null:
         return self
 
-    def observe(self, value: float) -> None:
+    def observe(self, amount: float) -> None:
         pass
 
     def inc(self, amount: float = 1.0) -> None:

@@ -35,8 +35,8 @@ from .audit import (
 from .canary import Canary, CanaryVerdict
 from .journal import Journal, JournalError, Pending
 from .merge import MergeEngine, MergeError, Staged
-from .runtime import PolicyRuntime
 from .probes import AuditThresholds, ObservationRing
+from .runtime import PolicyRuntime
 
 __all__ = ["AdapterPipeline", "Outcome"]
 
@@ -134,7 +134,7 @@ class AdapterPipeline:
         t0 = time.perf_counter() if received_at is None else received_at
         ctx = replace(self.ctx, highest_version=self.journal.highest())
         if source in SLOTS:  # mix-and-match: a packet is judged for the topic it came on
-            ctx = replace(ctx, slots=(source,))  # type: ignore[arg-type]
+            ctx = replace(ctx, slots=(source,))
         verdict = audit_packet(data, ctx)
         packet = verdict.packet
         if not verdict.accepted or packet is None:
@@ -211,9 +211,10 @@ class AdapterPipeline:
     # -- the canary ---------------------------------------------------------------------------
     def on_canary(self, verdict: CanaryVerdict) -> Outcome | None:
         """Roll back a merge whose canary window regressed; None if it passed or is stale."""
-        if verdict.tag != self._last_tag or self._before is None:
-            return None  # a later packet replaced the merge this window judged
-        slot, version = verdict.tag  # type: ignore[misc]
+        tag = self._last_tag
+        if tag is None or verdict.tag != tag or self._before is None:
+            return None  # nothing live to judge, or a later packet replaced the merge it judged
+        slot, version = tag
         packet = self._live[slot]
         if not verdict.regressed:
             log.info("canary passed for %s adapter v%d: reward per step %.3f -> %.3f", slot,

@@ -11,6 +11,7 @@ pydantic.  Decoding a packet or a telemetry frame does not need pydantic either.
 from typing import TYPE_CHECKING, Any
 
 from . import topics
+from ._limits import SCHEMA_VERSION, new_id
 from .adapter import Adapter, adapter_from_arrays, load_adapter_npz, save_adapter_npz
 from .bundle import Bundle, BundleError, load_bundle
 from .errors import (
@@ -41,8 +42,6 @@ from .errors import (
     TelemetryError,
     TopicError,
 )
-from ._limits import SCHEMA_VERSION, new_id
-from .slots import SLOT_KINDS, SLOTS, Slot, SlotKind, slot_kind, slot_topic
 from .packet import (
     DEFAULT_MAX_PACKET_BYTES,
     DecodedPacket,
@@ -56,6 +55,7 @@ from .packet import (
     peek_header,
 )
 from .signing import PublicKey, SigningKey, TrustStore, key_id_of, load_public_key
+from .slots import SLOT_KINDS, SLOTS, Slot, SlotKind, slot_kind, slot_topic
 from .telemetry import TraceBatch, decode_traces, encode_traces
 
 _PYDANTIC_NAMES = frozenset({

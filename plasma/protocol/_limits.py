@@ -6,6 +6,7 @@ Standard library only: the device imports this without pydantic.
 from __future__ import annotations
 
 import uuid
+from typing import Final
 
 from .slots import SLOTS, Slot, slot_kind
 
@@ -14,7 +15,7 @@ __all__ = ["header_inconsistency", "HEX32_PATTERN", "ID_PATTERN", "KEY_ID_PATTER
            "REASON_CODE_PATTERN", "SCHEMA_VERSION", "SHA256_PATTERN",
            "SLOTS", "Slot"]  # re-exported from .slots for messages and wire
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1  # Final: the type checker reads it as Literal[1], the fields' type
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"

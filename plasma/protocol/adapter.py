@@ -12,8 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 from ._limits import MAX_FEATURES, MAX_LAYERS, MAX_RANK
 from .errors import AdapterFileError
@@ -63,7 +67,7 @@ class Adapter:
     def delta(self, name: str) -> np.ndarray:
         """delta W (out, in) for one layer, float32."""
         a, b = self.layers[name]
-        return (self.scale * (b @ a)).astype(np.float32)
+        return np.asarray(self.scale * (b @ a), dtype=np.float32)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """name -> (in_features, out_features)."""
@@ -75,13 +79,13 @@ class Adapter:
 
 def save_adapter_npz(adapter: Adapter, path: str | Path) -> Path:
     """Write the npz form (``NAME.A``, ``NAME.B``, ``alpha``)."""
-    arrays: dict[str, np.ndarray] = {"alpha": np.float32(adapter.alpha)}  # type: ignore[dict-item]
+    arrays: dict[str, ArrayLike] = {"alpha": np.float32(adapter.alpha)}
     for name, (a, b) in adapter.layers.items():
         arrays[f"{name}.A"] = a
         arrays[f"{name}.B"] = b
     path = Path(path)
     with path.open("wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, allow_pickle=False, **arrays)
     return path
 
 

@@ -99,7 +99,7 @@ class Manifest(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True
             if isinstance(obj.get("layers"), list):
                 obj["layers"] = [_aliased(e, LayerEntry._aliases) if isinstance(e, dict) else e
                                  for e in obj["layers"]]
-        return super().model_validate(obj)  # type: ignore[return-value]
+        return super().model_validate(obj)
 
     def _check(self) -> None:
         for field in ("obs_low", "obs_high", "act_low", "act_high", "obs_mean", "obs_std"):

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from .slots import SLOTS, Slot, slot_kind
 from .adapter import Adapter
 from .errors import (
     HeaderInvalid,
@@ -49,6 +48,7 @@ from .errors import (
     SignatureUnknownKey,
 )
 from .signing import KEY_ID_BYTES, SigningKey, TrustStore
+from .slots import SLOTS, Slot, slot_kind
 from .wire import LayerSpec as WireLayerSpec
 from .wire import PacketHeader, Reason
 
@@ -78,7 +78,7 @@ DEFAULT_EXPIRES_IN = 7 * 24 * 3600.0
 CLOCK_SKEW_S = 300.0
 
 _ITEMSIZE = {"int8": 1, "fp16": 2, "fp32": 4}
-_NP_DTYPE = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+_NP_DTYPE: dict[str, np.dtype[np.floating]] = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
 _MAX_INT8_SCALE = np.float32(np.finfo(np.float32).max / 128)
 
 
@@ -109,7 +109,7 @@ def payload_size(layers: Iterable[LayerLike], rank: int, dtype: str) -> int:
 
 def _factors(adapter: Adapter) -> list[np.ndarray]:
     """The rows the payload stores, in order: per layer A (rank, in), B.T (rank, out)."""
-    out = []
+    out: list[np.ndarray] = []
     for a, b in adapter.layers.values():
         out += [a, b.T]
     return out
@@ -128,10 +128,10 @@ def encode_payload(adapter: Adapter, dtype: str) -> bytes:
             raise ValueError(f"factor values overflow {dtype}; use fp32 or int8")
         return b"".join(r.tobytes() for r in rows)
     scales, quantized = [], []
-    for rows in factors:  # (rank, cols)
-        scale = (np.abs(rows).max(axis=1) / 127.0).astype("<f4")  # (rank,)
+    for factor in factors:  # (rank, cols)
+        scale = (np.abs(factor).max(axis=1) / 127.0).astype("<f4")  # (rank,)
         safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        quantized.append(np.clip(np.rint(rows / safe[:, None]), -127, 127).astype(np.int8))
+        quantized.append(np.clip(np.rint(factor / safe[:, None]), -127, 127).astype(np.int8))
         scales.append(scale)
     return b"".join(s.tobytes() for s in scales) + b"".join(q.tobytes() for q in quantized)
 
@@ -142,6 +142,7 @@ def decode_payload(payload: bytes, header: Header) -> Adapter:
     if len(payload) != expected:
         raise PayloadInvalid(f"payload is {len(payload)} bytes, layers need {expected}")
     r, dtype = header.rank, header.dtype
+    np_dtype: np.dtype[np.number]
     cols = [c for spec in header.layers for c in (spec.in_features, spec.out_features)]
     if dtype == "int8":
         n_scales = r * len(cols)
@@ -165,7 +166,8 @@ def decode_payload(payload: bytes, header: Header) -> Adapter:
             else raw.astype(np.float32)
         f.flags.writeable = False  # owned here: Adapter keeps it without a copy
         rows.append(f)
-    layers = {spec.name: (rows[2 * i], rows[2 * i + 1].T) for i, spec in enumerate(header.layers)}
+    specs: tuple[LayerLike, ...] = header.layers
+    layers = {spec.name: (rows[2 * i], rows[2 * i + 1].T) for i, spec in enumerate(specs)}
     return Adapter(alpha=header.alpha, rank=r, layers=layers)
 
 
@@ -202,7 +204,7 @@ def encode_packet(
         adapter = Adapter(alpha=1.0, rank=1, layers={})
     payload = encode_payload(adapter, dtype)
     created = time.time() if created_at is None else created_at
-    fields = dict(
+    fields: dict[str, object] = dict(
         key_id=key.key_id, fleet=fleet, slot=slot, device=device, version=version,
         base_sha256=base_sha256, created_at=created, expires_at=created + expires_in,
         priority=priority, rank=adapter.rank, alpha=adapter.alpha, dtype=dtype,
@@ -213,7 +215,7 @@ def encode_packet(
     )
     if packet_id is not None:
         fields["packet_id"] = packet_id
-    header = InstructionPacket(**fields)
+    header = InstructionPacket.model_validate(fields)
     return assemble_packet(header, payload, [key, *extra_signers])
 
 

@@ -24,8 +24,8 @@ __all__ = ["audit", "device_adapter", "device_filter", "fleet_adapter", "parse",
 ROOT = "plasma/v1"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TopicKind = Literal["fleet_adapter", "device_adapter", "telemetry", "status", "audit"]
-_DEVICE_KINDS = {"adapter": "device_adapter", "telemetry": "telemetry", "status": "status",
-                 "audit": "audit"}
+_DEVICE_KINDS: dict[str, TopicKind] = {"adapter": "device_adapter", "telemetry": "telemetry",
+                                       "status": "status", "audit": "audit"}
 
 
 def validate_id(value: str, what: str = "id") -> str:
@@ -103,5 +103,5 @@ def parse(topic: str) -> Topic:
         return Topic("fleet_adapter", parts[2])
     if len(parts) == 6 and "/".join(parts[:2]) == ROOT and parts[3] == "device" \
             and parts[5] in _DEVICE_KINDS:
-        return Topic(_DEVICE_KINDS[parts[5]], parts[2], parts[4])  # type: ignore[arg-type]
+        return Topic(_DEVICE_KINDS[parts[5]], parts[2], parts[4])
     raise TopicError(f"not a Plasma topic: {topic!r}")

@@ -25,18 +25,27 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-if TYPE_CHECKING:
-    from .distill import DistillConfig, LoRADistiller
-    from .ingest import Ingest, IngestConfig
-    from .judicial import JudicialAuditor, JudicialConfig
-    from .phantom import PhantomConfig, PhantomPathSimulator
-    from .policy_net import MLPPolicy
-    from .publisher import Publisher, PublisherConfig
-    from .run import Server, run_server
-    from .service_config import ServiceConfig, load_service_config
-    from .store import TraceStore
-    from .tasks import TaskSpec, get_task
-    from .worldmodel import WorldModel, WorldModelConfig
+if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers (__all__ is computed)
+    from .distill import DistillConfig as DistillConfig
+    from .distill import LoRADistiller as LoRADistiller
+    from .ingest import Ingest as Ingest
+    from .ingest import IngestConfig as IngestConfig
+    from .judicial import JudicialAuditor as JudicialAuditor
+    from .judicial import JudicialConfig as JudicialConfig
+    from .phantom import PhantomConfig as PhantomConfig
+    from .phantom import PhantomPathSimulator as PhantomPathSimulator
+    from .policy_net import MLPPolicy as MLPPolicy
+    from .publisher import Publisher as Publisher
+    from .publisher import PublisherConfig as PublisherConfig
+    from .run import Server as Server
+    from .run import run_server as run_server
+    from .service_config import ServiceConfig as ServiceConfig
+    from .service_config import load_service_config as load_service_config
+    from .store import TraceStore as TraceStore
+    from .tasks import TaskSpec as TaskSpec
+    from .tasks import get_task as get_task
+    from .worldmodel import WorldModel as WorldModel
+    from .worldmodel import WorldModelConfig as WorldModelConfig
 
 
 def __getattr__(name: str) -> Any:

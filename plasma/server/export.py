@@ -188,14 +188,14 @@ def export_bundle(
         int8_bytes = tmp_int8.read_bytes()
     (out / MODEL_INT8).write_bytes(int8_bytes)
     arrays = {f"l{k}.{p}": a for k, (w, b) in enumerate(layers) for p, a in (("W", w), ("b", b))}
-    np.savez(out / BASE_WEIGHTS, **arrays)  # type: ignore[arg-type]
+    np.savez(out / BASE_WEIGHTS, allow_pickle=False, **arrays)
     manifest = Manifest.model_validate(
         {
             "schema": 1, "obs_dim": layers[0][0].shape[1], "act_dim": layers[-1][0].shape[0],
             "obs_low": _opt_list(obs_low), "obs_high": _opt_list(obs_high),
             **{k: v.tolist() for k, v in vec.items()},
-            "hidden_activation": hidden_activation, "weight_qmax": WEIGHT_QMAX, "env_id": env_id, "physics": dict(physics or {}),
-            "base_sha256": hashlib.sha256(int8_bytes).hexdigest(),
+            "hidden_activation": hidden_activation, "weight_qmax": WEIGHT_QMAX, "env_id": env_id,
+            "physics": dict(physics or {}), "base_sha256": hashlib.sha256(int8_bytes).hexdigest(),
             "layers": [e.model_dump(by_alias=True) for e in _layer_entries(onnx.load_from_string(int8_bytes), layers)],
             "meta": dict(meta or {}),
         }

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plasma.protocol.bus import Bus, Message
 from plasma.protocol import TelemetryError, TopicError, TraceBatch, decode_traces, topics
+from plasma.protocol.bus import Bus, Message
 from plasma.protocol.telemetry import DEFAULT_MAX_FRAME_BYTES
 
 from .store import StoreError, TraceStore

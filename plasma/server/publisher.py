@@ -25,11 +25,11 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from plasma.protocol.bus import Bus, Message
 from plasma.protocol import (
     Adapter,
     AuditRecord,
@@ -46,6 +46,7 @@ from plasma.protocol import (
     slot_topic,
     topics,
 )
+from plasma.protocol.bus import Bus, Message
 
 from .store import TraceStore
 
@@ -113,7 +114,7 @@ class Publisher:
     """Signs and publishes queued adapters; tracks device acknowledgements in the store."""
 
     def __init__(self, bus: Bus, store: TraceStore, key: SigningKey, cfg: PublisherConfig,
-                 clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.bus, self.store, self.key, self.cfg = bus, store, key, cfg
         self._clock = clock
         self._heap: list[_Job] = []
@@ -243,7 +244,7 @@ class Publisher:
                 self._last_sent[job.key] = self._clock()
             try:
                 self._publish(job)
-            except Exception:  # noqa: BLE001 - keep publishing other slots; logged with the job
+            except Exception:  # keep publishing other slots; logged with the job
                 log.exception("publisher: could not publish %s %s", job.slot, job.device or "")
 
     def _publish(self, job: _Job) -> Published:

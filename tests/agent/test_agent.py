@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("gymnasium")
 
-from plasma import AgentError, LoRADistiller, PlasmaAgent  # noqa: E402
-from plasma.protocol import SigningKey  # noqa: E402
-from plasma.server.catalog import oracle_return  # noqa: E402
+from plasma import AgentError, LoRADistiller, PlasmaAgent
+from plasma.protocol import SigningKey
+from plasma.server.catalog import oracle_return
 
 
 def run(coro: Any) -> Any:

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plasma.protocol.bus import MqttBus
 from plasma.protocol import Adapter, SigningKey, topics
+from plasma.protocol.bus import MqttBus
 from plasma.protocol.packet import DEFAULT_MAX_PACKET_BYTES, PREFIX_LEN
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

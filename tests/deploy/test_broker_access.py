@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
-from plasma.protocol.bus import BusError, Message, MqttBus
 from plasma.protocol import topics
+from plasma.protocol.bus import BusError, Message, MqttBus
 
 pytestmark = pytest.mark.broker
 GRACE_S = 0.3

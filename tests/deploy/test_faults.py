@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.edge.journal import Journal
 from plasma.protocol import TrustStore, decode_packet, topics
+from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.server.publisher import Publisher, PublisherConfig
 from plasma.server.store import TraceStore
 

@@ -13,9 +13,7 @@ from plasma.edge.audit import (
     audit_model,
     audit_packet,
 )
-from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
-from plasma.edge.runtime import PolicyRuntime
 from plasma.edge.probes import (
     BEHAVIOUR_CHECKS,
     AuditThresholds,
@@ -30,7 +28,9 @@ from plasma.edge.probes import (
     delta_ratios,
     probe_observations,
 )
+from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import Adapter, DecodedPacket, SigningKey, TrustStore, encode_packet
+from plasma.protocol.bundle import Bundle
 from plasma.protocol.checks import CheckResult
 from plasma.protocol.wire import Reason
 

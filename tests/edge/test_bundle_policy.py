@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from plasma.protocol.bundle import BASE_WEIGHTS, MANIFEST, MODEL_FP32, MODEL_INT8, Bundle, BundleError, load_bundle
 from plasma.edge.runtime import PolicyRuntime, reference_forward
+from plasma.protocol.bundle import BASE_WEIGHTS, MANIFEST, MODEL_FP32, MODEL_INT8, Bundle, BundleError, load_bundle
 
 
 def observations(m: dict, n: int, seed: int = 0) -> np.ndarray:

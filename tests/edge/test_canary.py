@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from plasma.edge.audit import AuditContext
-from plasma.protocol.bundle import Bundle
 from plasma.edge.canary import Canary, CanaryConfig, regression
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
-from plasma.edge.runtime import PolicyRuntime, reference_forward
 from plasma.edge.probes import AuditThresholds, ObservationRing
+from plasma.edge.runtime import PolicyRuntime, reference_forward
 from plasma.protocol import Adapter, SigningKey, TrustStore, encode_packet
+from plasma.protocol.bundle import Bundle
 
 RNG = np.random.default_rng(0)
 SAME = RNG.normal(-5.0, 1.0, 400)

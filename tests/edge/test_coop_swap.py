@@ -16,13 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime, SessionSide
-
-from tests.helpers.daemon import DeviceKit, InProcess
+from plasma.protocol.bundle import Bundle
 from tests.helpers.adapters import bundle_adapter as random_adapter
 from tests.helpers.adapters import probes
+from tests.helpers.daemon import DeviceKit, InProcess
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from plasma.edge import journal as jmod
 from plasma.edge import journal_record as rec
-from plasma.edge.bench.journal import bench_commit
 from plasma.edge.audit import AuditContext
-from plasma.protocol.bundle import Bundle
+from plasma.edge.bench.journal import bench_commit
 from plasma.edge.canary import Canary
 from plasma.edge.journal import Journal, JournalError
 from plasma.edge.merge import MergeEngine
@@ -30,6 +30,7 @@ from plasma.protocol import (
     decode_packet,
     encode_packet,
 )
+from plasma.protocol.bundle import Bundle
 
 KEY = SigningKey.generate()
 TRUST = TrustStore([KEY.public_key])

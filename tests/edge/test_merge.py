@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine, MergeError, merged_weights
 from plasma.edge.runtime import PolicyRuntime, quantize_weight, reference_forward
 from plasma.protocol import Adapter
+from plasma.protocol.bundle import Bundle
 from tests.helpers.adapters import bundle_adapter as random_adapter
 from tests.helpers.adapters import probes
 
@@ -234,10 +234,10 @@ def test_one_output_layer_loads_and_merges() -> None:
     """Pendulum's policy ends in a 1-output layer: W.T is contiguous there (regression)."""
     import numpy as np
 
-    from plasma.protocol.bundle import BASE_WEIGHTS, load_bundle
     from plasma.edge.merge import MergeEngine
     from plasma.edge.runtime import PolicyRuntime
     from plasma.protocol import Adapter
+    from plasma.protocol.bundle import BASE_WEIGHTS, load_bundle
     from tests.helpers.bundles import ONE_OUTPUT, bundle_path
 
     bundle = load_bundle(bundle_path(ONE_OUTPUT))

@@ -6,15 +6,16 @@ import threading
 from pathlib import Path
 
 import numpy as np
+
 from plasma.edge import journal_files as files
 from plasma.edge.audit import AuditContext
-from plasma.protocol.bundle import Bundle
 from plasma.edge.canary import Canary
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
 from plasma.edge.pipeline import AdapterPipeline
 from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import Adapter, SigningKey, TrustStore, encode_packet
+from plasma.protocol.bundle import Bundle
 
 KEY = SigningKey.generate()
 

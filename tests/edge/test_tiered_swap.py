@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plasma.protocol.bundle import Bundle
 from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime, SessionSide
-
+from plasma.protocol.bundle import Bundle
 from tests.helpers.adapters import bundle_adapter as random_adapter
 from tests.helpers.adapters import probes
 

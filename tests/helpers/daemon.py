@@ -57,8 +57,7 @@ class DeviceKit:
                payload: bytes | None = None, signers: list[SigningKey] | None = None) -> bytes:
         """Re-sign ``data`` after editing its header dict and/or replacing its payload: what a
         holder of the server key (or a compromised signer) could produce."""
-        from plasma.protocol.packet import (_PREFIX, FORMAT_VERSION, MAGIC, PREFIX_LEN,
-                                            SIG_ENTRY_LEN)
+        from plasma.protocol.packet import _PREFIX, FORMAT_VERSION, MAGIC, PREFIX_LEN, SIG_ENTRY_LEN
 
         header_len = _PREFIX.unpack_from(data)[3]
         header = json.loads(data[PREFIX_LEN:PREFIX_LEN + header_len])
@@ -154,8 +153,9 @@ class InProcess:
         config = state.parent / "inproc.toml"
         config.write_text(pendulum.config.read_text() + toml)
         broker = MemoryBroker()
-        flags = {"broker": "mqtt://h:1", "env": "Pendulum-v1", "model": str(pendulum.bundle), "trust": str(pendulum.trust),
-                 "state": str(state), "config": str(config), "fleet": "fmem", "device": "dev1"}
+        flags = {"broker": "mqtt://h:1", "env": "Pendulum-v1", "model": str(pendulum.bundle),
+                 "trust": str(pendulum.trust), "state": str(state), "config": str(config), "fleet": "fmem",
+                 "device": "dev1"}
         self.daemon = Daemon(load_config(flags, {}), bus=MemoryBus(broker), env=env)
         self.audits: list[dict[str, Any]] = []
         self.watcher = MemoryBus(broker)

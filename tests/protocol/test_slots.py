@@ -6,6 +6,7 @@ from typing import get_args
 
 import msgspec
 import pytest
+
 from plasma.protocol import SLOT_KINDS, SLOTS, Slot, slot_kind, slot_topic, topics, wire
 from plasma.protocol._limits import header_inconsistency
 from plasma.protocol.slots import slot_by_code

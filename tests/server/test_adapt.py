@@ -8,7 +8,7 @@ import pytest
 
 from plasma.protocol import TraceBatch
 from plasma.server.adapt import Learner, adapt_config
-from plasma.server.judicial import JudicialAuditor, RealData, split_members
+from plasma.server.judicial import RealData, split_members
 from plasma.server.policy_net import MLPPolicy
 from plasma.server.run import AdaptationWorker, ScheduleConfig
 from plasma.server.store import TraceStore

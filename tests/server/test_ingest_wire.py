@@ -9,8 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
-from plasma.protocol.bus import BrokerConfig, MemoryBroker, MemoryBus, Message, MqttBus
 from plasma.protocol import TraceBatch, encode_traces, topics
+from plasma.protocol.bus import BrokerConfig, MemoryBroker, MemoryBus, Message, MqttBus
 from plasma.server.ingest import Ingest, IngestConfig
 from plasma.server.store import TraceStore
 

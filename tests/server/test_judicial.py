@@ -12,9 +12,9 @@ from plasma.protocol.checks import CheckResult
 from plasma.server.judicial import (
     CHECKS,
     Evidence,
+    Judgement,
     JudicialAuditor,
     JudicialConfig,
-    Judgement,
     RealData,
     TrustModel,
     check_model_on_real,

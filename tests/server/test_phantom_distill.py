@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from plasma.server.distill import DistillConfig, LoRADistiller
 from plasma.server.phantom import (
     PhantomBenchConfig,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from plasma.server.policy_net import LoRA, MLPPolicy
 from plasma.server.tasks import PENDULUM, make_env, pendulum_reward, pendulum_step
 

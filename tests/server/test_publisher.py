@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from plasma.protocol.bus import BrokerConfig, MemoryBroker, MemoryBus, Message, MqttBus
 from plasma.protocol import Adapter, AuditRecord, SigningKey, TrustStore, decode_packet, topics
+from plasma.protocol.bus import BrokerConfig, MemoryBroker, MemoryBus, Message, MqttBus
 from plasma.server.publisher import Publisher, PublisherConfig, judicial_topic
 from plasma.server.store import TraceStore
 from tests.helpers.adapters import random_adapter

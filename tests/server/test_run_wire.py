@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol import (
     AuditRecord,
     SigningKey,
@@ -24,6 +23,7 @@ from plasma.protocol import (
     encode_traces,
     topics,
 )
+from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol.errors import ConfigError
 from plasma.server.publisher import judicial_topic
 from plasma.server.run import run_server

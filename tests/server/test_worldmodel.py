@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from plasma.server.tasks import PENDULUM
 from plasma.server.worldmodel import Member, WorldModel, WorldModelConfig
 

@@ -12,7 +12,7 @@ __all__ = ["bench_packet"]
 
 
 def bench_packet(sizes: tuple[int, ...] = (64, 256, 256, 256, 8), rank: int = 4,
-                 dtype: str = "int8", n: int = 5000, seed: int = 0) -> dict[str, float | int]:
+                 dtype: str = "int8", n: int = 5000, seed: int = 0) -> dict[str, float | int | str]:
     """Median and p99 of ``decode_packet`` (signature, digest, header, factors) in us.
 
     The adapter covers every layer of an MLP with the given sizes; the signature check

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from plasma.protocol import Adapter
-
 from plasma.protocol.bundle import Bundle, load_bundle
+
 from ..merge import MergeEngine, merged_weights
 from ..runtime import PolicyRuntime, SwapMode, reference_forward
 
@@ -181,7 +181,7 @@ def _stall_per_window(starts: np.ndarray, windows: np.ndarray) -> np.ndarray:
     # clipped: under load the control thread may stop before the last window's tail ends
     first = np.clip(np.searchsorted(starts, windows[:, 0]) - 1, 0, len(gaps) - 1)
     last = np.maximum(np.minimum(np.searchsorted(starts, windows[:, 1]), len(gaps) - 1), first)
-    return np.array([gaps[f:l + 1].max() for f, l in zip(first, last)])
+    return np.array([gaps[lo:hi + 1].max() for lo, hi in zip(first, last)])
 
 
 def _fidelity(runtime: PolicyRuntime, obs: np.ndarray, want: np.ndarray) -> float:

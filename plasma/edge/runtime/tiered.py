@@ -85,7 +85,7 @@ class TieredUpgrades:
             t0 = time.perf_counter()
             runner = side.build()
             self._build_s += 0.2 * (time.perf_counter() - t0 - self._build_s)
-        except Exception:  # noqa: BLE001 - the side keeps its exact non-prepacked session
+        except Exception:  # the side keeps its exact non-prepacked session
             log.exception("prepacked session build failed; act() stays on the non-prepacked session")
         finally:
             with self._cond:

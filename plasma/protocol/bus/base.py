@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import BusError
@@ -43,8 +44,9 @@ class BrokerConfig:
     """"5", "3.1.1" or "auto" (try MQTT 5 briefly, then 3.1.1)."""
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: object) -> BrokerConfig:
-        """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (user:password@ allowed)."""
+    def from_url(cls, url: str, **kwargs: Any) -> BrokerConfig:
+        """``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (user:password@ allowed); ``kwargs``
+        (fields by name, None ones skipped) override what the URL says."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise BusError(f"broker URL {url!r} must look like mqtt://HOST:PORT or "
@@ -54,13 +56,10 @@ class BrokerConfig:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
             raise BusError(f"broker URL {url!r} has a bad port", code="bad_broker_url") from None
-        fields: dict[str, object] = {"host": parts.hostname, "port": port, "tls": tls}
-        if parts.username:
-            fields["username"] = unquote(parts.username)
-        if parts.password:
-            fields["password"] = unquote(parts.password)
-        fields.update({k: v for k, v in kwargs.items() if v is not None})
-        return cls(**fields)  # type: ignore[arg-type]
+        config = cls(host=parts.hostname, port=port, tls=tls,
+                     username=unquote(parts.username) if parts.username else None,
+                     password=unquote(parts.password) if parts.password else None)
+        return replace(config, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 Handler = Callable[[Message], None]

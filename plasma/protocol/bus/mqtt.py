@@ -14,9 +14,14 @@ import ssl
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import Bus, BrokerConfig, BusError, Handler, Message, topic_matches
+from .base import BrokerConfig, Bus, BusError, Handler, Message, topic_matches
+
+if TYPE_CHECKING:  # paho itself is imported on first connect
+    from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = ["MqttBus"]
 
@@ -50,7 +55,7 @@ class MqttBus(Bus):
         self._settled = threading.Event()  # CONNACK or a refusal/close during a connect attempt
         self._refused: str | None = None
         self._refused_code = "connect_failed"
-        self._client = None
+        self._client: Client | None = None
         self._protocol = "5"
         self.max_payload = max_payload
         self.dropped_oversize = 0
@@ -58,7 +63,7 @@ class MqttBus(Bus):
     # ---- lifecycle
     def connect(self, timeout: float = 10.0) -> None:
         """Connect (MQTT 5 first, then 3.1.1); raises BusError if neither answers."""
-        errors = []
+        errors: list[str] = []
         protocols = ("5", "3.1.1") if self.config.protocol == "auto" else (self.config.protocol,)
         for protocol in protocols:
             # amqtt (3.1.1 only) never answers an MQTT 5 CONNECT that carries properties:
@@ -111,16 +116,16 @@ class MqttBus(Bus):
             self._teardown()
             raise BusError(self._refused or "no CONNACK", code=self._refused_code)
 
-    def _make_client(self, protocol: str):  # -> paho.mqtt.client.Client
+    def _make_client(self, protocol: str) -> Client:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        kwargs = {"client_id": self.client_id}
         if protocol == "5":
-            kwargs["protocol"] = paho.MQTTv5
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                 protocol=paho.MQTTv5)
         else:
-            kwargs.update(protocol=paho.MQTTv311, clean_session=self._clean)
-        client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                 protocol=paho.MQTTv311, clean_session=self._clean)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
         if self.config.tls:
@@ -152,7 +157,8 @@ class MqttBus(Bus):
         self._connected.clear()
 
     # ---- paho callbacks (bus thread)
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client: Client, userdata: Any, flags: ConnectFlags, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
         if reason_code.is_failure:
             self._refused = f"broker refused the connection: {reason_code}"
             self._refused_code = _REFUSAL_CODES.get(str(reason_code), "connect_failed")
@@ -167,20 +173,18 @@ class MqttBus(Bus):
         self._settled.set()
 
     @staticmethod
-    def _on_socket_open(client, userdata, sock) -> None:
+    def _on_socket_open(client: Client, userdata: Any, sock: object) -> None:
         """TCP_NODELAY: paho leaves Nagle on, and a PUBACK followed by a PUBLISH then waits for
         the peer's delayed ACK: measured 40 ms per packet in ``bench e2e`` (0.1 ms without)."""
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):  # a unix socket or a proxy wrapper: nothing to tune
-            pass
+        _set_tcp_option(sock, "TCP_NODELAY")
 
-    def _on_connect_fail(self, client, userdata) -> None:
+    def _on_connect_fail(self, client: Client, userdata: Any) -> None:
         if not self._settled.is_set():  # e.g. a TLS port that drops a plain connection
             self._refused = "the connection failed before CONNACK"
             self._settled.set()
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_disconnect(self, client: Client, userdata: Any, flags: DisconnectFlags, reason_code: ReasonCode,
+                       properties: Properties | None) -> None:
         if not self._settled.is_set():
             self._refused = f"connection closed before CONNACK ({reason_code})"
             self._settled.set()
@@ -189,7 +193,7 @@ class MqttBus(Bus):
                         reason_code)
         self._connected.clear()
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _on_message(self, client: Client, userdata: Any, msg: MQTTMessage) -> None:
         _quickack(client)
         if len(msg.payload) > self.max_payload:
             self.dropped_oversize += 1
@@ -202,7 +206,7 @@ class MqttBus(Bus):
         for handler in handlers:
             try:
                 handler(message)
-            except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
+            except Exception:  # a handler bug must not kill the network thread
                 log.exception("handler for %s failed", msg.topic)
 
     # ---- operations
@@ -237,18 +241,24 @@ class MqttBus(Bus):
         return self._protocol
 
 
-def _on_publish(client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+def _on_publish(client: Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                properties: Properties) -> None:
     _quickack(client)
 
 
-def _quickack(client: Any) -> None:
+def _quickack(client: Client) -> None:
     """ACK what was just read at once: setting TCP_QUICKACK sends a pending delayed ACK now
     (Linux re-arms delayed ACKs by itself, hence once per received PUBLISH and PUBACK). A broker
     that leaves Nagle on (Mosquitto's default: no ``set_tcp_nodelay``) holds its next small
     write to us until our ACK of its last one arrives, up to 40 ms."""
+    _set_tcp_option(client.socket(), "TCP_QUICKACK")
+
+
+def _set_tcp_option(sock: object, name: str) -> None:
+    """Set the TCP option ``socket.<name>`` on ``sock`` if it is a real socket; else nothing:
+    no socket yet, a websocket wrapper, a unix socket or a platform without the option."""
     try:
-        sock = client.socket()
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), 1)
     except (OSError, AttributeError):
         pass

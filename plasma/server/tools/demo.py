@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol import SLOTS, SigningKey, TrustStore
 from plasma.protocol.bundle import load_bundle
+from plasma.protocol.bus import BrokerConfig, MqttBus
 from plasma.protocol.errors import ConfigError
 
 from .broker import answers, start_embedded

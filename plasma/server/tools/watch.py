@@ -24,8 +24,17 @@ import numpy as np
 
 from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime
-from plasma.protocol import SLOTS, AuditRecord, PacketError, PlasmaError, Status, TrustStore, \
-    decode_packet, decode_traces, topics
+from plasma.protocol import (
+    SLOTS,
+    AuditRecord,
+    PacketError,
+    PlasmaError,
+    Status,
+    TrustStore,
+    decode_packet,
+    decode_traces,
+    topics,
+)
 from plasma.protocol.bundle import Bundle
 from plasma.protocol.bus import Bus, Message
 
@@ -190,7 +199,7 @@ class FleetWatcher:
             device, versions, steps = job
             try:
                 mean = self._evaluate(device, versions)
-            except Exception:  # noqa: BLE001 - a failed evaluation is logged, the watch goes on
+            except Exception:  # a failed evaluation is logged, the watch goes on
                 log.exception("watch: evaluating %s at %s failed", device, versions)
                 continue
             finally:

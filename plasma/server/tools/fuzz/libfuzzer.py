@@ -27,7 +27,7 @@ def fuzz_atheris(targets: list[Target], inputs: int, seed: int, out_dir: Path, l
     is u16 header length | header JSON | payload), the rest is the input.
     """
     try:
-        import atheris  # type: ignore[import-not-found]
+        import atheris
     except ImportError:
         raise SystemExit("--engine atheris needs atheris: pip install atheris") from None
     key = SigningKey.generate()
