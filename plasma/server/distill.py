@@ -94,7 +94,8 @@ class LoRADistiller:
         return imitation + self.cfg.anchor * anchor, imitation, grads
 
     def fit(self, states: np.ndarray, targets: np.ndarray, anchor_states: np.ndarray | None = None,
-            init: LoRA | None = None, simulator: PhantomPathSimulator | None = None, start_pool: np.ndarray | None = None,
+            init: LoRA | None = None, simulator: PhantomPathSimulator | None = None,
+            start_pool: np.ndarray | None = None,
             eval_paths: int = 200, eval_horizon: int = 100, anchor_to: LoRA | None = None) -> DistillResult:
         """Fit from ``init`` (or a fresh standard-init adapter). If a ``PhantomPathSimulator`` and real
         start states are given, also report predicted returns before/after under the world model.
@@ -124,8 +125,8 @@ class LoRADistiller:
                  imit_after, drift, result.predicted_return_before, result.predicted_return_after)
         return result
 
-    def predicted_returns(self, simulator: PhantomPathSimulator, start_pool: np.ndarray, adapters: Sequence[LoRA | None],
-                          paths: int, horizon: int) -> list[float]:
+    def predicted_returns(self, simulator: PhantomPathSimulator, start_pool: np.ndarray,
+                          adapters: Sequence[LoRA | None], paths: int, horizon: int) -> list[float]:
         """Mean phantom return of each adapter from the same start states and members (common random numbers)."""
         out = []
         for lora in adapters:

@@ -26,16 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plasma.protocol.bundle import Bundle, BundleError, load_bundle
-from plasma.protocol.bus import Bus, MqttBus
 from plasma.protocol import Adapter, Provenance, SigningKey, TraceBatch, new_id
 from plasma.protocol._cli import add_broker_arguments
+from plasma.protocol.bundle import Bundle, BundleError, load_bundle
+from plasma.protocol.bus import Bus, MqttBus
 from plasma.protocol.errors import ConfigError
 
 from .adapt import AdaptConfig, Learner, RoundResult, adapt_config
+from .ingest import Ingest, IngestConfig
 from .judicial import JudicialAuditor, RealData
 from .phantom import blas_threads
-from .ingest import Ingest, IngestConfig
 from .policy_net import LoRA, MLPPolicy
 from .publisher import Publisher, PublisherConfig
 from .service_config import BUDGETS, SCALARS, ServiceConfig, load_service_config

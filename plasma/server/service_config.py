@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plasma.protocol.bus import BrokerConfig, BusError
 from plasma.protocol import TopicError
-from plasma.protocol.errors import ConfigError
 from plasma.protocol._cli import layered, read_toml
+from plasma.protocol.bus import BrokerConfig, BusError
+from plasma.protocol.errors import ConfigError
 from plasma.protocol.topics import validate_id
 
 __all__ = ["ServiceConfig", "load_service_config", "SCALARS", "REQUIRED", "BUDGETS"]

@@ -92,12 +92,13 @@ def pendulum_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray | Non
 
 def pendulum_step(obs: np.ndarray, act: np.ndarray, physics: Mapping[str, float]) -> np.ndarray:
     """Vectorized copy of ``PendulumEnv.step`` on observations (the state is th, thdot)."""
-    g, m, l = physics["g"], physics["m"], physics["l"]
+    g, m, length = physics["g"], physics["m"], physics["l"]
     dt, max_speed, max_torque = physics["dt"], physics["max_speed"], physics["max_torque"]
     th = np.arctan2(obs[..., 1], obs[..., 0])
     thdot = obs[..., 2]
     u = np.clip(act[..., 0], -max_torque, max_torque)
-    newthdot = np.clip(thdot + (3 * g / (2 * l) * np.sin(th) + 3.0 / (m * l**2) * u) * dt, -max_speed, max_speed)
+    newthdot = np.clip(thdot + (3 * g / (2 * length) * np.sin(th) + 3.0 / (m * length**2) * u) * dt,
+                       -max_speed, max_speed)
     newth = th + newthdot * dt
     return np.stack([np.cos(newth), np.sin(newth), newthdot], axis=-1).astype(obs.dtype, copy=False)
 
@@ -142,7 +143,8 @@ def mountaincar_step(obs: np.ndarray, act: np.ndarray, physics: Mapping[str, flo
     """Vectorized copy of ``Continuous_MountainCarEnv.step`` (gravity 0.0025 is hard-coded there)."""
     pos, vel = obs[..., 0].astype(np.float64), obs[..., 1].astype(np.float64)
     force = np.clip(act[..., 0], -1.0, 1.0)
-    vel = np.clip(vel + force * physics["power"] - 0.0025 * np.cos(3 * pos), -physics["max_speed"], physics["max_speed"])
+    speed = physics["max_speed"]
+    vel = np.clip(vel + force * physics["power"] - 0.0025 * np.cos(3 * pos), -speed, speed)
     pos = np.clip(pos + vel, -1.2, 0.6)
     vel = np.where((pos <= -1.2) & (vel < 0), 0.0, vel)
     return np.stack([pos, vel], axis=-1).astype(obs.dtype, copy=False)

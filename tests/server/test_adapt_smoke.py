@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from plasma.server.adapt import AdaptConfig
-from plasma.server.bench.adapt import AdaptBenchConfig, bench_adapt
 from plasma.server.basepolicy import TrainBaseConfig, cached_policy, train_base
+from plasma.server.bench.adapt import AdaptBenchConfig, bench_adapt
 from plasma.server.distill import DistillConfig
 from plasma.server.judicial import JudicialConfig
 from plasma.server.phantom import PlannerConfig

@@ -1,4 +1,5 @@
-"""Server bench: one device adapted by the product's rounds without a broker (real env -> ``plasma.server.adapt`` -> packet -> edge merge)."""
+"""Server bench: the adaptation loop without a broker: real env -> ``plasma.server.adapt``
+-> packet -> edge merge."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..adapt import AdaptConfig, Learner, adapt_config
 from ..basepolicy import (
     EVAL_SEED0,
     PolicyFn,
@@ -20,7 +22,6 @@ from ..basepolicy import (
     evaluate,
     export_policy,
 )
-from ..adapt import AdaptConfig, Learner, adapt_config
 from ..phantom import blas_threads
 from ..policy_net import LoRA, MLPPolicy
 from ..tasks import get_task
@@ -92,9 +93,9 @@ class _EdgeSide:
     """
 
     def __init__(self, bundle_dir: Path, task: Any) -> None:
-        from plasma.protocol.bundle import load_bundle
         from plasma.edge.merge import MergeEngine
         from plasma.edge.runtime import PolicyRuntime
+        from plasma.protocol.bundle import load_bundle
         from plasma.protocol.signing import SigningKey, TrustStore
 
         self.bundle = load_bundle(bundle_dir)
@@ -139,7 +140,8 @@ class _EdgeSide:
             merged = merged_weights(self.bundle.weights, {"fleet": None, "device": decoded.adapter})
             names = [name for name, _, _ in self.bundle.layer_specs]
             m = self.bundle.manifest
-            out = export_bundle(Path(self._tmp.name) / f"v{self.version}", [(merged[n], self.bundle.biases[n]) for n in names],
+            out = export_bundle(Path(self._tmp.name) / f"v{self.version}",
+                                [(merged[n], self.bundle.biases[n]) for n in names],
                                 obs_mean=m.obs_mean, obs_std=m.obs_std, act_low=m.act_low, act_high=m.act_high,
                                 env_id=m.env_id)
             self._load_session(out / "model.int8.onnx")

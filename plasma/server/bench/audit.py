@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from ..adapt import AdaptConfig, Model, adapt_config, adaptation_round, fit_model, seeded
 from ..basepolicy import TrainBaseConfig, cached_policy, collect, evaluate
 from ..judicial import JudicialAuditor, JudicialConfig, RealData
 from ..policy_net import LoRA, MLPPolicy
-from ..adapt import AdaptConfig, Model, adapt_config, adaptation_round, fit_model, seeded
 from ..tasks import TaskSpec, get_task
 
 __all__ = ["AuditBenchConfig", "bench_audit", "TeleportModel"]

@@ -83,6 +83,7 @@ from .trust import TrustModel
 __all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Decision", "Evidence", "EvidenceGatherer",
            "JudicialAuditor", "JudicialConfig", "Judgement", "RealData", "Redistill",
            "StateFilter", "TrustModel", "UntrustFn", "check_disagreement", "check_gain",
-           "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms", "check_penalized_gain",
+           "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
+           "check_penalized_gain",
            "check_probing", "check_replay", "check_reward_model", "check_reward_spikes",
            "check_support", "member_view", "rollout_paths", "run_checks", "split_members"]
