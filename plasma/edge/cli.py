@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypedDict
 
-from plasma.protocol import PlasmaError, TrustStore
-from plasma.protocol._cli import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, Parser, UsageError, add_broker_arguments
+from plasma.protocol import TrustStore
+from plasma.protocol._cli import EXIT_OK, EXIT_REJECTED, Parser, UsageError, add_broker_arguments, run_main
 from plasma.protocol.topics import validate_id
 
 from .audit import AuditContext, audit_packet
@@ -228,22 +227,7 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[Parser]], None]] = [_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except (UsageError, PlasmaError) as exc:  # every library error is a PlasmaError
-        print(f"plasma-edge: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ImportError as exc:  # an optional extra that is not installed: say which
-        hint = "" if "pip install" in str(exc) else " (pip install 'plasma[server]' or '[demo]')"
-        print(f"plasma-edge: error: {exc}{hint}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("plasma-edge: interrupted", file=sys.stderr)
-        return 130
+    return run_main("plasma-edge", build_parser(), argv)
 
 
 if __name__ == "__main__":

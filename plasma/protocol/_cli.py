@@ -6,14 +6,15 @@ The loaders' helpers raise ``ConfigError`` (a ``PlasmaError``); only the CLIs ra
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import ConfigError
+from .errors import ConfigError, PlasmaError
 
-__all__ = ["EXIT_OK", "EXIT_REJECTED", "EXIT_USAGE", "Parser", "UsageError", "add_broker_arguments",
+__all__ = ["EXIT_OK", "EXIT_REJECTED", "EXIT_USAGE", "Parser", "UsageError", "add_broker_arguments", "run_main",
            "coerce", "layered", "parse_kv", "read_toml"]
 
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2
@@ -111,3 +112,23 @@ def layered(flags: Mapping[str, Any], environ: Mapping[str, str], prefix: str,
         raise ConfigError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing)
                          + f" (flag, {prefix}* variable or config file)")
     return values
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, set up logging and run the chosen handler; every library error (a PlasmaError),
+    a usage error or a missing optional extra is one line on stderr and exit status 1."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except (UsageError, PlasmaError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:  # an optional extra that is not installed: say which
+        hint = "" if "pip install" in str(exc) else " (pip install 'plasma[server]' or '[demo]')"
+        print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plasma.protocol import (
-    PlasmaError,
     SigningKey,
     encode_packet,
     load_adapter_npz,
     peek_header,
 )
-from plasma.protocol._cli import EXIT_OK, EXIT_USAGE, Parser, UsageError
+from plasma.protocol._cli import EXIT_OK, Parser, UsageError, run_main
 
 __all__ = ["build_parser", "DESCRIPTION", "Handler", "main"]
 
@@ -168,22 +166,7 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except (UsageError, PlasmaError) as exc:  # every library error is a PlasmaError
-        print(f"plasma-server: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ImportError as exc:  # an optional extra that is not installed: say which
-        hint = "" if "pip install" in str(exc) else " (pip install 'plasma[server]' or '[demo]')"
-        print(f"plasma-server: error: {exc}{hint}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("plasma-server: interrupted", file=sys.stderr)
-        return 130
+    return run_main("plasma-server", build_parser(), argv)
 
 
 if __name__ == "__main__":
