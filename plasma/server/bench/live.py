@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from plasma.protocol import SigningKey, TrustStore
+from plasma.protocol import ConfigError, SigningKey, TrustStore
 from plasma.protocol.bundle import Bundle, load_bundle
 from plasma.protocol.bus import BrokerConfig, MqttBus
 
 from ..catalog import find_model, oracle_return
+from ..tasks import get_task
 from ..tools.broker import start_local
 from ..tools.processes import Processes, cpu_seconds
 from ..tools.watch import DeviceWatch, FleetWatcher, parse_physics
@@ -80,6 +81,12 @@ class LiveBenchConfig:
 def bench_live(cfg: LiveBenchConfig) -> dict[str, Any]:
     """Run every seed; one dict: ``devices`` (one entry per device and seed), ``rounds``,
     ``server_cpu_s_per_round`` and per-physics medians over seeds."""
+    try:
+        task = get_task(cfg.env_id)
+        for text in cfg.physics:
+            task.physics(parse_physics(text))
+    except KeyError as exc:  # an unknown env or physics name: refused before anything starts
+        raise ConfigError(str(exc.args[0])) from None
     model = Path(cfg.model) if cfg.model else find_model(cfg.env_id, {})
     bundle = load_bundle(model)
     n_devices = cfg.devices or len(cfg.physics)
