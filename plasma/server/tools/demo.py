@@ -96,13 +96,15 @@ def progress_lines(watcher: FleetWatcher) -> list[str]:
         return lines
 
 
-def _default_model() -> Path:
-    here = Path(__file__).resolve().parent.parent / "deploy" / "models" / "pendulum-nominal"
-    for candidate in (here, Path.cwd() / "deploy" / "models" / "pendulum-nominal"):
-        if (candidate / "manifest.json").exists():
-            return candidate
-    raise ConfigError("no base model found: pass --model BUNDLE_DIR (the repository ships "
-                      "deploy/models/pendulum-nominal; `plasma-server train-base` makes one)")
+def _default_model(env_id: str) -> Path:
+    from ..catalog import find_model
+
+    try:
+        return find_model(env_id, {})  # the repository's deploy/models, found from any cwd
+    except FileNotFoundError:
+        raise ConfigError("no base model found: pass --model BUNDLE_DIR (the repository ships "
+                          "deploy/models/pendulum-nominal; `plasma-server train-base` makes one)"
+                          ) from None
 
 
 def _resolve_broker(url: str, workdir: Path) -> tuple[str, subprocess.Popen | None]:
@@ -120,7 +122,7 @@ def _prepare(cfg: DemoConfig, out: Path) -> tuple[Path, Path, Path]:
         SigningKey.generate().save(keys)
     trust.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(keys / "signing.pub", trust / "server.pub")
-    model = Path(cfg.model) if cfg.model else _default_model()
+    model = Path(cfg.model) if cfg.model else _default_model(cfg.env_id)
     return keys, trust, model
 
 
@@ -266,7 +268,7 @@ def _plot(watcher: FleetWatcher, oracles: dict[str, float], path: Path) -> Path:
                            label=f"{dev}: policy trained for its physics ({oracles[dev]:.0f})")
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("return")
-    ax.set_title("Plasma demo: dots are the devices' own episodes (with exploration noise);\n"
+    ax.set_title("Plasma demo: dots are the devices' own episodes (random starts, exploration if any);\n"
                  "lines are the active policy evaluated noise-free at every activation",
                  fontsize=9)
     ax.grid(alpha=0.3)
