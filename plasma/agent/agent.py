@@ -31,14 +31,14 @@ from plasma.protocol import AuditRecord, PlasmaError, Reason, SigningKey, StateT
 from plasma.protocol.bundle import Bundle, load_bundle
 
 from ..server.adapt import Learner, adapt_config
-from ..server.basepolicy import EVAL_SEED0, evaluate
 from ..server.catalog import find_model
 from ..server.judicial import RealData
 from ..server.phantom import blas_threads
 from ..server.policy_net import MLPPolicy
-from ..server.run import policy_from_bundle
+from ..server.run import policy_from_bundle, real_data
 from ..server.store import TraceStore
 from ..server.tasks import TaskSpec, get_task
+from ..server.tools.watch import edge_return
 from .packets import LoRADistiller, SignedPacket
 from .simulation import NominalModel, PhantomPathSimulator, SimulationResult
 from .trace_audit import JudicialAuditor
@@ -294,13 +294,9 @@ class PlasmaAgent:
             self._pending = []
 
     def _real_data(self) -> RealData | None:
-        batch = self.store.transitions(self.fleet, self.device_id,
-                                       newest=self.learner.cfg.max_transitions)
-        if batch is None:
-            return None
-        return RealData(np.asarray(batch.obs, np.float32), np.asarray(batch.action, np.float32),
-                        np.asarray(batch.reward, np.float32),
-                        np.asarray(batch.next_obs, np.float32))
+        cap = self.learner.cfg.max_transitions
+        batch = self.store.transitions(self.fleet, self.device_id, newest=cap)
+        return None if batch is None else real_data(batch, cap)
 
     def _round(self, real: RealData) -> Any:
         # one BLAS thread, as plasma-server run's worker: these matmuls are small, and two
@@ -322,15 +318,8 @@ class PlasmaAgent:
         return fit_model(self.task, real, self.learner.cfg)
 
     def _evaluate(self, adapters: Mapping[str, Any], episodes: int) -> float:
-        engine = MergeEngine(PolicyRuntime(self.bundle))
-        engine.restore(adapters)
-        act = engine.runtime.act
-
-        def batch_of_ones(obs: np.ndarray) -> np.ndarray:
-            return np.stack([np.array(act(row)) for row in obs.astype(np.float32)])
-
-        return float(evaluate(batch_of_ones, self.env_id, self.physics, episodes,
-                              EVAL_SEED0)["mean"])
+        return edge_return(MergeEngine(PolicyRuntime(self.bundle)), adapters, self.env_id,
+                           self.physics, episodes)
 
     async def _learn_forever(self) -> None:
         while True:

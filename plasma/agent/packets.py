@@ -15,11 +15,9 @@ import numpy as np
 
 from plasma.edge.device import EdgeDevice
 from plasma.protocol import (
-    Adapter,
     AuditRecord,
     InstructionPacket,
     SigningKey,
-    decode_packet,
     encode_packet,
     peek_header,
     topics,
@@ -29,14 +27,10 @@ from plasma.protocol.bus import Bus
 from ..server.distill import DistillConfig
 from ..server.distill import LoRADistiller as _Fitter
 from ..server.policy_net import LoRA, MLPPolicy
+from ..server.run import to_adapter
 from .simulation import SimulationResult
 
-__all__ = ["LoRADistiller", "SignedPacket", "to_adapter"]
-
-
-def to_adapter(lora: LoRA) -> Adapter:
-    """The protocol's adapter for a server-side LoRA."""
-    return Adapter(alpha=lora.alpha, rank=lora.rank, layers=lora.factors)
+__all__ = ["LoRADistiller", "SignedPacket"]
 
 
 @dataclass(frozen=True)
@@ -109,11 +103,3 @@ class LoRADistiller:
             topics.device_adapter(header.fleet, header.device or "")
         target.publish(topic, data, qos=1, retain=True)
         return None
-
-
-def verify(data: bytes, key: SigningKey) -> InstructionPacket:
-    """The header of a packet signed by ``key`` (raises a PacketError otherwise)."""
-    from plasma.protocol import TrustStore
-
-    return InstructionPacket.model_validate_json(
-        decode_packet(data, TrustStore([key.public_key])).header.model_dump_json())

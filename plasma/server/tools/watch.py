@@ -35,12 +35,13 @@ from plasma.protocol import (
     decode_traces,
     topics,
 )
+from plasma.protocol._cli import parse_kv
 from plasma.protocol.bundle import Bundle
 from plasma.protocol.bus import Bus, Message
 
 from ..basepolicy import EVAL_SEED0, evaluate
 
-__all__ = ["DeviceWatch", "Evaluation", "FleetWatcher", "parse_physics"]
+__all__ = ["DeviceWatch", "Evaluation", "FleetWatcher", "edge_return", "parse_physics"]
 
 log = logging.getLogger(__name__)
 _PACKET_WAIT_S = 5.0  # a status can name a version before its retained packet reaches us
@@ -48,11 +49,7 @@ _PACKET_WAIT_S = 5.0  # a status can name a version before its retained packet r
 
 def parse_physics(text: str) -> dict[str, float]:
     """``"m=1.6,g=12"`` -> ``{"m": 1.6, "g": 12.0}`` (empty text: nominal physics)."""
-    out: dict[str, float] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = item.partition("=")
-        out[key.strip()] = float(value)
-    return out
+    return parse_kv(text, "physics override")
 
 
 @dataclass(frozen=True)
@@ -229,16 +226,8 @@ class FleetWatcher:
         engine = self._engines.get(device)
         if engine is None:
             engine = self._engines[device] = MergeEngine(PolicyRuntime(self.bundle))
-        engine.restore(self._adapters(device, versions))
-        physics = self.tracks[device].physics
-        act = engine.runtime.act
-
-        def batch_of_ones(obs: np.ndarray) -> np.ndarray:
-            # row by row, as the device acts: dynamic int8 scales depend on the batch
-            return np.stack([np.array(act(row)) for row in obs.astype(np.float32)])
-
-        return float(evaluate(batch_of_ones, self.env_id, physics, self.eval_episodes,
-                              EVAL_SEED0)["mean"])
+        return edge_return(engine, self._adapters(device, versions), self.env_id,
+                           self.tracks[device].physics, self.eval_episodes)
 
     def drain(self, timeout: float = 60.0) -> None:
         """Wait until every queued evaluation is done (or ``timeout``)."""
@@ -249,3 +238,17 @@ class FleetWatcher:
     def close(self) -> None:
         self._jobs.put(None)
         self._worker.join(timeout=10)
+
+
+def edge_return(engine: MergeEngine, adapters: Mapping[str, Any], env_id: str,
+                physics: Mapping[str, float], episodes: int) -> float:
+    """Noise-free mean return of the base plus ``adapters`` (slot -> Adapter or None) merged into
+    ``engine``'s int8 runtime, on fixed-seed episodes; row by row, as the device acts (dynamic
+    int8 scales depend on the batch). ``engine`` must not be a live device's."""
+    engine.restore(adapters)
+    act = engine.runtime.act
+
+    def batch_of_ones(obs: np.ndarray) -> np.ndarray:
+        return np.stack([np.array(act(row)) for row in obs.astype(np.float32)])
+
+    return float(evaluate(batch_of_ones, env_id, physics, episodes, EVAL_SEED0)["mean"])
