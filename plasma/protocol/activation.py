@@ -24,20 +24,20 @@ def hidden(z: np.ndarray, name: str, alpha: float | None = None) -> np.ndarray:
     """The hidden activation ``name`` of z (float32 in, float32 out)."""
     a = np.float32(DEFAULT_ALPHA[name] if alpha is None else alpha)
     if name == "tanh":
-        return np.tanh(z)
+        return np.asarray(np.tanh(z))
     if name == "relu":
-        return np.maximum(z, np.float32(0))
+        return np.asarray(np.maximum(z, np.float32(0)))
     if name == "elu":
-        return np.where(z > 0, z, a * np.expm1(np.minimum(z, np.float32(0))))
+        return np.asarray(np.where(z > 0, z, a * np.expm1(np.minimum(z, np.float32(0)))))
     if name == "leaky_relu":
-        return np.where(z >= 0, z, a * z)
+        return np.asarray(np.where(z >= 0, z, a * z))
     raise ValueError(f"unknown hidden activation {name!r}; known: {HIDDEN_ACTIVATIONS}")
 
 
 def output(z: np.ndarray, name: str, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Actions from the last pre-activation z (batch, act_dim)."""
     if name == "tanh":
-        return low + (np.tanh(z) + 1) / 2 * (high - low)
+        return np.asarray(low + (np.tanh(z) + 1) / 2 * (high - low))
     if name == "clip":
-        return np.minimum(np.maximum(z, low), high)
+        return np.asarray(np.minimum(np.maximum(z, low), high))
     raise ValueError(f"unknown output activation {name!r}; known: {OUTPUT_ACTIVATIONS}")

@@ -11,6 +11,7 @@ Layout written (read back by ``plasma.protocol.bundle.load_bundle``)::
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,9 @@ from plasma.protocol.bundle import (
 __all__ = ["export_bundle", "random_mlp_layers", "build_fp32_model"]
 
 Layers = Sequence[tuple[np.ndarray, np.ndarray]]
+
+_OMITTED_DEFAULTS: dict[str, Any] = {"activation_alpha": None, "output_activation": "tanh"}
+"""Manifest fields left out at their default: a tanh policy's manifest reads as before they existed."""
 
 # ONNX Runtime 1.32 loads IR 10 / opset 21; IR 9 + opset 17 keeps older device runtimes (1.17+) working.
 _IR_VERSION = 9
@@ -80,7 +84,8 @@ def build_fp32_model(
     ]
     h = "h_in"
     act_op = {"tanh": "Tanh", "relu": "Relu", "elu": "Elu", "leaky_relu": "LeakyRelu"}[hidden_activation]
-    act_attrs = {"alpha": float(activation_alpha)} if activation_alpha is not None and act_op in ("Elu", "LeakyRelu") else {}
+    with_alpha = activation_alpha is not None and act_op in ("Elu", "LeakyRelu")
+    act_attrs = {"alpha": float(activation_alpha)} if with_alpha else {}  # type: ignore[arg-type]
     for k, (w, b) in enumerate(layers):
         name = f"l{k}"
         # ONNX MatMul is h @ W: store W transposed, (in, out); the quantizer then scales per output column.
@@ -215,7 +220,9 @@ def export_bundle(
             "meta": dict(meta or {}),
         }
     )
-    (out / MANIFEST).write_text(manifest.model_dump_json(by_alias=True, indent=2) + "\n")
+    data = {k: v for k, v in json.loads(manifest.model_dump_json(by_alias=True)).items()
+            if k not in _OMITTED_DEFAULTS or v != _OMITTED_DEFAULTS[k]}
+    (out / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
     load_bundle(out)  # the device-side checks, run once here so a bad export fails on the server
     return out
 

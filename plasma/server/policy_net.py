@@ -160,7 +160,7 @@ class MLPPolicy:
     def copy(self) -> MLPPolicy:
         return MLPPolicy([(w.copy(), b.copy()) for w, b in self.layers], self.obs_mean.copy(),
                          self.obs_std.copy(), self.act_low.copy(), self.act_high.copy(),
-                         **self.activations)
+                         self.hidden_activation, self.activation_alpha, self.output_activation)
 
     @property
     def activations(self) -> dict[str, str | float | None]:

@@ -22,7 +22,11 @@ from plasma.protocol.errors import BundleError
 
 __all__ = ["Chain", "Step", "read_chain", "unsupported"]
 
-_PASS_THROUGH = {"Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast"}
+_PASS_THROUGH = {"Identity", "Dropout", "Flatten", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Cast"}
+_SHAPE_INPUT = {"Reshape", "Expand"}
+"""Ops whose second input is only a shape: SB3's actor expands its Gaussian mean to a shape computed
+from the log-std branch, which is no part of the deterministic action. Their data input is followed;
+that the shape leaves a (batch, width) tensor as it is, the run against the original file checks."""
 _ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Elu": "elu", "LeakyRelu": "leaky_relu"}
 _MAX_FILE_BYTES = 64 * 1024 * 1024
 
@@ -69,12 +73,12 @@ def _load(path: Path) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except OSError as exc:
         raise BundleError(f"{path}: cannot read ({exc.strerror or exc})", code="missing_file") from None
-    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:  # type: ignore[attr-defined]
+    except onnx.checker.ValidationError as exc:
         raise BundleError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0]})", code="bad_model") from None
-    except Exception as exc:  # protobuf DecodeError and friends: the file is not ONNX at all
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: the file is not ONNX at all
         raise BundleError(f"{path}: not an ONNX model ({type(exc).__name__})", code="bad_model") from None
-    if any(f.domain not in ("", "ai.onnx") for f in model.graph.node for _ in [0]):
-        bad = next(n for n in model.graph.node if n.domain not in ("", "ai.onnx"))
+    bad = next((n for n in model.graph.node if n.domain not in ("", "ai.onnx")), None)
+    if bad is not None:
         raise unsupported(bad, f"{bad.domain}.{bad.op_type}", "is from a custom operator domain")
     return model
 
@@ -117,8 +121,9 @@ def _fold(node: onnx.NodeProto, consts: dict[str, np.ndarray], opset: int) -> li
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return list(sess.run(None, {i: consts[i] for i in inputs}))
-    except Exception as exc:
-        raise unsupported(node, node.op_type, f"could not be evaluated on constants ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class but Exception
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise unsupported(node, node.op_type, f"could not be evaluated on constants ({why})") from None
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -179,7 +184,7 @@ def _cone(target: str, producer: dict[str, onnx.NodeProto], consts: dict[str, np
         if node is None or name in consts or id(node) in seen:
             continue
         seen.add(id(node))
-        todo.extend(i for i in node.input if i)
+        todo.extend(i for i in (node.input[:1] if node.op_type in _SHAPE_INPUT else node.input) if i)
     return seen
 
 
@@ -202,14 +207,22 @@ def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
 
 def _step(node: onnx.NodeProto, cur: str, consts: dict[str, np.ndarray], width: int) -> tuple[Step | None, int]:
     op, name = node.op_type, node.name or f"<unnamed {node.op_type}>"
+    if op in _SHAPE_INPUT:
+        if node.input[0] != cur:
+            raise unsupported(node, op, "takes the observation stream as its shape")
+        shape = consts.get(node.input[1]) if len(node.input) > 1 else None
+        if op == "Reshape" and shape is not None:
+            _pass_through(node, [shape], width)
+        return None, width
     others = [i for i in node.input if i and i != cur]
     if any(i not in consts for i in others):
         raise unsupported(node, op, "combines the observation stream with another computed tensor")
     c = [consts[i] for i in others]
     if op in _PASS_THROUGH:
-        return _pass_through(node, c, width), width
+        _pass_through(node, c, width)
+        return None, width
     if op in _ACTIVATIONS:
-        alpha = float(_attr(node, "alpha", {"Elu": 1.0, "LeakyRelu": 0.01}.get(op, 0.0))) if op in ("Elu", "LeakyRelu") else None
+        alpha = float(_attr(node, "alpha", 1.0 if op == "Elu" else 0.01)) if op in ("Elu", "LeakyRelu") else None
         return Step("act", name, op, act=_ACTIVATIONS[op], alpha=alpha), width
     if op == "Gemm":
         if node.input[0] != cur or int(_attr(node, "transA", 0)):

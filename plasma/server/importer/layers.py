@@ -48,7 +48,8 @@ def _compose(steps: list[Step], i: int, width: int) -> tuple[np.ndarray, np.ndar
     return s, c, i
 
 
-def policy_spec(chain: Chain, env_low: np.ndarray, env_high: np.ndarray, *, rescale_actions: bool = False) -> PolicySpec:
+def policy_spec(chain: Chain, env_low: np.ndarray, env_high: np.ndarray, *,
+                rescale_actions: bool = False) -> PolicySpec:
     """The Plasma policy equal to ``chain`` (raises ``BundleError`` on a chain of another shape)."""
     steps, notes = chain.steps, list(chain.notes)
     s_in, c_in, i = _compose(steps, 0, chain.obs_dim)
@@ -82,9 +83,10 @@ def policy_spec(chain: Chain, env_low: np.ndarray, env_high: np.ndarray, *, resc
             raise unsupported(steps[i].node, steps[i].op, "follows a hidden activation")
     first = acts[0] if acts else None
     for a in acts[1:]:
-        if (a.act, a.alpha) != (first.act, first.alpha):  # type: ignore[union-attr]
-            raise unsupported(a.node, a.op, f"differs from the first hidden activation {first.op}"  # type: ignore[union-attr]
-                              f" ({first.node}); Plasma policies use one hidden activation")
+        assert first is not None
+        if (a.act, a.alpha) != (first.act, first.alpha):
+            raise unsupported(a.node, a.op, f"differs from the first hidden activation {first.op} ({first.node}); "
+                              "Plasma policies use one hidden activation")
     out, low, high = _tail(steps[i:], layers, env_low, env_high, rescale_actions, notes)
     mean, std = _normalization(s_in, c_in, layers)
     f32 = [(np.asarray(w, np.float32), np.asarray(b, np.float32)) for w, b in layers]
@@ -136,10 +138,12 @@ def _tail(tail: list[Step], layers: list[tuple[np.ndarray, np.ndarray]], env_low
     return "tanh", low, high
 
 
-def _normalization(s: np.ndarray, c: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _normalization(s: np.ndarray, c: np.ndarray,
+                   layers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """x' = s * obs + c as (obs - mean) / std with std > 0: a negative s flips the first layer's column."""
     if np.any(s == 0) or not np.all(np.isfinite(s)) or not np.all(np.isfinite(c)):
-        raise BundleError(f"unsupported graph: the input normalization has scale {s.tolist()}", code="unsupported_graph")
+        raise BundleError(f"unsupported graph: the input normalization has scale {s.tolist()}",
+                          code="unsupported_graph")
     sign = np.sign(s)
     w, b = layers[0]
     layers[0] = (w * sign[None, :], b)

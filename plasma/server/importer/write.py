@@ -42,7 +42,8 @@ def env_spaces(env: str) -> tuple[str, dict[str, float], Any, Any]:
         import gymnasium
         from gymnasium.spaces import Box
     except ImportError:
-        raise EnvError(f"--env {env_id} needs Gymnasium: pip install 'plasma[server]'", code="missing_dependency") from None
+        raise EnvError(f"--env {env_id} needs Gymnasium: pip install 'plasma[server]'",
+                       code="missing_dependency") from None
     try:
         made = gymnasium.make(env_id)
     except gymnasium.error.Error as exc:
@@ -131,7 +132,11 @@ def _fidelity(model: Path, bundle: Path, spec: PolicySpec, output: str, obs_spac
     obs = _probe_obs(obs_space, _PROBE_OBS, seed=0)
     want = _expected(_run(model, obs, output), spec, rescaled)
     span = (spec.act_high - spec.act_low).astype(np.float64)
-    err_fp32 = np.abs(_run(bundle / MODEL_FP32, obs) - want)
+    got = _run(bundle / MODEL_FP32, obs)
+    if got.shape != want.shape:
+        raise BundleError(f"{model.name}: its output has shape {want.shape[1:]} per observation, the import "
+                          f"{got.shape[1:]}; the graph was misread", code="import_mismatch")
+    err_fp32 = np.abs(got - want)
     err_int8 = np.abs(_run(bundle / MODEL_INT8, obs) - want)
     rel_fp32 = float((err_fp32 / span).max())
     if not rel_fp32 <= FP32_TOLERANCE:
