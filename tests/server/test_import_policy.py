@@ -34,6 +34,7 @@ CASES = {
     "torch_elu_dynamo": ("elu", 1.0, "clip", 2.0, {}),
     "torch_leaky_dynamo": ("leaky_relu", 0.2, "clip", 2.0, {}),
     "torch_relu_dynamo": ("relu", None, "tanh", 1.0, {}),
+    "torch_normalized_leaky": ("leaky_relu", 0.01, "tanh", 2.0, {}),
     "sb3_sac": ("relu", None, "tanh", 2.0, {"rescale_actions": True}),
     "sb3_sac_rescaled": ("relu", None, "tanh", 2.0, {}),
     "sb3_td3": ("relu", None, "tanh", 1.0, {}),
@@ -71,6 +72,8 @@ def test_imported_bundle_acts_like_the_original_file(name: str, imported: dict) 
     assert (m.hidden_activation, m.output_activation, m.act_low, m.act_high) == (hidden, output, [-bound], [bound])
     assert m.activation_alpha == pytest.approx(alpha) if alpha is not None else m.activation_alpha is None
     assert m.weight_qmax == 64 and m.env_id == "Pendulum-v1" and m.meta["imported_from"] == f"{name}.onnx"
+    if name == "torch_normalized_leaky":  # (obs - mean) / std in the graph became the bundle's normalization
+        assert np.allclose(m.obs_mean, [0.1, -0.2, 0.5]) and np.allclose(m.obs_std, [0.7, 0.7, 4.0])
     obs = _obs(300, seed=7)  # not the importer's own probe observations
     want = _ort(FIXTURES / f"{name}.onnx", obs).astype(np.float64)
     if opts.get("rescale_actions"):
@@ -160,6 +163,11 @@ def test_cli_exit_codes_and_the_docs_command(tmp_path: Path, capsys: pytest.Capt
                  "--out", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err
     assert "op Softmax" in err and "Traceback" not in err
+    (tmp_path / "a-file").write_text("")
+    for args in (["--env", "NoSuchEnv-v9", "--out", str(tmp_path / "x")], ["--env", "Pendulum-v1", "--out",
+                 str(tmp_path / "a-file")]):
+        assert main(["import-policy", str(FIXTURES / "sb3_td3.onnx"), *args]) == 1
+        assert "Traceback" not in capsys.readouterr().err
     # the command of docs/bring-your-policy.md, on an SB3 SAC actor exported with the recipe
     doc = (Path(__file__).resolve().parents[2] / "docs" / "bring-your-policy.md").read_text()
     assert "plasma-server import-policy my_sac_actor.onnx --env Pendulum-v1 --rescale-actions --out my-bundle" in doc

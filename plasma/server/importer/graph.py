@@ -67,8 +67,12 @@ def unsupported(node: onnx.NodeProto | str, op: str, why: str) -> BundleError:
 
 def _load(path: Path) -> onnx.ModelProto:
     try:
-        if path.stat().st_size > _MAX_FILE_BYTES:
-            raise BundleError(f"{path}: larger than {_MAX_FILE_BYTES} bytes", code="bad_model")
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror or exc})", code="missing_file") from None
+    if size > _MAX_FILE_BYTES:
+        raise BundleError(f"{path}: larger than {_MAX_FILE_BYTES} bytes", code="bad_model")
+    try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except OSError as exc:

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from plasma.protocol import activation
-from plasma.protocol._cli import parse_kv
 from plasma.protocol.bundle import MODEL_FP32, MODEL_INT8
 from plasma.protocol.errors import BundleError, ConfigError, EnvError
 
@@ -34,10 +33,12 @@ FP32_TOLERANCE = 1e-4
 _PROBE_OBS = 512
 
 
-def env_spaces(env: str) -> tuple[str, dict[str, float], Any, Any]:
-    """``ID[:k=v,...]`` -> (id, physics, observation Box, action Box), read from Gymnasium."""
+def env_spaces(env: str) -> tuple[str, str, Any, Any]:
+    """``ID[:overrides]`` -> (id, overrides text, observation Box, action Box), read from Gymnasium.
+
+    Only the spaces matter here: the overrides describe a device's world, not the one the policy
+    was trained in (the manifest's ``physics``), so they are returned as text and not recorded."""
     env_id, _, tail = env.strip().partition(":")
-    physics = parse_kv(tail, "physics override") if tail else {}
     try:
         import gymnasium
         from gymnasium.spaces import Box
@@ -53,7 +54,7 @@ def env_spaces(env: str) -> tuple[str, dict[str, float], Any, Any]:
     for what, space in (("observation", obs_space), ("action", act_space)):
         if not isinstance(space, Box) or len(space.shape) != 1:
             raise EnvError(f"--env {env_id}: the {what} space is {space}; Plasma policies need 1-D Box spaces")
-    return env_id, physics, obs_space, act_space
+    return env_id, tail, obs_space, act_space
 
 
 def _probe_obs(obs_space: Any, n: int, seed: int) -> np.ndarray:
@@ -92,9 +93,11 @@ def import_policy(model: str | Path, env: str, out: str | Path, *, output: str |
     """ONNX policy file -> bundle directory ``out``; returns the report (errors per action span)."""
     model = Path(model)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a bundle directory", code="bad_out")
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out {out} exists and is not empty (give --force to overwrite)", code="bad_out")
-    env_id, physics, obs_space, act_space = env_spaces(env)
+    env_id, overrides, obs_space, act_space = env_spaces(env)
     chain = read_chain(model, output)
     if chain.obs_dim != obs_space.shape[0]:
         raise ConfigError(f"{model.name} takes {chain.obs_dim} observations, {env_id} gives {obs_space.shape[0]}",
@@ -111,7 +114,7 @@ def import_policy(model: str | Path, env: str, out: str | Path, *, output: str |
             act_low=spec.act_low, act_high=spec.act_high, hidden_activation=spec.hidden_activation,
             activation_alpha=spec.activation_alpha, output_activation=spec.output_activation,
             obs_low=obs_space.low if finite.all() else None, obs_high=obs_space.high if finite.all() else None,
-            env_id=env_id, physics=physics,
+            env_id=env_id,
             meta={"imported_from": model.name, "source_sha256": hashlib.sha256(source).hexdigest(),
                   "source_output": chain.output_name, "rescale_actions": rescale_actions})
         report = _fidelity(model, staged, spec, chain.output_name, obs_space, rescale_actions)
@@ -119,6 +122,8 @@ def import_policy(model: str | Path, env: str, out: str | Path, *, output: str |
             shutil.rmtree(out)
         shutil.copytree(staged, out)
     sizes = [spec.layers[0][0].shape[1], *(w.shape[0] for w, _ in spec.layers)]
+    if overrides:
+        spec.notes.append(f"--env overrides {overrides!r} ignored: only {env_id}'s spaces are read")
     for note in spec.notes:
         print(f"import-policy: {note}", file=sys.stderr)
     return {"bundle": str(out), "layers": sizes, "hidden_activation": spec.hidden_activation,
