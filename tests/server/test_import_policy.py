@@ -148,6 +148,20 @@ def test_unsupported_graphs_name_the_first_bad_node_and_op(tmp_path: Path) -> No
     onnx.save(_graph_with(sig, []), tmp_path / "sigmoid.onnx")
     with pytest.raises(BundleError, match=r"node 'squash_me' \(op Sigmoid\)"):
         import_policy(tmp_path / "sigmoid.onnx", "Pendulum-v1", tmp_path / "b")
+    rng = np.random.default_rng(0)
+    mixed = helper.make_graph(  # Relu then Tanh between three layers: one hidden activation only
+        [helper.make_node("Gemm", ["obs", "W0"], ["z0"], name="g0", transB=1),
+         helper.make_node("Relu", ["z0"], ["h0"], name="first_act"),
+         helper.make_node("Gemm", ["h0", "W1"], ["z1"], name="g1", transB=1),
+         helper.make_node("Tanh", ["z1"], ["h1"], name="second_act"),
+         helper.make_node("Gemm", ["h1", "W2"], ["y"], name="g2", transB=1)],
+        "mixed", [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in (("W0", (4, 3)), ("W1", (4, 4)), ("W2", (1, 4)))])
+    onnx.save(helper.make_model(mixed, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mixed.onnx")
+    with pytest.raises(BundleError, match=r"node 'second_act' \(op Tanh\) differs from the first hidden"):
+        import_policy(tmp_path / "mixed.onnx", "Pendulum-v1", tmp_path / "e")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(BundleError) as err:
         import_policy(tmp_path / "junk.onnx", "Pendulum-v1", tmp_path / "c")
@@ -155,7 +169,7 @@ def test_unsupported_graphs_name_the_first_bad_node_and_op(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as cerr:  # 3 observations, but MountainCarContinuous gives 2
         import_policy(FIXTURES / "torch_relu_gemm.onnx", "MountainCarContinuous-v0", tmp_path / "d")
     assert cerr.value.code == "env_mismatch"
-    assert not any((tmp_path / d).exists() for d in "abcd")  # nothing half-written
+    assert not any((tmp_path / d).exists() for d in "abcde")  # nothing half-written
 
 
 def test_cli_exit_codes_and_the_docs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

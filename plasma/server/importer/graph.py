@@ -92,27 +92,29 @@ def _constants(model: onnx.ModelProto, opset: int) -> dict[str, np.ndarray]:
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
-            consts[node.output[0]] = _constant_value(node)
+            value = _constant_value(node)
+            if value is not None:  # else it stays computed: refused later only if the action needs it
+                consts[node.output[0]] = value
         elif node.input and all(i in consts or i == "" for i in node.input) and node.op_type not in _RANDOM:
             # a node that cannot be folded stays computed: refused later only if the action needs it
-            for name, value in zip(node.output, _fold(node, consts, opset) or []):
-                consts[name] = value
+            for name, folded in zip(node.output, _fold(node, consts, opset, model.ir_version) or []):
+                consts[name] = folded
     return consts
 
 
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
         if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
             return np.asarray(helper.get_attribute_value(attr))
-    raise unsupported(node, "Constant", "holds a kind of value Plasma does not read")
+    return None  # sparse or string constants: no part of an MLP policy
 
 
-def _fold(node: onnx.NodeProto, consts: dict[str, np.ndarray], opset: int) -> list[np.ndarray] | None:
+def _fold(node: onnx.NodeProto, consts: dict[str, np.ndarray], opset: int, ir_version: int) -> list[np.ndarray] | None:
     import onnxruntime as ort
 
     inputs = [i for i in node.input if i]
@@ -122,7 +124,7 @@ def _fold(node: onnx.NodeProto, consts: dict[str, np.ndarray], opset: int) -> li
          for i in inputs],
         [helper.make_empty_tensor_value_info(o) for o in node.output if o])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model.ir_version = ir_version
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return list(sess.run(None, {i: consts[i] for i in inputs}))
