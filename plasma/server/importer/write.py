@@ -10,6 +10,8 @@ refused (``BundleError`` code ``import_mismatch``); the int8 error is reported.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import re
 import shutil
 import sys
 import tempfile
@@ -39,6 +41,8 @@ def env_spaces(env: str) -> tuple[str, str, Any, Any]:
     Only the spaces matter here: the overrides describe a device's world, not the one the policy
     was trained in (the manifest's ``physics``), so they are returned as text and not recorded."""
     env_id, _, tail = env.strip().partition(":")
+    if tail and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", env_id) and re.fullmatch(r"[A-Za-z_]\w*", tail):
+        return env.strip(), "", *_class_spaces(env_id, tail)  # module:Class, as plasma-edge run --env takes
     try:
         import gymnasium
         from gymnasium.spaces import Box
@@ -55,6 +59,18 @@ def env_spaces(env: str) -> tuple[str, str, Any, Any]:
         if not isinstance(space, Box) or len(space.shape) != 1:
             raise EnvError(f"--env {env_id}: the {what} space is {space}; Plasma policies need 1-D Box spaces")
     return env_id, tail, obs_space, act_space
+
+
+def _class_spaces(module_name: str, class_name: str) -> tuple[Any, Any]:
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        made = cls()
+    except (ImportError, AttributeError) as exc:
+        raise EnvError(f"--env {module_name}:{class_name}: {exc}") from None
+    spaces = (getattr(made, "observation_space", None), getattr(made, "action_space", None))
+    if any(getattr(s, "shape", None) is None or len(s.shape) != 1 or not hasattr(s, "low") for s in spaces):
+        raise EnvError(f"--env {module_name}:{class_name}: needs 1-D Box observation_space and action_space")
+    return spaces
 
 
 def _probe_obs(obs_space: Any, n: int, seed: int) -> np.ndarray:
