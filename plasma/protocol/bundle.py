@@ -81,7 +81,11 @@ class Manifest(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True
     act_high: list[float]
     obs_mean: list[float]
     obs_std: list[float]
-    hidden_activation: Literal["tanh", "relu"]
+    hidden_activation: Literal["tanh", "relu", "elu", "leaky_relu"]
+    activation_alpha: float | None = None
+    """ELU's alpha or LeakyReLU's negative slope (``plasma.protocol.activation``); None: the default."""
+    output_activation: Literal["tanh", "clip"] = "tanh"
+    """How the last layer's z becomes an action: tanh squash to the bounds, or clip to them."""
     weight_qmax: Literal[64, 127] = 127
     """Largest |q| of the int8 weights: 64 (reduce-range, what ``export_bundle`` writes: exact on
     CPUs without VNNI) or 127 (full range, bundles written before the field existed)."""
@@ -102,6 +106,8 @@ class Manifest(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True
         return super().model_validate(obj)
 
     def _check(self) -> None:
+        if self.activation_alpha is not None and not math.isfinite(self.activation_alpha):
+            raise MessageInvalid("activation_alpha: must be finite", field="activation_alpha")
         for field in ("obs_low", "obs_high", "act_low", "act_high", "obs_mean", "obs_std"):
             value = getattr(self, field)
             if value is not None and not all(math.isfinite(x) for x in value):

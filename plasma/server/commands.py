@@ -69,6 +69,15 @@ def _train_base(args: argparse.Namespace) -> int:
     return _print(train_base(cfg))
 
 
+def _import_policy(args: argparse.Namespace) -> int:
+    try:
+        from .importer import import_policy
+    except ImportError as exc:
+        raise _needs("server", exc) from None
+    return _print(import_policy(args.model, args.env, args.out, output=args.output,
+                                rescale_actions=args.rescale_actions, force=args.force))
+
+
 # ------------------------------------------------------------------ benchmarks
 
 
@@ -190,6 +199,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train_base)
+
+    imp = sub.add_parser("import-policy", help="an ONNX MLP policy (PyTorch, Stable-Baselines3) -> a bundle")
+    imp.add_argument("model", metavar="MODEL.onnx", help="the exported policy")
+    imp.add_argument("--env", required=True, help="the Gymnasium world it acts in, e.g. Pendulum-v1")
+    imp.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    imp.add_argument("--output", default=None, metavar="NAME",
+                     help="the graph output holding the actions (default: the first; SB3 PPO's is the first)")
+    imp.add_argument("--rescale-actions", dest="rescale_actions", action="store_true",
+                     help="map a final tanh's [-1, 1] onto the env's action bounds (SB3's unscale_action, "
+                          "for SAC/TD3 actors exported as the SB3 recipe writes them)")
+    imp.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    imp.set_defaults(handler=_import_policy)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True,

@@ -11,6 +11,7 @@ Layout written (read back by ``plasma.protocol.bundle.load_bundle``)::
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,9 @@ from plasma.protocol.bundle import (
 __all__ = ["export_bundle", "random_mlp_layers", "build_fp32_model"]
 
 Layers = Sequence[tuple[np.ndarray, np.ndarray]]
+
+_OMITTED_DEFAULTS: dict[str, Any] = {"activation_alpha": None, "output_activation": "tanh"}
+"""Manifest fields left out at their default: a tanh policy's manifest reads as before they existed."""
 
 # ONNX Runtime 1.32 loads IR 10 / opset 21; IR 9 + opset 17 keeps older device runtimes (1.17+) working.
 _IR_VERSION = 9
@@ -67,8 +71,11 @@ def build_fp32_model(
     act_low: np.ndarray,
     act_high: np.ndarray,
     hidden_activation: str = "tanh",
+    activation_alpha: float | None = None,
+    output_activation: str = "tanh",
 ) -> onnx.ModelProto:
-    """fp32 graph: normalize, (MatMul + Add + act) per hidden layer, MatMul + Add + tanh squash to [low, high]."""
+    """fp32 graph: normalize, (MatMul + Add + act) per hidden layer, MatMul + Add + tanh squash to
+    [low, high] (or Min + Max: a clip to them)."""
     obs_dim, act_dim = layers[0][0].shape[1], layers[-1][0].shape[0]
     inits = [_f32("obs_mean", obs_mean), _f32("obs_std", obs_std)]
     nodes = [
@@ -76,7 +83,9 @@ def build_fp32_model(
         helper.make_node("Div", ["x_c", "obs_std"], ["h_in"]),
     ]
     h = "h_in"
-    act_op = {"tanh": "Tanh", "relu": "Relu"}[hidden_activation]
+    act_op = {"tanh": "Tanh", "relu": "Relu", "elu": "Elu", "leaky_relu": "LeakyRelu"}[hidden_activation]
+    with_alpha = activation_alpha is not None and act_op in ("Elu", "LeakyRelu")
+    act_attrs = {"alpha": float(activation_alpha)} if with_alpha else {}  # type: ignore[arg-type]
     for k, (w, b) in enumerate(layers):
         name = f"l{k}"
         # ONNX MatMul is h @ W: store W transposed, (in, out); the quantizer then scales per output column.
@@ -87,16 +96,21 @@ def build_fp32_model(
         ]
         h = f"{name}.z"
         if k < len(layers) - 1:
-            nodes.append(helper.make_node(act_op, [h], [f"{name}.h"]))
+            nodes.append(helper.make_node(act_op, [h], [f"{name}.h"], **act_attrs))
             h = f"{name}.h"
-    half_span = (np.asarray(act_high, np.float32) - np.asarray(act_low, np.float32)) / 2  # exact: /2
-    inits += [_f32("one", np.ones(1)), _f32("half_span", half_span), _f32("act_low", act_low)]
-    nodes += [
-        helper.make_node("Tanh", [h], ["squash"]),
-        helper.make_node("Add", ["squash", "one"], ["squash1"]),
-        helper.make_node("Mul", ["squash1", "half_span"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "act_low"], ["action"]),
-    ]
+    if output_activation == "clip":
+        inits += [_f32("act_low", act_low), _f32("act_high", act_high)]
+        nodes += [helper.make_node("Min", [h, "act_high"], ["below_high"]),
+                  helper.make_node("Max", ["below_high", "act_low"], ["action"])]
+    else:
+        half_span = (np.asarray(act_high, np.float32) - np.asarray(act_low, np.float32)) / 2  # exact: /2
+        inits += [_f32("one", np.ones(1)), _f32("half_span", half_span), _f32("act_low", act_low)]
+        nodes += [
+            helper.make_node("Tanh", [h], ["squash"]),
+            helper.make_node("Add", ["squash", "one"], ["squash1"]),
+            helper.make_node("Mul", ["squash1", "half_span"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "act_low"], ["action"]),
+        ]
     graph = helper.make_graph(
         nodes,
         "plasma_policy",
@@ -112,7 +126,9 @@ def build_fp32_model(
 
 class _DropPreprocessHint(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
+        message = record.getMessage()
+        return not ("pre-processing before quantization" in message
+                    or message.startswith("Quantization parameters for tensor"))
 
 
 @contextmanager
@@ -167,6 +183,8 @@ def export_bundle(
     act_low: Any,
     act_high: Any,
     hidden_activation: str = "tanh",
+    activation_alpha: float | None = None,
+    output_activation: str = "tanh",
     obs_low: Any = None,
     obs_high: Any = None,
     env_id: str = "",
@@ -179,7 +197,8 @@ def export_bundle(
     layers = [(np.asarray(w, np.float32), np.asarray(b, np.float32)) for w, b in layers]
     vec = {k: np.asarray(v, np.float32).reshape(-1) for k, v in
            {"obs_mean": obs_mean, "obs_std": obs_std, "act_low": act_low, "act_high": act_high}.items()}
-    model = build_fp32_model(layers, hidden_activation=hidden_activation, **vec)
+    model = build_fp32_model(layers, hidden_activation=hidden_activation, activation_alpha=activation_alpha,
+                             output_activation=output_activation, **vec)
     onnx.save(model, out / MODEL_FP32)
     with tempfile.TemporaryDirectory() as tmp:
         # quantize next to a scratch copy: the quantizer may write helper files beside its output.
@@ -194,13 +213,16 @@ def export_bundle(
             "schema": 1, "obs_dim": layers[0][0].shape[1], "act_dim": layers[-1][0].shape[0],
             "obs_low": _opt_list(obs_low), "obs_high": _opt_list(obs_high),
             **{k: v.tolist() for k, v in vec.items()},
-            "hidden_activation": hidden_activation, "weight_qmax": WEIGHT_QMAX, "env_id": env_id,
+            "hidden_activation": hidden_activation, "activation_alpha": activation_alpha,
+            "output_activation": output_activation, "weight_qmax": WEIGHT_QMAX, "env_id": env_id,
             "physics": dict(physics or {}), "base_sha256": hashlib.sha256(int8_bytes).hexdigest(),
             "layers": [e.model_dump(by_alias=True) for e in _layer_entries(onnx.load_from_string(int8_bytes), layers)],
             "meta": dict(meta or {}),
         }
     )
-    (out / MANIFEST).write_text(manifest.model_dump_json(by_alias=True, indent=2) + "\n")
+    data = {k: v for k, v in json.loads(manifest.model_dump_json(by_alias=True)).items()
+            if k not in _OMITTED_DEFAULTS or v != _OMITTED_DEFAULTS[k]}
+    (out / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
     load_bundle(out)  # the device-side checks, run once here so a bad export fails on the server
     return out
 

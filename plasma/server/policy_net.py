@@ -2,8 +2,9 @@
 
 Conventions shared with the exporter and the edge (do not change them here alone):
 layers ``l0..lK`` are ``(W float32 (out, in), b (out,))``; ``x = (obs - obs_mean) / obs_std``;
-hidden ``h = tanh(W h + b)``; last ``z = W h + b``;
-``action = act_low + (tanh(z) + 1) / 2 * (act_high - act_low)``.
+hidden ``h = act(W h + b)`` with ``act`` the bundle's ``hidden_activation`` (tanh, relu, elu,
+leaky_relu; ``plasma.protocol.activation``); last ``z = W h + b``; ``action = output(z)``: the
+tanh squash ``act_low + (tanh(z) + 1) / 2 * (act_high - act_low)`` or a clip to the bounds.
 A LoRA adapter adds ``(alpha / rank) * B @ A`` to ``W`` of each target layer, with
 ``A (rank, in)`` and ``B (out, rank)``; its file form is an npz of ``NAME.A``, ``NAME.B`` and
 a scalar ``alpha``.
@@ -16,8 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from plasma.protocol import activation
 
 __all__ = ["Adam", "ForwardCache", "Layer", "LoRA", "MLPPolicy", "policy_from_mapping"]
 
@@ -99,15 +103,15 @@ class ForwardCache:
 
     inputs: list[np.ndarray]
     """Input of each layer: x, h1, ..., hK; each (batch, in_k)."""
-    tanh_z: np.ndarray
-    """(batch, act_dim) tanh of the last pre-activation."""
+    pre: list[np.ndarray]
+    """Pre-activation of each layer: z0, ..., zK; each (batch, out_k)."""
     lora: LoRA | None
     """Adapter used in the forward pass (its factors get gradients)."""
 
 
 @dataclass
 class MLPPolicy:
-    """tanh MLP policy with baked-in observation normalization and action squashing."""
+    """MLP policy with baked-in observation normalization and action squashing (or clipping)."""
 
     layers: list[Layer]
     """[(W (out, in), b (out,)), ...] named l0..lK."""
@@ -119,6 +123,12 @@ class MLPPolicy:
     """(act_dim,) action lower bound."""
     act_high: np.ndarray
     """(act_dim,) action upper bound."""
+    hidden_activation: str = "tanh"
+    """One of ``plasma.protocol.activation.HIDDEN_ACTIVATIONS``."""
+    activation_alpha: float | None = None
+    """ELU alpha or LeakyReLU slope; None: the ONNX default."""
+    output_activation: str = "tanh"
+    """``tanh`` (squash to the bounds) or ``clip``."""
     names: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +138,10 @@ class MLPPolicy:
         self.act_low = np.asarray(self.act_low, np.float32)
         self.act_high = np.asarray(self.act_high, np.float32)
         self.names = [f"l{i}" for i in range(len(self.layers))]
+        if self.hidden_activation not in activation.HIDDEN_ACTIVATIONS:
+            raise ValueError(f"hidden activation {self.hidden_activation!r}; known {activation.HIDDEN_ACTIVATIONS}")
+        if self.output_activation not in activation.OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output activation {self.output_activation!r}; known {activation.OUTPUT_ACTIVATIONS}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,7 +159,14 @@ class MLPPolicy:
 
     def copy(self) -> MLPPolicy:
         return MLPPolicy([(w.copy(), b.copy()) for w, b in self.layers], self.obs_mean.copy(),
-                         self.obs_std.copy(), self.act_low.copy(), self.act_high.copy())
+                         self.obs_std.copy(), self.act_low.copy(), self.act_high.copy(),
+                         self.hidden_activation, self.activation_alpha, self.output_activation)
+
+    @property
+    def activations(self) -> dict[str, str | float | None]:
+        """The nonlinearity fields, as keyword arguments (and manifest fields)."""
+        return {"hidden_activation": self.hidden_activation, "activation_alpha": self.activation_alpha,
+                "output_activation": self.output_activation}
 
     def layer(self, name: str) -> Layer:
         return self.layers[self.names.index(name)]
@@ -180,14 +201,14 @@ class MLPPolicy:
         single = obs.ndim == 1
         h = (np.atleast_2d(obs) - self.obs_mean) / self.obs_std  # (batch, obs_dim)
         weights = self._weights(lora)
-        inputs = []
+        inputs, pre = [], []
         for k, (w, (_, b)) in enumerate(zip(weights, self.layers)):
             inputs.append(h)
             z = h @ w.T + b  # (batch, out_k)
-            h = np.tanh(z) if k < len(weights) - 1 else z
-        t = np.tanh(h)  # (batch, act_dim)
-        act = self.act_low + (t + 1.0) * 0.5 * (self.act_high - self.act_low)
-        return (act[0] if single else act), ForwardCache(inputs, t, lora)
+            pre.append(z)
+            h = activation.hidden(z, self.hidden_activation, self.activation_alpha) if k < len(weights) - 1 else z
+        act = activation.output(h, self.output_activation, self.act_low, self.act_high)
+        return (act[0] if single else act), ForwardCache(inputs, pre, lora)
 
     def backward(self, cache: ForwardCache, d_act: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Exact gradients of a scalar loss given dL/daction (batch, act_dim).
@@ -197,7 +218,7 @@ class MLPPolicy:
         """
         lora = cache.lora
         weights = self._weights(lora)
-        dz = np.atleast_2d(d_act) * 0.5 * (self.act_high - self.act_low) * (1.0 - cache.tanh_z**2)
+        dz = np.atleast_2d(d_act) * self._output_grad(cache.pre[-1])
         grads_w: list[np.ndarray] = [np.empty(0)] * (2 * len(weights))
         grads_lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for k in range(len(weights) - 1, -1, -1):
@@ -209,15 +230,36 @@ class MLPPolicy:
                 a, b = lora.factors[name]
                 grads_lora[name] = (lora.scale * (b.T @ d_w), lora.scale * (d_w @ a.T))
             if k > 0:
-                dz = (dz @ weights[k]) * (1.0 - h_in**2)  # through tanh of the previous layer
+                dz = (dz @ weights[k]) * self._hidden_grad(cache.pre[k - 1], h_in)  # through the activation
         flat_lora = [g for n in (lora.factors if lora else {}) for g in grads_lora[n]]
         return grads_w, flat_lora
+
+    def _output_grad(self, z: np.ndarray) -> np.ndarray:
+        """d action / d z, elementwise (batch, act_dim)."""
+        if self.output_activation == "tanh":
+            return 0.5 * (self.act_high - self.act_low) * (1.0 - np.tanh(z) ** 2)
+        return ((z > self.act_low) & (z < self.act_high)).astype(np.float32)  # clip
+
+    def _hidden_grad(self, z: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """d h / d z of the hidden activation, given z and h = act(z)."""
+        name = self.hidden_activation
+        alpha = np.float32(activation.DEFAULT_ALPHA[name] if self.activation_alpha is None else self.activation_alpha)
+        if name == "tanh":
+            return 1.0 - h**2
+        if name == "relu":
+            return (z > 0).astype(np.float32)
+        if name == "elu":
+            return np.where(z > 0, np.float32(1), h + alpha)  # alpha * exp(z) = h + alpha
+        return np.where(z >= 0, np.float32(1), alpha)  # leaky_relu
 
     # ------------------------------------------------------------------ files
     def save_npz(self, path: str | Path) -> Path:
         """Own cache format: weights and normalization in one npz (the bundle is export_bundle's job)."""
         arrays = {"obs_mean": self.obs_mean, "obs_std": self.obs_std, "act_low": self.act_low,
-                  "act_high": self.act_high}
+                  "act_high": self.act_high, "hidden_activation": np.asarray(self.hidden_activation),
+                  "output_activation": np.asarray(self.output_activation)}
+        if self.activation_alpha is not None:
+            arrays["activation_alpha"] = np.asarray(self.activation_alpha, np.float64)
         for n, (w, b) in zip(self.names, self.layers):
             arrays[f"{n}.W"], arrays[f"{n}.b"] = w, b
         path = Path(path)
@@ -233,10 +275,13 @@ class MLPPolicy:
             layers = [(z[f"l{i}.W"], z[f"l{i}.b"]) for i in range(n_layers)]
             meta = {k: overrides.get(k, z[k] if k in z.files else None)
                     for k in ("obs_mean", "obs_std", "act_low", "act_high")}
+            acts = {k: str(z[k]) for k in ("hidden_activation", "output_activation") if k in z.files}
+            if "activation_alpha" in z.files:
+                acts["activation_alpha"] = float(z["activation_alpha"])  # type: ignore[assignment]
         missing = [k for k, v in meta.items() if v is None]
         if missing:
             raise KeyError(f"{path}: missing {missing}; pass them as keyword overrides")
-        return cls(layers, **meta)  # type: ignore[arg-type]
+        return cls(layers, **meta, **acts)  # type: ignore[arg-type]
 
 
 class Adam:
@@ -263,7 +308,8 @@ class Adam:
             p -= (self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)).astype(p.dtype)
 
 
-def policy_from_mapping(weights: Mapping[str, np.ndarray], **norm: np.ndarray) -> MLPPolicy:
-    """Build from a ``{"l0.W": ..., "l0.b": ...}`` mapping (e.g. a bundle's base_weights.npz)."""
+def policy_from_mapping(weights: Mapping[str, np.ndarray], **norm: Any) -> MLPPolicy:
+    """Build from a ``{"l0.W": ..., "l0.b": ...}`` mapping (e.g. a bundle's base_weights.npz);
+    ``norm`` holds the normalization, bounds and activation fields."""
     n = len([k for k in weights if k.endswith(".W")])
     return MLPPolicy([(weights[f"l{i}.W"], weights[f"l{i}.b"]) for i in range(n)], **norm)  # type: ignore[arg-type]

@@ -258,12 +258,11 @@ class AdaptationWorker:
 def policy_from_bundle(bundle: Bundle) -> MLPPolicy:
     """The base policy the devices run, from its bundle's fp32 master weights."""
     m = bundle.manifest
-    if m.hidden_activation != "tanh":
-        raise BundleError(f"{bundle.root}: hidden activation {m.hidden_activation!r}; the server's "
-                          "policy math is tanh only", code="bad_model")
     return MLPPolicy([(np.asarray(w), np.asarray(b)) for w, b in bundle.layers()],
                      obs_mean=np.asarray(m.obs_mean), obs_std=np.asarray(m.obs_std),
-                     act_low=np.asarray(m.act_low), act_high=np.asarray(m.act_high))
+                     act_low=np.asarray(m.act_low), act_high=np.asarray(m.act_high),
+                     hidden_activation=m.hidden_activation, activation_alpha=m.activation_alpha,
+                     output_activation=m.output_activation)
 
 
 class _Collector:

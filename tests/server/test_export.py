@@ -26,8 +26,11 @@ def numpy_forward(layers: list[tuple[np.ndarray, np.ndarray]], obs: np.ndarray, 
     for k, (w, b) in enumerate(layers):
         h = h @ w.T.astype(np.float64) + b
         if k < len(layers) - 1:
-            h = np.tanh(h) if m["hidden_activation"] == "tanh" else np.maximum(h, 0)
+            h = {"tanh": np.tanh(h), "relu": np.maximum(h, 0),
+                 "leaky_relu": np.where(h >= 0, h, (m.get("activation_alpha") or 0.01) * h)}[m["hidden_activation"]]
     low, high = np.array(m["act_low"]), np.array(m["act_high"])
+    if m.get("output_activation") == "clip":
+        return np.clip(h, low, high)
     return low + (np.tanh(h) + 1) / 2 * (high - low)
 
 
@@ -46,9 +49,10 @@ def int8_initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu"])
 def test_fp32_model_matches_numpy_forward_and_int8_is_close(tmp_path: Path, activation: str) -> None:
-    root = export(EDGE, tmp_path / "b", hidden_activation=activation)
+    extra = {"activation_alpha": 0.2, "output_activation": "clip"} if activation == "leaky_relu" else {}
+    root = export(EDGE, tmp_path / "b", hidden_activation=activation, **extra)
     m = json.loads((root / MANIFEST).read_text())
     npz = np.load(root / BASE_WEIGHTS, allow_pickle=False)
     layers = [(npz[f"l{k}.W"], npz[f"l{k}.b"]) for k in range(len(m["layers"]))]

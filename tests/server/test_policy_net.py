@@ -105,3 +105,36 @@ def test_pendulum_task_matches_gym(physics: dict[str, float]) -> None:
 def test_unknown_physics_is_refused() -> None:
     with pytest.raises(KeyError):
         make_env("Pendulum-v1", {"mass": 2.0})
+
+
+ACTIVATIONS = [("relu", None, "tanh"), ("elu", None, "clip"), ("elu", 0.5, "tanh"), ("leaky_relu", 0.2, "clip"),
+               ("leaky_relu", None, "tanh"), ("tanh", None, "clip")]
+
+
+@pytest.mark.parametrize(("hidden", "alpha", "output"), ACTIVATIONS)
+def test_gradients_match_finite_differences_for_each_activation(hidden: str, alpha: float | None, output: str) -> None:
+    """Imported policies (relu / elu / leaky_relu hidden layers, a clip output) get exact gradients too."""
+    p = _policy64(4)
+    p.hidden_activation, p.activation_alpha, p.output_activation = hidden, alpha, output
+    lora = LoRA.init(p, ["l0", "l2"], rank=2, alpha=3.0, seed=2)
+    rng = np.random.default_rng(5)
+    lora.factors = {k: (a.astype(np.float64), rng.standard_normal(b.shape) * 0.3) for k, (a, b) in lora.factors.items()}
+    obs, target = rng.standard_normal((8, 3)), rng.standard_normal((8, 2))
+    act, cache = p.forward_cache(obs, lora)
+    grads, lora_grads = p.backward(cache, 2 * (act - target))
+    assert _fd_check(p, p.params(), grads, lambda: _loss(p, obs, target, lora)) < 1e-5
+    assert _fd_check(p, lora.params(), lora_grads, lambda: _loss(p, obs, target, lora)) < 1e-5
+    if output == "clip":
+        assert np.all(act >= p.act_low) and np.all(act <= p.act_high)
+        inside = (act > p.act_low) & (act < p.act_high)
+        assert inside.any() and not inside.all()  # both branches of the clip are exercised
+
+
+def test_activation_fields_survive_copy_merge_and_npz(tmp_path) -> None:
+    p = _policy64(6)
+    p.hidden_activation, p.activation_alpha, p.output_activation = "leaky_relu", 0.2, "clip"
+    lora = LoRA.init(p, rank=2, seed=1)
+    for q in (p.copy(), p.merged(lora), MLPPolicy.load_npz(p.save_npz(tmp_path / "p.npz"))):
+        assert q.activations == p.activations
+    with pytest.raises(ValueError, match="gelu"):
+        MLPPolicy(p.layers, p.obs_mean, p.obs_std, p.act_low, p.act_high, hidden_activation="gelu")

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from plasma.protocol import activation
 from plasma.protocol.bundle import Bundle
 
 __all__ = ["quantize_into", "quantize_weight", "reference_forward"]
@@ -49,11 +50,10 @@ def reference_forward(bundle: Bundle, obs: np.ndarray, weights: Mapping[str, np.
     """fp32 numpy forward of the policy convention; ``weights`` (name -> W (out, in)) overrides the master."""
     m = bundle.manifest
     h = (np.asarray(obs, np.float32) - np.asarray(m.obs_mean, np.float32)) / np.asarray(m.obs_std, np.float32)
-    act = np.tanh if m.hidden_activation == "tanh" else (lambda z: np.maximum(z, 0))
     for k, e in enumerate(m.layers):
         w = bundle.weights[e.name] if weights is None or e.name not in weights else weights[e.name]
         h = h @ w.T + bundle.biases[e.name]  # (batch, out)
         if k < len(m.layers) - 1:
-            h = act(h)
+            h = activation.hidden(h, m.hidden_activation, m.activation_alpha)
     low, high = np.asarray(m.act_low, np.float32), np.asarray(m.act_high, np.float32)
-    return (low + (np.tanh(h) + 1) / 2 * (high - low)).astype(np.float32)
+    return activation.output(h, m.output_activation, low, high).astype(np.float32)
