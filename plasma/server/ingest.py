@@ -27,7 +27,7 @@ from plasma.protocol import TelemetryError, TopicError, TraceBatch, decode_trace
 from plasma.protocol.bus import Bus, Message
 from plasma.protocol.telemetry import DEFAULT_MAX_FRAME_BYTES
 
-from .store import StoreError, TraceStore
+from .store import Store, StoreError
 
 __all__ = ["Ingest", "IngestConfig", "RateLimitedLog", "SHARE_GROUP"]
 
@@ -80,7 +80,7 @@ class RateLimitedLog:
 class Ingest:
     """Subscribes to device telemetry and writes checked frames into the store."""
 
-    def __init__(self, bus: Bus, store: TraceStore, cfg: IngestConfig | None = None) -> None:
+    def __init__(self, bus: Bus, store: Store, cfg: IngestConfig | None = None) -> None:
         self.bus, self.store = bus, store
         self.cfg = cfg or IngestConfig()
         self._queue: queue.Queue[Message | None] = queue.Queue(self.cfg.queue_size)
