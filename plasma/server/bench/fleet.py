@@ -28,7 +28,7 @@ from plasma.protocol import Adapter, AuditRecord, SigningKey, encode_packet, top
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import BrokerConfig, Message, MqttBus
 
-from .device_worker import model_topic
+from .device_worker import model_topic, rss_bytes
 from .link import ThrottledLink
 
 __all__ = ["ThrottledLink", "bench_e2e", "bench_fleet"]
@@ -91,6 +91,20 @@ class _Workers:
                 self.stop()
                 raise RuntimeError(f"a bench worker failed to start (exit {proc.poll()})")
 
+    def rss(self) -> list[int]:
+        """Resident bytes of each worker process (asked over its stdin)."""
+        out = []
+        for proc in self.procs:
+            if proc.stdin and proc.stdout:
+                proc.stdin.write("rss\n")
+                proc.stdin.flush()
+                out.append(int(proc.stdout.readline().strip() or 0))
+        return out
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the worker processes used so far."""
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None and proc.stdin:
@@ -124,6 +138,16 @@ class _Acks:
         with self.cond:
             out, self.records = self.records, []
             return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux ``/proc``), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -206,16 +230,37 @@ def _full_model_pushes(bus: MqttBus, acks: _Acks, setup: _Setup, fleet: str, dev
     return lat, len(payload), rejected
 
 
-def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int = 4,
+def bench_fleet(broker: str | None, devices: int = 200, processes: int = 4, rank: int = 4,
                 model: str | None = None, timeout: float = 30.0, swap: str = "rebuild"
                 ) -> dict[str, Any]:
-    """One fleet packet to N devices: seconds until all N report it active."""
+    """One fleet packet to N devices: seconds until all N report it active, and the resident
+    memory of the device processes (RSS, once every device runs the new adapter).
+
+    ``broker`` None: a Mosquitto of the bench's own (``tools.broker.start_mosquitto``: its
+    ``max_connections`` and file-descriptor limit sized for ``devices``)."""
+    local = None
+    if broker is None:
+        from ..tools.broker import free_port, start_mosquitto
+
+        port = free_port()
+        local = start_mosquitto("127.0.0.1", port, Path(tempfile.mkdtemp(prefix="plasma-mosq-")),
+                                max_connections=devices + 64)
+        broker = f"mqtt://127.0.0.1:{port}"
     setup = _setup(model)
     fleet = f"fleet{os.getpid()}"
     ids = [f"dev-{i}" for i in range(devices)]
     t_start = time.monotonic()
-    workers = _Workers(setup, broker, fleet, ids, processes, swap)
+    rss: list[int] = []
+    cpu: tuple[float, float | None] = (0.0, None)
+    try:
+        workers = _Workers(setup, broker, fleet, ids, processes, swap)
+    except BaseException:
+        if local is not None:
+            local.terminate()
+        raise
     startup_s = time.monotonic() - t_start
+    log.info("bench fleet: %d devices in %d processes ready after %.1f s", devices,
+             len(workers.procs), startup_s)
     bus = MqttBus(BrokerConfig.from_url(broker), clean=True)
     try:
         bus.connect()
@@ -224,15 +269,24 @@ def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int =
         data = encode_packet(_random_adapter(setup.layers, rank, np.random.default_rng(1)),
                              key=setup.key, fleet=fleet, slot="fleet", version=1,
                              base_sha256=setup.base_sha256)
+        cpu0 = (workers.cpu_s(), cpu_seconds(local.pid) if local else 0.0)
         t0 = time.time()
         bus.publish(topics.fleet_adapter(fleet), data, qos=1, retain=True)
         acks.wait(devices, timeout)
         records = acks.take()
+        cpu = (workers.cpu_s() - cpu0[0],
+               cpu_seconds(local.pid) - cpu0[1] if local else None)
+        log.info("bench fleet: %d of %d devices answered after %.1f s", len(records), devices,
+                 time.time() - t0)
         bus.publish(topics.fleet_adapter(fleet), b"", qos=1, retain=True)
+        rss = workers.rss()
     finally:
         workers.stop()
         bus.close()
         shutil.rmtree(setup.work, ignore_errors=True)
+        if local is not None:
+            local.terminate()
+            local.wait(10)
     accepted = {d: r.scores["t_swap"] - t0 for d, r in records if r.verdict == "accepted"}
     rejected = sum(r.verdict != "accepted" for _, r in records)
     seen = {d for d, _ in records}
@@ -242,4 +296,11 @@ def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int =
             "p50_active_s": round(float(np.median(list(accepted.values()))), 3) if accepted
             else None,
             "accepted": len(accepted), "rejected": rejected, "missed": devices - len(seen),
-            "startup_s": round(startup_s, 1)}
+            "startup_s": round(startup_s, 1),
+            "device_rss_mb": round(sum(rss) / 2**20, 1),
+            "device_rss_mb_per_device": round(sum(rss) / 2**20 / devices, 2),
+            "worker_rss_mb": [round(r / 2**20, 1) for r in rss],
+            "bench_rss_mb": round(rss_bytes() / 2**20, 1),
+            "device_cpu_ms_per_device": round(cpu[0] * 1e3 / devices, 2),
+            "broker_cpu_ms_per_device": round(cpu[1] * 1e3 / devices, 3)
+            if cpu[1] is not None else None}
