@@ -265,3 +265,23 @@ def test_lease_moves_between_processes_and_versions_stay_monotone(shared: str) -
 def test_open_store_refuses_other_urls() -> None:
     with pytest.raises(StoreError, match="postgresql://"):
         open_store("mysql://u@h/db")
+
+
+def test_server_config_takes_a_store_url_and_an_ingest_group() -> None:
+    from plasma.protocol.errors import ConfigError
+    from plasma.server.service_config import load_service_config
+
+    base = {"broker": "mqtt://h", "fleet": "f", "key": "k", "model": "m", "env": "Pendulum-v1"}
+    cfg = load_service_config({**base, "store": "postgresql://u:pw@db:5432/plasma",
+                               "ingest_group": "none", "node": "w1"}, environ={})
+    assert cfg.store == "postgresql://u:pw@db:5432/plasma" and cfg.ingest_group is None
+    assert cfg.node == "w1"
+    cfg = load_service_config(base, environ={"PLASMA_SERVER_INGEST_GROUP": "grp"})
+    assert cfg.store == Path("plasma-server.sqlite") and cfg.ingest_group == "grp"
+    with pytest.raises(ConfigError, match="postgresql://"):
+        load_service_config({**base, "store": "mysql://db/x"}, environ={})
+    with pytest.raises(ConfigError):
+        load_service_config({**base, "ingest_group": "a/b"}, environ={})
+    from plasma.server.store.postgres import redact
+
+    assert redact("postgresql://u:pw@db:5432/x") == "postgresql://u:***@db:5432/x"  # for logs

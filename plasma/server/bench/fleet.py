@@ -27,6 +27,7 @@ import numpy as np
 from plasma.protocol import Adapter, AuditRecord, SigningKey, encode_packet, topics
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import BrokerConfig, Message, MqttBus
+from plasma.protocol.errors import ServiceError
 
 from .device_worker import model_topic, rss_bytes
 from .link import ThrottledLink
@@ -77,19 +78,26 @@ class _Workers:
     def __init__(self, setup: _Setup, broker: str, fleet: str, devices: list[str],
                  processes: int, swap: str = "rebuild") -> None:
         self.procs = []
+        self.logs: list[Path] = []
         chunks = [devices[i::processes] for i in range(processes)]
         for chunk in filter(None, chunks):
+            log_path = setup.work / f"worker-{len(self.procs)}.log"
+            self.logs.append(log_path)
             argv = [sys.executable, "-m", "plasma.server.bench.device_worker", "--broker", broker,
                     "--fleet", fleet, "--devices", ",".join(chunk), "--model",
                     str(setup.bundle_dir), "--trust", str(setup.trust_dir), "--state",
                     str(setup.work / "state"), "--swap", swap]
-            self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                               stderr=subprocess.DEVNULL, text=True))
-        for proc in self.procs:
+            with log_path.open("wb") as log_file:  # the child keeps its own descriptor
+                self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, stderr=log_file,
+                                                   text=True))
+        for proc, log_path in zip(self.procs, self.logs, strict=True):
             line = proc.stdout.readline()
             if line.strip() != "ready":
                 self.stop()
-                raise RuntimeError(f"a bench worker failed to start (exit {proc.poll()})")
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise ServiceError(f"a bench worker failed to start (exit {proc.poll()}): "
+                                   f"{tail[0] if tail else 'no output'}")
 
     def rss(self) -> list[int]:
         """Resident bytes of each worker process (asked over its stdin)."""
@@ -255,6 +263,7 @@ def bench_fleet(broker: str | None, devices: int = 200, processes: int = 4, rank
     try:
         workers = _Workers(setup, broker, fleet, ids, processes, swap)
     except BaseException:
+        shutil.rmtree(setup.work, ignore_errors=True)
         if local is not None:
             local.terminate()
         raise
