@@ -31,7 +31,9 @@ def postgres_bin(name: str) -> str | None:
 class PostgresServer:
     """Start with ``start()``; ``new_database()`` gives each test an empty database's URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """``durable``: PostgreSQL's own defaults (fsync, synchronous commits), for
+        measurements; otherwise both are off (a throw-away test cluster)."""
         initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
         if initdb is None or pg_ctl is None:
             raise FileNotFoundError("PostgreSQL is not installed (no initdb / pg_ctl)")
@@ -43,6 +45,7 @@ class PostgresServer:
             shutil.chown(self.root, "postgres", "postgres")
             self._as = ["runuser", "-u", "postgres", "--"]
         self._n = 0
+        self.durable = durable
 
     def _run(self, *argv: str) -> None:
         subprocess.run([*self._as, *argv], check=True, capture_output=True, timeout=60)
@@ -51,8 +54,9 @@ class PostgresServer:
         data = self.root / "data"
         self._run(self.initdb, "-D", str(data), "-A", "trust", "-U", "plasma", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(self.pg_ctl, "-D", str(data), "-o", options, "-l", str(self.root / "log"),
                   "-w", "-t", "30", "start")
 

@@ -86,6 +86,11 @@ class Store(abc.ABC):
         """Store one frame's rows; False if it was a duplicate (QoS 1 redelivery) or empty."""
 
     @abc.abstractmethod
+    def add_traces_many(self, batches: list[TraceBatch], received_at: float | None = None
+                        ) -> list[bool]:
+        """``add_traces`` for several frames in one transaction; one flag per frame."""
+
+    @abc.abstractmethod
     def transitions(self, fleet: str, device: str | None = None, *, since: float | None = None,
                     after_id: int = 0, newest: int | None = None) -> TraceBatch | None:
         """Rows of one device (or of the whole fleet, ``device=None``), oldest first; the

@@ -50,24 +50,28 @@ class SqlStore(Store):
         """The clock leases are judged by (the database's, where processes share one)."""
         return time.time()
 
-    def _serialize_chunks(self, conn: Any) -> None:
-        """Make chunk ids visible in id order (called in the insert's transaction)."""
+    def _serialize_chunks(self, conn: Any, fleets: list[str]) -> None:
+        """Make chunk ids of these fleets visible in id order (in the insert's transaction)."""
 
     # ------------------------------------------------------------------ traces
     def add_traces(self, batch: TraceBatch, received_at: float | None = None) -> bool:
-        n = len(batch)
-        if n == 0:
-            return False
-        row = (batch.fleet, batch.device, int(batch.seq), float(batch.timestamp.min()),
-               float(batch.timestamp.max()), n, int(batch.obs.shape[1]),
-               int(batch.action.shape[1]), received_at or time.time(), pack(batch))
+        return self.add_traces_many([batch], received_at)[0]
+
+    def add_traces_many(self, batches: list[TraceBatch], received_at: float | None = None
+                        ) -> list[bool]:
+        """Several frames in one transaction (one commit: what ingest does with a backlog)."""
+        now = received_at or time.time()
+        rows = [(b.fleet, b.device, int(b.seq), float(b.timestamp.min()),
+                 float(b.timestamp.max()), len(b), int(b.obs.shape[1]), int(b.action.shape[1]),
+                 now, pack(b)) if len(b) else None for b in batches]
+        if not any(rows):
+            return [False] * len(batches)
         with self._write() as conn:
-            self._serialize_chunks(conn)
-            cur = conn.execute(
+            self._serialize_chunks(conn, sorted({r[0] for r in rows if r}))
+            return [row is not None and conn.execute(
                 "INSERT INTO chunks (fleet, device, seq, t_first, t_last, n_rows, obs_dim, "
                 "act_dim, received_at, data) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                row)
-            return bool(cur.rowcount == 1)
+                row).rowcount == 1 for row in rows]
 
     @staticmethod
     def _where(fleet: str, device: str | None, after_id: int) -> tuple[str, list[object]]:
