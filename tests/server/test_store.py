@@ -285,3 +285,34 @@ def test_server_config_takes_a_store_url_and_an_ingest_group() -> None:
     from plasma.server.store.postgres import redact
 
     assert redact("postgresql://u:pw@db:5432/x") == "postgresql://u:***@db:5432/x"  # for logs
+
+
+def test_many_frames_in_one_transaction(store: Store) -> None:
+    a, b = make_batch("f5", "d1", 0.0, seq=0), make_batch("f5", "d1", 10.0, seq=1)
+    empty = make_batch("f5", "d1", 20.0, n=0, seq=2)
+    assert store.add_traces_many([a, empty, b, a]) == [True, False, True, False]
+    assert store.count_rows("f5") == 16
+
+
+def test_a_cursor_reader_misses_no_chunk_of_concurrent_writers(shared: str) -> None:
+    """Chunk ids are cursors: with two writers (two connections) a reader that follows
+    ``after_id`` must see every chunk, i.e. ids become visible in id order."""
+    open_store(shared).close()
+    done = threading.Event()
+
+    def write(device: str) -> None:
+        with open_store(shared) as s:
+            for i in range(120):
+                s.add_traces(make_batch("f", device, float(i), n=4, seq=i))
+
+    writers = [threading.Thread(target=write, args=(d,)) for d in ("d1", "d2")]
+    seen, cursor = 0, 0
+    with open_store(shared) as reader:
+        for w in writers:
+            w.start()
+        while not done.is_set():
+            done.wait(0.001) if any(w.is_alive() for w in writers) else done.set()
+            batch = reader.transitions("f", after_id=cursor)
+            if batch is not None:
+                seen, cursor = seen + len(batch), batch.seq
+        assert seen == 2 * 120 * 4 == reader.count_rows("f")
