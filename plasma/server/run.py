@@ -359,7 +359,8 @@ class Server:
         return (f"{s['rows']} transitions stored from {len(self.store.devices(self.cfg.fleet))} "
                 f"device(s), {refused} frames refused, {self.worker.device_rounds} device rounds "
                 f"({dict(self.worker.verdicts) or 'none yet'}), {len(self.publisher.sent)} packets "
-                f"published, {self.publisher.acks} device acks")
+                f"published, {self.publisher.acks} device acks, "
+                f"{'publishing' if self.publisher.is_leader else 'standby (no publisher lease)'}")
 
 
 def run_server(cfg: ServiceConfig, stop: threading.Event | None = None,
