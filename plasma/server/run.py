@@ -400,7 +400,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", metavar="DIR", help="signing key directory (signing.key, mode 0600)")
     p.add_argument("--model", metavar="BUNDLE_DIR", help="the base policy bundle devices run")
     p.add_argument("--store", metavar="PATH|URL", help="SQLite trace store (default "
-                   "plasma-server.sqlite) or postgresql://USER:PASSWORD@HOST:PORT/DB")
+                   "plasma-server.sqlite) or postgresql://USER@HOST:PORT/DB (password: PGPASSWORD)")
     p.add_argument("--ingest-group", dest="ingest_group", metavar="NAME", help="MQTT 5 shared "
                    "subscription group the fleet's servers split telemetry in (default "
                    "plasma-ingest; none = every server gets every frame)")

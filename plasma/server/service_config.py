@@ -124,7 +124,7 @@ def _store(value: str) -> Path | str:
         return value
     if "://" in value:
         raise ConfigError(f"store {value.split('://', 1)[0]}://...: give a SQLite file path or a "
-                          "postgresql://USER:PASSWORD@HOST:PORT/DB URL")
+                          "postgresql://USER@HOST:PORT/DB URL")
     return Path(value)
 
 
