@@ -246,13 +246,13 @@ def bench_fleet(broker: str | None, devices: int = 200, processes: int = 4, rank
 
     ``broker`` None: a Mosquitto of the bench's own (``tools.broker.start_mosquitto``: its
     ``max_connections`` and file-descriptor limit sized for ``devices``)."""
-    local = None
+    local, broker_dir = None, Path()
     if broker is None:
         from ..tools.broker import free_port, start_mosquitto
 
         port = free_port()
-        local = start_mosquitto("127.0.0.1", port, Path(tempfile.mkdtemp(prefix="plasma-mosq-")),
-                                max_connections=devices + 64)
+        broker_dir = Path(tempfile.mkdtemp(prefix="plasma-mosq-"))
+        local = start_mosquitto("127.0.0.1", port, broker_dir, max_connections=devices + 64)
         broker = f"mqtt://127.0.0.1:{port}"
     setup = _setup(model)
     fleet = f"fleet{os.getpid()}"
@@ -266,6 +266,7 @@ def bench_fleet(broker: str | None, devices: int = 200, processes: int = 4, rank
         shutil.rmtree(setup.work, ignore_errors=True)
         if local is not None:
             local.terminate()
+            shutil.rmtree(broker_dir, ignore_errors=True)
         raise
     startup_s = time.monotonic() - t_start
     log.info("bench fleet: %d devices in %d processes ready after %.1f s", devices,
@@ -296,6 +297,7 @@ def bench_fleet(broker: str | None, devices: int = 200, processes: int = 4, rank
         if local is not None:
             local.terminate()
             local.wait(10)
+            shutil.rmtree(broker_dir, ignore_errors=True)
     accepted = {d: r.scores["t_swap"] - t0 for d, r in records if r.verdict == "accepted"}
     rejected = sum(r.verdict != "accepted" for _, r in records)
     seen = {d for d, _ in records}
