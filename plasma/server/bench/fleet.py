@@ -124,19 +124,38 @@ class _Workers:
                 proc.kill()
 
 
+_PROBE = "bench:subscription-probe"
+
+
 class _Acks:
     """Collects device audit records from the fleet's audit topics."""
 
     def __init__(self, bus: MqttBus, fleet: str) -> None:
         self.cond = threading.Condition()
         self.records: list[tuple[str, AuditRecord]] = []
+        self.subscribed = threading.Event()
         bus.subscribe(topics.device_filter(fleet, "audit"), self._on, qos=1)
 
     def _on(self, msg: Message) -> None:
         record = AuditRecord.model_validate_json(msg.payload)
+        if record.subject == _PROBE:  # ours, never a device's answer
+            self.subscribed.set()
+            return
         with self.cond:
             self.records.append((topics.parse(msg.topic).device or "", record))
             self.cond.notify_all()
+
+    def until_subscribed(self, bus: MqttBus, fleet: str, timeout: float = 20.0) -> None:
+        """Acks published before the broker has our subscription are lost (QoS 1, not
+        retained): send a probe record to ourselves until one comes back."""
+        probe = AuditRecord(auditor="edge", subject=_PROBE, fleet=fleet, device="bench-probe",
+                            verdict="accepted").model_dump_json().encode()
+        deadline = time.monotonic() + timeout
+        while not self.subscribed.wait(0.2):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the bench's ack subscription was not active after "
+                                   f"{timeout:.0f} s")
+            bus.publish(topics.audit(fleet, "bench-probe"), probe, qos=1)
 
     def wait(self, count: int, timeout: float) -> bool:
         with self.cond:
@@ -275,7 +294,7 @@ def bench_fleet(broker: str | None, devices: int = 200, processes: int = 4, rank
     try:
         bus.connect()
         acks = _Acks(bus, fleet)
-        time.sleep(0.5)
+        acks.until_subscribed(bus, fleet)
         data = encode_packet(_random_adapter(setup.layers, rank, np.random.default_rng(1)),
                              key=setup.key, fleet=fleet, slot="fleet", version=1,
                              base_sha256=setup.base_sha256)
