@@ -255,7 +255,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e2e.set_defaults(handler=_bench_e2e)
 
     fleet = bsub.add_parser("fleet", help="one fleet packet to N devices")
-    fleet.add_argument("--broker", required=True, metavar="URL")
+    fleet.add_argument("--broker", default=None, metavar="URL",
+                       help="broker URL (default: a Mosquitto of the bench's own, sized for --devices)")
     fleet.add_argument("--devices", type=int, default=200)
     fleet.add_argument("--processes", type=int, default=4, help="device worker processes")
     fleet.add_argument("--rank", type=int, default=4)

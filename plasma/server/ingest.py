@@ -27,7 +27,7 @@ from plasma.protocol import TelemetryError, TopicError, TraceBatch, decode_trace
 from plasma.protocol.bus import Bus, Message
 from plasma.protocol.telemetry import DEFAULT_MAX_FRAME_BYTES
 
-from .store import StoreError, TraceStore
+from .store import Store, StoreError
 
 __all__ = ["Ingest", "IngestConfig", "RateLimitedLog", "SHARE_GROUP"]
 
@@ -48,6 +48,8 @@ class IngestConfig:
     """(obs_dim, act_dim) frames must have; None accepts any."""
     queue_size: int = 2048
     """Frames waiting for the worker; beyond it frames are dropped (counted as queue_full)."""
+    batch_frames: int = 64
+    """Frames already waiting that are stored in one transaction."""
     enqueue_timeout_s: float = 0.05
     """How long the bus callback may wait for queue space (backpressure) before dropping."""
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -80,7 +82,7 @@ class RateLimitedLog:
 class Ingest:
     """Subscribes to device telemetry and writes checked frames into the store."""
 
-    def __init__(self, bus: Bus, store: TraceStore, cfg: IngestConfig | None = None) -> None:
+    def __init__(self, bus: Bus, store: Store, cfg: IngestConfig | None = None) -> None:
         self.bus, self.store = bus, store
         self.cfg = cfg or IngestConfig()
         self._queue: queue.Queue[Message | None] = queue.Queue(self.cfg.queue_size)
@@ -134,20 +136,54 @@ class Ingest:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
+        """Frames waiting together are stored in one transaction (one commit per backlog, up
+        to ``batch_frames``), so a backlog drains faster than frames arrive one by one."""
         while True:
-            message = self._queue.get()
+            messages = [self._queue.get()]
+            while messages[-1] is not None and len(messages) < self.cfg.batch_frames:
+                try:
+                    messages.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            frames = [m for m in messages if m is not None]
             try:
-                if message is None:
-                    return
-                self.handle(message)
-            except Exception as exc:  # noqa: BLE001 - one bad frame must never stop ingest; counted
-                self._refuse("internal_error", message.topic if message else "-",
-                             f"unexpected error while ingesting: {exc!r}")
+                self._handle_many(frames)
+            except Exception as exc:  # noqa: BLE001 - bad frames must never stop ingest; counted
+                for message in frames:
+                    self._refuse("internal_error", message.topic,
+                                 f"unexpected error while ingesting: {exc!r}")
             finally:
-                self._queue.task_done()
+                for _ in messages:
+                    self._queue.task_done()
+            if messages[-1] is None:
+                return
 
     def handle(self, message: Message) -> str | None:
         """Check and store one frame; returns the refusal code or None if stored."""
+        return self._handle_many([message])[0]
+
+    def _handle_many(self, messages: list[Message]) -> list[str | None]:
+        checked = [self._check(m) for m in messages]
+        batches = [c for c in checked if isinstance(c, TraceBatch)]
+        if not batches:
+            return [c for c in checked if not isinstance(c, TraceBatch)]
+        try:
+            fresh = self.store.add_traces_many(batches)
+        except StoreError as exc:
+            return [c if not isinstance(c, TraceBatch) else
+                    self._refuse("store_error", m.topic, str(exc))
+                    for c, m in zip(checked, messages, strict=True)]
+        with self._stats_lock:
+            for batch, new in zip(batches, fresh, strict=True):
+                if new:
+                    self.frames += 1
+                    self.rows += len(batch)
+                else:
+                    self.duplicates += 1
+        return [None if isinstance(c, TraceBatch) else c for c in checked]
+
+    def _check(self, message: Message) -> TraceBatch | str:
+        """The frame's rows, or the code it was refused with (counted)."""
         try:
             topic = topics.parse(message.topic)
         except TopicError:
@@ -164,17 +200,7 @@ class Ingest:
         code = self._check_rows(batch)
         if code is not None:
             return self._refuse(code[0], message.topic, code[1])
-        try:
-            fresh = self.store.add_traces(batch)
-        except StoreError as exc:
-            return self._refuse("store_error", message.topic, str(exc))
-        with self._stats_lock:
-            if fresh:
-                self.frames += 1
-                self.rows += len(batch)
-            else:
-                self.duplicates += 1
-        return None
+        return batch
 
     def _check_rows(self, batch: TraceBatch) -> tuple[str, str] | None:
         if len(batch) == 0:

@@ -12,6 +12,11 @@
 - Device acknowledgements: the edge publishes its ``AuditRecord`` (auditor "edge", verdict
   accepted / rejected / rolled_back, with the version) on its audit topic; they are checked
   against the topic and stored as acks.
+- One publisher per fleet: with ``lease_holder`` set, the publisher publishes only while it holds
+  the fleet's publisher lease in the store (renewed every ``lease_ttl_s / 3``); without it jobs
+  wait. Versions are reserved fenced (``next_version(..., holder=)``): a publisher that lost the
+  lease during a pause cannot reserve one, and the next holder continues from the store's
+  counter, so versions never go back when the lease moves. A clean stop releases the lease.
 - Judicial audit records go to the server topic ``plasma/v1/{fleet}/server/audit`` (QoS 1,
   not retained): one place to watch every server-side decision, for fleet and device slots.
 """
@@ -48,7 +53,7 @@ from plasma.protocol import (
 )
 from plasma.protocol.bus import Bus, Message
 
-from .store import TraceStore
+from .store import LeaseLost, Store, StoreError, publisher_lease
 
 __all__ = ["ACK_VERDICTS", "judicial_topic", "MAX_ACK_BYTES", "Published", "Publisher",
            "PublisherConfig"]
@@ -80,6 +85,10 @@ class PublisherConfig:
     """At most one packet per target (device, or the fleet slot) per this many seconds."""
     sync_timeout_s: float = 1.0
     """How long to collect retained packets at start to raise the version floor."""
+    lease_holder: str | None = None
+    """This process's id for the fleet's publisher lease; None = no lease (publish always)."""
+    lease_ttl_s: float = 15.0
+    """Lease validity; renewed every third of it. A crashed holder is replaced after this."""
 
 
 @dataclass(order=True)
@@ -113,7 +122,7 @@ class Published:
 class Publisher:
     """Signs and publishes queued adapters; tracks device acknowledgements in the store."""
 
-    def __init__(self, bus: Bus, store: TraceStore, key: SigningKey, cfg: PublisherConfig,
+    def __init__(self, bus: Bus, store: Store, key: SigningKey, cfg: PublisherConfig,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.bus, self.store, self.key, self.cfg = bus, store, key, cfg
         self._clock = clock
@@ -128,6 +137,10 @@ class Publisher:
         self.ack_refused: Counter[str] = Counter()
         """Audit-topic messages that were not valid device acks, per reason."""
         self.acks = 0
+        self._leader = threading.Event()
+        if cfg.lease_holder is None:
+            self._leader.set()
+        self._lease_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, sync_versions: bool = True) -> None:
@@ -136,6 +149,11 @@ class Publisher:
         if sync_versions:
             self.sync_versions_from_broker()
         self._stop = False
+        if self.cfg.lease_holder is not None:
+            self.renew_lease()
+            self._lease_thread = threading.Thread(target=self._keep_lease, name="plasma-lease",
+                                                  daemon=True)
+            self._lease_thread.start()
         self._thread = threading.Thread(target=self._work, name="plasma-publisher", daemon=True)
         self._thread.start()
 
@@ -143,9 +161,52 @@ class Publisher:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for thread in (self._thread, self._lease_thread):
+            if thread is not None:
+                thread.join(timeout)
+        self._thread = self._lease_thread = None
+        if self.cfg.lease_holder is not None and self._leader.is_set():
+            self._leader.clear()
+            try:
+                self.store.release_lease(publisher_lease(self.cfg.fleet), self.cfg.lease_holder)
+            except StoreError as exc:  # the lease then expires by itself after lease_ttl_s
+                log.warning("publisher: could not release the lease: %s", exc)
+
+    # ------------------------------------------------------------------ the lease
+    @property
+    def is_leader(self) -> bool:
+        """True while this publisher may publish (it holds the lease, or there is none)."""
+        return self._leader.is_set()
+
+    def renew_lease(self) -> bool:
+        """Take or renew the fleet's publisher lease once; returns whether we hold it."""
+        holder = self.cfg.lease_holder
+        if holder is None:
+            return True
+        try:
+            held = self.store.acquire_lease(publisher_lease(self.cfg.fleet), holder,
+                                            self.cfg.lease_ttl_s)
+        except StoreError as exc:
+            log.warning("publisher: lease renewal failed (%s); not publishing until it works", exc)
+            held = False
+        if held != self._leader.is_set():
+            log.info("publisher %s: %s the publisher lease of fleet %s", holder,
+                     "took" if held else "does not hold", self.cfg.fleet)
+        if held:
+            self._leader.set()
+        else:
+            self._leader.clear()
+        with self._cond:
+            self._cond.notify_all()
+        return held
+
+    def _keep_lease(self) -> None:
+        while True:
+            with self._cond:
+                if self._stop or self._cond.wait_for(lambda: self._stop,
+                                                     self.cfg.lease_ttl_s / 3):
+                    return
+            self.renew_lease()
 
     def sync_versions_from_broker(self) -> int:
         """Raise each slot's version floor above our retained packets; returns how many seen."""
@@ -222,20 +283,26 @@ class Publisher:
     def publish_ready(self) -> list[Published]:
         """Publish every job whose target is not rate-limited, most urgent first (worker's step)."""
         out = []
-        while True:
+        while self._leader.is_set():
             with self._cond:
                 job, _ = self._next_ready()
                 if job is None:
                     return out
                 del self._pending[job.key]
                 self._last_sent[job.key] = self._clock()
-            out.append(self._publish(job))
+            published = self._try_publish(job)
+            if published is not None:
+                out.append(published)
+        return out
 
     def _work(self) -> None:
         while True:
             with self._cond:
                 if self._stop:
                     return
+                if not self._leader.is_set():  # jobs wait (newer ones replace them)
+                    self._cond.wait(1.0)
+                    continue
                 job, wait = self._next_ready()
                 if job is None:
                     self._cond.wait(wait)
@@ -243,14 +310,30 @@ class Publisher:
                 del self._pending[job.key]
                 self._last_sent[job.key] = self._clock()
             try:
-                self._publish(job)
+                self._try_publish(job)
             except Exception:  # keep publishing other slots; logged with the job
                 log.exception("publisher: could not publish %s %s", job.slot, job.device or "")
+
+    def _try_publish(self, job: _Job) -> Published | None:
+        """Publish, or put the job back (unless a newer one replaced it) if the lease was lost."""
+        try:
+            return self._publish(job)
+        except LeaseLost as exc:
+            log.warning("publisher: %s; %s %s waits for the lease", exc, job.slot,
+                        job.device or self.cfg.fleet)
+            self._leader.clear()
+            with self._cond:
+                self._last_sent.pop(job.key, None)
+                if job.key not in self._pending:
+                    self._pending[job.key] = job
+                    heapq.heappush(self._heap, job)
+            return None
 
     def _publish(self, job: _Job) -> Published:
         fleet = self.cfg.fleet
         target = job.device or fleet
-        version = self.store.next_version(fleet, job.slot, target)  # persisted before use
+        version = self.store.next_version(fleet, job.slot, target,  # persisted before use
+                                          holder=self.cfg.lease_holder)
         packet_id = new_id()
         data = encode_packet(job.adapter, key=self.key, fleet=fleet, slot=job.slot,
                              device=job.device, version=version, base_sha256=self.cfg.base_sha256,

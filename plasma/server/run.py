@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import signal
 import socket
 import threading
@@ -39,7 +40,7 @@ from .phantom import blas_threads
 from .policy_net import LoRA, MLPPolicy
 from .publisher import Publisher, PublisherConfig
 from .service_config import BUDGETS, SCALARS, ServiceConfig, load_service_config
-from .store import TraceStore
+from .store import Store, TraceStore, open_store
 from .tasks import TaskSpec, get_task
 
 __all__ = ["Server", "policy_from_bundle", "register", "run_server"]
@@ -315,14 +316,17 @@ class Server:
             raise ConfigError(f"--model has dims {bundle.manifest.obs_dim}/"
                               f"{bundle.manifest.act_dim}, {cfg.task_id} has "
                               f"{self.task.obs_dim}/{self.task.act_dim}")
-        self.store = TraceStore(cfg.store)
-        client_id = f"plasma-server-{cfg.fleet}-{socket.gethostname()}"
+        self.store: Store = open_store(cfg.store)
+        node = cfg.node or socket.gethostname()
+        client_id = f"plasma-server-{cfg.fleet}-{node}"
         self.bus = bus if bus is not None else MqttBus(cfg.broker, client_id=client_id)
         self.ingest = Ingest(self.bus, self.store, IngestConfig(
-            fleet=cfg.fleet, dims=(self.task.obs_dim, self.task.act_dim)))
+            fleet=cfg.fleet, dims=(self.task.obs_dim, self.task.act_dim),
+            share_group=cfg.ingest_group))
         self.publisher = Publisher(self.bus, self.store, key, PublisherConfig(
             fleet=cfg.fleet, base_sha256=bundle.base_sha256, dtype=cfg.dtype,
-            expires_in_s=cfg.expires_in, min_interval_s=cfg.publish_interval))
+            expires_in_s=cfg.expires_in, min_interval_s=cfg.publish_interval,
+            lease_holder=f"{node}:{os.getpid()}:{new_id()[:8]}"))
         self.worker = AdaptationWorker(
             self.store, self.publisher, self.task, self.base,
             ScheduleConfig(cfg.fleet, cfg.min_new_transitions, cfg.fleet_every,
@@ -354,7 +358,8 @@ class Server:
         return (f"{s['rows']} transitions stored from {len(self.store.devices(self.cfg.fleet))} "
                 f"device(s), {refused} frames refused, {self.worker.device_rounds} device rounds "
                 f"({dict(self.worker.verdicts) or 'none yet'}), {len(self.publisher.sent)} packets "
-                f"published, {self.publisher.acks} device acks")
+                f"published, {self.publisher.acks} device acks, "
+                f"{'publishing' if self.publisher.is_leader else 'standby (no publisher lease)'}")
 
 
 def run_server(cfg: ServiceConfig, stop: threading.Event | None = None,
@@ -368,7 +373,7 @@ def run_server(cfg: ServiceConfig, stop: threading.Event | None = None,
     server.start()
     log.info("plasma-server: fleet %s on %s:%d (MQTT %s), base %s, store %s; a device is adapted "
              "after %d new transitions", cfg.fleet, cfg.broker.host, cfg.broker.port,
-             server.bus.protocol, cfg.model, cfg.store, cfg.min_new_transitions)
+             server.bus.protocol, cfg.model, server.store.url, cfg.min_new_transitions)
     try:
         while not stop.wait(report_every_s):
             log.info("progress: %s", server.summary())
@@ -393,8 +398,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fleet")
     p.add_argument("--key", metavar="DIR", help="signing key directory (signing.key, mode 0600)")
     p.add_argument("--model", metavar="BUNDLE_DIR", help="the base policy bundle devices run")
-    p.add_argument("--store", metavar="PATH", help="SQLite trace store (default "
-                   "plasma-server.sqlite)")
+    p.add_argument("--store", metavar="PATH|URL", help="SQLite trace store (default "
+                   "plasma-server.sqlite) or postgresql://USER@HOST:PORT/DB (password: PGPASSWORD)")
+    p.add_argument("--ingest-group", dest="ingest_group", metavar="NAME", help="MQTT 5 shared "
+                   "subscription group the fleet's servers split telemetry in (default "
+                   "plasma-ingest; none = every server gets every frame)")
+    p.add_argument("--node", metavar="NAME", help="this server's name among the fleet's servers "
+                   "(MQTT client id; default the host name)")
     p.add_argument("--env", metavar="ENV", help="task of the devices' world, e.g. Pendulum-v1")
     p.add_argument("--min-new-transitions", dest="min_new_transitions", type=int, metavar="K",
                    help="adapt a device after K new real transitions (default 200)")

@@ -29,6 +29,7 @@ SCALARS: dict[str, type] = {
     "min_new_transitions": int, "fleet_every": int, "check_interval": float,
     "publish_interval": float, "max_transitions": int, "metrics_port": int, "budget": str,
     "dtype": str, "expires_in": float, "seed": int,
+    "ingest_group": str, "node": str,
 }
 REQUIRED = ("broker", "fleet", "key", "model", "env")
 BUDGETS = ("default", "small")
@@ -48,8 +49,9 @@ class ServiceConfig:
     """Base policy bundle the devices run (the adapters are relative to it)."""
     env: str
     """Task id of the devices' world, e.g. ``Pendulum-v1`` (physics overrides after ':' ignored)."""
-    store: Path = Path("plasma-server.sqlite")
-    """SQLite trace store (created if missing; WAL files beside it)."""
+    store: Path | str = Path("plasma-server.sqlite")
+    """SQLite trace store (created if missing; WAL files beside it), or a ``postgresql://`` URL
+    (a database several server processes share)."""
     min_new_transitions: int = 200
     """A device with at least this many new real transitions gets a device-slot round."""
     fleet_every: int = 0
@@ -70,6 +72,12 @@ class ServiceConfig:
     """Packet validity in seconds from creation."""
     seed: int = 0
     """Seed of every round."""
+    ingest_group: str | None = "plasma-ingest"
+    """MQTT 5 shared-subscription group of telemetry: the servers of one group split the devices'
+    frames (each frame to one of them); ``none`` = every server receives every frame."""
+    node: str | None = None
+    """This server's name among the fleet's servers (its MQTT client id and persistent session;
+    default the host name): several servers on one host need distinct names."""
 
     @property
     def task_id(self) -> str:
@@ -92,11 +100,32 @@ def _build(values: dict[str, Any]) -> ServiceConfig:
         validate_id(values["fleet"], "fleet")
     except (BusError, TopicError) as exc:
         raise ConfigError(str(exc)) from None
-    for key in ("key", "model", "store"):
+    for key in ("key", "model"):
         if key in values:
             values[key] = Path(values[key])
+    if "store" in values:
+        values["store"] = _store(values["store"])
+    if "ingest_group" in values:
+        group = values["ingest_group"]
+        values["ingest_group"] = None if group.lower() in ("", "none", "off") else group
+    for name in ("ingest_group", "node"):
+        if values.get(name) is not None:
+            try:
+                validate_id(values[name], name)
+            except TopicError as exc:
+                raise ConfigError(str(exc)) from None
     _check_ranges(values)
     return ServiceConfig(broker=broker, **values)
+
+
+def _store(value: str) -> Path | str:
+    """A ``postgresql://`` URL stays a string; anything else with ``://`` is refused."""
+    if value.startswith(("postgresql://", "postgres://")):
+        return value
+    if "://" in value:
+        raise ConfigError(f"store {value.split('://', 1)[0]}://...: give a SQLite file path or a "
+                          "postgresql://USER@HOST:PORT/DB URL")
+    return Path(value)
 
 
 def _check_ranges(values: dict[str, Any]) -> None:

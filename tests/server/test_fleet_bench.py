@@ -5,10 +5,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from plasma.server.bench.fleet import ThrottledLink, bench_e2e
+from plasma.server.bench.fleet import ThrottledLink, bench_e2e, bench_fleet
+
+PENDULUM = Path(__file__).resolve().parents[2] / "deploy" / "models" / "pendulum-nominal"
 
 
 def _echo_server() -> tuple[socket.socket, int]:
@@ -72,3 +75,15 @@ def test_bench_e2e_runs_over_a_real_broker(mosquitto, link_kbps) -> None:
     assert result["link_kbps"] == link_kbps
     if link_kbps:  # 157 KB cannot cross 4 Mbit/s in less than ~0.28 s (16 KB burst)
         assert result["full_model_p50_ms"] > 250
+
+
+@pytest.mark.slow
+def test_bench_fleet_on_its_own_broker_reports_every_device_and_its_memory() -> None:
+    """No --broker: the bench starts a Mosquitto sized for the fleet; every device answers once
+    and the device processes' resident memory is reported."""
+    result = bench_fleet(None, devices=12, processes=2, model=str(PENDULUM),
+                         swap="inplace", timeout=20.0)
+    assert (result["accepted"], result["rejected"], result["missed"]) == (12, 0, 0)
+    assert 0 < result["p50_active_s"] <= result["all_active_s"] < 20.0
+    assert len(result["worker_rss_mb"]) == 2 and all(r > 20 for r in result["worker_rss_mb"])
+    assert result["device_rss_mb_per_device"] == pytest.approx(result["device_rss_mb"] / 12, abs=0.01)

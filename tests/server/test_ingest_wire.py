@@ -120,3 +120,48 @@ def test_good_frames_flow_through_a_hostile_flood(mosquitto, tmp_path) -> None: 
         ingest.stop()
         server.close()
         store.close()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_two_servers_split_telemetry_through_a_shared_subscription(mosquitto, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two ``plasma-server run`` servers (nodes a and b) in one ingest group, one shared store
+    file: each frame is stored once, by one of them, and none is lost; one of them publishes."""
+    from plasma.protocol import SigningKey
+    from plasma.server.run import Server
+    from plasma.server.service_config import load_service_config
+    from tests.helpers.bundles import PENDULUM_SMALL, bundle_path
+
+    fleet, group = "share" + uuid.uuid4().hex[:8], "g" + uuid.uuid4().hex[:6]
+    SigningKey.generate().save(tmp_path / "keys")
+    servers = [Server(load_service_config({
+        "broker": mosquitto.url, "fleet": fleet, "key": str(tmp_path / "keys"),
+        "model": str(bundle_path(PENDULUM_SMALL)), "store": str(tmp_path / "shared.sqlite"),
+        "env": "Pendulum-v1", "min_new_transitions": 10**9, "ingest_group": group,
+        "node": node}, environ={})) for node in ("a", "b")]
+    device = MqttBus(BrokerConfig.from_url(mosquitto.url), clean=True)
+    try:
+        for server in servers:
+            server.start()
+        assert all(s.ingest.topic_filter.startswith(f"$share/{group}/") for s in servers)
+        device.connect()
+        time.sleep(0.3)  # both subscriptions are in place
+        n_devices, n_frames = 10, 30
+        for seq in range(n_frames):
+            for d in range(n_devices):
+                device.publish(topics.telemetry(fleet, f"d{d}"), frame(fleet, f"d{d}", seq=seq),
+                               qos=1)
+        total = n_devices * n_frames
+        store = servers[0].store
+        assert _wait(lambda: store.count_rows(fleet) == total * 16, timeout=20)
+        assert all(s.ingest.drain() for s in servers)
+        shares = [s.ingest.stats() for s in servers]
+        assert [s["frames"] for s in shares] != [total, 0] and all(s["frames"] for s in shares)
+        assert sum(s["frames"] for s in shares) == total  # disjoint: nobody stored a frame twice
+        assert all(s["duplicates"] == 0 and not s["refused"] for s in shares)
+        assert len(store.devices(fleet)) == n_devices
+        assert sorted(s.publisher.is_leader for s in servers) == [False, True]
+    finally:
+        device.close()
+        for server in servers:
+            server.stop()

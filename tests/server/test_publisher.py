@@ -181,3 +181,49 @@ def test_judicial_records_are_stored_and_published() -> None:
     pub.publish_audit(record)
     assert store.audits("f") == [record]
     assert AuditRecord.model_validate_json(seen[0].payload) == record
+
+
+def test_one_publisher_holds_the_lease_and_the_next_continues_its_versions(tmp_path: Path) -> None:
+    """Two publishers of one fleet over one store file: only the lease holder publishes; when it
+    stops (or its lease lapses) the other takes over and its versions continue upward."""
+    broker = MemoryBroker()
+    packets: list[int] = []
+    watcher = MemoryBus(broker)
+    watcher.connect()
+    trust = TrustStore([KEY.public_key])
+    watcher.subscribe(topics.device_adapter("f", "d1"),
+                      lambda m: packets.append(decode_packet(m.payload, trust).header.version))
+
+    def make(holder: str) -> Publisher:
+        bus = MemoryBus(broker)
+        bus.connect()
+        return Publisher(bus, TraceStore(tmp_path / "shared.db"), KEY, PublisherConfig(
+            fleet="f", base_sha256=BASE, min_interval_s=0, lease_holder=holder,
+            lease_ttl_s=0.6))
+
+    a, b = make("a"), make("b")
+    a.start(sync_versions=False)
+    b.start(sync_versions=False)
+    try:
+        assert a.is_leader and not b.is_leader
+        for i in range(3):
+            a.submit(adapter(i), "device", "d1")
+            b.submit(adapter(i), "device", "d1")  # b's round waits: no lease
+            time.sleep(0.05)
+        assert _until(lambda: len(packets) >= 1) and not b.sent
+        a.stop()  # a clean stop releases the lease: b takes it at its next renewal
+        assert _until(lambda: b.is_leader and b.sent)
+        assert [p.version for p in b.sent] == [max(p.version for p in a.sent) + 1]
+        assert packets == sorted(packets) and len(set(packets)) == len(packets)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _until(pred, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return bool(pred())

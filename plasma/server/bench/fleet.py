@@ -27,8 +27,9 @@ import numpy as np
 from plasma.protocol import Adapter, AuditRecord, SigningKey, encode_packet, topics
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import BrokerConfig, Message, MqttBus
+from plasma.protocol.errors import ServiceError
 
-from .device_worker import model_topic
+from .device_worker import model_topic, rss_bytes
 from .link import ThrottledLink
 
 __all__ = ["ThrottledLink", "bench_e2e", "bench_fleet"]
@@ -77,19 +78,40 @@ class _Workers:
     def __init__(self, setup: _Setup, broker: str, fleet: str, devices: list[str],
                  processes: int, swap: str = "rebuild") -> None:
         self.procs = []
+        self.logs: list[Path] = []
         chunks = [devices[i::processes] for i in range(processes)]
         for chunk in filter(None, chunks):
+            log_path = setup.work / f"worker-{len(self.procs)}.log"
+            self.logs.append(log_path)
             argv = [sys.executable, "-m", "plasma.server.bench.device_worker", "--broker", broker,
                     "--fleet", fleet, "--devices", ",".join(chunk), "--model",
                     str(setup.bundle_dir), "--trust", str(setup.trust_dir), "--state",
                     str(setup.work / "state"), "--swap", swap]
-            self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                               stderr=subprocess.DEVNULL, text=True))
-        for proc in self.procs:
+            with log_path.open("wb") as log_file:  # the child keeps its own descriptor
+                self.procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, stderr=log_file,
+                                                   text=True))
+        for proc, log_path in zip(self.procs, self.logs, strict=True):
             line = proc.stdout.readline()
             if line.strip() != "ready":
                 self.stop()
-                raise RuntimeError(f"a bench worker failed to start (exit {proc.poll()})")
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise ServiceError(f"a bench worker failed to start (exit {proc.poll()}): "
+                                   f"{tail[0] if tail else 'no output'}")
+
+    def rss(self) -> list[int]:
+        """Resident bytes of each worker process (asked over its stdin)."""
+        out = []
+        for proc in self.procs:
+            if proc.stdin and proc.stdout:
+                proc.stdin.write("rss\n")
+                proc.stdin.flush()
+                out.append(int(proc.stdout.readline().strip() or 0))
+        return out
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the worker processes used so far."""
+        return sum(cpu_seconds(p.pid) for p in self.procs)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -102,19 +124,38 @@ class _Workers:
                 proc.kill()
 
 
+_PROBE = "bench:subscription-probe"
+
+
 class _Acks:
     """Collects device audit records from the fleet's audit topics."""
 
     def __init__(self, bus: MqttBus, fleet: str) -> None:
         self.cond = threading.Condition()
         self.records: list[tuple[str, AuditRecord]] = []
+        self.subscribed = threading.Event()
         bus.subscribe(topics.device_filter(fleet, "audit"), self._on, qos=1)
 
     def _on(self, msg: Message) -> None:
         record = AuditRecord.model_validate_json(msg.payload)
+        if record.subject == _PROBE:  # ours, never a device's answer
+            self.subscribed.set()
+            return
         with self.cond:
             self.records.append((topics.parse(msg.topic).device or "", record))
             self.cond.notify_all()
+
+    def until_subscribed(self, bus: MqttBus, fleet: str, timeout: float = 20.0) -> None:
+        """Acks published before the broker has our subscription are lost (QoS 1, not
+        retained): send a probe record to ourselves until one comes back."""
+        probe = AuditRecord(auditor="edge", subject=_PROBE, fleet=fleet, device="bench-probe",
+                            verdict="accepted").model_dump_json().encode()
+        deadline = time.monotonic() + timeout
+        while not self.subscribed.wait(0.2):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the bench's ack subscription was not active after "
+                                   f"{timeout:.0f} s")
+            bus.publish(topics.audit(fleet, "bench-probe"), probe, qos=1)
 
     def wait(self, count: int, timeout: float) -> bool:
         with self.cond:
@@ -124,6 +165,16 @@ class _Acks:
         with self.cond:
             out, self.records = self.records, []
             return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux ``/proc``), 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -206,33 +257,66 @@ def _full_model_pushes(bus: MqttBus, acks: _Acks, setup: _Setup, fleet: str, dev
     return lat, len(payload), rejected
 
 
-def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int = 4,
+def bench_fleet(broker: str | None, devices: int = 200, processes: int = 4, rank: int = 4,
                 model: str | None = None, timeout: float = 30.0, swap: str = "rebuild"
                 ) -> dict[str, Any]:
-    """One fleet packet to N devices: seconds until all N report it active."""
+    """One fleet packet to N devices: seconds until all N report it active, and the resident
+    memory of the device processes (RSS, once every device runs the new adapter).
+
+    ``broker`` None: a Mosquitto of the bench's own (``tools.broker.start_mosquitto``: its
+    ``max_connections`` and file-descriptor limit sized for ``devices``)."""
+    local, broker_dir = None, Path()
+    if broker is None:
+        from ..tools.broker import free_port, start_mosquitto
+
+        port = free_port()
+        broker_dir = Path(tempfile.mkdtemp(prefix="plasma-mosq-"))
+        local = start_mosquitto("127.0.0.1", port, broker_dir, max_connections=devices + 64)
+        broker = f"mqtt://127.0.0.1:{port}"
     setup = _setup(model)
     fleet = f"fleet{os.getpid()}"
     ids = [f"dev-{i}" for i in range(devices)]
     t_start = time.monotonic()
-    workers = _Workers(setup, broker, fleet, ids, processes, swap)
+    rss: list[int] = []
+    cpu: tuple[float, float | None] = (0.0, None)
+    try:
+        workers = _Workers(setup, broker, fleet, ids, processes, swap)
+    except BaseException:
+        shutil.rmtree(setup.work, ignore_errors=True)
+        if local is not None:
+            local.terminate()
+            shutil.rmtree(broker_dir, ignore_errors=True)
+        raise
     startup_s = time.monotonic() - t_start
+    log.info("bench fleet: %d devices in %d processes ready after %.1f s", devices,
+             len(workers.procs), startup_s)
     bus = MqttBus(BrokerConfig.from_url(broker), clean=True)
     try:
         bus.connect()
         acks = _Acks(bus, fleet)
-        time.sleep(0.5)
+        acks.until_subscribed(bus, fleet)
         data = encode_packet(_random_adapter(setup.layers, rank, np.random.default_rng(1)),
                              key=setup.key, fleet=fleet, slot="fleet", version=1,
                              base_sha256=setup.base_sha256)
+        cpu0 = (workers.cpu_s(), cpu_seconds(local.pid) if local else 0.0)
         t0 = time.time()
         bus.publish(topics.fleet_adapter(fleet), data, qos=1, retain=True)
         acks.wait(devices, timeout)
         records = acks.take()
+        cpu = (workers.cpu_s() - cpu0[0],
+               cpu_seconds(local.pid) - cpu0[1] if local else None)
+        log.info("bench fleet: %d of %d devices answered after %.1f s", len(records), devices,
+                 time.time() - t0)
         bus.publish(topics.fleet_adapter(fleet), b"", qos=1, retain=True)
+        rss = workers.rss()
     finally:
         workers.stop()
         bus.close()
         shutil.rmtree(setup.work, ignore_errors=True)
+        if local is not None:
+            local.terminate()
+            local.wait(10)
+            shutil.rmtree(broker_dir, ignore_errors=True)
     accepted = {d: r.scores["t_swap"] - t0 for d, r in records if r.verdict == "accepted"}
     rejected = sum(r.verdict != "accepted" for _, r in records)
     seen = {d for d, _ in records}
@@ -242,4 +326,11 @@ def bench_fleet(broker: str, devices: int = 200, processes: int = 4, rank: int =
             "p50_active_s": round(float(np.median(list(accepted.values()))), 3) if accepted
             else None,
             "accepted": len(accepted), "rejected": rejected, "missed": devices - len(seen),
-            "startup_s": round(startup_s, 1)}
+            "startup_s": round(startup_s, 1),
+            "device_rss_mb": round(sum(rss) / 2**20, 1),
+            "device_rss_mb_per_device": round(sum(rss) / 2**20 / devices, 2),
+            "worker_rss_mb": [round(r / 2**20, 1) for r in rss],
+            "bench_rss_mb": round(rss_bytes() / 2**20, 1),
+            "device_cpu_ms_per_device": round(cpu[0] * 1e3 / devices, 2),
+            "broker_cpu_ms_per_device": round(cpu[1] * 1e3 / devices, 3)
+            if cpu[1] is not None else None}

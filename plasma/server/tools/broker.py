@@ -83,18 +83,37 @@ def mosquitto_binary() -> str | None:
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
 
 
-def start_mosquitto(host: str, port: int, workdir: Path, timeout: float = 10.0) -> subprocess.Popen:
+def start_mosquitto(host: str, port: int, workdir: Path, timeout: float = 10.0,
+                    max_connections: int | None = None) -> subprocess.Popen:
     """Mosquitto on ``host:port`` (anonymous, no persistence, Nagle off) with its config and log
-    in ``workdir``; raises RuntimeError when it does not listen within ``timeout``."""
+    in ``workdir``; raises RuntimeError when it does not listen within ``timeout``.
+
+    ``max_connections``: Mosquitto needs a file descriptor per client; the soft limit
+    (``ulimit -n``) of the child is raised towards the hard limit to fit, and a limit that
+    cannot fit is an error here rather than clients refused later."""
     binary = mosquitto_binary()
     if binary is None:
         raise RuntimeError("Mosquitto is not installed (apt-get install mosquitto)")
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "mosquitto.conf"
     config.write_text(f"listener {port} {host}\nallow_anonymous true\npersistence false\n"
-                      "set_tcp_nodelay true\nmax_queued_messages 10000\n")
+                      "set_tcp_nodelay true\nmax_queued_messages 10000\n"
+                      f"max_connections {max_connections or -1}\n")
     log_file = (workdir / "mosquitto.log").open("ab")
-    proc = subprocess.Popen([binary, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+    preexec = None
+    if max_connections is not None:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = max_connections + 64  # listeners, log, persistence
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise RuntimeError(f"{max_connections} MQTT connections need {need} file descriptors; "
+                               f"the hard limit is {hard} (raise it: ulimit -Hn / LimitNOFILE)")
+        if soft != resource.RLIM_INFINITY and soft < need:
+            def preexec() -> None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    proc = subprocess.Popen([binary, "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT,
+                            preexec_fn=preexec)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
