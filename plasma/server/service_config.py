@@ -29,6 +29,7 @@ SCALARS: dict[str, type] = {
     "min_new_transitions": int, "fleet_every": int, "check_interval": float,
     "publish_interval": float, "max_transitions": int, "metrics_port": int, "budget": str,
     "dtype": str, "expires_in": float, "seed": int,
+    "executor": str, "ray_address": str, "workers": int, "round_timeout": float,
 }
 REQUIRED = ("broker", "fleet", "key", "model", "env")
 BUDGETS = ("default", "small")
@@ -70,6 +71,14 @@ class ServiceConfig:
     """Packet validity in seconds from creation."""
     seed: int = 0
     """Seed of every round."""
+    executor: str = "local"
+    """Where rounds compute: ``local`` (this process, one at a time) or ``ray``."""
+    ray_address: str | None = None
+    """Ray cluster to join (``--executor ray``); None: a local Ray started by the server."""
+    workers: int = 0
+    """With ``ray``: rounds in flight and a local Ray's CPUs (0 = one per CPU of the cluster)."""
+    round_timeout: float = 600.0
+    """With ``ray``: a round computing longer is cancelled and resubmitted (0 = never)."""
 
     @property
     def task_id(self) -> str:
@@ -102,6 +111,10 @@ def _build(values: dict[str, Any]) -> ServiceConfig:
 def _check_ranges(values: dict[str, Any]) -> None:
     if values.get("budget", "default") not in BUDGETS:
         raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}")
+    if values.get("executor", "local") not in ("local", "ray"):
+        raise ConfigError("executor must be local or ray")
+    if values.get("workers", 0) < 0 or values.get("round_timeout", 0) < 0:
+        raise ConfigError("workers and round_timeout must be >= 0")
     if values.get("dtype", "int8") not in ("int8", "fp16", "fp32"):
         raise ConfigError("dtype must be int8, fp16 or fp32")
     for name in ("min_new_transitions", "max_transitions"):
