@@ -13,7 +13,8 @@ that raised, died past its retries or timed out leaves the cursor where it was, 
 are used by the retry; a stale outcome (a cancelled attempt) is discarded. Cursor and adapter
 are persisted in the store after every accepted round (a restart resumes). The audit record
 carries the chunk range it consumed (``scores["data_cursor_from"/"data_cursor_to"]``) and the
-newest transition's timestamp (``scores["data_to"]``), so anyone on the judicial topic can
+newest transition's timestamp (``scores["data_to"]``) and the round's CPU and wall seconds
+(``round_cpu_s``, ``round_wall_s``), so anyone on the judicial topic can
 check that no data were lost or counted twice.
 """
 
@@ -356,7 +357,8 @@ class AdaptationWorker:
         device = flight.spec.device
         result.record = result.record.model_copy(update={"scores": {
             **result.record.scores, "data_cursor_from": float(flight.cursor_from),
-            "data_cursor_to": float(flight.cursor_to), "data_to": flight.trace_to}})
+            "data_cursor_to": float(flight.cursor_to), "data_to": flight.trace_to,
+            "round_cpu_s": result.cpu_seconds, "round_wall_s": result.seconds}})
         self.verdicts[result.verdict] += 1
         self.cpu_seconds.append(result.cpu_seconds)
         self.publisher.publish_audit(result.record)
