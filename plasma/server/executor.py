@@ -166,9 +166,12 @@ class RayExecutor:
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             else:
+                # Ray nices its workers (15) by default: on a host the server shares with ingest
+                # and devices, rounds would then starve; the local executor runs them at 0 too
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
                          object_store_memory=object_store_mb * 2**20, log_to_driver=False)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
         self.capacity = workers or max(1, cpus)
         self._task = ray.remote(num_cpus=1, max_retries=max_retries,
                                 retry_exceptions=False)(run_round)

@@ -373,7 +373,7 @@ class AdaptationWorker:
             trace_count=result.transitions, trace_from=flight.trace_from,
             trace_to=flight.trace_to, simulation_id=sim,
             world_model_version=f"{result.model_kind}-{sim[:8]}", note=f"judicial: {result.verdict}")
-        self.publisher.submit(to_adapter(result.adapter), slot, device,  # type: ignore[arg-type]
+        self.publisher.submit(to_adapter(result.adapter), slot, device,
                               priority=4 if slot == "fleet" else 5, provenance=provenance)
         log.info("%s: %s adapter approved (%s, predicted gain %.1f) after %.1f s; queued for "
                  "publication", target, slot, result.verdict,

@@ -52,7 +52,7 @@ def record(env_id: str, physics: dict[str, float], policy: MLPPolicy, steps: int
         if term or trunc:
             episode += 1
             obs, _ = env.reset(seed=seed + episode)
-    np.savez(path, **{k: np.stack(v) for k, v in cols.items()})
+    np.savez(path, **{k: np.stack(v) for k, v in cols.items()})  # type: ignore[arg-type]
     return path
 
 

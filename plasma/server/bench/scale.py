@@ -308,7 +308,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(bsub: argparse._SubParsersAction) -> None:
+def register(bsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``plasma-server bench scale``."""
     p = bsub.add_parser("scale", help="rounds per minute: D replay devices, W Ray workers vs "
                                       "one local worker")
