@@ -164,7 +164,7 @@ class RayExecutor:
         self._owns = not ray.is_initialized()
         if self._owns:
             if address:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False)
             else:
                 # Ray nices its workers (15) by default: on a host the server shares with ingest
                 # and devices, rounds would then starve; the local executor runs them at 0 too

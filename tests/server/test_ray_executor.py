@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,21 +17,42 @@ import pytest
 from plasma.protocol import SigningKey, TraceBatch
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import BrokerConfig, MqttBus
+from plasma.protocol.errors import ConfigError
 from plasma.server.adapt import adapt_config
+from plasma.server.bench.scale import round_pids
 from plasma.server.executor import RayExecutor, RoundOutcome
 from plasma.server.publisher import Publisher, PublisherConfig
 from plasma.server.run import policy_from_bundle
+from plasma.server.service_config import load_service_config
 from plasma.server.store import TraceStore
 from plasma.server.tasks import PENDULUM
 from plasma.server.worker import AdaptationWorker, ScheduleConfig
 from tests.helpers.bundles import PENDULUM_SMALL, bundle_path
 
-ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+def test_executor_keys_are_configured_and_local_never_imports_ray(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    base = {"broker": "mqtt://127.0.0.1:1883", "fleet": "f", "key": "k", "model": "m",
+            "env": "Pendulum-v1"}
+    assert load_service_config(base, {}).executor == "local"
+    cfg = load_service_config({**base, "workers": 3}, {"PLASMA_SERVER_EXECUTOR": "ray",
+                                                       "PLASMA_SERVER_RAY_ADDRESS": "auto"})
+    assert (cfg.executor, cfg.ray_address, cfg.workers) == ("ray", "auto", 3)
+    toml = tmp_path / "server.toml"
+    toml.write_text('executor = "ray"\nround_timeout = 30.0\n')
+    cfg = load_service_config({**base, "config": str(toml)}, {})
+    assert (cfg.executor, cfg.round_timeout) == ("ray", 30.0)
+    with pytest.raises(ConfigError):
+        load_service_config({**base, "executor": "spark"}, {})
+    code = ("import sys; import plasma.server.run, plasma.server.worker, plasma.server.executor;"
+            "from plasma.server.executor import make_executor; make_executor('local');"
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
 
 
 @pytest.fixture(scope="module")
 def executor():  # type: ignore[no-untyped-def]
+    pytest.importorskip("ray")
     ex = RayExecutor(workers=2, object_store_mb=100)
     yield ex
     ex.close()
@@ -90,19 +113,8 @@ class _Rig:
         self.store.close()
 
 
-def _round_pids() -> list[int]:
-    """Ray worker processes computing a round right now (Ray titles them ``ray::run_round``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
-                    b"ray::run_round"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
+@pytest.mark.broker
+@pytest.mark.slow
 def test_two_device_rounds_compute_concurrently_and_are_signed_here(
         executor, mosquitto, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rig = _Rig(tmp_path, mosquitto.url, executor, ["d1", "d2"])
@@ -127,6 +139,8 @@ def test_two_device_rounds_compute_concurrently_and_are_signed_here(
         rig.close()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_killed_worker_is_retried_and_its_data_counted_once(
         executor, mosquitto, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rig = _Rig(tmp_path, mosquitto.url, executor, ["k1"])
@@ -136,7 +150,7 @@ def test_killed_worker_is_retried_and_its_data_counted_once(
         deadline, pids = time.monotonic() + 20, []
         while not pids and time.monotonic() < deadline:
             time.sleep(0.1)
-            pids = _round_pids()
+            pids = round_pids()
         assert pids, "the round never started on a Ray worker"
         time.sleep(0.5)  # mid-round
         os.kill(pids[0], signal.SIGKILL)
@@ -153,6 +167,8 @@ def test_killed_worker_is_retried_and_its_data_counted_once(
         rig.close()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_timed_out_round_is_resubmitted_and_a_stale_outcome_discarded(
         executor, mosquitto, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rig = _Rig(tmp_path, mosquitto.url, executor, ["t1"], timeout=1.0)

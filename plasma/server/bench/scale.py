@@ -20,6 +20,12 @@ topics:
   least ``min_new_transitions`` transitions after their last record once the drain is over (a
   due round that never produced a record).
 
+With ``--executor ray`` and no ``--ray-address`` the bench starts a Ray cluster on this machine:
+a head with no CPUs and W worker nodes of one CPU each (``ray start``, each in its own session,
+token-authenticated, workers at niceness 0), and the server joins it with ``--ray-address``.
+Separate sessions matter on Linux with autogroup scheduling: processes of one session share one
+CPU share, so W workers started by the server itself would, on a busy machine, get the CPU of one.
+
 ``--kill-worker`` SIGKILLs one Ray worker process computing a round halfway through the window.
 """
 
@@ -138,17 +144,19 @@ def _run(cfg: ScaleBenchConfig, executor: str, workers: int, kill: bool, work: P
     killed: list[int] = []
     try:
         bus.connect()
+        address = cfg.ray_address
+        if executor == "ray" and not address:
+            address = _start_ray(procs, workers)
         bus.subscribe(judicial_topic(FLEET), on_record, qos=1)
         for dev in names:
             bus.subscribe(topics.device_adapter(FLEET, dev), on_packet, qos=1)
-        server = procs.start("server", [
+        procs.start("server", [
             sys.executable, "-m", "plasma.server.cli", "run", "--broker", url, "--fleet", FLEET,
             "--key", str(work / "keys"), "--model", str(model), "--store", str(store_path),
             "--env", "Pendulum-v1", "--budget", cfg.budget, "--seed", str(cfg.seed),
             "--min-new-transitions", str(cfg.min_new_transitions), "--publish-interval", "0",
             "--check-interval", "0.2", "--executor", executor, "--workers", str(workers),
-            *(["--ray-address", cfg.ray_address] if cfg.ray_address and executor == "ray"
-              else [])])
+            *(["--ray-address", address] if address and executor == "ray" else [])])
         _wait_ready(procs, work / "logs" / "server.log")
         log.warning("%s executor (%d worker(s)): server ready; %d devices for %.0f s", executor,
                     workers, cfg.devices, cfg.duration_s)
@@ -162,7 +170,7 @@ def _run(cfg: ScaleBenchConfig, executor: str, workers: int, kill: bool, work: P
                 str(cfg.duration_s)])
         while time.time() - t0 < cfg.duration_s:
             if kill and not killed and time.time() - t0 >= cfg.duration_s / 2:
-                killed += _kill_one(server.pid)
+                killed += _kill_one(procs)
             dead = [d for d in procs.check() if d.startswith("server")]
             if dead:
                 raise RuntimeError(f"{dead[0]} (log in {procs.log_dir})")
@@ -181,6 +189,7 @@ def _run(cfg: ScaleBenchConfig, executor: str, workers: int, kill: bool, work: P
             t_drained = time.time()
     finally:
         procs.stop()
+        _stop_sessions(procs)
         bus.close()
         broker.terminate()
         broker.wait(10)
@@ -203,10 +212,81 @@ def _run(cfg: ScaleBenchConfig, executor: str, workers: int, kill: bool, work: P
                          for v in sorted({r.verdict for _, r in recs})}}
 
 
+def _start_ray(procs: Any, workers: int, timeout: float = 90.0) -> str:
+    """A head (0 CPUs) and ``workers`` one-CPU worker nodes, each its own session; returns the
+    address. The token and the niceness go to every Ray process and the server by environment."""
+    import secrets
+
+    from ..tools.broker import free_port
+
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                       "RAY_worker_niceness": "0"})
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 * 2**20),
+              "--disable-usage-stats", "--block"]
+    procs.start("ray-head", [ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "0",
+                             "--include-dashboard", "false", *common])
+    _wait_started(procs, "ray-head", timeout)
+    for i in range(workers):  # one at a time: raylets starting together time out on 2 busy cores
+        for attempt in range(3):
+            name = f"ray-worker-{i}" + (f"-retry{attempt}" if attempt else "")
+            procs.start(name, [ray_bin, "start", "--address", address, "--num-cpus", "1",
+                               *common])
+            if _wait_started(procs, name, timeout, fail=attempt == 2):
+                break
+    log.warning("Ray cluster at %s: head and %d one-CPU worker node(s)", address, workers)
+    return address
+
+
+def _wait_started(procs: Any, name: str, timeout: float, fail: bool = True) -> bool:
+    """Until ``ray start --block`` says it is up; False (or RuntimeError if ``fail``) when the
+    process exits first."""
+    log_file = procs.log_dir / f"{name}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_file.exists() and "will now block" in log_file.read_text(errors="replace"):
+            return True
+        if procs.children[name].poll() is not None:  # its session is still swept at the end
+            if fail:
+                break
+            return False
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} did not start (log in {log_file})")
+
+
+def _stop_sessions(procs: Any) -> None:
+    """Every process left in the sessions of the bench's children (Ray's raylets, GCS and
+    workers outlive ``ray start`` for a while): SIGTERM, then SIGKILL."""
+    sids = {p.pid for p in procs.children.values()}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [pid for pid in _pids() if _sid(pid) in sids]
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        if not left:
+            return
+        time.sleep(3.0)
+
+
+def _pids() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _wait_ready(procs: Any, log_file: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        dead = procs.check()
+        dead = [d for d in procs.check() if d.startswith("server")]
         if dead:
             raise RuntimeError(f"{dead[0]} (log in {log_file})")
         if log_file.exists() and "plasma-server: fleet" in log_file.read_text(errors="replace"):
@@ -288,8 +368,10 @@ def _descends(pid: int, ancestor: int) -> bool:
     return False
 
 
-def _kill_one(server_pid: int) -> list[int]:
-    pids = round_pids(server_pid)
+def _kill_one(procs: Any) -> list[int]:
+    """SIGKILL one Ray worker of this bench (in a child's session) computing a round."""
+    sids = {p.pid for p in procs.children.values()}
+    pids = [pid for pid in round_pids() if _sid(pid) in sids]
     if not pids:
         return []
     os.kill(pids[0], signal.SIGKILL)
