@@ -149,7 +149,8 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Rounds as Ray tasks on the cluster at ``address``, or on a local Ray started here.
+    """Rounds as Ray tasks on the cluster at ``address``, or on a new local Ray started here
+    (``address="local"``: never a Ray another process started on this host).
 
     ``workers``: rounds in flight (0 = one per CPU of the cluster); for a local Ray also its CPU
     count. ``max_retries``: Ray's resubmissions of a task whose worker process died."""
@@ -169,7 +170,8 @@ class RayExecutor:
                 # Ray nices its workers (15) by default: on a host the server shares with ingest
                 # and devices, rounds would then starve; the local executor runs them at 0 too
                 os.environ.setdefault("RAY_worker_niceness", "0")
-                ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
+                ray.init(address="local", num_cpus=workers or os.cpu_count(),
+                         include_dashboard=False,
                          object_store_memory=object_store_mb * 2**20, log_to_driver=False)
         cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
         self.capacity = workers or max(1, cpus)

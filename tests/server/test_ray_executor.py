@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,13 @@ def _batch(fleet: str, device: str, seq: int, n: int = 150) -> TraceBatch:
                       timestamp=t)
 
 
+# the small budget, cheaper still: these tests are about where rounds run, not what they learn
+_SMALL = adapt_config("small")
+_ROUND = replace(_SMALL, dagger_iters=1, expert_paths=4, phantom_paths=32, select_paths=32,
+                 distill=replace(_SMALL.distill, steps=100),
+                 judicial=replace(_SMALL.judicial, paths=64))
+
+
 class _Rig:
     """Store, real publisher on a real broker (signing here), worker on the Ray executor."""
 
@@ -93,7 +101,7 @@ class _Rig:
         self.worker = AdaptationWorker(
             self.store, self.publisher, PENDULUM, policy_from_bundle(bundle),
             ScheduleConfig(self.fleet, min_new_transitions=300, check_interval=0.2,
-                           round_timeout=timeout), adapt_config("small"), executor)
+                           round_timeout=timeout), _ROUND, executor)
         self.outcomes: list[RoundOutcome] = []
         accept = self.worker.accept
         self.worker.accept = lambda o: (self.outcomes.append(o), accept(o))[1]  # type: ignore[method-assign]
@@ -171,12 +179,15 @@ def test_killed_worker_is_retried_and_its_data_counted_once(
 @pytest.mark.slow
 def test_timed_out_round_is_resubmitted_and_a_stale_outcome_discarded(
         executor, mosquitto, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    rig = _Rig(tmp_path, mosquitto.url, executor, ["t1"], timeout=1.0)
+    rig = _Rig(tmp_path, mosquitto.url, executor, ["t1"], timeout=30.0)
     try:
         rig.worker.tick(0)
-        first = rig.worker.flights["t1"].spec.round_id
+        flight = rig.worker.flights["t1"]
+        first = flight.spec.round_id
+        flight.handle.submitted -= 31.0  # as if it had computed 31 s: past its timeout
+        rig.worker.tick(0)
+        assert rig.worker.retries == 1 and rig.worker.flights["t1"].spec.round_id != first
         rig.drain(60)
-        assert rig.worker.retries >= 1
         (outcome,) = rig.outcomes
         assert outcome.round_id != first
         stale = RoundOutcome(first, outcome.result, outcome.learner, outcome.simulation_id,
