@@ -380,13 +380,23 @@ def _kill_one(procs: Any) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from plasma.protocol._cli import UsageError
+
+    if min(args.devices, args.workers, args.min_new_transitions) < 1 or min(
+            args.duration, args.rate_hz) <= 0 or args.drain < 0:
+        raise UsageError("--devices, --workers, --min-new-transitions, --duration and --rate-hz "
+                         "must be positive, --drain >= 0")
     cfg = ScaleBenchConfig(devices=args.devices, workers=args.workers, executor=args.executor,
                            compare_local=not args.no_local, kill_worker=args.kill_worker,
                            duration_s=args.duration, drain_s=args.drain, rate_hz=args.rate_hz,
                            min_new_transitions=args.min_new_transitions, budget=args.budget,
                            device_processes=args.device_processes, ray_address=args.ray_address,
                            seed=args.seed, out_dir=args.out)
-    print(json.dumps(bench_scale(cfg)), flush=True)
+    try:
+        result = bench_scale(cfg)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps(result), flush=True)
     return 0
 
 
