@@ -78,7 +78,7 @@ class ServiceConfig:
     workers: int = 0
     """With ``ray``: rounds in flight and a local Ray's CPUs (0 = one per CPU of the cluster)."""
     round_timeout: float = 600.0
-    """With ``ray``: a round computing longer is cancelled and resubmitted (0 = never)."""
+    """With ``ray``: a round in flight longer is cancelled and resubmitted (0 = never)."""
 
     @property
     def task_id(self) -> str:

@@ -69,7 +69,7 @@ class ScheduleConfig:
     check_interval: float = 1.0
     """Seconds between looks at the store."""
     round_timeout: float = 0.0
-    """A round computing longer than this is cancelled and submitted again, each retry with
+    """A round in flight longer than this is cancelled and submitted again, each retry with
     twice the time (0 = never; the local executor computes inline and is never timed out)."""
 
 
