@@ -177,6 +177,9 @@ class RayExecutor:
         self.capacity = workers or max(1, cpus)
         self._task = ray.remote(num_cpus=1, max_retries=max_retries,
                                 retry_exceptions=False)(run_round)
+        # one task per slot first, so that the first rounds do not pay the workers' imports
+        warm = ray.remote(num_cpus=1)(_warm)
+        ray.get([warm.remote() for _ in range(self.capacity)])
         log.info("ray executor: %s, %d CPU(s), up to %d rounds in flight",
                  address or "local Ray", cpus, self.capacity)
 
@@ -203,6 +206,13 @@ class RayExecutor:
     def close(self) -> None:
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _warm() -> int:
+    """Runs in a Ray worker: importing this module imports the round's code; the pause keeps
+    the other warm-up tasks off this worker."""
+    time.sleep(0.5)
+    return os.getpid()
 
 
 def make_executor(kind: str, address: str | None = None, workers: int = 0) -> Executor:
