@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev,postgres]"
+.venv/bin/python -m pip install -q -e ".[dev,postgres,cluster]"
 echo "ruff check plasma tests"
 .venv/bin/python -m ruff check plasma tests
 echo "mypy (pyproject.toml [tool.mypy]: strict on plasma/protocol and plasma/edge)"

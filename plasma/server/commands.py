@@ -288,6 +288,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="extra plasma-edge run flag (repeatable)")
     live.set_defaults(handler=_bench_live)
 
+    from .bench.scale import register as register_scale
+
+    register_scale(bsub)
+
     demo = sub.add_parser("demo", help="the closed loop in one command (broker, server, devices)")
     demo.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL",
                       help="used when a broker answers there; else an embedded one starts there")

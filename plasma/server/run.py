@@ -5,43 +5,41 @@ Stages live in their own modules; this file only wires them:
 - the round itself (stages 2-5) is ``plasma.server.adapt``: one ``Learner`` per device (and one
   for the fleet slot) keeps the warm-started model, the aggregated labels and the last accepted
   adapter between rounds.
-- ``AdaptationWorker``: the schedule. A device with at least ``min_new_transitions`` new
-  transitions gets a device-slot round; every ``fleet_every`` device rounds a fleet-slot round
-  runs on every device's data. Each target's data cursor and accepted adapter are persisted in
-  the store after every completed round (a restart resumes; a round that raised leaves the
-  cursor where it was, so its data are used by the retry).
+- ``AdaptationWorker`` (``plasma.server.worker``): the schedule, and the data cursor of each
+  target, advanced only when a round's outcome is accepted.
+- ``Executor`` (``plasma.server.executor``): where rounds compute, ``--executor local`` (in this
+  process, one at a time) or ``ray`` (Ray tasks on a cluster, several at a time).
 - ``Server``: bus, store, ingest, publisher and worker; ``run`` blocks until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import signal
 import socket
 import threading
-from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 
-from plasma.protocol import Adapter, Provenance, SigningKey, TraceBatch, new_id
+from plasma.protocol import SigningKey, new_id
 from plasma.protocol._cli import add_broker_arguments
 from plasma.protocol.bundle import Bundle, BundleError, load_bundle
 from plasma.protocol.bus import Bus, MqttBus
 from plasma.protocol.errors import ConfigError
 
-from .adapt import AdaptConfig, Learner, RoundResult, adapt_config
+from .adapt import AdaptConfig, adapt_config
+from .executor import EXECUTORS, make_executor
 from .ingest import Ingest, IngestConfig
-from .judicial import JudicialAuditor, RealData
-from .phantom import blas_threads
-from .policy_net import LoRA, MLPPolicy
+from .policy_net import MLPPolicy
 from .publisher import Publisher, PublisherConfig
 from .service_config import BUDGETS, SCALARS, ServiceConfig, load_service_config
-from .store import Store, TraceStore, open_store
-from .tasks import TaskSpec, get_task
+from .store import Store, open_store
+from .tasks import get_task
+from .worker import AdaptationWorker, ScheduleConfig
+from .worker import real_data as real_data  # where plasma.agent and older callers import them
+from .worker import to_adapter as to_adapter
 
 __all__ = ["Server", "policy_from_bundle", "register", "run_server"]
 
@@ -51,206 +49,6 @@ log = logging.getLogger(__name__)
 def round_config(budget: str, seed: int = 0, max_transitions: int = 20_000) -> AdaptConfig:
     """The round's budget by name (``plasma.server.adapt.adapt_config``)."""
     return adapt_config(budget, seed, max_transitions)
-
-
-def to_adapter(lora: LoRA) -> Adapter:
-    return Adapter(alpha=lora.alpha, rank=lora.rank, layers=lora.factors)
-
-
-def real_data(batch: TraceBatch, max_rows: int) -> RealData:
-    """The newest ``max_rows`` transitions of a stored batch as RealData."""
-    sl = slice(max(0, len(batch) - max_rows), len(batch))
-    return RealData(np.asarray(batch.obs[sl], np.float32), np.asarray(batch.action[sl], np.float32),
-                    np.asarray(batch.reward[sl], np.float32),
-                    np.asarray(batch.next_obs[sl], np.float32))
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """When rounds run (the ``ServiceConfig`` fields the worker needs)."""
-
-    fleet: str
-    """Fleet whose devices are adapted."""
-    min_new_transitions: int = 200
-    """New real transitions that make a device due a round."""
-    fleet_every: int = 0
-    """A fleet-slot round after this many device rounds (0 = never)."""
-    check_interval: float = 1.0
-    """Seconds between looks at the store."""
-
-
-class AdaptationWorker:
-    """Runs due rounds one at a time on its own thread; hands approved adapters to the publisher.
-
-    One ``Learner`` per device (device slot) and one for the fleet slot; their cursors and
-    accepted adapters are loaded from the store on first use and saved after every round."""
-
-    def __init__(self, store: TraceStore, publisher: Publisher, task: TaskSpec, base: MLPPolicy,
-                 schedule: ScheduleConfig, rounds: AdaptConfig) -> None:
-        self.store, self.publisher, self.task, self.base = store, publisher, task, base
-        self.schedule, self.rounds = schedule, rounds
-        self.learners: dict[str, Learner] = {}
-        """device -> its learner (model, labels, accepted adapter relative to base + fleet)."""
-        self.cursor: dict[str, int] = {}
-        """device -> last chunk id a completed round used (persisted)."""
-        self.fleet_learner: Learner | None = None
-        self.fleet_cursor = 0
-        self.verdicts: Counter[str] = Counter()
-        self.device_rounds = 0
-        self.cpu_seconds: list[float] = []
-        """CPU seconds of each completed round."""
-        self._since_fleet = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def fleet_adapter(self) -> LoRA | None:
-        return self.fleet_learner.adapter if self.fleet_learner is not None else None
-
-    @property
-    def device_adapter(self) -> dict[str, LoRA]:
-        """device -> the device-slot adapter last approved."""
-        return {d: lr.adapter for d, lr in self.learners.items() if lr.adapter is not None}
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="plasma-adapt", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("a round is still computing; it is abandoned (nothing was published)")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.schedule.check_interval):
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - a failed round must not end adaptation; logged
-                log.exception("adaptation round failed; its data stay due and the next check "
-                              "retries")
-
-    # ------------------------------------------------------------------ persisted state
-    def _learner(self, slot: str, target: str) -> Learner:
-        if slot == "fleet":
-            if self.fleet_learner is None:
-                self.fleet_learner, self.fleet_cursor = self._load("fleet", target)
-            return self.fleet_learner
-        if target not in self.learners:
-            self.learners[target], self.cursor[target] = self._load("device", target)
-        return self.learners[target]
-
-    def _load(self, slot: str, target: str) -> tuple[Learner, int]:
-        saved = self.store.load_learner(self.schedule.fleet, slot, target)
-        adapter = None
-        if saved and saved["adapter"]:
-            adapter = LoRA.load_npz(io.BytesIO(saved["adapter"]))  # type: ignore[arg-type]
-        learner = Learner(self.task, self.rounds, adapter)
-        if saved:
-            learner.rounds = int(saved["rounds"])  # type: ignore[call-overload]
-            log.info("%s %s: resuming after chunk %s with %s", slot, target, saved["cursor"],
-                     "its accepted adapter" if adapter is not None else "the base policy")
-        return learner, int(saved["cursor"]) if saved else 0  # type: ignore[call-overload]
-
-    def _save(self, slot: str, target: str, learner: Learner, cursor: int) -> None:
-        blob = learner.adapter.to_npz_bytes() if learner.adapter is not None else None
-        self.store.save_learner(self.schedule.fleet, slot, target, cursor, blob, learner.rounds)
-
-    # ------------------------------------------------------------------ the schedule
-    def step(self) -> list[RoundResult]:
-        """Run every round that is due now (device rounds first, then the fleet round)."""
-        results = []
-        for device in self.store.devices(self.schedule.fleet):
-            if self._stop.is_set():
-                break
-            self._learner("device", device)
-            new = self.store.count_rows(self.schedule.fleet, device,
-                                        after_id=self.cursor.get(device, 0))
-            if new >= self.schedule.min_new_transitions:
-                results.append(self.device_round(device, new))
-        every = self.schedule.fleet_every
-        if every and self._since_fleet >= every and not self._stop.is_set():
-            results.append(self.fleet_round())
-        return results
-
-    def device_round(self, device: str, new: int) -> RoundResult:
-        fleet = self.schedule.fleet
-        learner = self._learner("device", device)
-        batch = self.store.transitions(fleet, device, newest=self.rounds.max_transitions)
-        if batch is None:
-            raise RuntimeError(f"device {device} has no stored transitions")
-        log.info("device %s: %d new real transitions (%d in all); adapting its device slot",
-                 device, new, len(batch))
-        self._check_device(device, learner)
-        policy = self.base.merged(self.fleet_adapter)
-        result = self._round(learner, policy, batch, "device", device)
-        self.cursor[device] = batch.seq  # only after a completed round: a failed one retries
-        self._save("device", device, learner, batch.seq)
-        self.device_rounds += 1
-        self._since_fleet += 1
-        return result
-
-    def fleet_round(self) -> RoundResult:
-        fleet = self.schedule.fleet
-        learner = self._learner("fleet", fleet)
-        batch = self.store.transitions(fleet, newest=self.rounds.max_transitions)
-        self._since_fleet = 0
-        if batch is None:
-            raise RuntimeError("fleet round with no data")
-        log.info("fleet %s: adapting the fleet slot on %d transitions of %d devices", fleet,
-                 len(batch), len(self.store.devices(fleet)))
-        before = learner.adapter
-        result = self._round(learner, self.base, batch, "fleet", None)
-        self._save("fleet", fleet, learner, batch.seq)
-        if learner.adapter is not before:  # device adapters were relative to the old fleet one
-            for device, lr in self.learners.items():
-                lr.reset_adapter()
-                self._save("device", device, lr, self.cursor.get(device, 0))
-        return result
-
-    def _check_device(self, device: str, learner: Learner) -> None:
-        """A device that refused or rolled back its adapter runs its base again: so does the
-        learner (its model stays)."""
-        state = self.store.device_state(self.schedule.fleet, device, "device")
-        if learner.adapter is not None and state["last_verdict"] in ("rejected", "rolled_back"):
-            log.warning("device %s %s device adapter v%s; the next one starts from its base",
-                        device, state["last_verdict"], state["last_version"])
-            learner.reset_adapter()
-
-    def _round(self, learner: Learner, policy: MLPPolicy, batch: TraceBatch, slot: str,
-               device: str | None) -> RoundResult:
-        real = real_data(batch, self.rounds.max_transitions)
-        simulation_id = new_id()
-        reference = learner.adapter
-        auditor = JudicialAuditor(self.task, policy, self.rounds.judicial)
-        # 1 BLAS thread: these small matmuls ran 2-50x slower with 2 threads on a busy 2-core
-        # machine (phantom.blas_threads); the devices share the cores
-        with blas_threads(1):
-            result = learner.round(policy, real, fleet=self.schedule.fleet, slot=slot,
-                                   device=device, subject=f"simulation:{simulation_id}",
-                                   auditor=auditor)
-        self.verdicts[result.verdict] += 1
-        self.cpu_seconds.append(result.cpu_seconds)
-        self.publisher.publish_audit(result.record)
-        target = device or f"fleet {self.schedule.fleet}"
-        if result.adapter is None:
-            log.warning("%s: candidate blocked by the judicial audit (%s) after %.1f s; the "
-                        "%s slot keeps its current adapter", target,
-                        ", ".join(r.code for r in result.record.reasons), result.seconds, slot)
-            return result
-        provenance = Provenance(
-            trace_count=len(real.obs), trace_from=float(batch.timestamp.min()),
-            trace_to=float(batch.timestamp.max()), simulation_id=simulation_id,
-            world_model_version=f"{result.model_kind}-{simulation_id[:8]}",
-            note=f"judicial: {result.verdict}")
-        self.publisher.submit(to_adapter(result.adapter), slot, device,  # type: ignore[arg-type]
-                              priority=4 if slot == "fleet" else 5, provenance=provenance)
-        log.info("%s: %s adapter approved (%s, predicted gain %.1f, reference %s) after %.1f s;"
-                 " queued for publication", target, slot, result.verdict,
-                 result.record.scores.get("gain", 0.0),
-                 "its last adapter" if reference is not None else "base", result.seconds)
-        return result
 
 
 # ---------------------------------------------------------------------------- the process
@@ -330,8 +128,9 @@ class Server:
         self.worker = AdaptationWorker(
             self.store, self.publisher, self.task, self.base,
             ScheduleConfig(cfg.fleet, cfg.min_new_transitions, cfg.fleet_every,
-                           cfg.check_interval),
-            round_config(cfg.budget, cfg.seed, cfg.max_transitions))
+                           cfg.check_interval, cfg.round_timeout),
+            round_config(cfg.budget, cfg.seed, cfg.max_transitions),
+            make_executor(cfg.executor, cfg.ray_address, cfg.workers))
 
     def start(self) -> None:
         self.bus.connect()
@@ -423,4 +222,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
                    help="serve Prometheus /metrics on this port")
     p.add_argument("--seed", type=int)
+    p.add_argument("--executor", choices=EXECUTORS, help="where rounds compute: local (this "
+                   "process, default) or ray (Ray tasks; pip install 'plasma[cluster]')")
+    p.add_argument("--ray-address", dest="ray_address", metavar="ADDR", help="Ray cluster to "
+                   "join, e.g. ray://head:10001 or auto (default: start a local Ray)")
+    p.add_argument("--workers", type=int, metavar="N", help="with ray: rounds in flight (and the "
+                   "CPUs of a local Ray); default 0 = one per CPU of the cluster")
+    p.add_argument("--round-timeout", dest="round_timeout", type=float, metavar="SECONDS",
+                   help="with ray: cancel and resubmit a round computing longer (default 600)")
     p.set_defaults(handler=_run)

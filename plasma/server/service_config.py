@@ -30,6 +30,7 @@ SCALARS: dict[str, type] = {
     "publish_interval": float, "max_transitions": int, "metrics_port": int, "budget": str,
     "dtype": str, "expires_in": float, "seed": int,
     "ingest_group": str, "node": str,
+    "executor": str, "ray_address": str, "workers": int, "round_timeout": float,
 }
 REQUIRED = ("broker", "fleet", "key", "model", "env")
 BUDGETS = ("default", "small")
@@ -78,6 +79,14 @@ class ServiceConfig:
     node: str | None = None
     """This server's name among the fleet's servers (its MQTT client id and persistent session;
     default the host name): several servers on one host need distinct names."""
+    executor: str = "local"
+    """Where rounds compute: ``local`` (this process, one at a time) or ``ray``."""
+    ray_address: str | None = None
+    """Ray cluster to join (``--executor ray``); None: a local Ray started by the server."""
+    workers: int = 0
+    """With ``ray``: rounds in flight and a local Ray's CPUs (0 = one per CPU of the cluster)."""
+    round_timeout: float = 600.0
+    """With ``ray``: a round in flight longer is cancelled and resubmitted (0 = never)."""
 
     @property
     def task_id(self) -> str:
@@ -131,6 +140,10 @@ def _store(value: str) -> Path | str:
 def _check_ranges(values: dict[str, Any]) -> None:
     if values.get("budget", "default") not in BUDGETS:
         raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}")
+    if values.get("executor", "local") not in ("local", "ray"):
+        raise ConfigError("executor must be local or ray")
+    if values.get("workers", 0) < 0 or values.get("round_timeout", 0) < 0:
+        raise ConfigError("workers and round_timeout must be >= 0")
     if values.get("dtype", "int8") not in ("int8", "fp16", "fp32"):
         raise ConfigError("dtype must be int8, fp16 or fp32")
     for name in ("min_new_transitions", "max_transitions"):
