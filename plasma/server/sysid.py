@@ -40,8 +40,8 @@ class SysIdConfig:
     members: int = 5
     """Bootstrap members (parameter sets); the auditor holds some back like ensemble members."""
     params: tuple[str, ...] | None = None
-    """Names in ``TaskSpec.default_physics`` to identify; None = all of them (those the data cannot
-    inform stay at the nominal value through ``prior``)."""
+    """Names in ``TaskSpec.default_physics`` to identify; None = the task's ``identify`` names, or
+    all of them (those the data cannot inform stay at the nominal value through ``prior``)."""
     prior: float = 1e-4
     """Ridge weight on the log-ratio to the nominal value, against the mean squared one-step error
     in units of the real per-dimension delta std (the data dominate wherever they inform)."""
@@ -74,7 +74,9 @@ class PhysicsModel:
         self.obs_dim, self.act_dim = self.task.obs_dim, self.task.act_dim
         self.target_dim = self.obs_dim
         self.nominal = dict(self.task.physics())
-        self.names = list(self.cfg.params) if self.cfg.params is not None else list(self.nominal)
+        names = self.cfg.params if self.cfg.params is not None else self.task.identify
+        # log-parameters: a field that is zero at nominal (no wind, no armature) cannot be scaled
+        self.names = [n for n in (names if names is not None else self.nominal) if self.nominal[n] != 0]
         self.theta = np.zeros(len(self.names))  # log(p / nominal), the full-data fit
         self.out_std = np.ones(self.obs_dim, np.float32)  # delta std of real data (units of disagreement)
         self._rng = np.random.default_rng(self.cfg.seed)
