@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +112,27 @@ def test_unknown_mujoco_names_are_clear_errors(text: str, message: str) -> None:
     pytest.importorskip("mujoco")
     with pytest.raises(EnvError, match=message):
         make_env(text)
+
+
+@pytest.mark.broker
+def test_the_daemon_acts_in_a_mujoco_env(mosquitto: Any, tmp_path: Path) -> None:
+    """``plasma-edge run --env InvertedPendulum-v5:...`` on the shipped base bundle, 100 steps."""
+    pytest.importorskip("mujoco")
+    from plasma.protocol import SigningKey
+
+    bundle = Path(__file__).resolve().parents[2] / "deploy" / "models" / "inverted-pendulum-nominal"
+    SigningKey.generate().save(tmp_path / "keys")
+    (tmp_path / "trust").mkdir()
+    shutil.copyfile(tmp_path / "keys" / "signing.pub", tmp_path / "trust" / "server.pub")
+    log = tmp_path / "daemon.log"
+    argv = [sys.executable, "-m", "plasma.edge.cli", "run", "--broker", mosquitto.url,
+            "--fleet", "fmujoco", "--device", "dev1", "--model", str(bundle),
+            "--trust", str(tmp_path / "trust"), "--state", str(tmp_path / "state"),
+            "--env", "InvertedPendulum-v5:body_mass.pole=*3,actuator_gear.slide=*0.5",
+            "--max-steps", "100", "--rate-hz", "0"]
+    with log.open("wb") as err:
+        assert subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=err, timeout=60).returncode == 0
+    bad = subprocess.run([*argv[:-5], "InvertedPendulum-v5:body_mass.nope=2", *argv[-4:]],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no MuJoCo field 'body_mass.nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -69,7 +69,8 @@ def test_register_with_a_learned_reward_gets_a_reward_learning_ensemble(scratch_
 def test_register_a_mujoco_env_exposes_its_model_fields(scratch_registry: None) -> None:
     spec = register_task("InvertedDoublePendulum-v5", reward=lambda o, a, n: np.ones(len(o)))
     assert spec.default_physics["opt.gravity.z"] == pytest.approx(-9.81)
-    assert {"body_mass.pole", "body_mass.pole2", "actuator_gear.slide", "dof_damping.hinge2"} <= set(spec.default_physics)
+    names = {"body_mass.pole", "body_mass.pole2", "actuator_gear.slide", "dof_damping.hinge2"}
+    assert names <= set(spec.default_physics)
     assert spec.sim_step is None  # its observation (sin, cos, clipped speeds) is not the state
     assert np.all(np.isfinite(spec.obs_low)) and np.all(spec.obs_high > spec.obs_low)
 

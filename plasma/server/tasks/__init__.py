@@ -8,11 +8,20 @@ Physics overrides share one syntax with the device (``plasma.edge.physics``).
 
 from __future__ import annotations
 
-from .classic import (MOUNTAINCAR, PENDULUM, mountaincar_reward, mountaincar_step, pendulum_reward,
-                      pendulum_step)
+from .classic import MOUNTAINCAR, PENDULUM, mountaincar_reward, mountaincar_step, pendulum_reward, pendulum_step
 from .mujoco import INVERTED_PENDULUM_ID, inverted_pendulum
-from .registry import (BUILDERS, TASKS, RewardFn, SimStepFn, TaskSpec, apply_physics, get_task,
-                       make_env, register_task, resolve_physics)
+from .registry import (
+                      BUILDERS,
+                      TASKS,
+                      RewardFn,
+                      SimStepFn,
+                      TaskSpec,
+                      apply_physics,
+                      get_task,
+                      make_env,
+                      register_task,
+                      resolve_physics,
+)
 
 __all__ = ["apply_physics", "get_task", "make_env", "MOUNTAINCAR", "mountaincar_reward",
            "mountaincar_step", "PENDULUM", "pendulum_reward", "pendulum_step", "register_task",

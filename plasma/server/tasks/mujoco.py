@@ -10,7 +10,8 @@ can fit them on the device's transitions the way it fits Pendulum's g and m.
 The shipped task is InvertedPendulum-v5 (obs = qpos ++ qvel: the state is fully observed).
 Its real reward is 1 per step until the pole leans past 0.2 rad; a planner needs a slope, so
 the task's reward is a dense surrogate that agrees on what is good: 1 while upright, minus the
-lean and the cart's distance from the centre (the rail ends at +-1), minus 1 once fallen.
+lean, the cart's distance from the centre and its speed (the rail ends at +-1: a policy that
+lets the cart wander hits it and drops the pole within a few hundred steps), -1 once fallen.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ class MujocoSim:
 
 def inverted_pendulum_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
     """Dense surrogate of InvertedPendulum-v5's 1-per-upright-step (see the module docstring)."""
-    x, angle = next_obs[..., 0], next_obs[..., 1]
+    x, angle, speed = next_obs[..., 0], next_obs[..., 1], next_obs[..., 2]
     upright = np.abs(angle) <= 0.2
-    return np.where(upright, 1.0 - 5.0 * angle**2 - 0.1 * x**2, -1.0).astype(np.float32)
+    return np.where(upright, 1.0 - 5.0 * angle**2 - 0.5 * x**2 - 0.05 * speed**2,
+                    -1.0).astype(np.float32)
 
 
 def inverted_pendulum() -> Any:
@@ -114,4 +116,4 @@ def inverted_pendulum() -> Any:
                   "dof_damping.hinge", "dof_damping.slider"),
         obs_low=[-1.0, -0.6, -6.0, -12.0], obs_high=[1.0, 0.6, 6.0, 12.0],
         obs_mean=[0.0, 0.0, 0.0, 0.0], obs_std=[0.5, 0.1, 1.0, 1.0],
-        episode_steps=200, replace=True)
+        episode_steps=100, replace=True)
