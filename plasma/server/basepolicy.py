@@ -1,4 +1,6 @@
-"""Server base policies: an MPPI expert on the true simulator, cloned into an MLP with DAgger."""
+"""Server base policies: an expert on the true simulator (MPPI, or the LQR gain of its
+linearization for stabilization tasks whose simulator step is costly), cloned into an MLP with
+DAgger."""
 
 from __future__ import annotations
 

@@ -10,6 +10,13 @@ toward the nominal values so parameters the data cannot separate stay nominal), 
 each of K members on a bootstrap resample of the transitions. The members are K parameter sets,
 so ``disagreement`` is the spread of the identified physics, like the learned ensemble's.
 
+For a MuJoCo task ``sim_step`` is ``plasma.server.tasks.mujoco.MujocoSim``: each real
+transition's (qpos, qvel) is read from its observation, the env's model is stepped with the real
+action (one ``mujoco.rollout`` call for the batch) at the candidate model fields, and the fields
+named in ``TaskSpec.identify`` (body masses, gear, gravity, damping) are fitted the same way:
+the fitted MuJoCo model is the world model. Fields that are zero at nominal are not fitted
+(log-parameters).
+
 It is a drop-in for ``WorldModel`` wherever the phantom simulator and the judicial auditor use
 one: ``members`` (a list; ``judicial.member_view`` keeps a subset), ``step_member``,
 ``step_mean``, ``predict``, ``disagreement``, ``fit`` (warm-started from the last fit) and

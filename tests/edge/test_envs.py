@@ -135,6 +135,6 @@ def test_the_daemon_acts_in_a_mujoco_env(mosquitto: Any, tmp_path: Path, capsys:
         assert subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=err, timeout=60).returncode == 0
     from plasma.edge.cli import main
 
-    assert main([*argv[3:-5], "InvertedPendulum-v5:body_mass.nope=2", *argv[-4:]]) == 1  # EXIT_USAGE: a typed error, not a traceback
+    assert main([*argv[3:-5], "InvertedPendulum-v5:body_mass.nope=2", *argv[-4:]]) == 1  # EXIT_USAGE
     err = capsys.readouterr().err
     assert "no MuJoCo field 'body_mass.nope'" in err and "Traceback" not in err
