@@ -22,12 +22,17 @@ from plasma.edge.physics import Override, apply_overrides, parse_overrides
 from plasma.protocol.errors import ConfigError
 
 __all__ = ["apply_physics", "BUILDERS", "get_task", "make_env", "register_task", "resolve_physics", "RewardFn",
-           "SimStepFn", "TASKS", "TaskSpec"]
+           "SimStepFn", "TASKS", "TaskSpec", "UnknownPhysics"]
 
 RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 """reward(obs (B, obs_dim), act (B, act_dim), next_obs (B, obs_dim)) -> (B,)"""
 SimStepFn = Callable[[np.ndarray, np.ndarray, Mapping[str, float]], np.ndarray]
 """sim_step(obs (B, obs_dim), act (B, act_dim), physics) -> next_obs (B, obs_dim)"""
+
+
+class UnknownPhysics(ConfigError, KeyError):
+    """A physics name the task does not have: a ConfigError (``bad_config``), and a KeyError for
+    the callers that caught the lookup failure before names were typed."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,8 @@ class TaskSpec:
         phys = dict(self.default_physics)
         for name, value in (overrides or {}).items():
             if name not in phys:
-                raise ConfigError(f"{self.env_id} has no physics name {name!r}; known: "
-                                  f"{', '.join(phys)}")
+                raise UnknownPhysics(f"{self.env_id} has no physics name {name!r}; known: "
+                                     f"{', '.join(phys)}")
             phys[name] = float(value)
         return phys
 
@@ -103,7 +108,7 @@ def resolve_physics(env_id: str, text: str | Mapping[str, float] | None) -> dict
     out = {}
     for name, ov in overrides.items():
         if name not in nominal:
-            raise ConfigError(f"{env_id} has no physics name {name!r}; known: {', '.join(nominal)}")
+            raise UnknownPhysics(f"{env_id} has no physics name {name!r}; known: {', '.join(nominal)}")
         out[name] = ov.resolve(nominal[name])
     return out
 
