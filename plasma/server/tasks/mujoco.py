@@ -8,10 +8,9 @@ of ``plasma.edge.physics`` (``body_mass.pole``...) before stepping, so system id
 can fit them on the device's transitions the way it fits Pendulum's g and m.
 
 The shipped task is InvertedPendulum-v5 (obs = qpos ++ qvel: the state is fully observed).
-Its real reward is 1 per step until the pole leans past 0.2 rad; a planner needs a slope, so
-the task's reward is a dense surrogate that agrees on what is good: 1 while upright, minus the
-lean, the cart's distance from the centre and its speed (the rail ends at +-1: a policy that
-lets the cart wander hits it and drops the pole within a few hundred steps), -1 once fallen.
+Its reward is the env's own, 1 per step while the pole is within 0.2 rad: the judicial audit
+checks the phantom reward against the recorded rewards, and a dense surrogate (minus the lean
+and the cart's offset) was refused for it (0.47 real-reward stds off, measured).
 """
 
 from __future__ import annotations
@@ -103,11 +102,9 @@ class MujocoSim:
 
 
 def inverted_pendulum_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
-    """Dense surrogate of InvertedPendulum-v5's 1-per-upright-step (see the module docstring)."""
-    x, angle, speed = next_obs[..., 0], next_obs[..., 1], next_obs[..., 2]
-    upright = np.abs(angle) <= 0.2
-    return np.where(upright, 1.0 - 5.0 * angle**2 - 0.5 * x**2 - 0.05 * speed**2,
-                    -1.0).astype(np.float32)
+    """InvertedPendulum-v5's own reward: 1 while the pole is within 0.2 rad after the step."""
+    upright = np.isfinite(next_obs).all(-1) & (np.abs(next_obs[..., 1]) <= 0.2)
+    return upright.astype(np.float32)
 
 
 def inverted_pendulum() -> Any:
