@@ -156,3 +156,12 @@ def test_sysid_recovers_a_shifted_pole_mass_from_real_transitions() -> None:
     nominal_err = np.abs(task.sim_step(obs, act, task.physics()) - nxt).mean()  # type: ignore[misc]
     fitted_err = np.abs(model.step_mean(obs, act) - nxt).mean()
     assert fitted_err < 0.1 * nominal_err
+
+
+def test_the_server_cli_refuses_an_unknown_physics_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from plasma.server.cli import main
+
+    assert main(["bench", "live", "--env", IP, "--physics", "body_mass.nope=*2"]) == 1
+    err = capsys.readouterr().err
+    assert "no physics name 'body_mass.nope'" in err and "body_mass.pole" in err
+    assert "Traceback" not in err
