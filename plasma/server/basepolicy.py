@@ -73,12 +73,17 @@ class TrainBaseConfig:
     """LQR state weights (one per observation dimension; empty: 1 / obs_std^2)."""
     lqr_r: float = 0.1
     """LQR action weight."""
+    output_gain: float = 0.01
+    """Init scale of the last layer against 1/sqrt(fan_in) (``MLPPolicy.init``'s 0.01: actions
+    start near the middle). 1.0 lets the output layer carry the action scale: the judicial audit
+    bounds ||dW|| / ||W|| per layer, and a clone whose output layer stays tiny (an LQR clone: 0.22
+    against 1.16 for Pendulum's base) cannot be adapted to a rescaled action within that bound."""
 
 
 TASK_BUDGETS: dict[str, dict[str, Any]] = {
     # A MuJoCo step costs ~10 us of CPU against ~0.05 us for a numpy Pendulum row: the expert
     # and the labels are made with a smaller planner and fewer rows (about 5 CPU-minutes).
-    "InvertedPendulum-v5": dict(expert="lqr", lqr_q=(1.0, 10.0, 0.1, 0.1), lqr_r=0.1,
+    "InvertedPendulum-v5": dict(expert="lqr", lqr_q=(1.0, 10.0, 0.1, 0.1), lqr_r=0.1, output_gain=1.0,
                                 expert_episodes=16, dagger_iters=4, dagger_episodes=16,
                                 label_states=3000, bc_steps=2000),
 }
@@ -293,6 +298,7 @@ def _train_lqr(task: TaskSpec, physics: Mapping[str, float], cfg: TrainBaseConfi
     data_obs, data_act = e_obs.reshape(-1, task.obs_dim), e_act.reshape(-1, task.act_dim)
     policy = MLPPolicy.init(task.obs_dim, task.act_dim, cfg.hidden, obs_mean=task.obs_mean, obs_std=task.obs_std,
                             act_low=task.act_low, act_high=task.act_high, seed=cfg.seed)
+    policy.layers[-1][0][...] *= cfg.output_gain / 0.01  # MLPPolicy.init's last layer is 0.01
     loss = behaviour_clone(policy, data_obs, data_act, cfg.bc_steps, cfg.batch_size, cfg.lr, rng)
     for it in range(cfg.dagger_iters):
         start = _reset_states(task, physics, cfg.dagger_episodes, seed0=cfg.seed * 1000 + 100 * (it + 1))
