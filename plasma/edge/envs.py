@@ -2,8 +2,12 @@
 
 Two forms::
 
-    Pendulum-v1:m=1.6,g=12     a Gymnasium id, with physics overrides set on the unwrapped env
-    mypkg.robot:RobotEnv       a user's class with reset() and step(), built with no arguments
+    Pendulum-v1:m=1.6,g=12                  a Gymnasium id, with physics overrides
+    InvertedPendulum-v5:body_mass.pole=*3   ... MuJoCo model fields, NAME=*FACTOR scales
+    mypkg.robot:RobotEnv                    a user's class with reset() and step()
+
+The override syntax and the fields are ``plasma.edge.physics``'s (the server resolves the same
+text the same way).
 
 Gymnasium is imported inside ``make_env`` only: ``plasma.edge`` never loads it at import time
 (docs/design.md section 1), and a device acting on real hardware never needs it.
@@ -15,8 +19,9 @@ import importlib
 import re
 from typing import Any, Protocol, SupportsFloat
 
-from plasma.protocol._cli import parse_kv
 from plasma.protocol.errors import ConfigError, EnvError
+
+from .physics import Override, apply_overrides, parse_overrides
 
 __all__ = ["Env", "EnvError", "EnvSpec", "make_env", "parse_env"]
 
@@ -37,10 +42,15 @@ class Env(Protocol):
 class EnvSpec:
     """A parsed ``--env`` value."""
 
-    def __init__(self, kind: str, target: str, physics: dict[str, float]) -> None:
+    def __init__(self, kind: str, target: str, physics: dict[str, float],
+                 overrides: dict[str, Override] | None = None) -> None:
         self.kind = kind  # "gym" or "class"
         self.target = target
         self.physics = physics
+        """The overrides that set a value (NAME=NUMBER)."""
+        self.overrides = overrides if overrides is not None else {
+            k: Override(k, v, False) for k, v in physics.items()}
+        """Every override, relative ones (NAME=*FACTOR) included."""
 
     def __repr__(self) -> str:
         return f"EnvSpec({self.kind!r}, {self.target!r}, {self.physics!r})"
@@ -54,12 +64,13 @@ def parse_env(text: str) -> EnvSpec:
     if sep and "=" not in tail and _MODULE.fullmatch(head) and _CLASS.fullmatch(tail):
         return EnvSpec("class", text.strip(), {})
     try:
-        physics = parse_kv(tail, "physics override") if sep else {}
+        overrides = parse_overrides(tail) if sep else {}
     except ConfigError as exc:
         raise EnvError(f"--env {text!r}: {exc}") from None
-    if sep and not physics:
+    if sep and not overrides:
         raise EnvError(f"--env {text!r}: nothing after ':'")
-    return EnvSpec("gym", head, physics)
+    physics = {k: o.value for k, o in overrides.items() if not o.relative}
+    return EnvSpec("gym", head, physics, overrides)
 
 
 def make_env(text: str) -> Env:
@@ -76,7 +87,12 @@ def make_env(text: str) -> Env:
         env = gymnasium.make(spec.target)
     except gymnasium.error.Error as exc:
         raise EnvError(f"--env {spec.target}: {exc}") from None
-    _set_physics(env.unwrapped, spec.physics, spec.target)
+    except ImportError as exc:  # e.g. a MuJoCo env without the mujoco package
+        raise EnvError(f"--env {spec.target}: {exc}", code="missing_dependency") from None
+    try:
+        apply_overrides(env.unwrapped, spec.overrides)
+    except ConfigError as exc:
+        raise EnvError(f"--env {spec.target}: {exc}") from None
     return env
 
 
@@ -93,21 +109,3 @@ def _user_env(target: str) -> Env:
     if not (callable(getattr(env, "reset", None)) and callable(getattr(env, "step", None))):
         raise EnvError(f"--env {target}: {class_name} needs reset() and step() methods")
     return env
-
-
-def _set_physics(env: object, physics: dict[str, float], env_id: str) -> None:
-    """Set numeric attributes (Pendulum: m, g, l, max_speed, max_torque, dt); unknown ones are errors.
-
-    Pendulum builds its action and observation spaces in __init__: overriding max_torque
-    changes the clipping in step() but not ``action_space`` (the policy's bounds come from
-    the bundle manifest anyway).
-    """
-    for key, value in physics.items():
-        current = getattr(env, key, None)
-        if isinstance(current, bool) or not isinstance(current, (int, float)):
-            known = sorted(k for k, v in vars(env).items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)
-                           and not k.startswith("_"))
-            raise EnvError(f"--env {env_id}: no numeric physics attribute {key!r} "
-                           f"(known: {', '.join(known)})")
-        setattr(env, key, type(current)(value) if isinstance(current, float) else value)

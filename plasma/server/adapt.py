@@ -196,7 +196,8 @@ def seeded(cfg: AdaptConfig, seed: int) -> AdaptConfig:
 def new_model(task: TaskSpec, cfg: AdaptConfig) -> Model:
     if cfg.kind(task) == "physics":
         return PhysicsModel(task, cfg.sysid)
-    return WorldModel(task.obs_dim, task.act_dim, cfg.model)  # type: ignore[return-value]
+    model_cfg = cfg.model if task.reward is not None else replace(cfg.model, learn_reward=True)
+    return WorldModel(task.obs_dim, task.act_dim, model_cfg)  # type: ignore[return-value]
 
 
 def fit_model(task: TaskSpec, real: RealData, cfg: AdaptConfig, model: Model | None = None

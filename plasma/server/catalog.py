@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .basepolicy import EVAL_SEED0, TrainBaseConfig, cached_policy, evaluate
+from .basepolicy import EVAL_SEED0, cached_policy, evaluate, train_config
 from .policy_net import MLPPolicy
 from .tasks import get_task
 
@@ -46,7 +46,7 @@ def oracle_return(env_id: str, physics: dict[str, float], episodes: int) -> floa
         policy = MLPPolicy.load_npz(find_model(env_id, physics) / "policy.npz")
     except FileNotFoundError:
         log.info("training an oracle for %s (cached under ~/.cache/plasma)...", physics)
-        policy = cached_policy(TrainBaseConfig(env_id=env_id, physics=physics))[0]
+        policy = cached_policy(train_config(env_id, physics))[0]
     return float(evaluate(lambda o: policy.forward(o.astype(np.float32)), env_id, physics,
                           episodes, EVAL_SEED0)["mean"])
 

@@ -41,8 +41,12 @@ def _plain(value: Any) -> Any:
 _DROP = object()
 
 
-def _physics(text: str | None) -> dict[str, float]:
-    return parse_kv(text or "", "physics override")
+def _physics(text: str | None, env: str | None = None) -> dict[str, float]:
+    if env is None:
+        return parse_kv(text or "", "physics override")
+    from .tools.watch import parse_physics  # NAME=*FACTOR and MuJoCo fields, checked on env
+
+    return parse_physics(text or "", env)
 
 
 def _seeds(text: str) -> list[int]:
@@ -64,7 +68,7 @@ def _train_base(args: argparse.Namespace) -> int:
         from .basepolicy import TrainBaseConfig, train_base
     except ImportError as exc:
         raise _needs("server", exc) from None
-    cfg = TrainBaseConfig(env_id=args.env, physics=_physics(args.physics), out_dir=args.out,
+    cfg = TrainBaseConfig(env_id=args.env, physics=_physics(args.physics, args.env), out_dir=args.out,
                           seed=args.seed)
     return _print(train_base(cfg))
 
@@ -88,7 +92,7 @@ def _bench_adapt(args: argparse.Namespace) -> int:
         raise _needs("server", exc) from None
     runs = []
     for seed in _seeds(args.seeds):
-        cfg = AdaptBenchConfig(env_id=args.env, physics=_physics(args.physics), seed=seed,
+        cfg = AdaptBenchConfig(env_id=args.env, physics=_physics(args.physics, args.env), seed=seed,
                                budget=args.budget, world_model=args.world_model,
                                explore_noise=args.explore_noise,
                                **({"real_steps": args.steps} if args.steps else {}))
@@ -150,7 +154,7 @@ def _bench_live(args: argparse.Namespace) -> int:
         raise _needs("server", exc) from None
     physics = tuple(p.strip() for p in args.physics.split(";"))
     for text in physics:
-        _physics(text)  # a usage error for a malformed entry, before anything starts
+        _physics(text, args.env)  # a usage error for a malformed entry, before anything starts
     cfg = LiveBenchConfig(env_id=args.env, physics=physics, devices=args.devices,
                           seeds=tuple(_seeds(args.seeds)), duration_s=args.duration,
                           rate_hz=args.rate_hz, budget=args.budget, model=args.model,

@@ -10,6 +10,13 @@ toward the nominal values so parameters the data cannot separate stay nominal), 
 each of K members on a bootstrap resample of the transitions. The members are K parameter sets,
 so ``disagreement`` is the spread of the identified physics, like the learned ensemble's.
 
+For a MuJoCo task ``sim_step`` is ``plasma.server.tasks.mujoco.MujocoSim``: each real
+transition's (qpos, qvel) is read from its observation, the env's model is stepped with the real
+action (one ``mujoco.rollout`` call for the batch) at the candidate model fields, and the fields
+named in ``TaskSpec.identify`` (body masses, gear, gravity, damping) are fitted the same way:
+the fitted MuJoCo model is the world model. Fields that are zero at nominal are not fitted
+(log-parameters).
+
 It is a drop-in for ``WorldModel`` wherever the phantom simulator and the judicial auditor use
 one: ``members`` (a list; ``judicial.member_view`` keeps a subset), ``step_member``,
 ``step_mean``, ``predict``, ``disagreement``, ``fit`` (warm-started from the last fit) and
@@ -40,8 +47,8 @@ class SysIdConfig:
     members: int = 5
     """Bootstrap members (parameter sets); the auditor holds some back like ensemble members."""
     params: tuple[str, ...] | None = None
-    """Names in ``TaskSpec.default_physics`` to identify; None = all of them (those the data cannot
-    inform stay at the nominal value through ``prior``)."""
+    """Names in ``TaskSpec.default_physics`` to identify; None = the task's ``identify`` names, or
+    all of them (those the data cannot inform stay at the nominal value through ``prior``)."""
     prior: float = 1e-4
     """Ridge weight on the log-ratio to the nominal value, against the mean squared one-step error
     in units of the real per-dimension delta std (the data dominate wherever they inform)."""
@@ -74,7 +81,9 @@ class PhysicsModel:
         self.obs_dim, self.act_dim = self.task.obs_dim, self.task.act_dim
         self.target_dim = self.obs_dim
         self.nominal = dict(self.task.physics())
-        self.names = list(self.cfg.params) if self.cfg.params is not None else list(self.nominal)
+        names = self.cfg.params if self.cfg.params is not None else self.task.identify
+        # log-parameters: a field that is zero at nominal (no wind, no armature) cannot be scaled
+        self.names = [n for n in (names if names is not None else self.nominal) if self.nominal[n] != 0]
         self.theta = np.zeros(len(self.names))  # log(p / nominal), the full-data fit
         self.out_std = np.ones(self.obs_dim, np.float32)  # delta std of real data (units of disagreement)
         self._rng = np.random.default_rng(self.cfg.seed)

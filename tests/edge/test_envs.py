@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +80,61 @@ def test_daemon_imports_no_server_only_module() -> None:
             " if m in sys.modules]\nprint(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_relative_and_mujoco_overrides_parse() -> None:
+    spec = parse_env("InvertedPendulum-v5:body_mass.pole=*3,opt.gravity.z=-12")
+    assert spec.physics == {"opt.gravity.z": -12.0}  # the values set outright
+    assert {k: (o.value, o.relative) for k, o in spec.overrides.items()} == {
+        "body_mass.pole": (3.0, True), "opt.gravity.z": (-12.0, False)}
+
+
+def test_mujoco_fields_are_set_on_the_model() -> None:
+    pytest.importorskip("mujoco")
+    env = make_env("InvertedPendulum-v5:body_mass.pole=*3,opt.gravity.z=-12,actuator_gear.slide=0.5,"
+                   "geom_friction.cpole=2,dof_damping.hinge=*4")
+    model = env.unwrapped.model
+    assert model.body_mass[model.body("pole").id] == pytest.approx(3 * 5.018591641363306)
+    assert model.opt.gravity[2] == -12.0 and model.actuator_gear[0, 0] == 0.5
+    assert model.geom_friction[model.geom("cpole").id, 0] == 2.0
+    assert model.dof_damping[model.joint("hinge").dofadr[0]] == 4.0
+    assert env.reset(seed=0)[0].shape == (4,)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("InvertedPendulum-v5:body_mass.nope=2", "no MuJoCo field 'body_mass.nope'; known: .*body_mass.pole"),
+    ("InvertedPendulum-v5:opt.gravity.w=2", "no MuJoCo field"),
+    ("InvertedPendulum-v5:frame_skips=2", "no numeric physics attribute 'frame_skips'"),
+    ("Pendulum-v1:opt.gravity.z=-12", "not a MuJoCo env"),
+    ("InvertedPendulum-v5:body_mass.pole=*heavy", "NAME=\\*FACTOR"),
+])
+def test_unknown_mujoco_names_are_clear_errors(text: str, message: str) -> None:
+    pytest.importorskip("mujoco")
+    with pytest.raises(EnvError, match=message):
+        make_env(text)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_the_daemon_acts_in_a_mujoco_env(mosquitto: Any, tmp_path: Path, capsys: Any) -> None:
+    """``plasma-edge run --env InvertedPendulum-v5:...`` on the shipped base bundle, 100 steps."""
+    pytest.importorskip("mujoco")
+    from plasma.protocol import SigningKey
+
+    bundle = Path(__file__).resolve().parents[2] / "deploy" / "models" / "inverted-pendulum-nominal"
+    SigningKey.generate().save(tmp_path / "keys")
+    (tmp_path / "trust").mkdir()
+    shutil.copyfile(tmp_path / "keys" / "signing.pub", tmp_path / "trust" / "server.pub")
+    log = tmp_path / "daemon.log"
+    argv = [sys.executable, "-m", "plasma.edge.cli", "run", "--broker", mosquitto.url,
+            "--fleet", "fmujoco", "--device", "dev1", "--model", str(bundle),
+            "--trust", str(tmp_path / "trust"), "--state", str(tmp_path / "state"),
+            "--env", "InvertedPendulum-v5:body_mass.pole=*3,actuator_gear.slide=*0.5",
+            "--max-steps", "100", "--rate-hz", "0"]
+    with log.open("wb") as err:
+        assert subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=err, timeout=60).returncode == 0
+    from plasma.edge.cli import main
+
+    assert main([*argv[3:-5], "InvertedPendulum-v5:body_mass.nope=2", *argv[-4:]]) == 1  # EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no MuJoCo field 'body_mass.nope'" in err and "Traceback" not in err

@@ -82,16 +82,17 @@ def bench_live(cfg: LiveBenchConfig) -> dict[str, Any]:
     """Run every seed; one dict: ``devices`` (one entry per device and seed), ``rounds``,
     ``server_cpu_s_per_round`` and per-physics medians over seeds."""
     try:
-        task = get_task(cfg.env_id)
-        for text in cfg.physics:
-            task.physics(parse_physics(text))
-    except KeyError as exc:  # an unknown env or physics name: refused before anything starts
+        get_task(cfg.env_id)
+    except KeyError as exc:  # an unknown env: refused before anything starts
         raise ConfigError(str(exc.args[0])) from None
+    for text in cfg.physics:
+        parse_physics(text, cfg.env_id)  # ConfigError on an unknown physics name
     model = Path(cfg.model) if cfg.model else find_model(cfg.env_id, {})
     bundle = load_bundle(model)
     n_devices = cfg.devices or len(cfg.physics)
     physics = [cfg.physics[i % len(cfg.physics)] for i in range(n_devices)]
-    oracles = {text: oracle_return(cfg.env_id, parse_physics(text), cfg.eval_episodes)
+    oracles = {text: oracle_return(cfg.env_id, parse_physics(text, cfg.env_id),
+                                 cfg.eval_episodes)
                for text in dict.fromkeys(physics)}
     root = Path(cfg.out_dir) if cfg.out_dir else Path(tempfile.mkdtemp(prefix="plasma-live-"))
     devices: list[dict[str, Any]] = []

@@ -27,6 +27,7 @@ from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import (
     SLOTS,
     AuditRecord,
+    ConfigError,
     PacketError,
     PlasmaError,
     Status,
@@ -35,11 +36,11 @@ from plasma.protocol import (
     decode_traces,
     topics,
 )
-from plasma.protocol._cli import parse_kv
 from plasma.protocol.bundle import Bundle
 from plasma.protocol.bus import Bus, Message
 
 from ..basepolicy import EVAL_SEED0, evaluate
+from ..tasks import resolve_physics
 
 __all__ = ["DeviceWatch", "Evaluation", "FleetWatcher", "edge_return", "parse_physics"]
 
@@ -47,9 +48,14 @@ log = logging.getLogger(__name__)
 _PACKET_WAIT_S = 5.0  # a status can name a version before its retained packet reaches us
 
 
-def parse_physics(text: str) -> dict[str, float]:
-    """``"m=1.6,g=12"`` -> ``{"m": 1.6, "g": 12.0}`` (empty text: nominal physics)."""
-    return parse_kv(text, "physics override")
+def parse_physics(text: str, env_id: str = "Pendulum-v1") -> dict[str, float]:
+    """``"m=1.6,g=12"`` -> ``{"m": 1.6, "g": 12.0}`` (empty text: nominal physics); relative
+    values (``body_mass.pole=*3``) resolved against ``env_id``'s nominal physics, as the device
+    resolves them against its env. ConfigError on malformed text or a name the task lacks."""
+    try:
+        return resolve_physics(env_id, text)
+    except KeyError as exc:  # an unregistered env
+        raise ConfigError(str(exc.args[0])) from None
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class DeviceWatch:
 
     device: str
     physics_text: str
+    env_id: str = "Pendulum-v1"
     versions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SLOTS, 0))
     steps: int = 0
     evaluations: list[Evaluation] = field(default_factory=list)
@@ -85,7 +92,7 @@ class DeviceWatch:
 
     @property
     def physics(self) -> dict[str, float]:
-        return parse_physics(self.physics_text)
+        return parse_physics(self.physics_text, self.env_id)
 
     def add_rows(self, t: float, episode: np.ndarray, reward: np.ndarray, done: np.ndarray) -> None:
         for ep, r, d in zip(episode.tolist(), reward.tolist(), done.tolist()):
@@ -105,7 +112,7 @@ class FleetWatcher:
         self.fleet, self.bundle, self.trust = fleet, bundle, trust
         self.env_id, self.eval_episodes = env_id, eval_episodes
         self.t0 = time.monotonic()
-        self.tracks = {dev: DeviceWatch(dev, text) for dev, text in devices.items()}
+        self.tracks = {dev: DeviceWatch(dev, text, env_id) for dev, text in devices.items()}
         self.lock = threading.Lock()
         self.server_records: list[AuditRecord] = []
         self._packets: dict[tuple[str, str, int], Any] = {}  # (slot, target, version) -> Adapter

@@ -1,0 +1,120 @@
+"""MuJoCo tasks: the env's own model stepped from observations, in batches, at any physics.
+
+``MujocoSim`` is the vectorized true simulator a ``TaskSpec`` needs (``sim_step``): it puts
+each row's (qpos, qvel), recovered from the observation, into the model's full physics state,
+applies the action for the env's ``frame_skip`` steps with ``mujoco.rollout`` (one C call for
+the whole batch) and reads the next observation back. The physics mapping sets the model fields
+of ``plasma.edge.physics`` (``body_mass.pole``...) before stepping, so system identification
+can fit them on the device's transitions the way it fits Pendulum's g and m.
+
+The shipped task is InvertedPendulum-v5 (obs = qpos ++ qvel: the state is fully observed).
+Its reward is the env's own, 1 per step while the pole is within 0.2 rad: the judicial audit
+checks the phantom reward against the recorded rewards, and a dense surrogate (minus the lean
+and the cart's offset) was refused for it (0.47 real-reward stds off, measured).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from plasma.edge.physics import field_names, get_field, set_field
+
+__all__ = ["INVERTED_PENDULUM_ID", "MujocoSim", "inverted_pendulum", "inverted_pendulum_reward",
+           "mujoco_physics"]
+
+INVERTED_PENDULUM_ID = "InvertedPendulum-v5"
+
+StateOfObs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+ObsOfState = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def mujoco_physics(model: Any) -> dict[str, float]:
+    """Every supported field of ``model`` and its value (the task's nominal physics)."""
+    return {name: get_field(model, name) for name in field_names(model)}
+
+
+class MujocoSim:
+    """``sim_step(obs, act, physics) -> next_obs`` on a private copy of a MuJoCo env's model."""
+
+    def __init__(self, model: Any, frame_skip: int, state_of_obs: StateOfObs | None = None,
+                 obs_of_state: ObsOfState | None = None) -> None:
+        import copy
+
+        import mujoco
+        from mujoco import rollout
+
+        self._rollout = rollout.rollout
+        self.model = copy.deepcopy(model)
+        types, affinities = self.model.geom_contype, self.model.geom_conaffinity
+        if not any(int(t) & int(a) for t in types for a in affinities):
+            # no geom pair can ever touch: skipping collision detection changes nothing (~20% faster)
+            self.model.opt.disableflags |= mujoco.mjtDisableBit.mjDSBL_CONTACT
+        self.data = mujoco.MjData(self.model)
+        self.frame_skip = frame_skip
+        self.nq, self.nv = self.model.nq, self.model.nv
+        spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+        self.template = np.empty(mujoco.mj_stateSize(self.model, spec))
+        mujoco.mj_getState(self.model, self.data, self.template, spec)
+        self.state_of_obs = state_of_obs or self._split
+        self.obs_of_state = obs_of_state or (lambda q, v: np.concatenate([q, v], axis=-1))
+        self._set: dict[str, float] = {}
+        self._lock = threading.Lock()  # one model: physics set and stepped together
+
+    @classmethod
+    def of_env(cls, env: Any, state_of_obs: StateOfObs | None = None,
+               obs_of_state: ObsOfState | None = None) -> MujocoSim | None:
+        """The simulator of a Gymnasium MuJoCo env, or None when its observation does not give
+        the state (then the world model is the learned ensemble)."""
+        base = env.unwrapped
+        sim = cls(base.model, int(getattr(base, "frame_skip", 1)), state_of_obs, obs_of_state)
+        if state_of_obs is None and env.observation_space.shape[0] != sim.nq + sim.nv:
+            return None
+        obs, _ = env.reset(seed=0)
+        q, v = sim.state_of_obs(np.asarray(obs, np.float64)[None])
+        if not (np.allclose(q[0], base.data.qpos) and np.allclose(v[0], base.data.qvel)):
+            return None  # the observation is not (qpos, qvel): no simulator from it
+        return sim
+
+    def _split(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return obs[..., : self.nq], obs[..., self.nq: self.nq + self.nv]
+
+    def __call__(self, obs: np.ndarray, act: np.ndarray, physics: Mapping[str, float]) -> np.ndarray:
+        shape = obs.shape
+        obs2 = np.asarray(obs, np.float64).reshape(-1, shape[-1])
+        ctrl = np.asarray(act, np.float64).reshape(len(obs2), 1, -1)
+        q, v = self.state_of_obs(obs2)
+        state = np.tile(self.template, (len(obs2), 1))
+        state[:, 1: 1 + self.nq] = q
+        state[:, 1 + self.nq: 1 + self.nq + self.nv] = v
+        with self._lock:
+            for name, value in physics.items():
+                if "." in name and self._set.get(name) != value:
+                    set_field(self.model, name, value)
+                    self._set[name] = value
+            out, _ = self._rollout(self.model, self.data, state, ctrl, nstep=self.frame_skip)
+        last = out[:, -1]
+        nxt = self.obs_of_state(last[:, 1: 1 + self.nq], last[:, 1 + self.nq: 1 + self.nq + self.nv])
+        return nxt.reshape(shape).astype(obs.dtype, copy=False)
+
+
+def inverted_pendulum_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
+    """InvertedPendulum-v5's own reward: 1 while the pole is within 0.2 rad after the step."""
+    upright = np.isfinite(next_obs).all(-1) & (np.abs(next_obs[..., 1]) <= 0.2)
+    return upright.astype(np.float32)
+
+
+def inverted_pendulum() -> Any:
+    """Register InvertedPendulum-v5 (the cart-pole of MuJoCo; obs = x, angle, their speeds)."""
+    from .registry import register_task
+
+    return register_task(
+        INVERTED_PENDULUM_ID, reward=inverted_pendulum_reward,
+        identify=("body_mass.pole", "body_mass.cart", "actuator_gear.slide", "opt.gravity.z",
+                  "dof_damping.hinge", "dof_damping.slider"),
+        obs_low=[-1.0, -0.6, -6.0, -12.0], obs_high=[1.0, 0.6, 6.0, 12.0],
+        obs_mean=[0.0, 0.0, 0.0, 0.0], obs_std=[0.5, 0.1, 1.0, 1.0],
+        episode_steps=50, replace=True)
