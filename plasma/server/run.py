@@ -200,7 +200,9 @@ class AdaptationWorker:
         log.info("fleet %s: adapting the fleet slot on %d transitions of %d devices", fleet,
                  len(batch), len(self.store.devices(fleet)))
         before = learner.adapter
-        result = self._round(learner, self.base, batch, "fleet", None)
+        per_device = {d: real_data(b, self.rounds.max_transitions) for d in self.store.devices(fleet)
+                      if (b := self.store.transitions(fleet, d, newest=self.rounds.max_transitions))}
+        result = self._round(learner, self.base, batch, "fleet", None, per_device)
         self._save("fleet", fleet, learner, batch.seq)
         if learner.adapter is not before:  # device adapters were relative to the old fleet one
             for device, lr in self.learners.items():
@@ -218,7 +220,7 @@ class AdaptationWorker:
             learner.reset_adapter()
 
     def _round(self, learner: Learner, policy: MLPPolicy, batch: TraceBatch, slot: str,
-               device: str | None) -> RoundResult:
+               device: str | None, devices: dict[str, RealData] | None = None) -> RoundResult:
         real = real_data(batch, self.rounds.max_transitions)
         simulation_id = new_id()
         reference = learner.adapter
@@ -228,7 +230,7 @@ class AdaptationWorker:
         with blas_threads(1):
             result = learner.round(policy, real, fleet=self.schedule.fleet, slot=slot,
                                    device=device, subject=f"simulation:{simulation_id}",
-                                   auditor=auditor)
+                                   auditor=auditor, devices=devices)
         self.verdicts[result.verdict] += 1
         self.cpu_seconds.append(result.cpu_seconds)
         self.publisher.publish_audit(result.record)

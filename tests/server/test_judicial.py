@@ -85,6 +85,12 @@ CASES = [
     ("the reference's paths contradict the prior as much",
      {"cand_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)],
       "ref_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)]}, None),
+    ("learned reward: the gain is earned where the device never went",
+     {"ref_supported_returns": np.full(N, -100.0), "cand_supported_returns": np.full(N, -98.0)},
+     "gain_from_unsupported_rewards"),
+    ("learned reward: the gain is earned near real data",
+     {"ref_supported_returns": np.full(N, -100.0), "cand_supported_returns": np.full(N, -92.0)},
+     None),
     ("held-out members see no gain", {"heldout_gains": np.array([-5.0, 1.0])},
      "gain_not_on_heldout_members"),
     ("one planning member promises it all (no held-out)",
@@ -109,7 +115,7 @@ def test_check_table(name: str, overrides: dict, code: str | None) -> None:
 
 def test_every_check_is_named_and_returns_scores() -> None:
     names = {c.__name__ for c in CHECKS}
-    assert len(names) == len(CHECKS) == 12
+    assert len(names) == len(CHECKS) == 13
     for check in CHECKS:
         reason, scores = check(evidence(), CFG)
         assert reason is None and scores

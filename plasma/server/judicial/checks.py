@@ -17,11 +17,12 @@ from .evidence import Evidence
 __all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Judgement", "check_disagreement",
            "check_gain", "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
            "check_penalized_gain", "check_probing", "check_replay", "check_reward_model",
-           "check_reward_spikes", "check_support", "run_checks"]
+           "check_reward_spikes", "check_reward_support", "check_support", "run_checks"]
 
 NOT_CORRECTABLE = {"non_finite_adapter", "adapter_norm_too_large", "no_predicted_gain",
                    "reward_model_mismatch", "model_contradicts_real_data",
-                   "model_contradicts_prior", "world_model_lacks_data"}
+                   "model_contradicts_prior", "world_model_lacks_data",
+                   "gain_from_unsupported_rewards"}
 """Reasons a redistillation in the same world cannot fix (broken adapter, no gain, wrong world)."""
 
 
@@ -114,6 +115,19 @@ def check_reward_model(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]
     return CheckResult(None, scores)
 
 
+def check_reward_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
+    if not ev.cand_supported_returns.size:  # the task's own reward: trusted everywhere
+        return CheckResult(None, {"reward_support_share": 1.0})
+    kept = float(np.mean(ev.cand_supported_returns - ev.ref_supported_returns))
+    share = kept / ev.gain if ev.gain > 0 else 1.0
+    scores = {"reward_support_share": share}
+    if ev.gain > 0 and share < cfg.min_reward_support_share:
+        return _reject("gain_from_unsupported_rewards", "reward_support",
+                       f"the reward is learned and only {share:.0%} of the predicted gain "
+                       f"{ev.gain:.1f} is earned at states near the device's real data", scores)
+    return CheckResult(None, scores)
+
+
 def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     frac = float((ev.model_error_on_real > cfg.max_model_error).mean())
     scores = {"contradicted_frac": frac, "model_error_p99": float(np.quantile(
@@ -178,7 +192,7 @@ def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
 
 CHECKS: tuple[Check[Evidence, JudicialConfig, Reason], ...] = (
     check_norms, check_gain, check_disagreement, check_support, check_penalized_gain,
-    check_reward_spikes, check_reward_model, check_model_on_real, check_model_on_prior,
+    check_reward_spikes, check_reward_model, check_reward_support, check_model_on_real, check_model_on_prior,
     check_heldout_members, check_probing, check_replay,
 )
 

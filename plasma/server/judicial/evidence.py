@@ -14,7 +14,7 @@ from ..phantom import ModelDynamics
 from ..policy_net import LoRA, MLPPolicy
 from ..tasks import TaskSpec
 from ..worldmodel import WorldModel
-from .config import JudicialConfig, RealData
+from .config import JudicialConfig, RealData, reward_is_learned
 from .paths import OneMember, rollout_paths
 from .trust import TrustModel
 
@@ -67,10 +67,15 @@ class Evidence:
     cand_prior_error: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N, H) the same along candidate paths."""
 
+    ref_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) learned rewards only: reference returns with every reward at a state far from the real
+    data replaced by the worst recorded real reward (empty when the reward is the task's own)."""
+    cand_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) the same along candidate paths."""
+
     @property
     def gain(self) -> float:
         return float(np.mean(self.cand_returns - self.ref_returns))
-
 
 
 class EvidenceGatherer:
@@ -113,7 +118,22 @@ class EvidenceGatherer:
                        for a, b in candidate.factors.values()),
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
+            **self._supported_returns(trust, real, ref, cand),
         )
+
+    def _supported_returns(self, trust: TrustModel, real: RealData,
+                           *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
+                           ) -> dict[str, np.ndarray]:
+        """Learned rewards: path returns with off-support rewards made pessimistic."""
+        if not reward_is_learned(self.task):
+            return {}
+        floor = float(real.rew.min())
+        out = []
+        for obs, _, rew in paths:
+            n, h = rew.shape
+            far = trust.support_ratio(obs[:, :-1].reshape(n * h, -1)).reshape(n, h) > 1
+            out.append(np.where(far, np.minimum(rew, floor), rew).sum(1))
+        return {"ref_supported_returns": out[0], "cand_supported_returns": out[1]}
 
     def _lambda(self, real: RealData) -> float:
         if self.cfg.penalty_lambda is not None:
