@@ -229,7 +229,7 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     cfg = cfg or AuditBenchConfig()
     t0 = time.perf_counter()
     cal = cfg.calibration_seeds if cfg.calibration_seeds is not None else cfg.seeds[:2]
-    jobs = [(family, split, seed) for split in cfg.splits
+    jobs = [(family, split, seed) for split in sorted(cfg.splits, reverse=True)  # held-out first
             for seed in (cal if split == "calibration" else cfg.seeds) for family in cfg.families]
     rows = []
     ctx = multiprocessing.get_context("fork")
