@@ -15,7 +15,9 @@ module; none has private learning knobs. One round for one slot (a device's, or 
    policy (the first round anchors to the base policy).
 4. **Judicial review**: the last ``heldout_members`` members are kept from the planner; the
    auditor audits the candidate against the reference (the slot's current adapter) and may ask
-   for one redistillation under the uncertainty penalty.
+   for one redistillation under the uncertainty penalty. Fleet rounds (``devices=``) first drop
+   devices whose traces contradict the others and then require the approved candidate not to
+   hurt any kept device in its own identified physics (``judicial.fleet``, docs/auditing.md).
 
 Per-device state that persists across rounds (model, labels, accepted adapter) lives in a
 ``Learner``; ``plasma-server run`` keeps one per device (and one for the fleet slot) and persists

@@ -115,7 +115,7 @@ def test_check_table(name: str, overrides: dict, code: str | None) -> None:
 
 def test_every_check_is_named_and_returns_scores() -> None:
     names = {c.__name__ for c in CHECKS}
-    assert len(names) == len(CHECKS) == 13
+    assert len(names) == len(CHECKS) == 14
     for check in CHECKS:
         reason, scores = check(evidence(), CFG)
         assert reason is None and scores
@@ -285,3 +285,10 @@ def test_adding_a_check_is_one_function_and_one_entry() -> None:
     assert [r.code for r in judgement.reasons] == ["too_good"]
     assert judgement.scores["modest_gain"] == pytest.approx(10.0)
     assert judgement.correctable  # not in NOT_CORRECTABLE: a correction may try again
+
+
+def test_prior_gain_flags_a_candidate_worse_from_unlogged_starts() -> None:
+    worse = evidence(prior_ref_returns=np.full(N, -300.0), prior_cand_returns=np.full(N, -330.0))
+    assert [r.code for r in run_checks(worse, CFG).reasons] == ["candidate_worse_in_prior"]
+    better = evidence(prior_ref_returns=np.full(N, -300.0), prior_cand_returns=np.full(N, -250.0))
+    assert run_checks(better, CFG).ok

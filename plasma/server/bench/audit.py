@@ -85,7 +85,9 @@ class AuditBenchConfig:
     fleet_devices: int = 3
     poison_factor: float = 2.0
     """The poisoning device sends this many times the honest devices' transitions together."""
-    eval_episodes: int = 10
+    eval_episodes: int = 30
+    """Real noise-free evaluation episodes per policy (fixed seeds). 10 were too few: on l=1.3
+    returns are bimodal (a swing-up succeeds or not) and a 10-episode mean moved by ~100."""
     regress_frac: float = 0.05
     jobs: int = 2
     """Instances run in parallel processes (each single-threaded BLAS)."""

@@ -42,6 +42,9 @@ check                        flags when
                              identifies itself on the real data, more than the reference's
                              paths do (a corrupted region the data never visited: neither
                              disagreement nor the real transitions can see it)
+``prior_gain``               (tasks with a simulator) in the auditor's own identified physics,
+                             over whole episodes from the environment's reset states, the
+                             candidate is worse than the reference (a narrow log audits only its states)
 ``heldout_members``          the gain does not hold under ensemble members the producer
                              never planned with (docs/design.md section 7: an adapter tuned
                              on one member kept its predicted return while the real one
@@ -75,6 +78,7 @@ from .checks import (
     check_model_on_real,
     check_norms,
     check_penalized_gain,
+    check_prior_gain,
     check_probing,
     check_replay,
     check_reward_model,
@@ -94,7 +98,7 @@ __all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Decision", "DeviceScreen
            "JudicialAuditor", "JudicialConfig", "Judgement", "RealData", "Redistill",
            "StateFilter", "TrustModel", "UntrustFn", "check_disagreement", "check_gain",
            "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
-           "check_penalized_gain",
+           "check_penalized_gain", "check_prior_gain",
            "check_probing", "check_replay", "check_reward_model", "check_reward_spikes", "check_reward_support",
            "check_support", "fleet_decision", "hurt_devices", "judge_devices", "member_view", "pool",
            "reward_is_learned", "rollout_paths", "run_checks", "screen_devices", "split_members"]

@@ -17,12 +17,12 @@ from .evidence import Evidence
 __all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Judgement", "check_disagreement",
            "check_gain", "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
            "check_penalized_gain", "check_probing", "check_replay", "check_reward_model",
-           "check_reward_spikes", "check_reward_support", "check_support", "run_checks"]
+           "check_prior_gain", "check_reward_spikes", "check_reward_support", "check_support", "run_checks"]
 
 NOT_CORRECTABLE = {"non_finite_adapter", "adapter_norm_too_large", "no_predicted_gain",
                    "reward_model_mismatch", "model_contradicts_real_data",
                    "model_contradicts_prior", "world_model_lacks_data",
-                   "gain_from_unsupported_rewards"}
+                   "gain_from_unsupported_rewards", "candidate_worse_in_prior"}
 """Reasons a redistillation in the same world cannot fix (broken adapter, no gain, wrong world)."""
 
 
@@ -153,6 +153,20 @@ def check_model_on_prior(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reaso
     return CheckResult(None, scores)
 
 
+def check_prior_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
+    if not ev.prior_cand_returns.size:  # no simulator in the task
+        return CheckResult(None, {"prior_gain": 0.0})
+    gain = float(np.mean(ev.prior_cand_returns - ev.prior_ref_returns))
+    ref = float(np.mean(ev.prior_ref_returns))
+    scores = {"prior_gain": gain, "prior_ref_return": ref}
+    if gain < -cfg.max_prior_loss * abs(ref):
+        return _reject("candidate_worse_in_prior", "prior_gain",
+                       f"in the physics the auditor identifies on the real data, from the "
+                       f"environment's reset states, the candidate loses {-gain:.1f} "
+                       f"per path against the reference ({ref:.1f})", scores)
+    return CheckResult(None, scores)
+
+
 def check_heldout_members(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     gains = ev.heldout_gains if len(ev.heldout_gains) else ev.member_gains
     which = "held-out" if len(ev.heldout_gains) else "single planning"
@@ -193,7 +207,7 @@ def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
 CHECKS: tuple[Check[Evidence, JudicialConfig, Reason], ...] = (
     check_norms, check_gain, check_disagreement, check_support, check_penalized_gain,
     check_reward_spikes, check_reward_model, check_reward_support, check_model_on_real, check_model_on_prior,
-    check_heldout_members, check_probing, check_replay,
+    check_prior_gain, check_heldout_members, check_probing, check_replay,
 )
 
 

@@ -104,6 +104,10 @@ class JudicialConfig:
     max_device_loss: float = 0.02
     """A fleet candidate may cost no kept device more than this fraction of its reference return
     (measured in that device's own identified physics)."""
+    max_prior_loss: float = 0.02
+    """``prior_gain``: the candidate may lose at most this fraction of the reference's return in
+    the auditor's identified physics over whole episodes from the environment's reset states (a
+    packet runs from wherever the device starts next, not only from the states it logged)."""
     vouch_prior: bool = True
     """Tasks with a simulator: path states reached only through transitions that match the
     simulator at physics identified by the auditor on the real data (within ``max_model_error``

@@ -73,9 +73,29 @@ class Evidence:
     cand_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N,) the same along candidate paths."""
 
+    prior_ref_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(B,) tasks with a simulator: whole-episode reference returns in the auditor's OWN
+    identified physics from the environment's own reset distribution (where the device's next
+    episodes start, not only where it has been); empty without a prior."""
+    prior_cand_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(B,) the candidate's, same starts."""
+
     @property
     def gain(self) -> float:
         return float(np.mean(self.cand_returns - self.ref_returns))
+
+
+class _PriorDynamics:
+    """The auditor's identified physics as a one-member ``Dynamics``."""
+
+    n_members = 1
+
+    def __init__(self, trust: TrustModel) -> None:
+        assert trust.prior is not None
+        self.prior = trust.prior
+
+    def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        return self.prior(obs, act)
 
 
 class EvidenceGatherer:
@@ -119,7 +139,23 @@ class EvidenceGatherer:
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
             **self._supported_returns(trust, real, ref, cand),
+            **self._prior_returns(trust, candidate, reference, rng),
         )
+
+    def _prior_returns(self, trust: TrustModel, candidate: LoRA, reference: LoRA | None,
+                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Reference and candidate in the auditor's identified physics from reset start states."""
+        if trust.prior is None:
+            return {}
+        from ..basepolicy import _reset_states
+
+        task, n = self.task, max(self.cfg.paths // 2, 1)
+        starts = _reset_states(task, task.physics(), n, 7_000_000 + self.cfg.seed * n)
+        dyn = _PriorDynamics(trust)
+        steps = task.episode_steps  # whole episodes: a failed swing-up shows only late
+        ref = rollout_paths(dyn, task, self.policy, reference, starts, steps)[2]
+        cand = rollout_paths(dyn, task, self.policy, candidate, starts, steps)[2]
+        return {"prior_ref_returns": ref.sum(1), "prior_cand_returns": cand.sum(1)}
 
     def _supported_returns(self, trust: TrustModel, real: RealData,
                            *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
