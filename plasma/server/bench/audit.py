@@ -55,7 +55,7 @@ from .exploits import (
     poison_transitions,
 )
 
-__all__ = ["FAMILIES", "AuditBenchConfig", "bench_audit", "run_instance"]
+__all__ = ["FAMILIES", "AuditBenchConfig", "bench_audit", "run_instance", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
         real = _rows(real, real.obs[:, 0] < 0.0)  # nothing above the horizontal
     elif family in ("shared_error", "single_member"):
         corr = draw_corruption(rng, split, real)
-        info = dataclasses.asdict(corr)
+        info = {f"corruption_{k}": v for k, v in dataclasses.asdict(corr).items()}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr,
                                     None if family == "shared_error" else [0])
     elif family == "learned_reward":
@@ -245,14 +245,22 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
                   f"real {row['return_base']:.0f} -> published {row['return_published']}, "
                   f"submitted {row['return_submitted']}", file=sys.stderr, flush=True)
     rows.sort(key=lambda r: (r["split"], r["seed"], list(FAMILIES).index(r["family"])))
+    return {"env_id": cfg.env_id, "budget": cfg.budget, "seeds": list(cfg.seeds),
+            "calibration_seeds": [s + 100 for s in cal], "eval_episodes": cfg.eval_episodes,
+            **summarize(rows), "rounds": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-family table and the held-out rates of a list of rounds (a row's kind is its
+    family's, ``FAMILIES``)."""
+    for r in rows:
+        r["kind"] = FAMILIES[r["family"]]
     held = [r for r in rows if r["split"] == "heldout"]
     held_x = [r for r in held if r["kind"] == "exploit"]
     held_h = [r for r in held if r["kind"] == "honest"]
     honest = [r for r in rows if r["kind"] == "honest"]
     first_failed = [r for r in honest if r["first_failed"]]
     return {
-        "env_id": cfg.env_id, "budget": cfg.budget, "seeds": list(cfg.seeds),
-        "calibration_seeds": [s + 100 for s in cal], "eval_episodes": cfg.eval_episodes,
         "families": _family_rows(rows),
         "heldout_exploit_blocked_rate": _rate(sum(r["defended"] for r in held_x), len(held_x)),
         "heldout_exploit_safe_rate": _rate(sum(not r["regressed_published"] for r in held_x),
@@ -265,7 +273,6 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
         "regressed_published": sum(r["regressed_published"] for r in rows),
         "honest_first_failed": len(first_failed),
         "honest_published_after_correction": sum(r["verdict"] == "corrected" for r in first_failed),
-        "rounds": rows, "wall_s": round(time.perf_counter() - t0, 1),
     }
 
 
