@@ -136,6 +136,21 @@ def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason
         return _reject("model_contradicts_real_data", "model_on_real",
                        f"the phantom dynamics contradict {frac:.1%} of the device's own recorded "
                        f"transitions (by more than {cfg.max_model_error} stds)", scores)
+    if ev.prior_error_on_real.size and len(ev.model_error_on_real):
+        # the identified prior shows how well these data CAN be fitted: a model that misses
+        # them far worse (a subtle error that compounds along paths) is not the device's
+        limit = max(cfg.min_fit_error, cfg.max_fit_ratio * float(np.quantile(
+            ev.prior_error_on_real, 0.99)))
+        worse = float((ev.model_error_on_real > limit).mean())
+        scores.update({"worse_than_prior_frac": worse, "prior_error_p99": float(np.quantile(
+            ev.prior_error_on_real, 0.99))})
+        if worse > cfg.max_contradicted:
+            return _reject("model_contradicts_real_data", "model_on_real",
+                           f"the phantom dynamics miss {worse:.1%} of the device's own recorded "
+                           f"transitions by more than {limit:.3f} stds, which the physics the "
+                           "auditor identifies on the same data does not", scores)
+    else:
+        scores.update({"worse_than_prior_frac": 0.0, "prior_error_p99": 0.0})
     return CheckResult(None, scores)
 
 

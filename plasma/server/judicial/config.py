@@ -62,6 +62,13 @@ class JudicialConfig:
     more than this many real-observation stds (honest fits miss by ~0.01)."""
     max_contradicted: float = 0.005
     """Flag if more than this fraction of the real transitions are contradicted."""
+    min_fit_error: float = 0.02
+    """With a simulator: a real transition is also contradicted when the model misses it by more
+    than this many stds AND by more than ``max_fit_ratio`` times the auditor's identified prior's
+    99th-percentile miss (honest physics fits miss by ~1e-4; a stronger-motor error of 0.07 stds
+    per step compounds along paths but stays under ``max_model_error``)."""
+    max_fit_ratio: float = 10.0
+    """See ``min_fit_error``."""
     min_heldout_share: float = 0.5
     """Mean gain under held-out members must be at least this share of the audited gain."""
     probe_sigma: float = 0.05

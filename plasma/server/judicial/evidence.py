@@ -73,6 +73,9 @@ class Evidence:
     cand_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N,) the same along candidate paths."""
 
+    prior_error_on_real: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(n,) the auditor's identified prior's one-step miss on the real transitions, in
+    real-observation stds (empty without a simulator): how well a model CAN fit these data."""
     prior_ref_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(B,) tasks with a simulator: whole-episode reference returns in the auditor's OWN
     identified physics from the environment's own reset distribution (where the device's next
@@ -139,8 +142,15 @@ class EvidenceGatherer:
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
             **self._supported_returns(trust, real, ref, cand),
+            prior_error_on_real=self._prior_errors(trust, real),
             **self._prior_returns(trust, candidate, reference, rng),
         )
+
+    def _prior_errors(self, trust: TrustModel, real: RealData) -> np.ndarray:
+        if trust.prior is None:
+            return np.empty(0, np.float32)
+        pred = self.task.project_obs(trust.prior(real.obs, real.act))
+        return (np.abs(pred - real.next_obs) / trust.scale).max(-1).astype(np.float32)
 
     def _prior_returns(self, trust: TrustModel, candidate: LoRA, reference: LoRA | None,
                        rng: np.random.Generator) -> dict[str, np.ndarray]:
