@@ -15,7 +15,9 @@ module; none has private learning knobs. One round for one slot (a device's, or 
    policy (the first round anchors to the base policy).
 4. **Judicial review**: the last ``heldout_members`` members are kept from the planner; the
    auditor audits the candidate against the reference (the slot's current adapter) and may ask
-   for one redistillation under the uncertainty penalty.
+   for one redistillation under the uncertainty penalty. Fleet rounds (``devices=``) first drop
+   devices whose traces contradict the others and then require the approved candidate not to
+   hurt any kept device in its own identified physics (``judicial.fleet``, docs/auditing.md).
 
 Per-device state that persists across rounds (model, labels, accepted adapter) lives in a
 ``Learner``; ``plasma-server run`` keeps one per device (and one for the fleet slot) and persists
@@ -28,13 +30,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from .distill import DistillConfig, LoRADistiller
-from .judicial import Decision, JudicialAuditor, JudicialConfig, RealData, StateFilter, split_members
+from .judicial import (
+    Decision,
+    JudicialAuditor,
+    JudicialConfig,
+    RealData,
+    StateFilter,
+    fleet_decision,
+    judge_devices,
+    pool,
+    screen_devices,
+    split_members,
+)
 from .phantom import (
     ModelDynamics,
     PhantomConfig,
@@ -358,16 +372,27 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
                      auditor: JudicialAuditor | None = None, *, fleet: str, slot: str,
                      device: str | None, reference: LoRA | None = None,
                      subject: str = "candidate", model: Model | None = None,
-                     labels: Labels | None = None, refit: bool | None = None
+                     labels: Labels | None = None, refit: bool | None = None,
+                     devices: Mapping[str, RealData] | None = None
                      ) -> tuple[RoundResult, Model, Labels]:
     """One round: fit (unless ``model`` is given and ``refit`` is False), produce from the
     ``reference`` adapter, review with one correction. Returns the result, the fitted model and the
     labels including this round's (the caller keeps them for the next round).
 
+    ``devices`` (fleet rounds: each contributing device's own transitions): devices whose traces
+    contradict the others' physics are excluded (``real`` becomes the kept devices' pooled data;
+    the record names the excluded), and an approved candidate must not hurt any kept device in
+    its own identified physics (``judicial.fleet``).
+
     ``task`` is the phantom world's task (its reward is what the planner maximizes); the auditor
     judges in that same world. ``refit`` defaults to True when no model is given."""
     t0, c0 = time.perf_counter(), time.process_time()
     auditor = auditor or JudicialAuditor(task, policy, cfg.judicial)
+    screen = screen_devices(task, devices, auditor.cfg) if devices else None
+    if screen is not None and devices:
+        real = pool(devices, screen.kept)
+        if screen.excluded:
+            log.warning("fleet round: excluded %s", screen.message)
     if model is None or (refit if refit is not None else False):
         model = fit_model(task, real, cfg, model)
     planning, heldout = split_members(model, cfg.heldout_members)  # type: ignore[arg-type]
@@ -383,6 +408,11 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
                               slot=slot, device=device,  # type: ignore[arg-type]
                               reference=reference, heldout=heldout, redistill=redistill,
                               subject=subject)
+    if screen is not None and devices:
+        kept = {d: devices[d] for d in screen.kept}
+        gains = judge_devices(task, policy, decision.adapter, reference, kept, auditor.cfg) \
+            if decision.adapter is not None else {}
+        decision = fleet_decision(decision, screen, gains, auditor.cfg)
     scores: dict[str, float] = {}
     if isinstance(model, PhysicsModel):
         scores = {f"physics_{k}": v for k, v in model.physics.items() if k in model.names}
@@ -418,14 +448,19 @@ class Learner:
 
     def round(self, policy: MLPPolicy, real: RealData, *, fleet: str, slot: str,
               device: str | None, subject: str = "candidate",
-              auditor: JudicialAuditor | None = None) -> RoundResult:
+              auditor: JudicialAuditor | None = None,
+              devices: Mapping[str, RealData] | None = None) -> RoundResult:
         """Refit the model on ``real``, produce from the accepted adapter, review; remember the
-        outcome (the adapter only when approved)."""
+        outcome (the adapter only when approved). ``devices``: the fleet slot's per-device data
+        (the model is then fitted on the devices the screen keeps, see ``adaptation_round``)."""
+        if devices:
+            cfg = auditor.cfg if auditor is not None else self.cfg.judicial
+            real = pool(devices, screen_devices(self.task, devices, cfg).kept)
         self.model = fit_model(self.task, real, self.cfg, self.model)
         result, self.model, self.labels = adaptation_round(
             self.task, policy, real, self.cfg, auditor, fleet=fleet, slot=slot, device=device,
             reference=self.adapter, subject=subject, model=self.model, labels=self.labels,
-            refit=False)
+            refit=False, devices=devices)
         if result.adapter is not None:
             self.adapter = result.adapter
         self.rounds += 1

@@ -129,7 +129,19 @@ def _bench_phantom(args: argparse.Namespace) -> int:
 def _bench_audit(args: argparse.Namespace) -> int:
     from .bench.audit import AuditBenchConfig, bench_audit
 
-    return _print(bench_audit(AuditBenchConfig(seed=args.seed)))
+    cfg = AuditBenchConfig(seeds=_ints(args.seeds), budget=args.budget,
+                           calibration_seeds=_ints(args.calibration_seeds)
+                           if args.calibration_seeds is not None else None)
+    cfg.jobs = args.jobs
+    if args.split:
+        cfg.splits = (args.split,)
+    if args.families:
+        cfg.families = tuple(args.families.split(","))
+    return _print(bench_audit(cfg))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.split(",") if s.strip())
 
 
 def _bench_e2e(args: argparse.Namespace) -> int:
@@ -239,8 +251,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     phantom.add_argument("--horizon", type=int, default=30)
     phantom.set_defaults(handler=_bench_phantom)
 
-    audit = bsub.add_parser("audit", help="judicial auditor scenarios: honest, exploit, few_data")
-    audit.add_argument("--seed", type=int, default=0)
+    audit = bsub.add_parser("audit", help="judicial auditor: honest and exploit families, "
+                            "calibration and held-out splits")
+    audit.add_argument("--seeds", default="0,1,2,3,4", help="held-out instance seeds")
+    audit.add_argument("--calibration-seeds", default=None,
+                       help="calibration instance seeds (default: the first two of --seeds)")
+    audit.add_argument("--budget", default="default", choices=("default", "small"))
+    audit.add_argument("--split", default=None, choices=("calibration", "heldout"))
+    audit.add_argument("--families", default=None, help="comma-separated subset of families")
+    audit.add_argument("--jobs", type=int, default=2, help="instances run in parallel processes")
     audit.set_defaults(handler=_bench_audit)
 
     e2e = bsub.add_parser("e2e", help="publish -> device swap latency vs a full-model push")

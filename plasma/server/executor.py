@@ -55,6 +55,9 @@ class RoundSpec:
     policy: MLPPolicy
     """The policy the adapter is relative to (base, or base + fleet adapter)."""
     real: RealData
+    devices: dict[str, RealData] | None = None
+    """A fleet round: each contributing device's own data (the judicial fleet screen fits and
+    judges every device on its own; ``real`` is their pool)."""
 
 
 @dataclass
@@ -83,7 +86,7 @@ def run_round(spec: RoundSpec) -> RoundOutcome:
     with blas_threads(1):
         result = learner.round(spec.policy, spec.real, fleet=spec.fleet, slot=spec.slot,
                                device=spec.device, subject=f"simulation:{simulation_id}",
-                               auditor=auditor)
+                               auditor=auditor, devices=spec.devices)
     return RoundOutcome(spec.round_id, result, learner, simulation_id, started, time.time(),
                         os.getpid())
 

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -280,13 +280,17 @@ class AdaptationWorker:
             raise RuntimeError("fleet round with no data")
         log.info("fleet %s: adapting the fleet slot on %d transitions of %d devices", fleet,
                  len(batch), len(self.store.devices(fleet)))
-        self._submit("fleet", fleet, learner, self.base, batch, self.fleet_cursor, len(batch))
+        per_device = {d: real_data(b, self.rounds.max_transitions) for d in self.store.devices(fleet)
+                      if (b := self.store.transitions(fleet, d, newest=self.rounds.max_transitions))}
+        self._submit("fleet", fleet, learner, self.base, batch, self.fleet_cursor, len(batch),
+                     devices=per_device)
         return 1
 
     def _submit(self, slot: str, target: str, learner: Learner, policy: MLPPolicy,
-                batch: TraceBatch, cursor_from: int, new: int, attempt: int = 0) -> None:
+                batch: TraceBatch, cursor_from: int, new: int, attempt: int = 0,
+                devices: dict[str, RealData] | None = None) -> None:
         spec = RoundSpec(new_id(), self.schedule.fleet, slot, target if slot == "device" else None,
-                         learner, policy, real_data(batch, self.rounds.max_transitions))
+                         learner, policy, real_data(batch, self.rounds.max_transitions), devices)
         self.flights[target] = _Flight(slot, target, spec, self.executor.submit(spec), cursor_from,
                                        batch.seq, float(batch.timestamp.min()),
                                        float(batch.timestamp.max()), new, attempt)
@@ -324,8 +328,7 @@ class AdaptationWorker:
                         now - flight.handle.submitted)
             self.executor.cancel(flight.handle)
             self.retries += 1
-            spec = RoundSpec(new_id(), flight.spec.fleet, flight.slot, flight.spec.device,
-                             flight.spec.learner, flight.spec.policy, flight.spec.real)
+            spec = replace(flight.spec, round_id=new_id())
             flight.spec, flight.handle, flight.attempt = spec, self.executor.submit(spec), \
                 flight.attempt + 1
 

@@ -79,12 +79,23 @@ CASES = [
     ("dynamics contradict the device's transitions",
      {"model_error_on_real": np.r_[np.full(480, 0.01), np.full(20, 3.0)]},
      "model_contradicts_real_data"),
+    ("the model misses real transitions the identified prior fits (subtle, under 0.5 stds)",
+     {"model_error_on_real": np.r_[np.full(480, 0.001), np.full(20, 0.07)],
+      "prior_error_on_real": np.full(500, 1e-4)}, "model_contradicts_real_data"),
+    ("the model fits the real data as well as the identified prior",
+     {"model_error_on_real": np.full(500, 1e-4), "prior_error_on_real": np.full(500, 1e-4)}, None),
     ("candidate paths contradict the identified prior",
      {"cand_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)],
       "ref_prior_error": np.full((N, H), 0.01)}, "model_contradicts_prior"),
     ("the reference's paths contradict the prior as much",
      {"cand_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)],
       "ref_prior_error": np.r_[np.full((N - 5, H), 0.01), np.full((5, H), 3.0)]}, None),
+    ("learned reward: the gain is earned where the device never went",
+     {"ref_supported_returns": np.full(N, -100.0), "cand_supported_returns": np.full(N, -98.0)},
+     "gain_from_unsupported_rewards"),
+    ("learned reward: the gain is earned near real data",
+     {"ref_supported_returns": np.full(N, -100.0), "cand_supported_returns": np.full(N, -92.0)},
+     None),
     ("held-out members see no gain", {"heldout_gains": np.array([-5.0, 1.0])},
      "gain_not_on_heldout_members"),
     ("one planning member promises it all (no held-out)",
@@ -109,7 +120,7 @@ def test_check_table(name: str, overrides: dict, code: str | None) -> None:
 
 def test_every_check_is_named_and_returns_scores() -> None:
     names = {c.__name__ for c in CHECKS}
-    assert len(names) == len(CHECKS) == 12
+    assert len(names) == len(CHECKS) == 14
     for check in CHECKS:
         reason, scores = check(evidence(), CFG)
         assert reason is None and scores
@@ -279,3 +290,10 @@ def test_adding_a_check_is_one_function_and_one_entry() -> None:
     assert [r.code for r in judgement.reasons] == ["too_good"]
     assert judgement.scores["modest_gain"] == pytest.approx(10.0)
     assert judgement.correctable  # not in NOT_CORRECTABLE: a correction may try again
+
+
+def test_prior_gain_flags_a_candidate_worse_from_unlogged_starts() -> None:
+    worse = evidence(prior_ref_returns=np.full(N, -300.0), prior_cand_returns=np.full(N, -330.0))
+    assert [r.code for r in run_checks(worse, CFG).reasons] == ["candidate_worse_in_prior"]
+    better = evidence(prior_ref_returns=np.full(N, -300.0), prior_cand_returns=np.full(N, -250.0))
+    assert run_checks(better, CFG).ok

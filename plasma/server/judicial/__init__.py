@@ -31,6 +31,9 @@ check                        flags when
                              upright, where the members still agree)
 ``reward_spikes``            path rewards above anything the device ever recorded
 ``reward_model``             the reward the paths use differs from recorded real rewards
+``reward_support``           (learned rewards only) the gain does not survive replacing path
+                             rewards at states far from every real state by the worst real
+                             reward: a reward model is only trusted where it was fitted
 ``model_on_real``            the dynamics the paths use (median member) contradict the
                              device's own recorded transitions (a corrupted or poisoned region
                              that all members share: disagreement cannot see it)
@@ -39,6 +42,9 @@ check                        flags when
                              identifies itself on the real data, more than the reference's
                              paths do (a corrupted region the data never visited: neither
                              disagreement nor the real transitions can see it)
+``prior_gain``               (tasks with a simulator) in the auditor's own identified physics,
+                             over whole episodes from the environment's reset states, the
+                             candidate is worse than the reference (a narrow log audits only its states)
 ``heldout_members``          the gain does not hold under ensemble members the producer
                              never planned with (docs/design.md section 7: an adapter tuned
                              on one member kept its predicted return while the real one
@@ -53,6 +59,10 @@ is asked to distill again with an uncertainty-penalized reward (MOPO) and with u
 label states (members disagree, or far outside the real data) dropped; the new candidate
 is audited from scratch. Verdicts: ``published``
 (passed), ``corrected`` (passed after correction), ``blocked``.
+
+Fleet rounds (``fleet``): devices whose transitions contradict the physics the other devices
+agree on are excluded from the round's data (the record names them), and an approved fleet
+candidate must not hurt any kept device in that device's own identified physics.
 """
 
 from .auditor import Decision, JudicialAuditor
@@ -68,22 +78,27 @@ from .checks import (
     check_model_on_real,
     check_norms,
     check_penalized_gain,
+    check_prior_gain,
     check_probing,
     check_replay,
     check_reward_model,
     check_reward_spikes,
+    check_reward_support,
     check_support,
     run_checks,
 )
-from .config import JudicialConfig, RealData, Redistill, StateFilter, UntrustFn
+from .config import JudicialConfig, RealData, Redistill, StateFilter, UntrustFn, reward_is_learned
 from .evidence import Evidence, EvidenceGatherer
+from .fleet import DeviceScreen, fleet_decision, hurt_devices, judge_devices, pool, screen_devices
 from .paths import member_view, rollout_paths, split_members
 from .trust import TrustModel
 
-__all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Decision", "Evidence", "EvidenceGatherer",
+__all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Decision", "DeviceScreen", "Evidence",
+           "EvidenceGatherer",
            "JudicialAuditor", "JudicialConfig", "Judgement", "RealData", "Redistill",
            "StateFilter", "TrustModel", "UntrustFn", "check_disagreement", "check_gain",
            "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
-           "check_penalized_gain",
-           "check_probing", "check_replay", "check_reward_model", "check_reward_spikes",
-           "check_support", "member_view", "rollout_paths", "run_checks", "split_members"]
+           "check_penalized_gain", "check_prior_gain",
+           "check_probing", "check_replay", "check_reward_model", "check_reward_spikes", "check_reward_support",
+           "check_support", "fleet_decision", "hurt_devices", "judge_devices", "member_view", "pool",
+           "reward_is_learned", "rollout_paths", "run_checks", "screen_devices", "split_members"]

@@ -17,11 +17,12 @@ from .evidence import Evidence
 __all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Judgement", "check_disagreement",
            "check_gain", "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
            "check_penalized_gain", "check_probing", "check_replay", "check_reward_model",
-           "check_reward_spikes", "check_support", "run_checks"]
+           "check_prior_gain", "check_reward_spikes", "check_reward_support", "check_support", "run_checks"]
 
 NOT_CORRECTABLE = {"non_finite_adapter", "adapter_norm_too_large", "no_predicted_gain",
                    "reward_model_mismatch", "model_contradicts_real_data",
-                   "model_contradicts_prior", "world_model_lacks_data"}
+                   "model_contradicts_prior", "world_model_lacks_data",
+                   "gain_from_unsupported_rewards", "candidate_worse_in_prior"}
 """Reasons a redistillation in the same world cannot fix (broken adapter, no gain, wrong world)."""
 
 
@@ -114,6 +115,19 @@ def check_reward_model(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]
     return CheckResult(None, scores)
 
 
+def check_reward_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
+    if not ev.cand_supported_returns.size:  # the task's own reward: trusted everywhere
+        return CheckResult(None, {"reward_support_share": 1.0})
+    kept = float(np.mean(ev.cand_supported_returns - ev.ref_supported_returns))
+    share = kept / ev.gain if ev.gain > 0 else 1.0
+    scores = {"reward_support_share": share}
+    if ev.gain > 0 and share < cfg.min_reward_support_share:
+        return _reject("gain_from_unsupported_rewards", "reward_support",
+                       f"the reward is learned and only {share:.0%} of the predicted gain "
+                       f"{ev.gain:.1f} is earned at states near the device's real data", scores)
+    return CheckResult(None, scores)
+
+
 def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
     frac = float((ev.model_error_on_real > cfg.max_model_error).mean())
     scores = {"contradicted_frac": frac, "model_error_p99": float(np.quantile(
@@ -122,6 +136,21 @@ def check_model_on_real(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason
         return _reject("model_contradicts_real_data", "model_on_real",
                        f"the phantom dynamics contradict {frac:.1%} of the device's own recorded "
                        f"transitions (by more than {cfg.max_model_error} stds)", scores)
+    if ev.prior_error_on_real.size and len(ev.model_error_on_real):
+        # the identified prior shows how well these data CAN be fitted: a model that misses
+        # them far worse (a subtle error that compounds along paths) is not the device's
+        limit = max(cfg.min_fit_error, cfg.max_fit_ratio * float(np.quantile(
+            ev.prior_error_on_real, 0.99)))
+        worse = float((ev.model_error_on_real > limit).mean())
+        scores.update({"worse_than_prior_frac": worse, "prior_error_p99": float(np.quantile(
+            ev.prior_error_on_real, 0.99))})
+        if worse > cfg.max_contradicted:
+            return _reject("model_contradicts_real_data", "model_on_real",
+                           f"the phantom dynamics miss {worse:.1%} of the device's own recorded "
+                           f"transitions by more than {limit:.3f} stds, which the physics the "
+                           "auditor identifies on the same data does not", scores)
+    else:
+        scores.update({"worse_than_prior_frac": 0.0, "prior_error_p99": 0.0})
     return CheckResult(None, scores)
 
 
@@ -136,6 +165,20 @@ def check_model_on_prior(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reaso
         return _reject("model_contradicts_prior", "model_on_prior",
                        f"{cand:.1%} of candidate path transitions contradict the simulator at the "
                        f"physics identified on the real data (reference paths: {ref:.1%})", scores)
+    return CheckResult(None, scores)
+
+
+def check_prior_gain(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
+    if not ev.prior_cand_returns.size:  # no simulator in the task
+        return CheckResult(None, {"prior_gain": 0.0})
+    gain = float(np.mean(ev.prior_cand_returns - ev.prior_ref_returns))
+    ref = float(np.mean(ev.prior_ref_returns))
+    scores = {"prior_gain": gain, "prior_ref_return": ref}
+    if gain < -cfg.max_prior_loss * abs(ref):
+        return _reject("candidate_worse_in_prior", "prior_gain",
+                       f"in the physics the auditor identifies on the real data, from the "
+                       f"environment's reset states, the candidate loses {-gain:.1f} "
+                       f"per path against the reference ({ref:.1f})", scores)
     return CheckResult(None, scores)
 
 
@@ -178,8 +221,8 @@ def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
 
 CHECKS: tuple[Check[Evidence, JudicialConfig, Reason], ...] = (
     check_norms, check_gain, check_disagreement, check_support, check_penalized_gain,
-    check_reward_spikes, check_reward_model, check_model_on_real, check_model_on_prior,
-    check_heldout_members, check_probing, check_replay,
+    check_reward_spikes, check_reward_model, check_reward_support, check_model_on_real, check_model_on_prior,
+    check_prior_gain, check_heldout_members, check_probing, check_replay,
 )
 
 

@@ -10,7 +10,8 @@ import numpy as np
 from ..policy_net import LoRA
 from ..tasks import TaskSpec
 
-__all__ = ["JudicialConfig", "RealData", "Redistill", "StateFilter", "UntrustFn"]
+__all__ = ["JudicialConfig", "RealData", "Redistill", "StateFilter", "UntrustFn",
+           "reward_is_learned"]
 
 UntrustFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """untrust(obs (n, od), act (n, ad)) -> (n,) >= 0; 0 where the model can be trusted."""
@@ -61,6 +62,13 @@ class JudicialConfig:
     more than this many real-observation stds (honest fits miss by ~0.01)."""
     max_contradicted: float = 0.005
     """Flag if more than this fraction of the real transitions are contradicted."""
+    min_fit_error: float = 0.02
+    """With a simulator: a real transition is also contradicted when the model misses it by more
+    than this many stds AND by more than ``max_fit_ratio`` times the auditor's identified prior's
+    99th-percentile miss (honest physics fits miss by ~1e-4; a stronger-motor error of 0.07 stds
+    per step compounds along paths but stays under ``max_model_error``)."""
+    max_fit_ratio: float = 10.0
+    """See ``min_fit_error``."""
     min_heldout_share: float = 0.5
     """Mean gain under held-out members must be at least this share of the audited gain."""
     probe_sigma: float = 0.05
@@ -84,6 +92,29 @@ class JudicialConfig:
     auditor's identified prior by more than ``max_model_error`` stds..."""
     max_prior_increase: float = 2.0
     """...and more than this multiple of the reference paths' fraction."""
+    min_reward_support_share: float = 0.5
+    """Learned rewards only (``reward_is_learned``): share of the gain that must survive when
+    path rewards at states far from every real state (raw nearest-neighbour rule: the physics
+    prior vouches for dynamics, never for a learned reward) are replaced by the worst recorded
+    real reward. Below it: ``gain_from_unsupported_rewards`` (not correctable)."""
+    max_device_contradicted: float = 0.05
+    """Fleet rounds (``screen_devices``): two devices agree when each one's identified physics
+    contradicts at most this fraction of the other's transitions; a device agreeing with fewer
+    than half of the others is excluded."""
+    device_model_error: float = 0.1
+    """Fleet screening: a device's transition is contradicted by another device's identified
+    physics when the one-step miss exceeds this many stds of the real one-step change (other
+    physics of the kind that matters, g x0.5 or m x0.5, miss most transitions by 0.3-1; devices
+    of the same physics by 1e-4)."""
+    device_paths: int = 64
+    """Fleet rounds (``judge_devices``): audit paths per device in its own identified physics."""
+    max_device_loss: float = 0.02
+    """A fleet candidate may cost no kept device more than this fraction of its reference return
+    (measured in that device's own identified physics)."""
+    max_prior_loss: float = 0.02
+    """``prior_gain``: the candidate may lose at most this fraction of the reference's return in
+    the auditor's identified physics over whole episodes from the environment's reset states (a
+    packet runs from wherever the device starts next, not only from the states it logged)."""
     vouch_prior: bool = True
     """Tasks with a simulator: path states reached only through transitions that match the
     simulator at physics identified by the auditor on the real data (within ``max_model_error``
@@ -102,3 +133,10 @@ class RealData:
     """(n,)"""
     next_obs: np.ndarray
     """(n, obs_dim)"""
+
+
+def reward_is_learned(task: TaskSpec) -> bool:
+    """The phantom reward is a model (fitted on real rewards), not the task's published formula:
+    a world model's reward output (``task.reward`` None) or a reward function marked
+    ``learned = True``. A learned reward is only trusted near the real data it was fitted on."""
+    return task.reward is None or bool(getattr(task.reward, "learned", False))

@@ -14,7 +14,7 @@ from ..phantom import ModelDynamics
 from ..policy_net import LoRA, MLPPolicy
 from ..tasks import TaskSpec
 from ..worldmodel import WorldModel
-from .config import JudicialConfig, RealData
+from .config import JudicialConfig, RealData, reward_is_learned
 from .paths import OneMember, rollout_paths
 from .trust import TrustModel
 
@@ -67,10 +67,38 @@ class Evidence:
     cand_prior_error: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N, H) the same along candidate paths."""
 
+    ref_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) learned rewards only: reference returns with every reward at a state far from the real
+    data replaced by the worst recorded real reward (empty when the reward is the task's own)."""
+    cand_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) the same along candidate paths."""
+
+    prior_error_on_real: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(n,) the auditor's identified prior's one-step miss on the real transitions, in
+    real-observation stds (empty without a simulator): how well a model CAN fit these data."""
+    prior_ref_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(B,) tasks with a simulator: whole-episode reference returns in the auditor's OWN
+    identified physics from the environment's own reset distribution (where the device's next
+    episodes start, not only where it has been); empty without a prior."""
+    prior_cand_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(B,) the candidate's, same starts."""
+
     @property
     def gain(self) -> float:
         return float(np.mean(self.cand_returns - self.ref_returns))
 
+
+class _PriorDynamics:
+    """The auditor's identified physics as a one-member ``Dynamics``."""
+
+    n_members = 1
+
+    def __init__(self, trust: TrustModel) -> None:
+        assert trust.prior is not None
+        self.prior = trust.prior
+
+    def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        return self.prior(obs, act)
 
 
 class EvidenceGatherer:
@@ -113,7 +141,45 @@ class EvidenceGatherer:
                        for a, b in candidate.factors.values()),
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
+            **self._supported_returns(trust, real, ref, cand),
+            prior_error_on_real=self._prior_errors(trust, real),
+            **self._prior_returns(trust, candidate, reference, rng),
         )
+
+    def _prior_errors(self, trust: TrustModel, real: RealData) -> np.ndarray:
+        if trust.prior is None:
+            return np.empty(0, np.float32)
+        pred = self.task.project_obs(trust.prior(real.obs, real.act))
+        return (np.abs(pred - real.next_obs) / trust.scale).max(-1).astype(np.float32)
+
+    def _prior_returns(self, trust: TrustModel, candidate: LoRA, reference: LoRA | None,
+                       rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Reference and candidate in the auditor's identified physics from reset start states."""
+        if trust.prior is None:
+            return {}
+        from ..basepolicy import _reset_states
+
+        task, n = self.task, max(self.cfg.paths // 2, 1)
+        starts = _reset_states(task, task.physics(), n, 7_000_000 + self.cfg.seed * n)
+        dyn = _PriorDynamics(trust)
+        steps = task.episode_steps  # whole episodes: a failed swing-up shows only late
+        ref = rollout_paths(dyn, task, self.policy, reference, starts, steps)[2]
+        cand = rollout_paths(dyn, task, self.policy, candidate, starts, steps)[2]
+        return {"prior_ref_returns": ref.sum(1), "prior_cand_returns": cand.sum(1)}
+
+    def _supported_returns(self, trust: TrustModel, real: RealData,
+                           *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
+                           ) -> dict[str, np.ndarray]:
+        """Learned rewards: path returns with off-support rewards made pessimistic."""
+        if not reward_is_learned(self.task):
+            return {}
+        floor = float(real.rew.min())
+        out = []
+        for obs, _, rew in paths:
+            n, h = rew.shape
+            far = trust.support_ratio(obs[:, :-1].reshape(n * h, -1)).reshape(n, h) > 1
+            out.append(np.where(far, np.minimum(rew, floor), rew).sum(1))
+        return {"ref_supported_returns": out[0], "cand_supported_returns": out[1]}
 
     def _lambda(self, real: RealData) -> float:
         if self.cfg.penalty_lambda is not None:
