@@ -285,11 +285,19 @@ def _break_consistency(doc: dict[str, Any], what: str) -> None:
 def _known_stricter(doc: Any) -> bool:
     """Where wire is deliberately stricter than pydantic: ``true`` or ``1.0`` for ``Literal[1]``.
 
-    pydantic accepts JSON ``true`` and ``1.0`` as ``schema_version`` (both == 1 in Python) and
-    stores 1; the wire structs want the integer itself.  Nothing produces either.
+    pydantic accepts JSON ``true`` and ``1.0`` (also written ``0.1e1``) as ``schema_version``
+    (== 1 in Python) and stores 1; the wire structs want the integer itself.  Nothing produces
+    either.
     """
-    return isinstance(doc, dict) and (doc.get("schema_version") is True
-                                      or isinstance(doc.get("schema_version"), float))
+    if not isinstance(doc, dict):
+        return False
+    version = doc.get("schema_version")
+    if isinstance(version, Raw):  # a number token written as is, e.g. 0.1e1 (== 1.0)
+        try:
+            version = float(version.text)
+        except ValueError:
+            return False
+    return version is True or isinstance(version, float)
 
 
 def _accepts(fn: Any, raw: bytes) -> tuple[bool, Any]:
