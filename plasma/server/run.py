@@ -36,7 +36,7 @@ from .policy_net import MLPPolicy
 from .publisher import Publisher, PublisherConfig
 from .service_config import BUDGETS, SCALARS, ServiceConfig, load_service_config
 from .store import Store, open_store
-from .tasks import get_task
+from .tasks import get_task, load_task_modules
 from .worker import AdaptationWorker, ScheduleConfig
 from .worker import real_data as real_data  # where plasma.agent and older callers import them
 from .worker import to_adapter as to_adapter
@@ -106,6 +106,7 @@ class Server:
             raise BundleError(f"--model {cfg.model}: {exc}", code=exc.code) from None
         self.base = policy_from_bundle(bundle)
         try:
+            load_task_modules(cfg.tasks)
             self.task = get_task(cfg.task_id)
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from None
@@ -205,6 +206,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node", metavar="NAME", help="this server's name among the fleet's servers "
                    "(MQTT client id; default the host name)")
     p.add_argument("--env", metavar="ENV", help="task of the devices' world, e.g. Pendulum-v1")
+    p.add_argument("--tasks", metavar="MODULE[,MODULE]", help="Python modules to import first that "
+                   "register tasks (register_task), for an --env Plasma does not ship")
     p.add_argument("--min-new-transitions", dest="min_new_transitions", type=int, metavar="K",
                    help="adapt a device after K new real transitions (default 200)")
     p.add_argument("--fleet-every", dest="fleet_every", type=int, metavar="N",

@@ -31,6 +31,7 @@ SCALARS: dict[str, type] = {
     "dtype": str, "expires_in": float, "seed": int,
     "ingest_group": str, "node": str,
     "executor": str, "ray_address": str, "workers": int, "round_timeout": float,
+    "tasks": str,
 }
 REQUIRED = ("broker", "fleet", "key", "model", "env")
 BUDGETS = ("default", "small")
@@ -87,6 +88,9 @@ class ServiceConfig:
     """With ``ray``: rounds in flight and a local Ray's CPUs (0 = one per CPU of the cluster)."""
     round_timeout: float = 600.0
     """With ``ray``: a round in flight longer is cancelled and resubmitted (0 = never)."""
+    tasks: str | None = None
+    """Comma-separated Python modules imported at start that register tasks
+    (``plasma.server.tasks.register_task``), for an ``env`` that Plasma does not ship."""
 
     @property
     def task_id(self) -> str:

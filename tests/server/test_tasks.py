@@ -165,3 +165,48 @@ def test_the_server_cli_refuses_an_unknown_physics_name(capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "no physics name 'body_mass.nope'" in err and "body_mass.pole" in err
     assert "Traceback" not in err
+
+
+_TASKS_MODULE = '''
+import gymnasium
+import numpy as np
+from plasma.server.tasks import register_task
+
+gymnasium.register(id="PlasmaTasksTest-v0", max_episode_steps=200,
+                   entry_point="gymnasium.envs.classic_control.pendulum:PendulumEnv")
+
+
+def reward(obs, act, next_obs):
+    return -np.abs(next_obs[:, 2])
+
+
+register_task("PlasmaTasksTest-v0", reward=reward, physics=("g",), replace=True)
+'''
+
+
+def test_a_tasks_module_registers_a_users_task_for_the_server(
+        tmp_path, monkeypatch, scratch_registry: None, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from plasma.protocol import SigningKey
+    from plasma.server.cli import main
+    from plasma.server.service_config import load_service_config
+    from plasma.server.tasks import load_task_modules
+    from tests.helpers.bundles import PENDULUM_SMALL, bundle_path
+
+    (tmp_path / "my_plasma_tasks.py").write_text(_TASKS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {"broker": "mqtt://127.0.0.1:1", "fleet": "f", "key": "k", "model": "m",
+            "env": "PlasmaTasksTest-v0"}
+    cfg = load_service_config({**base, "tasks": "my_plasma_tasks"}, {})
+    assert load_task_modules(cfg.tasks) == ["my_plasma_tasks"]
+    spec = get_task("PlasmaTasksTest-v0")
+    assert (spec.obs_dim, spec.act_dim) == (3, 1) and dict(spec.default_physics) == {"g": 10.0}
+    obs = np.zeros((2, 3), np.float32)
+    np.testing.assert_allclose(spec.reward(obs, obs[:, :1], obs + 1), [-1.0, -1.0])  # type: ignore[misc]
+
+    SigningKey.generate().save(tmp_path / "key")
+    args = ["run", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--key", str(tmp_path / "key"),
+            "--model", str(bundle_path(PENDULUM_SMALL)), "--env", "PlasmaTasksTest-v0",
+            "--store", str(tmp_path / "s.sqlite")]
+    assert main([*args, "--tasks", "no_such_tasks_module"]) == 1
+    err = capsys.readouterr().err
+    assert "no_such_tasks_module" in err and "Traceback" not in err

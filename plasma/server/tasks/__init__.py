@@ -18,12 +18,13 @@ from .registry import (
                       TaskSpec,
                       apply_physics,
                       get_task,
+                      load_task_modules,
                       make_env,
                       register_task,
                       resolve_physics,
 )
 
-__all__ = ["apply_physics", "get_task", "make_env", "MOUNTAINCAR", "mountaincar_reward",
+__all__ = ["apply_physics", "get_task", "load_task_modules", "make_env", "MOUNTAINCAR", "mountaincar_reward",
            "mountaincar_step", "PENDULUM", "pendulum_reward", "pendulum_step", "register_task",
            "resolve_physics", "RewardFn", "SimStepFn", "TASKS", "TaskSpec"]
 

@@ -12,6 +12,7 @@ its parameters on the device's real transitions.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,8 @@ import numpy as np
 from plasma.edge.physics import Override, apply_overrides, parse_overrides
 from plasma.protocol.errors import ConfigError
 
-__all__ = ["apply_physics", "BUILDERS", "get_task", "make_env", "register_task", "resolve_physics", "RewardFn",
-           "SimStepFn", "TASKS", "TaskSpec", "UnknownPhysics"]
+__all__ = ["apply_physics", "BUILDERS", "get_task", "load_task_modules", "make_env", "register_task",
+           "resolve_physics", "RewardFn", "SimStepFn", "TASKS", "TaskSpec", "UnknownPhysics"]
 
 RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 """reward(obs (B, obs_dim), act (B, act_dim), next_obs (B, obs_dim)) -> (B,)"""
@@ -85,6 +86,23 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {}
 BUILDERS: dict[str, Callable[[], TaskSpec]] = {}
 """Shipped tasks registered on first use (a MuJoCo task loads gymnasium and mujoco to build)."""
+
+
+def load_task_modules(modules: str | None) -> list[str]:
+    """Import the comma-separated modules that register tasks (``register_task`` at import), so
+    a server, a bench or a Ray worker knows a user's task before it resolves ``--env``; returns
+    the module names. A module that cannot be imported (or fails while importing) is a
+    ConfigError naming it."""
+    names = [m.strip() for m in (modules or "").split(",") if m.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ConfigError as exc:
+            raise ConfigError(f"tasks module {name}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure of a user's module is a config error
+            raise ConfigError(f"tasks module {name} could not be imported: "
+                              f"{type(exc).__name__}: {exc}") from None
+    return names
 
 
 def get_task(env_id: str) -> TaskSpec:
