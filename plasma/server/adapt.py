@@ -40,6 +40,7 @@ from .budget import BUDGETS, AdaptConfig, Model, adapt_config, seeded
 from .distill import LoRADistiller
 from .judicial import (
     Decision,
+    DeviceScreen,
     JudicialAuditor,
     RealData,
     StateFilter,
@@ -239,7 +240,8 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
                      device: str | None, reference: LoRA | None = None,
                      subject: str = "candidate", model: Model | None = None,
                      labels: Labels | None = None, refit: bool | None = None,
-                     devices: Mapping[str, RealData] | None = None
+                     devices: Mapping[str, RealData] | None = None,
+                     screen: DeviceScreen | None = None
                      ) -> tuple[RoundResult, Model, Labels]:
     """One round: fit (unless ``model`` is given and ``refit`` is False), produce from the
     ``reference`` adapter, review with one correction. Returns the result, the fitted model and the
@@ -248,13 +250,15 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
     ``devices`` (fleet rounds: each contributing device's own transitions): devices whose traces
     contradict the others' physics are excluded (``real`` becomes the kept devices' pooled data;
     the record names the excluded), and an approved candidate must not hurt any kept device in
-    its own identified physics (``judicial.fleet``).
+    its own identified physics (``judicial.fleet``). ``screen``: that screening when the caller
+    already ran it (``Learner.round`` fits the model on the kept devices first).
 
     ``task`` is the phantom world's task (its reward is what the planner maximizes); the auditor
     judges in that same world. ``refit`` defaults to True when no model is given."""
     t0, c0 = time.perf_counter(), time.process_time()
     auditor = auditor or JudicialAuditor(task, policy, cfg.judicial)
-    screen = screen_devices(task, devices, auditor.cfg) if devices else None
+    if screen is None and devices:
+        screen = screen_devices(task, devices, auditor.cfg)
     if screen is not None and devices:
         real = pool(devices, screen.kept)
         if screen.excluded:
@@ -319,14 +323,16 @@ class Learner:
         """Refit the model on ``real``, produce from the accepted adapter, review; remember the
         outcome (the adapter only when approved). ``devices``: the fleet slot's per-device data
         (the model is then fitted on the devices the screen keeps, see ``adaptation_round``)."""
+        screen = None
         if devices:
-            cfg = auditor.cfg if auditor is not None else self.cfg.judicial
-            real = pool(devices, screen_devices(self.task, devices, cfg).kept)
+            screen = screen_devices(self.task, devices,
+                                    auditor.cfg if auditor is not None else self.cfg.judicial)
+            real = pool(devices, screen.kept)
         self.model = fit_model(self.task, real, self.cfg, self.model)
         result, self.model, self.labels = adaptation_round(
             self.task, policy, real, self.cfg, auditor, fleet=fleet, slot=slot, device=device,
             reference=self.adapter, subject=subject, model=self.model, labels=self.labels,
-            refit=False, devices=devices)
+            refit=False, devices=devices, screen=screen)
         if result.adapter is not None:
             self.adapter = result.adapter
         self.rounds += 1

@@ -35,7 +35,7 @@ from plasma.protocol.bundle import (
     load_bundle,
 )
 
-__all__ = ["export_bundle", "random_mlp_layers", "build_fp32_model"]
+__all__ = ["ONNX_ACTIVATION_OPS", "export_bundle", "random_mlp_layers", "build_fp32_model"]
 
 Layers = Sequence[tuple[np.ndarray, np.ndarray]]
 
@@ -43,6 +43,9 @@ _OMITTED_DEFAULTS: dict[str, Any] = {"activation_alpha": None, "output_activatio
 """Manifest fields left out at their default: a tanh policy's manifest reads as before they existed."""
 
 # ONNX Runtime 1.32 loads IR 10 / opset 21; IR 9 + opset 17 keeps older device runtimes (1.17+) working.
+ONNX_ACTIVATION_OPS = {"tanh": "Tanh", "relu": "Relu", "elu": "Elu", "leaky_relu": "LeakyRelu"}
+"""Hidden activation (``plasma.protocol.activation``) -> the ONNX op the exporter writes and the
+importer reads back."""
 _IR_VERSION = 9
 _OPSET = 17
 
@@ -83,7 +86,7 @@ def build_fp32_model(
         helper.make_node("Div", ["x_c", "obs_std"], ["h_in"]),
     ]
     h = "h_in"
-    act_op = {"tanh": "Tanh", "relu": "Relu", "elu": "Elu", "leaky_relu": "LeakyRelu"}[hidden_activation]
+    act_op = ONNX_ACTIVATION_OPS[hidden_activation]
     with_alpha = activation_alpha is not None and act_op in ("Elu", "LeakyRelu")
     act_attrs = {"alpha": float(activation_alpha)} if with_alpha else {}  # type: ignore[arg-type]
     for k, (w, b) in enumerate(layers):

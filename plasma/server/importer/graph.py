@@ -20,6 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from plasma.protocol.errors import BundleError
 
+from ..export import ONNX_ACTIVATION_OPS
+
 __all__ = ["Chain", "Step", "read_chain", "unsupported"]
 
 _PASS_THROUGH = {"Identity", "Dropout", "Flatten", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Cast"}
@@ -27,7 +29,7 @@ _SHAPE_INPUT = {"Reshape", "Expand"}
 """Ops whose second input is only a shape: SB3's actor expands its Gaussian mean to a shape computed
 from the log-std branch, which is no part of the deterministic action. Their data input is followed;
 that the shape leaves a (batch, width) tensor as it is, the run against the original file checks."""
-_ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Elu": "elu", "LeakyRelu": "leaky_relu"}
+_ACTIVATIONS = {op: name for name, op in ONNX_ACTIVATION_OPS.items()}
 _MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
