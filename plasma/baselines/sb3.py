@@ -1,0 +1,194 @@
+"""Stable-Baselines3 SAC: base and oracle policies, and SB3's own fine-tuning as a baseline.
+
+Everything an SB3 user would do, with SB3's defaults: ``train`` fits a SAC model on a task at
+some physics (a base on the nominal model, an oracle on a shifted one) and saves the zip
+without its replay buffer; ``evaluate`` scores a policy noise-free on fixed-seed episodes, the
+same episodes the live bench's watcher uses; ``fine_tune`` keeps training a saved SAC model
+(actor and critic from the zip, an empty replay buffer) on a shifted device and evaluates it
+along the way.
+
+Torch and SB3 are imported here only; this module is reached from the ``[baselines]`` extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plasma.edge.physics import apply_overrides, parse_overrides
+from plasma.protocol.errors import ConfigError
+
+__all__ = ["EVAL_SEED0", "SacRun", "evaluate", "fine_tune", "load_wrapper", "make_env", "train"]
+
+EVAL_SEED0 = 10_000
+"""First seed of the noise-free evaluation episodes (as ``plasma.server.basepolicy``)."""
+
+LEARNING_STARTS = {"HalfCheetah-v5": 10_000, "InvertedPendulum-v5": 1_000}
+"""SB3 SAC's ``learning_starts`` for base training (RL Zoo's values); SB3 defaults otherwise."""
+
+
+def _sb3() -> Any:
+    try:
+        import stable_baselines3
+        import torch
+    except ImportError:
+        raise ConfigError("SB3 baselines need PyTorch and Stable-Baselines3: "
+                          "pip install 'plasma[baselines]'") from None
+    torch.set_num_threads(1)
+    return stable_baselines3
+
+
+def load_wrapper(text: str | None) -> Callable[[Any], Any] | None:
+    """``module:Class`` -> the class (a device-side wrapper); None for None or empty."""
+    if not text:
+        return None
+    module, _, name = text.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"wrapper {text!r}: {exc}") from None
+    return cls  # type: ignore[no-any-return]
+
+
+def make_env(env_id: str, physics: str = "", wrapper: str | None = None) -> Any:
+    """A Gymnasium env at ``physics`` (override text) with an optional device-side wrapper,
+    as a ``gymnasium.Env`` (what SB3 needs)."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    if physics:
+        apply_overrides(env.unwrapped, parse_overrides(physics))
+    cls = load_wrapper(wrapper)
+    if cls is not None:
+        env = _GymWrapper(env, cls(env))
+    return env
+
+
+def _gym_wrapper_base() -> Any:
+    import gymnasium as gym
+
+    return gym.Wrapper
+
+
+class _GymWrapper(_gym_wrapper_base()):  # type: ignore[misc]
+    """A plain device-side wrapper seen as a ``gymnasium.Wrapper``."""
+
+    def __init__(self, env: Any, inner: Any) -> None:
+        super().__init__(env)
+        self.inner = inner
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        return self.inner.reset(seed=seed, options=options)
+
+    def step(self, action: Any) -> Any:
+        return self.inner.step(action)
+
+
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env_id: str, physics: str = "",
+             wrapper: str | None = None, episodes: int = 10, seed0: int = EVAL_SEED0
+             ) -> dict[str, float]:
+    """Noise-free return of ``act`` (obs -> action) on ``episodes`` fixed-seed episodes."""
+    env = make_env(env_id, physics, wrapper)
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed0 + i)
+        total, done = 0.0, False
+        while not done:
+            obs, rew, term, trunc, _ = env.step(act(np.asarray(obs, np.float32)))
+            total += float(rew)
+            done = term or trunc
+        returns.append(total)
+    env.close()
+    return {"mean": float(np.mean(returns)), "std": float(np.std(returns)), "episodes": episodes}
+
+
+def sb3_actor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """obs -> deterministic action of a SAC model (``model.predict``)."""
+    return lambda obs: model.predict(obs, deterministic=True)[0]
+
+
+@dataclass
+class SacRun:
+    """What ``train`` or ``fine_tune`` measured."""
+
+    env_id: str
+    physics: str
+    wrapper: str | None
+    steps: int
+    seed: int
+    seconds: float
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(real steps, noise-free mean return) at each evaluation."""
+    final: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"env_id": self.env_id, "physics": self.physics, "wrapper": self.wrapper,
+                "steps": self.steps, "seed": self.seed, "seconds": round(self.seconds, 1),
+                "curve": [[s, round(r, 2)] for s, r in self.curve], "final": self.final}
+
+
+def _learn(model: Any, steps: int, env_id: str, physics: str, wrapper: str | None,
+           eval_every: int, episodes: int, progress: Callable[[str], None] | None,
+           start: int = 0) -> list[tuple[int, float]]:
+    """``model.learn`` in chunks of ``eval_every`` steps, evaluated noise-free after each."""
+    curve: list[tuple[int, float]] = []
+    if start == 0:
+        r = evaluate(sb3_actor(model), env_id, physics, wrapper, episodes)["mean"]
+        curve.append((0, r))
+    done = 0
+    while done < steps:
+        chunk = min(eval_every, steps - done)
+        model.learn(chunk, reset_num_timesteps=done == 0)  # step counts (and learning_starts) from 0
+        done += chunk
+        r = evaluate(sb3_actor(model), env_id, physics, wrapper, episodes)["mean"]
+        curve.append((start + done, r))
+        if progress is not None:
+            progress(f"{env_id} [{physics or 'nominal'}{' ' + wrapper if wrapper else ''}] "
+                     f"{start + done} steps: noise-free return {r:.1f}")
+    return curve
+
+
+def train(env_id: str, steps: int, out: Path, *, physics: str = "", wrapper: str | None = None,
+          seed: int = 0, eval_every: int = 10_000, episodes: int = 10,
+          init: Path | None = None, progress: Callable[[str], None] | None = None) -> SacRun:
+    """Train SB3 SAC (defaults, RL Zoo's ``learning_starts``) for ``steps`` at ``physics``; save
+    ``out`` (zip, no replay buffer) and ``out`` with ``.json`` (the curve). ``init``: start from
+    a saved model (an oracle warm-started from the base)."""
+    sb3 = _sb3()
+    t0 = time.perf_counter()
+    env = make_env(env_id, physics, wrapper)
+    if init is not None:
+        model = sb3.SAC.load(str(init), env=env, seed=seed,
+                             learning_starts=LEARNING_STARTS.get(env_id, 100))
+    else:
+        model = sb3.SAC("MlpPolicy", env, seed=seed, verbose=0,
+                        learning_starts=LEARNING_STARTS.get(env_id, 100))
+    curve = _learn(model, steps, env_id, physics, wrapper, eval_every, episodes, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(str(out))
+    run = SacRun(env_id, physics, wrapper, steps, seed, time.perf_counter() - t0, curve,
+                 evaluate(sb3_actor(model), env_id, physics, wrapper, episodes))
+    Path(str(out) + ".json").write_text(json.dumps(run.to_json(), indent=1) + "\n")
+    return run
+
+
+def fine_tune(zip_path: Path, env_id: str, steps: int, *, physics: str = "",
+              wrapper: str | None = None, seed: int = 0, eval_every: int = 1_000,
+              episodes: int = 10, progress: Callable[[str], None] | None = None) -> SacRun:
+    """What an SB3 user does on a shifted device: load the SAC zip (actor, critic and their
+    optimizers; the zip has no replay buffer, so it starts empty) and keep training it with
+    SB3's defaults on the device's physics; noise-free evaluations every ``eval_every`` steps."""
+    sb3 = _sb3()
+    t0 = time.perf_counter()
+    env = make_env(env_id, physics, wrapper)
+    model = sb3.SAC.load(str(zip_path), env=env, seed=seed, learning_starts=100)  # SB3's default
+    curve = _learn(model, steps, env_id, physics, wrapper, eval_every, episodes, progress)
+    return SacRun(env_id, physics, wrapper, steps, seed, time.perf_counter() - t0, curve,
+                  {"mean": curve[-1][1]})
