@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .sb3 import train
+from .sb3 import ship, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-every", type=int, default=10_000)
     t.add_argument("--init", type=Path, default=None, help="start from this SAC zip")
     t.add_argument("--out", type=Path, required=True, help="the zip to write")
+    s = sub.add_parser("ship", help="SB3 zip -> ONNX (SB3's recipe) -> imported bundle with SCORE.json")
+    s.add_argument("--zip", type=Path, required=True)
+    s.add_argument("--env", required=True)
+    s.add_argument("--out", type=Path, required=True, help="the bundle directory to write")
     args = parser.parse_args(argv)
+    if args.command == "ship":
+        print(json.dumps(ship(args.zip, args.env, args.out)))
+        return 0
     run = train(args.env, args.steps, args.out, physics=args.physics, wrapper=args.wrapper,
                 seed=args.seed, eval_every=args.eval_every, init=args.init,
                 progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -192,3 +192,65 @@ def fine_tune(zip_path: Path, env_id: str, steps: int, *, physics: str = "",
     curve = _learn(model, steps, env_id, physics, wrapper, eval_every, episodes, progress)
     return SacRun(env_id, physics, wrapper, steps, seed, time.perf_counter() - t0, curve,
                   {"mean": curve[-1][1]})
+
+
+def export_onnx(zip_path: Path, out: Path) -> Path:
+    """SB3's own export recipe for SAC ("Exporting models" in its docs): the actor, deterministic,
+    through the TorchScript exporter (``dynamo=False``: the ``torch.export`` one fails on SB3's
+    ``Normal`` distribution). Actions stay a tanh in [-1, 1]: import with ``--rescale-actions``."""
+    sb3 = _sb3()
+    import torch as th
+
+    model = sb3.SAC.load(str(zip_path), device="cpu")
+
+    class OnnxablePolicy(th.nn.Module):  # type: ignore[misc]
+        def __init__(self, actor: th.nn.Module) -> None:
+            super().__init__()
+            self.actor = actor
+
+        def forward(self, observation: th.Tensor) -> th.Tensor:
+            return self.actor(observation, deterministic=True)
+
+    dummy = th.randn(1, *model.observation_space.shape)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    th.onnx.export(OnnxablePolicy(model.policy.actor), dummy, str(out), opset_version=17,
+                   input_names=["input"], dynamo=False)
+    return out
+
+
+def ship(zip_path: Path, env_id: str, out: Path, *, episodes: int = 10) -> dict[str, Any]:
+    """The user's path from an SB3 zip to a shipped bundle: export the actor to ONNX (SB3's
+    recipe), ``plasma-server import-policy`` it, copy the zip (no replay buffer) into the bundle
+    and write ``SCORE.json`` with the SB3 policy's noise-free return and the int8 bundle's, on the
+    same fixed-seed episodes."""
+    import shutil
+    import tempfile
+
+    from plasma.edge.merge import MergeEngine
+    from plasma.edge.runtime import PolicyRuntime
+    from plasma.protocol.bundle import load_bundle
+    from plasma.server.importer import import_policy
+
+    sb3 = _sb3()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(zip_path, Path(tmp) / "actor.onnx")
+        report = import_policy(onnx_path, env_id, out, rescale_actions=True, force=True)
+    shutil.copyfile(zip_path, out / "sac.zip")
+    model = sb3.SAC.load(str(zip_path), device="cpu")
+    sb3_score = evaluate(sb3_actor(model), env_id, episodes=episodes)
+    runtime = MergeEngine(PolicyRuntime(load_bundle(out))).runtime
+    int8_score = evaluate(lambda o: np.asarray(runtime.act(o)), env_id, episodes=episodes)
+    curve = Path(str(zip_path) + ".json")
+    score = {"env_id": env_id, "physics": {}, "physics_text": "",
+             "mean_return": int8_score["mean"], "std_return": int8_score["std"],
+             "sb3_mean_return": sb3_score["mean"], "sb3_std_return": sb3_score["std"],
+             "eval_episodes": episodes, "eval_seed0": EVAL_SEED0,
+             "method": "SB3 SAC (defaults) on the nominal model, exported with SB3's ONNX recipe "
+                       "and imported with plasma-server import-policy --rescale-actions",
+             "evaluated_with": "mean_return: the int8 bundle through the edge runtime, one "
+                               "observation per call; sb3_mean_return: model.predict(deterministic)",
+             "training": json.loads(curve.read_text()) if curve.exists() else None,
+             "import": {k: report[k] for k in ("max_error_fp32_of_span", "max_error_int8_of_span",
+                                               "p99_error_int8_of_span") if k in report}}
+    (out / "SCORE.json").write_text(json.dumps(score, indent=2) + "\n")
+    return score

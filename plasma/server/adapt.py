@@ -61,6 +61,7 @@ from .phantom import (
     step_paths,
 )
 from .policy_net import LoRA, MLPPolicy
+from .residual import ResidualModel, residual_model
 from .sysid import PhysicsModel
 from .tasks import TaskSpec
 from .worldmodel import WorldModel
@@ -76,7 +77,7 @@ log = logging.getLogger(__name__)
 
 def new_model(task: TaskSpec, cfg: AdaptConfig) -> Model:
     if cfg.kind(task) == "physics":
-        return PhysicsModel(task, cfg.sysid)
+        return residual_model(task, cfg.sysid, cfg.residual)
     model_cfg = cfg.model if task.reward is not None else replace(cfg.model, learn_reward=True)
     return WorldModel(task.obs_dim, task.act_dim, model_cfg)  # type: ignore[return-value]
 
@@ -286,6 +287,8 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
     scores: dict[str, float] = {}
     if isinstance(model, PhysicsModel):
         scores = {f"physics_{k}": v for k, v in model.physics.items() if k in model.names}
+    if isinstance(model, ResidualModel):
+        scores["residual_share"] = model.residual_share
     result = RoundResult(decision.verdict, decision.adapter, decision, decision.record,
                          len(real.obs), time.perf_counter() - t0, time.process_time() - c0,
                          "physics" if isinstance(model, PhysicsModel) else "ensemble", scores)

@@ -8,6 +8,7 @@ is ``plasma.server.adapt``, which re-exports these names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -16,11 +17,12 @@ import numpy as np
 from .distill import DistillConfig
 from .judicial import JudicialConfig
 from .phantom import PlannerConfig
+from .residual import ResidualConfig
 from .sysid import SysIdConfig
 from .tasks import TaskSpec
 from .worldmodel import WorldModelConfig
 
-__all__ = ["AdaptConfig", "BUDGETS", "Model", "adapt_config", "seeded"]
+__all__ = ["AdaptConfig", "BUDGETS", "Model", "adapt_config", "seeded", "with_fields"]
 
 BUDGETS = ("default", "small")
 
@@ -51,6 +53,9 @@ class AdaptConfig:
     ``ensemble``: learned MLP ensemble; ``auto``: physics when the task has a simulator."""
     sysid: SysIdConfig = field(default_factory=lambda: SysIdConfig(members=5))
     """Physics identification (members = bootstrap parameter sets)."""
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    """The residual ensemble learned on the identified simulator (``plasma.server.residual``):
+    what the simulator lacks, used only where it removes held-out one-step error."""
     model: WorldModelConfig = field(default_factory=lambda: WorldModelConfig(
         ensemble_size=7, hidden=(128, 128), max_epochs=40, patience=5))
     """Learned-ensemble settings (tasks without a simulator, or ``world_model="ensemble"``)."""
@@ -109,10 +114,22 @@ class AdaptConfig:
         """This config with the world model resolved for ``task`` (``Learner`` calls it): the
         learned ensemble gets the planner and distillation budgets calibrated for it."""
         kind = self.kind(task)
-        if kind == self.world_model:
-            return self
-        return _ensemble_budget(replace(self, world_model=kind)) if kind == "ensemble" else \
+        cfg = self if kind == self.world_model else \
+            _ensemble_budget(replace(self, world_model=kind)) if kind == "ensemble" else \
             replace(self, world_model=kind)
+        return with_fields(cfg, task.adapt)
+
+
+def with_fields(cfg: Any, values: Mapping[str, Any]) -> Any:
+    """``cfg`` (a frozen dataclass) with fields set by name; ``"planner.horizon"`` sets a nested
+    one. A name the config does not have is a ValueError naming it."""
+    out = cfg
+    for name, value in values.items():
+        head, _, rest = name.partition(".")
+        if not hasattr(out, head):
+            raise ValueError(f"{type(out).__name__} has no field {head!r} (from {name!r})")
+        out = replace(out, **{head: with_fields(getattr(out, head), {rest: value}) if rest else value})
+    return out
 
 
 def _ensemble_budget(cfg: AdaptConfig) -> AdaptConfig:
@@ -152,5 +169,6 @@ def adapt_config(budget: str = "default", seed: int = 0, max_transitions: int = 
 def seeded(cfg: AdaptConfig, seed: int) -> AdaptConfig:
     """One seed for everything: model, planner, distiller and auditor."""
     return replace(cfg, seed=seed, sysid=replace(cfg.sysid, seed=seed),
+                   residual=replace(cfg.residual, seed=seed),
                    model=replace(cfg.model, seed=seed), planner=replace(cfg.planner, seed=seed),
                    distill=replace(cfg.distill, seed=seed), judicial=replace(cfg.judicial, seed=seed))

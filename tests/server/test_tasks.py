@@ -210,3 +210,26 @@ def test_a_tasks_module_registers_a_users_task_for_the_server(
     assert main([*args, "--tasks", "no_such_tasks_module"]) == 1
     err = capsys.readouterr().err
     assert "no_such_tasks_module" in err and "Traceback" not in err
+
+
+def test_half_cheetah_simulator_and_reward_follow_the_real_env() -> None:
+    """HalfCheetah-v5's observation drops the root's x: the simulator puts it at 0 (the dynamics do
+    not depend on it) and the reward stands the step's displacement in with the mean speed."""
+    hc = "HalfCheetah-v5"
+    task = get_task(hc)
+    assert (task.obs_dim, task.act_dim) == (17, 6) and task.adapt  # the round's budget is scaled
+    physics = resolve_physics(hc, "body_mass.torso=*2,actuator_gear.bthigh=*0.3")
+    env = make_env(hc, physics)
+    obs, _ = env.reset(seed=1)
+    rng = np.random.default_rng(0)
+    errs, rews = [], []
+    for _ in range(30):
+        a = np.clip(0.3 * rng.standard_normal(6), -1, 1).astype(np.float32)
+        nxt, rew, _, _, _ = env.step(a)
+        pred = task.sim_step(obs[None], a[None], task.physics(physics))  # type: ignore[misc]
+        np.testing.assert_allclose(pred[0], nxt, atol=1e-8)
+        assert task.reward is not None
+        errs.append(abs(float(task.reward(obs[None], a[None], nxt[None])[0]) - rew))
+        rews.append(rew)
+        obs = nxt
+    assert np.mean(errs) < 0.25 * np.std(rews) + 0.05, (np.mean(errs), np.std(rews))

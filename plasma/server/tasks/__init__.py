@@ -2,14 +2,15 @@
 
 ``registry`` holds ``TaskSpec``, ``register_task`` and ``get_task``; ``classic`` the
 classic-control tasks (Pendulum-v1, MountainCarContinuous-v0); ``mujoco`` the MuJoCo simulator
-stepped from observations and the shipped InvertedPendulum-v5 (registered on first use).
+stepped from observations and the shipped InvertedPendulum-v5 and HalfCheetah-v5 (registered
+on first use).
 Physics overrides share one syntax with the device (``plasma.edge.physics``).
 """
 
 from __future__ import annotations
 
 from .classic import MOUNTAINCAR, PENDULUM, mountaincar_reward, mountaincar_step, pendulum_reward, pendulum_step
-from .mujoco import INVERTED_PENDULUM_ID, inverted_pendulum
+from .mujoco import HALF_CHEETAH_ID, INVERTED_PENDULUM_ID, half_cheetah, inverted_pendulum
 from .registry import (
                       BUILDERS,
                       TASKS,
@@ -30,3 +31,4 @@ __all__ = ["apply_physics", "get_task", "load_task_modules", "make_env", "MOUNTA
 
 TASKS.update({t.env_id: t for t in (PENDULUM, MOUNTAINCAR)})
 BUILDERS[INVERTED_PENDULUM_ID] = inverted_pendulum
+BUILDERS[HALF_CHEETAH_ID] = half_cheetah

@@ -71,6 +71,9 @@ class TaskSpec:
     """Vectorized true simulator on observations (base/oracle training, system identification)."""
     identify: tuple[str, ...] | None = None
     """The physics names system identification fits (None: all of ``default_physics``)."""
+    adapt: Mapping[str, Any] = field(default_factory=dict)
+    """The round's budget scaled to this task's cost and horizon: ``AdaptConfig`` fields by
+    name (``"planner.horizon"`` for a nested one) that ``AdaptConfig.for_task`` sets."""
 
     def physics(self, overrides: Mapping[str, float] | None = None) -> dict[str, float]:
         """Default physics with ``overrides`` applied; unknown names are a ConfigError."""
@@ -159,7 +162,7 @@ def register_task(env_id: str, *, reward: RewardFn | None = None,
                   sim_step: SimStepFn | None = None,
                   state_of_obs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
                   obs_of_state: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                  replace: bool = False) -> TaskSpec:
+                  adapt: Mapping[str, Any] | None = None, replace: bool = False) -> TaskSpec:
     """Register a Gymnasium env with Box observation and action spaces and return its spec.
 
     ``reward``: a vectorized ``reward(obs, act, next_obs)``; None: the world model learns it
@@ -171,7 +174,8 @@ def register_task(env_id: str, *, reward: RewardFn | None = None,
     random-action steps widened by half; the normalization to their midpoint and half-width.
     A MuJoCo env gets a vectorized simulator when its observation is ``qpos ++ qvel`` or when
     ``state_of_obs`` / ``obs_of_state`` map between the two; ``sim_step`` gives one directly.
-    ConfigError on anything that cannot be a task (a non-Box space, an unknown physics name).
+    ``adapt``: the round's budget for this task (``TaskSpec.adapt``). ConfigError on anything that
+    cannot be a task (a non-Box space, an unknown physics name).
     """
     if env_id in TASKS and not replace:
         raise ConfigError(f"{env_id} is already registered (pass replace=True)")
@@ -212,7 +216,8 @@ def register_task(env_id: str, *, reward: RewardFn | None = None,
         episode_steps=int(episode_steps or env.spec.max_episode_steps or 1000),
         default_physics=default, reward=reward,
         project_obs=project_obs or (lambda o: o),
-        sim_step=step if reward is not None else None, identify=identify)
+        sim_step=step if reward is not None else None, identify=identify,
+        adapt=dict(adapt or {}))
     env.close()
     TASKS[env_id] = spec
     return spec
