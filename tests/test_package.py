@@ -19,8 +19,8 @@ from plasma.protocol import errors
 PROTOCOL_NAMES = {
     "SCHEMA_VERSION", "SLOTS", "DEFAULT_MAX_PACKET_BYTES",
     "SLOT_KINDS", "SlotKind", "slot_kind", "slot_topic", "Bundle", "load_bundle",
-    "AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason", "SimulationResult",
-    "Slot", "StateTrace", "Status", "Verdict", "WorldState", "new_id",
+    "AuditRecord", "InstructionPacket", "LayerSpec", "LiveVersions", "Provenance", "Reason",
+    "SimulationResult", "Slot", "StateTrace", "Status", "Verdict", "WorldState", "new_id",
     "Adapter", "adapter_from_arrays", "load_adapter_npz", "save_adapter_npz",
     "DecodedPacket", "decode_packet", "encode_packet", "peek_header",
     "check_base_model", "check_expiry", "check_layers", "check_target", "check_version",
@@ -143,6 +143,7 @@ def test_daemon_path_does_not_load_pydantic() -> None:
         "from plasma.protocol.bundle import load_bundle\n"
         "from plasma.protocol import decode_traces, encode_traces, peek_header, wire\n"
         "wire.Status(fleet='f', device='d', state='online').model_dump_json()\n"
+        "wire.LiveVersions(fleet='f', device='d', versions={'fleet': 1}).model_dump_json()\n"
         "wire.AuditRecord(auditor='edge', subject='s', verdict='accepted').model_dump_json()\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
@@ -157,7 +158,7 @@ def test_pydantic_names_still_load_lazily() -> None:
     """The pinned pydantic names resolve on access (PEP 562) to the contract's models."""
     from plasma.protocol import messages
 
-    for name in ("AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason",
-                 "SimulationResult", "StateTrace", "Status", "Verdict", "WorldState"):
+    for name in ("AuditRecord", "InstructionPacket", "LayerSpec", "LiveVersions", "Provenance",
+                 "Reason", "SimulationResult", "StateTrace", "Status", "Verdict", "WorldState"):
         assert getattr(plasma.protocol, name) is getattr(messages, name)
     assert "AuditRecord" in dir(plasma.protocol)

@@ -242,14 +242,15 @@ def acl_lines(identity: dict[str, str]) -> list[str]:
         base = f"{ROOT}/{fleet}/device/{device}"
         lines += [f"topic read {ROOT}/{fleet}/adapter/fleet", f"topic read {base}/adapter",
                   f"topic write {base}/telemetry", f"topic write {base}/status",
-                  f"topic write {base}/audit"]
+                  f"topic write {base}/versions", f"topic write {base}/audit"]
     elif role == "server":
         # readwrite on adapters: the publisher reads its own retained packets back at start
         # to raise its version floor (a lost store never reuses a version).
         lines += [f"topic readwrite {ROOT}/+/adapter/fleet",
                   f"topic readwrite {ROOT}/+/device/+/adapter",
                   f"topic read {ROOT}/+/device/+/telemetry",
-                  f"topic read {ROOT}/+/device/+/status", f"topic read {ROOT}/+/device/+/audit",
+                  f"topic read {ROOT}/+/device/+/status", f"topic read {ROOT}/+/device/+/versions",
+                  f"topic read {ROOT}/+/device/+/audit",
                   f"topic write {ROOT}/+/server/audit"]
     else:
         lines += [f"topic read {ROOT}/#", "topic read $SYS/#"]

@@ -7,7 +7,7 @@ Threads (all daemon threads except main)::
                 Never touches the network or a merge: it only reads one reference per step.
     paho        MqttBus network thread: packets -> size cap -> bounded queue (never blocks)
     worker      packets and canary verdicts from the queue: AdapterPipeline, audit records,
-                retained status every --status-interval seconds
+                retained versions at every change, retained status every --status-interval s
     connect     first connection with backoff (a broker down at start does not stop acting);
                 later reconnects are paho's
     telemetry   frames every N rows / T seconds
@@ -30,7 +30,7 @@ from plasma.protocol import SLOT_KINDS, TrustStore, topics
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import Bus, BusError, Message, MqttBus
 from plasma.protocol.errors import ServiceError
-from plasma.protocol.wire import AuditRecord, Reason, Status
+from plasma.protocol.wire import AuditRecord, LiveVersions, Reason, Status
 
 from .audit import AuditContext, record_for
 from .canary import Canary
@@ -68,13 +68,18 @@ class Daemon:
                            max_rank=cfg.max_rank, max_bytes=cfg.max_packet_bytes)
         self.pipeline = AdapterPipeline(self.runtime, MergeEngine(self.runtime),
                                         Journal(cfg.state), ctx, self.canary, self.ring, cfg.audit)
-        self.notes = self.pipeline.restore()  # before the will: it carries the versions
+        self.notes = self.pipeline.restore()
         self.env = env if env is not None else make_env(cfg.env)
         self.metrics = EdgeMetrics(enabled=cfg.metrics_port is not None)
+        self.started_at = time.time()
         self._status_topic = topics.status(cfg.fleet, cfg.device)
+        self._versions_topic = topics.versions(cfg.fleet, cfg.device)
+        self._live: dict[str, int] = dict(self.pipeline.slot_versions)
+        self._live_since, self._live_steps = self.started_at, 0  # when they last changed
+        self._live_sent: tuple[tuple[tuple[str, int], ...], int] | None = None  # (versions, conn.)
         self.bus = bus if bus is not None else MqttBus(
             cfg.broker, client_id=_client_id(cfg.fleet, cfg.device),
-            will=(self._status_topic, self._status("offline")), max_payload=16 << 20)
+            will=(self._status_topic, self._will()), max_payload=16 << 20)
         self.telemetry = TelemetryBuffer(
             cfg.fleet, cfg.device, m.obs_dim, m.act_dim,
             publish=lambda frame: self.bus.publish(topics.telemetry(cfg.fleet, cfg.device), frame),
@@ -139,6 +144,8 @@ class Daemon:
         left = self.telemetry.close()
         self.jobs.put(_STOP)
         threads[1].join(10)
+        with self._report_lock:
+            self._sync_versions()
         self._publish(self._status_topic, self._status("offline"), retain=True)
         lat = self._latency[:min(self.steps, len(self._latency))]
         if len(lat):
@@ -341,6 +348,7 @@ class Daemon:
         self.metrics.packet(record.verdict, record.reasons[0].code if record.reasons else "")
         if record.verdict == "accepted":
             self.metrics.accept_latency.observe(outcome.elapsed_s)
+        self._sync_versions()  # before the record: whoever saw an accept finds its versions retained
         self._unsent.append(record)
         self._flush_records()
         self._tick()
@@ -353,7 +361,8 @@ class Daemon:
             self._unsent.popleft()
 
     def _tick(self) -> None:
-        """Status, gauges and any audit records held while the broker was away."""
+        """Versions, status, gauges and any audit records held while the broker was away."""
+        self._sync_versions()
         self._flush_records()
         for slot, version in self.pipeline.slot_versions.items():
             self.metrics.active_version.labels(slot=slot).set(version)
@@ -364,12 +373,41 @@ class Daemon:
         self._publish(self._status_topic, self._status("online"), retain=True)
 
     def _status(self, state: Literal["online", "offline"]) -> bytes:
+        """The status the daemon publishes itself (online; offline at a clean stop): versions
+        included, they are current when it is sent."""
         versions = dict(self.pipeline.slot_versions)
         return Status(fleet=self.cfg.fleet, device=self.cfg.device, state=state,
                       base_sha256=self.bundle.base_sha256, versions=versions,
                       fleet_version=versions["fleet"], device_version=versions["device"],
-                      steps=self.steps, rolling_reward=self.canary.rolling_mean()
-                      ).model_dump_json().encode()
+                      steps=self.steps, rolling_reward=self.canary.rolling_mean(),
+                      since=self.started_at).model_dump_json().encode()
+
+    def _will(self) -> bytes:
+        """The last will: offline, and when this run started. It is fixed when the client is
+        made (MQTT cannot change a will without reconnecting), so it names no versions, no
+        steps and no death time: it would name what the device had at start. What the device
+        ran is on its retained versions topic, which the will does not touch."""
+        return Status(fleet=self.cfg.fleet, device=self.cfg.device, state="offline",
+                      base_sha256=self.bundle.base_sha256, since=self.started_at,
+                      timestamp=self.started_at).model_dump_json().encode()
+
+    def _sync_versions(self) -> None:
+        """Retain the live versions (``LiveVersions``) when they changed since the last send, and
+        once per broker connection (a broker without persistence forgets retained messages).
+        Callers hold ``_report_lock``."""
+        live = dict(self.pipeline.slot_versions)
+        if live != self._live:
+            self._live, self._live_since, self._live_steps = live, time.time(), self.steps
+        sent = (tuple(live.items()), self.bus.connections)
+        if sent == self._live_sent:
+            return
+        payload = LiveVersions(fleet=self.cfg.fleet, device=self.cfg.device,
+                               base_sha256=self.bundle.base_sha256, versions=live,
+                               steps=self._live_steps, since=self.started_at,
+                               timestamp=self._live_since
+                               ).model_dump_json().encode()
+        if self._publish(self._versions_topic, payload, retain=True):
+            self._live_sent = sent
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
         try:

@@ -59,8 +59,8 @@ from .slots import SLOT_KINDS, SLOTS, Slot, SlotKind, slot_kind, slot_topic
 from .telemetry import TraceBatch, decode_traces, encode_traces
 
 _PYDANTIC_NAMES = frozenset({
-    "AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason", "SimulationResult",
-    "StateTrace", "Status", "Verdict", "WorldState",
+    "AuditRecord", "InstructionPacket", "LayerSpec", "LiveVersions", "Provenance", "Reason",
+    "SimulationResult", "StateTrace", "Status", "Verdict", "WorldState",
 })
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
         AuditRecord,
         InstructionPacket,
         LayerSpec,
+        LiveVersions,
         Provenance,
         Reason,
         SimulationResult,
@@ -97,8 +98,8 @@ __all__ = [
     # slot kinds
     "SLOT_KINDS", "SlotKind", "slot_kind", "slot_topic",
     # messages
-    "AuditRecord", "InstructionPacket", "LayerSpec", "Provenance", "Reason", "SimulationResult",
-    "Slot", "StateTrace", "Status", "Verdict", "WorldState", "new_id",
+    "AuditRecord", "InstructionPacket", "LayerSpec", "LiveVersions", "Provenance", "Reason",
+    "SimulationResult", "Slot", "StateTrace", "Status", "Verdict", "WorldState", "new_id",
     # bundles, adapters and packets
     "Bundle", "load_bundle",
     "Adapter", "adapter_from_arrays", "load_adapter_npz", "save_adapter_npz",

@@ -32,7 +32,7 @@ __all__ = [
     "SCHEMA_VERSION", "ID_PATTERN", "Id", "Sha256Hex", "KeyId", "ReasonCode", "LayerName", "Slot",
     "SLOTS", "MAX_RANK", "MAX_LAYERS", "MAX_FEATURES", "Message", "new_id", "StateTrace",
     "WorldState", "SimulationResult", "Provenance", "LayerSpec", "InstructionPacket", "Reason",
-    "Verdict", "AuditRecord", "Status",
+    "Verdict", "AuditRecord", "Status", "LiveVersions",
 ]
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -207,7 +207,13 @@ class AuditRecord(Message):
 
 
 class Status(Message):
-    """A device's retained status; the broker's last will sets ``state`` to offline."""
+    """A device's retained status: online, or offline (its clean stop or the broker's last will).
+
+    An online status and the offline status of a clean stop name the live versions; the last
+    will names none (``versions`` empty, ``fleet_version``, ``device_version`` and ``steps``
+    null): it is composed once, at start, so it would name what the device ran then. What a
+    device runs is its retained ``LiveVersions`` message (docs/design.md section 4).
+    """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     fleet: Id
@@ -215,15 +221,46 @@ class Status(Message):
     state: Literal["online", "offline"]
     base_sha256: Sha256Hex | None = None
     versions: dict[Slot, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
-    """Slot -> version of the adapter live in that slot (0 or absent: none)."""
-    fleet_version: int = Field(default=0, ge=0)
-    """``versions["fleet"]``, kept for readers of today's statuses."""
-    device_version: int = Field(default=0, ge=0)
-    """``versions["device"]``, kept for readers of today's statuses."""
-    steps: int = Field(default=0, ge=0)
+    """Slot -> version of the adapter live in that slot (0: none; absent: not named)."""
+    fleet_version: int | None = Field(default=None, ge=0)
+    """``versions["fleet"]``, kept for readers of older statuses; None: not named."""
+    device_version: int | None = Field(default=None, ge=0)
+    """``versions["device"]``, kept for readers of older statuses; None: not named."""
+    steps: int | None = Field(default=None, ge=0)
+    """Control steps of this run; None: not known (the last will)."""
     rolling_reward: float | None = None
+    since: float | None = None
+    """When the daemon run that wrote this started (epoch seconds); None: not said (older)."""
     timestamp: float = Field(default_factory=time.time)
+    """When the message was composed; for the last will that is the start, not the death."""
 
     def slot_versions(self) -> dict[str, int]:
-        """Slot -> live version; today's statuses carry only the fleet/device pair."""
-        return {"fleet": self.fleet_version, "device": self.device_version, **self.versions}
+        """Slot -> live version this status names; empty when it names none (a last will).
+
+        Older statuses carry only the fleet/device pair, older wills the versions at start."""
+        named = {slot: v for slot, v in (("fleet", self.fleet_version),
+                                         ("device", self.device_version)) if v is not None}
+        return {**named, **self.versions}
+
+
+class LiveVersions(Message):
+    """What a device runs, retained on its ``versions`` topic: published (retained, QoS 1) at
+    start, after every accept and rollback and on every (re)connection, so it survives the
+    device going down and the last will that follows."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    fleet: Id
+    device: Id
+    base_sha256: Sha256Hex | None = None
+    versions: dict[Slot, Annotated[int, Field(ge=0)]]
+    """Slot -> version of the adapter live in that slot (0: none)."""
+    steps: int | None = Field(default=None, ge=0)
+    """The run's control steps when these versions became live (0: restored at start)."""
+    since: float | None = None
+    """When the daemon run that wrote this started (epoch seconds)."""
+    timestamp: float = Field(default_factory=time.time)
+    """When these versions became live (a republish keeps it)."""
+
+    def slot_versions(self) -> dict[str, int]:
+        """Slot -> live version, 0 for a slot the message does not name."""
+        return {**dict.fromkeys(SLOTS, 0), **self.versions}

@@ -5,7 +5,8 @@
     plasma/v1/{fleet}/adapter/fleet                 retained, QoS 1, server -> devices
     plasma/v1/{fleet}/device/{device}/adapter       retained, QoS 1, server -> one device
     plasma/v1/{fleet}/device/{device}/telemetry     QoS 1, device -> server
-    plasma/v1/{fleet}/device/{device}/status        retained; last will = offline
+    plasma/v1/{fleet}/device/{device}/status        retained, QoS 1; online / offline (last will)
+    plasma/v1/{fleet}/device/{device}/versions      retained, QoS 1, the versions live on the device
     plasma/v1/{fleet}/device/{device}/audit         QoS 1, accept / reject / rollback records
     plasma/v1/{fleet}/server/audit                  QoS 1, the server's judicial audit records
 """
@@ -19,13 +20,14 @@ from typing import Literal
 from .errors import TopicError
 
 __all__ = ["audit", "device_adapter", "device_filter", "fleet_adapter", "parse", "ROOT",
-           "server_audit", "status", "telemetry", "Topic", "TopicKind", "validate_id"]
+           "server_audit", "status", "telemetry", "Topic", "TopicKind", "validate_id", "versions"]
 
 ROOT = "plasma/v1"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-TopicKind = Literal["fleet_adapter", "device_adapter", "telemetry", "status", "audit"]
+TopicKind = Literal["fleet_adapter", "device_adapter", "telemetry", "status", "versions", "audit"]
 _DEVICE_KINDS: dict[str, TopicKind] = {"adapter": "device_adapter", "telemetry": "telemetry",
-                                       "status": "status", "audit": "audit"}
+                                       "status": "status", "versions": "versions",
+                                       "audit": "audit"}
 
 
 def validate_id(value: str, what: str = "id") -> str:
@@ -72,6 +74,12 @@ def status(fleet: str, device: str) -> str:
     return str(Topic("status", fleet, device))
 
 
+def versions(fleet: str, device: str) -> str:
+    """Where a device retains the versions it runs (``LiveVersions``); unlike its status, the
+    last will does not overwrite it."""
+    return str(Topic("versions", fleet, device))
+
+
 def audit(fleet: str, device: str) -> str:
     return str(Topic("audit", fleet, device))
 
@@ -81,7 +89,7 @@ def server_audit(fleet: str) -> str:
     return f"{ROOT}/{validate_id(fleet, 'fleet')}/server/audit"
 
 
-def device_filter(fleet: str, kind: Literal["telemetry", "status", "audit"],
+def device_filter(fleet: str, kind: Literal["telemetry", "status", "versions", "audit"],
                   share_group: str | None = None) -> str:
     """Wildcard filter over all devices of a fleet (``fleet="+"`` for all fleets).
 

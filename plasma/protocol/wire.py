@@ -49,7 +49,7 @@ from .errors import MessageInvalid
 
 __all__ = [
     "SCHEMA_VERSION", "SLOTS", "Slot", "Verdict", "new_id", "WireStruct", "LayerSpec",
-    "Provenance", "PacketHeader", "Reason", "AuditRecord", "Status", "FrameHeader",
+    "Provenance", "PacketHeader", "Reason", "AuditRecord", "Status", "LiveVersions", "FrameHeader",
     "MessageInvalid", "MAX_ROWS", "MAX_OBS_DIM", "MAX_ACT_DIM",
 ]
 
@@ -261,7 +261,8 @@ class AuditRecord(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 
 class Status(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Mirror of ``messages.Status``: a device's retained status."""
+    """Mirror of ``messages.Status``: a device's retained status (the last will names no
+    versions, see there)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     fleet: Id
@@ -269,15 +270,35 @@ class Status(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     state: Literal["online", "offline"]
     base_sha256: Sha256Hex | None = None
     versions: dict[Slot, NonNegInt] = msgspec.field(default_factory=dict)
-    fleet_version: NonNegInt = 0
-    device_version: NonNegInt = 0
-    steps: NonNegInt = 0
+    fleet_version: NonNegInt | None = None
+    device_version: NonNegInt | None = None
+    steps: NonNegInt | None = None
     rolling_reward: Float | None = None
+    since: Float | None = None
     timestamp: Float = msgspec.field(default_factory=time.time)
 
     def slot_versions(self) -> dict[str, int]:
-        """Slot -> live version; today's statuses carry only the fleet/device pair."""
-        return {"fleet": self.fleet_version, "device": self.device_version, **self.versions}
+        """Slot -> live version this status names; empty when it names none (a last will)."""
+        named = {slot: v for slot, v in (("fleet", self.fleet_version),
+                                         ("device", self.device_version)) if v is not None}
+        return {**named, **self.versions}
+
+
+class LiveVersions(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Mirror of ``messages.LiveVersions``: what a device runs, on its retained versions topic."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    fleet: Id
+    device: Id
+    base_sha256: Sha256Hex | None = None
+    versions: dict[Slot, NonNegInt]
+    steps: NonNegInt | None = None
+    since: Float | None = None
+    timestamp: Float = msgspec.field(default_factory=time.time)
+
+    def slot_versions(self) -> dict[str, int]:
+        """Slot -> live version, 0 for a slot the message does not name."""
+        return {**dict.fromkeys(SLOTS, 0), **self.versions}
 
 
 class FrameHeader(WireStruct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -53,7 +53,7 @@ class Inbox:
 
 ALL_ADAPTERS = ("plasma/v1/+/adapter/fleet", "plasma/v1/+/device/+/adapter")
 ALL_DEVICE_TOPICS = ("plasma/v1/+/device/+/telemetry", "plasma/v1/+/device/+/status",
-                     "plasma/v1/+/device/+/audit")
+                     "plasma/v1/+/device/+/versions", "plasma/v1/+/device/+/audit")
 
 
 def watch(bus: MqttBus, filters: tuple[str, ...]) -> Inbox:
@@ -91,16 +91,19 @@ def test_device_cannot_write_any_adapter_topic(connect: Callable[..., MqttBus],
 def test_device_cannot_write_another_devices_topics(connect: Callable[..., MqttBus]) -> None:
     server = connect("plasma-server")
     inbox = watch(server, (topics.device_filter("+", "telemetry", share_group="plasma-ingest"),
-                           "plasma/v1/+/device/+/status", "plasma/v1/+/device/+/audit"))
+                           "plasma/v1/+/device/+/status", "plasma/v1/+/device/+/versions",
+                           "plasma/v1/+/device/+/audit"))
     attacker = connect("fa.d1")
     for fleet, device in (("fa", "d2"), ("fb", "d1")):
         for topic in (topics.telemetry(fleet, device), topics.status(fleet, device),
-                      topics.audit(fleet, device)):
+                      topics.versions(fleet, device), topics.audit(fleet, device)):
             attacker.publish(topic, b"spoofed", qos=1)
     for topic in ("plasma/v1/fa/device/d1", "plasma/v1/fa/anything", "plasma/v2/x",
                   "$SYS/broker/x"):
         attacker.publish(topic, b"spoofed", qos=1)
+    attacker.publish(topics.versions("fa", "d1"), b"canary-own-versions", qos=1, retain=True)
     attacker.publish(topics.status("fa", "d1"), b"canary-own-status", qos=1)
+    inbox.wait_for(b"canary-own-versions")  # a device retains its own versions (issue 23)
     inbox.wait_for(b"canary-own-status")
     assert b"spoofed" not in inbox.payloads()
 

@@ -57,6 +57,7 @@ def test_acl_blocks(tmp_path: Path, run_provision: Callable[..., dict]) -> None:
         "topic read plasma/v1/f1/device/a/adapter",
         "topic write plasma/v1/f1/device/a/telemetry",
         "topic write plasma/v1/f1/device/a/status",
+        "topic write plasma/v1/f1/device/a/versions",
         "topic write plasma/v1/f1/device/a/audit"]) in [b.strip() for b in blocks]
     text = (out / "broker" / "acl").read_text()
     rules = [ln for ln in text.splitlines() if not ln.startswith("#")]
@@ -67,6 +68,7 @@ def test_acl_blocks(tmp_path: Path, run_provision: Callable[..., dict]) -> None:
     # the server publishes adapters and reads its own retained packets back (version floor)
     assert "topic readwrite plasma/v1/+/device/+/adapter" in text
     assert "topic write plasma/v1/+/server/audit" in text
+    assert "topic read plasma/v1/+/device/+/versions" in text
     assert "user ops\ntopic read plasma/v1/#\ntopic read $SYS/#" in text
 
 

@@ -249,6 +249,29 @@ def test_internal_error_becomes_a_record_and_the_loop_goes_on(pendulum: DeviceKi
         d.until(lambda: d.daemon.steps > steps + 10)  # still acting
 
 
+def test_versions_are_retained_at_start_at_each_accept_and_after_a_reconnect(
+        pendulum: DeviceKit, tmp_path: Path) -> None:
+    with InProcess(pendulum, tmp_path / "state") as d:
+        retained = d.watcher.broker.retained
+        topic = topics.versions("fmem", "dev1")
+        d.until(lambda: topic in retained)
+        first = json.loads(retained[topic].payload)
+        assert first["versions"] == {"fleet": 0, "device": 0} and first["steps"] == 0
+        d.publish(topics.fleet_adapter("fmem"), pendulum.packet("fmem", "fleet", 2))
+        assert d.until(lambda: d.audits)[0]["verdict"] == "accepted"
+        accepted = retained[topic].payload  # already retained when the record went out
+        assert json.loads(accepted)["versions"] == {"fleet": 2, "device": 0}
+        assert json.loads(accepted)["since"] == first["since"] == d.daemon.started_at
+        status_topic = topics.status("fmem", "dev1")
+        status = json.loads(d.until(lambda: retained.get(status_topic)).payload)
+        assert status["state"] == "online" and status["since"] == d.daemon.started_at
+        d.daemon.bus.close()  # a broker without persistence restarts: retained messages are gone
+        del retained[topic]
+        d.daemon.bus.connect()
+        d.until(lambda: topic in retained)
+        assert retained[topic].payload == accepted  # the same message, its time kept
+
+
 def test_packets_beyond_the_queue_are_rejected_not_buffered(pendulum: DeviceKit,
                                                             tmp_path: Path) -> None:
     with InProcess(pendulum, tmp_path / "state") as d:

@@ -1,4 +1,5 @@
-"""Test helpers: an MQTT client that records a device's audit records, status and telemetry."""
+"""Test helpers: an MQTT client that records a device's audit records, status, versions and
+telemetry."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from plasma.protocol.bus import BrokerConfig, Message, MqttBus
 
 
 class Watcher:
-    """A separate MQTT client recording one device's audit records and status messages (and its
-    raw telemetry frames with ``telemetry=True``), with waits on what it has seen."""
+    """A separate MQTT client recording one device's audit records, status and versions messages
+    (and its raw telemetry frames with ``telemetry=True``), with waits on what it has seen."""
 
     def __init__(self, broker: BrokerConfig | str, fleet: str, device: str,
                  telemetry: bool = False) -> None:
@@ -22,11 +23,13 @@ class Watcher:
         self.bus = MqttBus(config, clean=True)
         self.audits: list[dict[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
+        self.versions: list[dict[str, Any]] = []
         self.frames: list[bytes] = []
         self.cond = threading.Condition()
         self.bus.connect()
         self.bus.subscribe(topics.audit(fleet, device), self._add(self.audits))
         self.bus.subscribe(topics.status(fleet, device), self._add(self.statuses))
+        self.bus.subscribe(topics.versions(fleet, device), self._add(self.versions))
         if telemetry:
             self.bus.subscribe(topics.telemetry(fleet, device), self._raw)
 
@@ -65,6 +68,11 @@ class Watcher:
                ) -> Callable[[], Any]:
         """The latest status message that satisfies ``pred``."""
         return lambda: next((s for s in reversed(self.statuses) if pred(s)), None)
+
+    def live(self, pred: Callable[[dict[str, Any]], bool] = lambda v: True
+             ) -> Callable[[], Any]:
+        """The latest versions message (``LiveVersions``) that satisfies ``pred``."""
+        return lambda: next((v for v in reversed(self.versions) if pred(v)), None)
 
     def latest(self) -> dict[str, Any]:
         return self.wait(self.status())  # type: ignore[no-any-return]

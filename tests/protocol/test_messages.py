@@ -14,6 +14,7 @@ from plasma.protocol import (
     AuditRecord,
     InstructionPacket,
     LayerSpec,
+    LiveVersions,
     Provenance,
     Reason,
     SimulationResult,
@@ -52,11 +53,13 @@ def _examples(make_header: Callable[..., InstructionPacket]) -> dict[str, BaseMo
         "AuditRecord": AuditRecord(auditor="edge", subject="file:a.pkt", verdict="rejected",
                                    reasons=(Reason(code="expired", message="x"),)),
         "Status": Status(fleet="f", device="d", state="online", base_sha256=SHA),
+        "LiveVersions": LiveVersions(fleet="f", device="d", base_sha256=SHA,
+                                     versions={"fleet": 2, "device": 0}, since=1.0),
     }
 
 
 MESSAGE_NAMES = ["StateTrace", "WorldState", "SimulationResult", "Provenance", "LayerSpec",
-                 "InstructionPacket", "Reason", "AuditRecord", "Status"]
+                 "InstructionPacket", "Reason", "AuditRecord", "Status", "LiveVersions"]
 
 
 @pytest.fixture(params=MESSAGE_NAMES)
@@ -261,6 +264,17 @@ def test_status_and_simulation_bounds() -> None:
         Status(fleet="f", device="d", state="sleeping")
     with pytest.raises(ValidationError):
         Status(fleet="f", device="d", state="online", base_sha256="ab")
+    for bad in ({"fleet_version": -1}, {"steps": -1}, {"since": math.inf}):
+        with pytest.raises(ValidationError):
+            Status(fleet="f", device="d", state="offline", **bad)
+    with pytest.raises(ValidationError):
+        LiveVersions(fleet="f", device="d")  # type: ignore[call-arg]  # versions is required
+    with pytest.raises(ValidationError):
+        LiveVersions(fleet="f", device="d", versions={"fleet": -1})
+    with pytest.raises(ValidationError):
+        LiveVersions(fleet="f", device="d", versions={}, steps=-1)
+    with pytest.raises(ValidationError):
+        LiveVersions(fleet="f", device="d", versions={"cloud": 1})
     with pytest.raises(ValidationError):
         SimulationResult(fleet="f", world_model_version="w", n_paths=1, horizon=1,
                          planner="p", base_predicted_return=0.0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Any, get_args
 
 import msgspec
 import pytest
@@ -49,3 +49,24 @@ def test_status_carries_a_version_per_slot_and_reads_todays_statuses() -> None:
     with pytest.raises(ValueError):
         wire.Status.model_validate_json(b'{"fleet": "f", "device": "d", "state": "online", '
                                         b'"versions": {"cloud": 1}}')
+
+
+OLD_WILL = (b'{"schema_version":1,"fleet":"f","device":"d","state":"offline","base_sha256":null,'
+            b'"versions":{"fleet":0,"device":0},"fleet_version":0,"device_version":0,"steps":0,'
+            b'"rolling_reward":null,"timestamp":5.0}')
+"""A last will as daemons wrote it before issue 23: the versions the device had at start."""
+
+
+@pytest.mark.parametrize("side", ["wire", "messages"])
+def test_a_will_names_no_versions_and_older_statuses_still_parse(side: str) -> None:
+    from plasma.protocol import messages
+
+    module: Any = wire if side == "wire" else messages
+    will = wire.Status(fleet="f", device="d", state="offline", since=5.0, timestamp=5.0)
+    parsed = module.Status.model_validate_json(will.model_dump_json())
+    assert parsed.slot_versions() == {} and parsed.steps is None and parsed.since == 5.0
+    old = module.Status.model_validate_json(OLD_WILL)
+    assert old.slot_versions() == {"fleet": 0, "device": 0} and old.since is None
+    live = module.LiveVersions.model_validate_json(
+        b'{"fleet":"f","device":"d","versions":{"device":4},"since":5.0,"timestamp":6.0}')
+    assert live.slot_versions() == {"fleet": 0, "device": 4}

@@ -21,6 +21,7 @@ IDS = st.text(alphabet="ABCxyz0129_-", min_size=1, max_size=64)
     (topics.device_adapter, ("f1", "d7"), "plasma/v1/f1/device/d7/adapter"),
     (topics.telemetry, ("f1", "d7"), "plasma/v1/f1/device/d7/telemetry"),
     (topics.status, ("f1", "d7"), "plasma/v1/f1/device/d7/status"),
+    (topics.versions, ("f1", "d7"), "plasma/v1/f1/device/d7/versions"),
     (topics.audit, ("f1", "d7"), "plasma/v1/f1/device/d7/audit"),
 ])
 def test_builders(build: Callable[..., str], args: tuple[str, ...], expected: str) -> None:
@@ -32,6 +33,7 @@ def test_builders(build: Callable[..., str], args: tuple[str, ...], expected: st
     ("plasma/v1/f1/device/d7/adapter", "device_adapter", "f1", "d7"),
     ("plasma/v1/f1/device/d7/telemetry", "telemetry", "f1", "d7"),
     ("plasma/v1/f1/device/d7/status", "status", "f1", "d7"),
+    ("plasma/v1/f1/device/d7/versions", "versions", "f1", "d7"),
     ("plasma/v1/f1/device/d7/audit", "audit", "f1", "d7"),
 ])
 def test_parse(topic: str, kind: str, fleet: str, device: str | None) -> None:
@@ -43,7 +45,7 @@ def test_parse(topic: str, kind: str, fleet: str, device: str | None) -> None:
 @settings(max_examples=200, deadline=None)
 @given(fleet=IDS, device=IDS,
        build=st.sampled_from([topics.device_adapter, topics.telemetry, topics.status,
-                              topics.audit]))
+                              topics.versions, topics.audit]))
 def test_parse_round_trip(fleet: str, device: str, build: Callable[[str, str], str]) -> None:
     topic = build(fleet, device)
     parsed = topics.parse(topic)
@@ -57,6 +59,7 @@ def test_bad_ids_are_refused_by_every_builder(bad: str) -> None:
     for call in (lambda: topics.fleet_adapter(bad), lambda: topics.device_adapter(bad, "d"),
                  lambda: topics.device_adapter("f", bad), lambda: topics.telemetry(bad, "d"),
                  lambda: topics.telemetry("f", bad), lambda: topics.status("f", bad),
+                 lambda: topics.versions(bad, "d"), lambda: topics.versions("f", bad),
                  lambda: topics.audit(bad, "d"), lambda: topics.audit("f", bad),
                  lambda: topics.validate_id(bad)):
         with pytest.raises(TopicError):
@@ -104,6 +107,7 @@ def test_parse_refuses_anything_else(topic: str) -> None:
 @pytest.mark.parametrize(("fleet", "kind", "group", "expected"), [
     ("f1", "telemetry", None, "plasma/v1/f1/device/+/telemetry"),
     ("f1", "status", None, "plasma/v1/f1/device/+/status"),
+    ("f1", "versions", None, "plasma/v1/f1/device/+/versions"),
     ("+", "audit", None, "plasma/v1/+/device/+/audit"),
     ("f1", "telemetry", "workers", "$share/workers/plasma/v1/f1/device/+/telemetry"),
     ("+", "telemetry", "w-1", "$share/w-1/plasma/v1/+/device/+/telemetry"),

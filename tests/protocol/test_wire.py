@@ -46,6 +46,7 @@ PAIRS: dict[str, tuple[type[BaseModel], type[wire.WireStruct]]] = {
     "Reason": (messages.Reason, wire.Reason),
     "AuditRecord": (messages.AuditRecord, wire.AuditRecord),
     "Status": (messages.Status, wire.Status),
+    "LiveVersions": (messages.LiveVersions, wire.LiveVersions),
     "FrameHeader": (PydanticFrameHeader, wire.FrameHeader),
 }
 FACTORY_FIELDS = {"packet_id", "record_id", "created_at", "timestamp"}
@@ -114,8 +115,16 @@ status = st.fixed_dictionaries({
     "schema_version": st.just(1), "base_sha256": st.none() | sha256,
     "versions": st.dictionaries(st.sampled_from(["fleet", "device"]), big_nonneg,
                                 max_size=3),
-    "fleet_version": big_nonneg, "device_version": big_nonneg, "steps": big_nonneg,
-    "rolling_reward": st.none() | finite, "timestamp": finite,
+    "fleet_version": st.none() | big_nonneg, "device_version": st.none() | big_nonneg,
+    "steps": st.none() | big_nonneg, "rolling_reward": st.none() | finite,
+    "since": st.none() | finite, "timestamp": finite,
+})
+live_versions = st.fixed_dictionaries({
+    "fleet": ids, "device": ids,
+    "versions": st.dictionaries(st.sampled_from(["fleet", "device"]), big_nonneg, max_size=3),
+}, optional={
+    "schema_version": st.just(1), "base_sha256": st.none() | sha256,
+    "steps": st.none() | big_nonneg, "since": st.none() | finite, "timestamp": finite,
 })
 frame_header = st.fixed_dictionaries({
     "fleet": ids, "device": ids, "rows": st.integers(0, MAX_ROWS),
@@ -127,7 +136,8 @@ frame_header = st.fixed_dictionaries({
 
 VALID: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "LayerSpec": layer_spec, "Provenance": provenance, "InstructionPacket": packet_header(),
-    "Reason": reason, "AuditRecord": audit_record, "Status": status, "FrameHeader": frame_header,
+    "Reason": reason, "AuditRecord": audit_record, "Status": status,
+    "LiveVersions": live_versions, "FrameHeader": frame_header,
 }
 documents = st.sampled_from(sorted(PAIRS)).flatmap(
     lambda name: st.tuples(st.just(name), VALID[name]))
@@ -358,6 +368,11 @@ def test_building_a_record_validates(bad: dict[str, Any]) -> None:
     lambda: wire.Reason(code="ok", message="m" * 1001),
     lambda: wire.Status(fleet="f", device="d", state="online", steps=-1),
     lambda: wire.Status(fleet="f", device="d", state="online", rolling_reward=math.nan),
+    lambda: wire.Status(fleet="f", device="d", state="offline", since=math.inf),
+    lambda: wire.Status(fleet="f", device="d", state="offline", device_version=-1),
+    lambda: wire.LiveVersions(fleet="f", device="d", versions={"fleet": -1}),
+    lambda: wire.LiveVersions(fleet="f", device="d", versions={"cloud": 1}),
+    lambda: wire.LiveVersions.model_validate_json(b'{"fleet": "f", "device": "d"}'),
     lambda: wire.FrameHeader(fleet="f", device="d", rows=MAX_ROWS + 1, obs_dim=1, act_dim=1),
     lambda: wire.FrameHeader(fleet="f", device="d", rows=1, obs_dim=1, act_dim=1, seq=True),
     lambda: wire.LayerSpec(name="l0", in_features=0, out_features=1),

@@ -98,6 +98,13 @@ class Bus(abc.ABC):
         """True while the broker session is up."""
 
     @property
+    def connections(self) -> int:
+        """Connections made so far, reconnects included (0 before the first). A client whose
+        retained messages must outlive a broker that forgot them (no persistence) compares it
+        to re-send them once per connection."""
+        return 0
+
+    @property
     @abc.abstractmethod
     def protocol(self) -> str:
         """The wire protocol once connected ("5", "3.1.1", "memory"...), for logs and metrics."""

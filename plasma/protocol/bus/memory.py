@@ -40,11 +40,13 @@ class MemoryBus(Bus):
         self.broker = broker
         self._subs: dict[str, Handler] = {}
         self._up = False
+        self._connections = 0
 
     def connect(self, timeout: float = 10.0) -> None:
         with self.broker.lock:
             self.broker.buses.append(self)
         self._up = True
+        self._connections += 1
 
     def close(self) -> None:
         with self.broker.lock:
@@ -74,6 +76,10 @@ class MemoryBus(Bus):
     @property
     def connected(self) -> bool:
         return self._up
+
+    @property
+    def connections(self) -> int:
+        return self._connections
 
     @property
     def protocol(self) -> str:

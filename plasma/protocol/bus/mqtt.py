@@ -56,6 +56,7 @@ class MqttBus(Bus):
         self._refused: str | None = None
         self._refused_code = "connect_failed"
         self._client: Client | None = None
+        self._connections = 0
         self._protocol = "5"
         self.max_payload = max_payload
         self.dropped_oversize = 0
@@ -169,6 +170,7 @@ class MqttBus(Bus):
             subs = list(self._subs.items())
         for topic_filter, (qos, _) in subs:  # a persistent session may keep them; be sure
             client.subscribe(topic_filter, qos=qos)
+        self._connections += 1
         self._connected.set()
         self._settled.set()
 
@@ -235,6 +237,10 @@ class MqttBus(Bus):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def connections(self) -> int:
+        return self._connections
 
     @property
     def protocol(self) -> str:

@@ -1,8 +1,9 @@
 """Watching a live fleet from the broker: what each device runs, and how well it really does.
 
-``FleetWatcher`` subscribes to a fleet's status, audit, adapter and telemetry topics. It keeps,
-per device, the versions active on the device (from the device's own retained status, so a
-canary rollback counts), its real step count, the verdicts of its packets and the returns of
+``FleetWatcher`` subscribes to a fleet's status, versions, audit, adapter and telemetry topics.
+It keeps, per device, whether it is online, the versions active on it (from the device's own
+online status and retained versions message, so a canary rollback counts; a last will names no
+versions and changes none), its real step count, the verdicts of its packets and the returns of
 its (noisy, exploring) episodes. At the start and at every activation it evaluates the policy
 active on that device noise-free: the base bundle plus the accepted adapters, merged and run
 int8 through the edge runtime, on fixed-seed episodes of the device's physics, outside the
@@ -28,6 +29,7 @@ from plasma.protocol import (
     SLOTS,
     AuditRecord,
     ConfigError,
+    LiveVersions,
     PacketError,
     PlasmaError,
     Status,
@@ -80,6 +82,11 @@ class DeviceWatch:
     physics_text: str
     env_id: str = "Pendulum-v1"
     versions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SLOTS, 0))
+    """Active version per slot, as the device last reported it (kept while it is offline)."""
+    online: bool | None = None
+    """The state of its latest status (None: none seen yet)."""
+    since: float | None = None
+    """When the device's current (or last) run started, from its online status."""
     steps: int = 0
     evaluations: list[Evaluation] = field(default_factory=list)
     verdicts: Counter[str] = field(default_factory=Counter)
@@ -124,6 +131,7 @@ class FleetWatcher:
         for dev in devices:  # the base policy, before any packet
             self._jobs.put((dev, {"fleet": 0, "device": 0}, 0))
         bus.subscribe(topics.device_filter(fleet, "status"), self._on_status)
+        bus.subscribe(topics.device_filter(fleet, "versions"), self._on_versions)
         bus.subscribe(topics.device_filter(fleet, "audit"), self._on_audit)
         bus.subscribe(topics.device_filter(fleet, "telemetry"), self._on_telemetry)
         bus.subscribe(topics.server_audit(fleet), self._on_server_audit)
@@ -144,22 +152,54 @@ class FleetWatcher:
             self._sizes[(h.slot, h.target, h.version)] = packet.size
 
     def _on_status(self, msg: Message) -> None:
+        """Online or offline. An online status names the live versions; an offline one (a last
+        will) may name none, and older wills named the versions at start: never read there."""
         try:
             status = Status.model_validate_json(msg.payload)
         except ValueError:
             return
         with self.lock:
             track = self.tracks.get(status.device)
-            if track is None or status.state != "online":
+            if track is None:
                 return
-            track.steps = max(track.steps, status.steps)
-            versions = status.slot_versions()
+            track.online = status.state == "online"
+            if not track.online:
+                return
+            track.since = status.since
+            track.steps = max(track.steps, status.steps or 0)
+            steps = track.steps
+        versions = status.slot_versions()
+        if versions:
+            self._activated(status.device, versions, steps)
+
+    def _on_versions(self, msg: Message) -> None:
+        """The retained versions message, sent at each change: read while the device is online
+        and from its current run (a retained one of an earlier run is no news)."""
+        try:
+            live = LiveVersions.model_validate_json(msg.payload)
+        except ValueError:
+            return
+        with self.lock:
+            track = self.tracks.get(live.device)
+            if track is None or not track.online or \
+                    (track.since is not None and live.since != track.since):
+                return
+            if live.steps is not None:  # the steps when they became live, not the last status's
+                track.steps = max(track.steps, live.steps)
+            steps = track.steps if live.steps is None else live.steps
+        self._activated(live.device, live.slot_versions(), steps)
+
+    def _activated(self, device: str, versions: dict[str, int], steps: int) -> None:
+        """Record the versions a device reports and queue an evaluation if they changed."""
+        with self.lock:
+            track = self.tracks[device]
+            versions = {**track.versions, **versions}
             if versions == track.versions:
                 return
             track.versions = versions
             if track.first_packet_steps is None and any(versions.values()):
-                track.first_packet_steps = status.steps
-        self._jobs.put((status.device, dict(versions), status.steps))
+                track.first_packet_steps = steps
+        self._jobs.put((device, dict(versions), steps))
 
     def _on_audit(self, msg: Message) -> None:
         try:
