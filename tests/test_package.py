@@ -135,6 +135,27 @@ def test_edge_import_stays_light() -> None:
     assert "msgspec" in loaded
 
 
+def test_edge_and_the_round_never_load_torch_or_sb3() -> None:
+    """PyTorch and SB3 (the ``[baselines]`` extra) stay out of every edge module, of the server's
+    round (adapt, run, worker) and of ``bench live`` without ``--baseline``."""
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        "import plasma.edge\n"
+        "for m in pkgutil.walk_packages(plasma.edge.__path__, 'plasma.edge.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "import plasma.server.adapt, plasma.server.run, plasma.server.worker\n"
+        "import plasma.server.bench.live, plasma.server.commands\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert "plasma.server.worker" in loaded and "plasma.edge.wrappers" in loaded
+    bad = sorted(m for m in loaded if m.split(".")[0] in ("torch", "stable_baselines3")
+                 or m.startswith("plasma.baselines"))
+    assert not bad, f"the edge or the server's round loaded the baselines' stack: {bad[:10]}"
+
+
 def test_daemon_path_does_not_load_pydantic() -> None:
     """What ``plasma-edge run`` imports (cli, daemon) and touches at start leaves pydantic out."""
     code = (

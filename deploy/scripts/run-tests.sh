@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the test suite needs, on a fresh machine: Mosquitto (the wire tests start
-# their own broker on a free port), a virtual environment with the dev extras; then lint
+# their own broker on a free port), a virtual environment with the dev extras (and postgres,
+# cluster, baselines: PyTorch + SB3 for the SB3 baseline tests); then lint
 # (ruff), types (mypy, strict on plasma/protocol and plasma/edge) and pytest. Any failure
 # fails the script, so CI (.ci/run) fails on a lint or type error before a test runs.
 set -euo pipefail
@@ -27,7 +28,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev,postgres,cluster]"
+.venv/bin/python -m pip install -q -e ".[dev,postgres,cluster,baselines]"
 echo "ruff check plasma tests"
 .venv/bin/python -m ruff check plasma tests
 echo "mypy (pyproject.toml [tool.mypy]: strict on plasma/protocol and plasma/edge)"

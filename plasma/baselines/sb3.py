@@ -12,23 +12,22 @@ Torch and SB3 are imported here only; this module is reached from the ``[baselin
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from plasma.edge import envs as edge_envs
 from plasma.edge.physics import apply_overrides, parse_overrides
-from plasma.protocol.errors import ConfigError
+from plasma.protocol.errors import ConfigError, EnvError
+from plasma.server.basepolicy import EVAL_SEED0  # the watcher's evaluation seeds: one constant
 
-__all__ = ["EVAL_SEED0", "SacRun", "evaluate", "fine_tune", "load_wrapper", "make_env", "train"]
-
-EVAL_SEED0 = 10_000
-"""First seed of the noise-free evaluation episodes (as ``plasma.server.basepolicy``)."""
+__all__ = ["EVAL_SEED0", "SacRun", "checkpoints", "evaluate", "fine_tune", "load_wrapper", "make_env",
+           "train"]
 
 LEARNING_STARTS = {"HalfCheetah-v5": 10_000, "InvertedPendulum-v5": 1_000}
 """SB3 SAC's ``learning_starts`` for base training (RL Zoo's values); SB3 defaults otherwise."""
@@ -46,15 +45,12 @@ def _sb3() -> Any:
 
 
 def load_wrapper(text: str | None) -> Callable[[Any], Any] | None:
-    """``module:Class`` -> the class (a device-side wrapper); None for None or empty."""
-    if not text:
-        return None
-    module, _, name = text.partition(":")
+    """``module:Class`` -> the class (a device-side wrapper); None for None or empty. The edge
+    seam's parsing (``plasma-edge run --wrapper``), its EnvError as a ConfigError."""
     try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"wrapper {text!r}: {exc}") from None
-    return cls  # type: ignore[no-any-return]
+        return edge_envs.load_wrapper(text)
+    except EnvError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def make_env(env_id: str, physics: str = "", wrapper: str | None = None) -> Any:
@@ -67,7 +63,10 @@ def make_env(env_id: str, physics: str = "", wrapper: str | None = None) -> Any:
         apply_overrides(env.unwrapped, parse_overrides(physics))
     cls = load_wrapper(wrapper)
     if cls is not None:
-        env = _GymWrapper(env, cls(env))
+        try:
+            env = _GymWrapper(env, edge_envs.wrap_env(env, wrapper))
+        except EnvError as exc:
+            raise ConfigError(str(exc)) from None
     return env
 
 
@@ -134,19 +133,27 @@ class SacRun:
                 "curve": [[s, round(r, 2)] for s, r in self.curve], "final": self.final}
 
 
+def checkpoints(steps: int, eval_every: int, at: Iterable[int] = ()) -> list[int]:
+    """The real-step counts a run of ``steps`` is evaluated at: every ``eval_every`` steps, the
+    steps in ``at`` (those within the run), and the last step; sorted, without 0."""
+    if eval_every < 1:
+        raise ConfigError(f"eval_every must be >= 1, got {eval_every}")
+    points = set(range(eval_every, steps, eval_every)) | {s for s in at if 0 < s < steps}
+    return sorted(points | ({steps} if steps > 0 else set()))
+
+
 def _learn(model: Any, steps: int, env_id: str, physics: str, wrapper: str | None,
            eval_every: int, episodes: int, progress: Callable[[str], None] | None,
-           start: int = 0) -> list[tuple[int, float]]:
-    """``model.learn`` in chunks of ``eval_every`` steps, evaluated noise-free after each."""
+           start: int = 0, at: Iterable[int] = ()) -> list[tuple[int, float]]:
+    """``model.learn`` up to each checkpoint (see ``checkpoints``), evaluated noise-free there."""
     curve: list[tuple[int, float]] = []
     if start == 0:
         r = evaluate(sb3_actor(model), env_id, physics, wrapper, episodes)["mean"]
         curve.append((0, r))
     done = 0
-    while done < steps:
-        chunk = min(eval_every, steps - done)
-        model.learn(chunk, reset_num_timesteps=done == 0)  # step counts (and learning_starts) from 0
-        done += chunk
+    for point in checkpoints(steps, eval_every, at):
+        model.learn(point - done, reset_num_timesteps=done == 0)  # counts (learning_starts) from 0
+        done = point
         r = evaluate(sb3_actor(model), env_id, physics, wrapper, episodes)["mean"]
         curve.append((start + done, r))
         if progress is not None:
@@ -181,15 +188,17 @@ def train(env_id: str, steps: int, out: Path, *, physics: str = "", wrapper: str
 
 def fine_tune(zip_path: Path, env_id: str, steps: int, *, physics: str = "",
               wrapper: str | None = None, seed: int = 0, eval_every: int = 1_000,
-              episodes: int = 10, progress: Callable[[str], None] | None = None) -> SacRun:
+              episodes: int = 10, progress: Callable[[str], None] | None = None,
+              at: Iterable[int] = ()) -> SacRun:
     """What an SB3 user does on a shifted device: load the SAC zip (actor, critic and their
     optimizers; the zip has no replay buffer, so it starts empty) and keep training it with
-    SB3's defaults on the device's physics; noise-free evaluations every ``eval_every`` steps."""
+    SB3's defaults on the device's physics; noise-free evaluations at 0, every ``eval_every``
+    steps, at each step count in ``at`` and at the end."""
     sb3 = _sb3()
     t0 = time.perf_counter()
     env = make_env(env_id, physics, wrapper)
     model = sb3.SAC.load(str(zip_path), env=env, seed=seed, learning_starts=100)  # SB3's default
-    curve = _learn(model, steps, env_id, physics, wrapper, eval_every, episodes, progress)
+    curve = _learn(model, steps, env_id, physics, wrapper, eval_every, episodes, progress, at=at)
     return SacRun(env_id, physics, wrapper, steps, seed, time.perf_counter() - t0, curve,
                   {"mean": curve[-1][1]})
 

@@ -117,6 +117,9 @@ def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--state", metavar="STATE_DIR", help="journal of accepted packets")
     p.add_argument("--env", metavar="ENV", help="Gymnasium id with physics overrides "
                    "(Pendulum-v1:m=1.6,g=12) or module:Class")
+    p.add_argument("--wrapper", metavar="MODULE:CLASS", help="wrap the env in a device-side "
+                   "effect, constructed with the env (e.g. plasma.edge.wrappers:ActionDelay, a "
+                   "one-step actuation delay); the server is not told")
     p.add_argument("--rate-hz", dest="rate_hz", type=float, help="control rate (default 50; "
                    "0 = as fast as possible)")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,

@@ -34,7 +34,7 @@ SCALARS: dict[str, type] = {
     "key_file": str, "fleet": str, "device": str, "model": str, "trust": str, "state": str,
     "env": str, "rate_hz": float, "metrics_port": int, "episodes": int, "max_steps": int,
     "status_interval": float, "max_packet_bytes": int, "queue_size": int, "seed": int,
-    "max_rank": int, "explore_noise": float,
+    "max_rank": int, "explore_noise": float, "wrapper": str,
 }
 REQUIRED = ("broker", "fleet", "device", "model", "trust", "state", "env")
 _SECTIONS: dict[str, type] = {"audit": AuditThresholds, "canary": CanaryConfig,
@@ -69,6 +69,9 @@ class DaemonConfig:
     """Gaussian action noise while acting, as a fraction of the half action range (clipped to the
     action bounds; telemetry records the action actually applied). 0 acts deterministically. A
     little noise widens the states the server's world model sees (bench adapt collects with it)."""
+    wrapper: str | None = None
+    """``module:Class`` wrapping the env in a device-side effect (``plasma.edge.wrappers``);
+    constructed with the env, it gives ``reset``/``step`` back. None: the env as it is."""
     audit: AuditThresholds = AuditThresholds()
     canary: CanaryConfig = CanaryConfig()
     telemetry: TelemetryConfig = TelemetryConfig()

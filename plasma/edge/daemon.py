@@ -69,7 +69,7 @@ class Daemon:
         self.pipeline = AdapterPipeline(self.runtime, MergeEngine(self.runtime),
                                         Journal(cfg.state), ctx, self.canary, self.ring, cfg.audit)
         self.notes = self.pipeline.restore()
-        self.env = env if env is not None else make_env(cfg.env)
+        self.env = env if env is not None else make_env(cfg.env, cfg.wrapper)
         self.metrics = EdgeMetrics(enabled=cfg.metrics_port is not None)
         self.started_at = time.time()
         self._status_topic = topics.status(cfg.fleet, cfg.device)
@@ -106,6 +106,8 @@ class Daemon:
         live = ", ".join(f"{slot} adapter v{v}" for slot, v in self.pipeline.slot_versions.items())
         log.info("policy %s ready (base %s...), %s", self.cfg.model, self.bundle.base_sha256[:12],
                  live)
+        if self.cfg.wrapper:
+            log.info("env %s inside the device-side wrapper %s", self.cfg.env, self.cfg.wrapper)
         if self.cfg.metrics_port is not None:
             try:
                 self.metrics.serve(self.cfg.metrics_port)

@@ -9,6 +9,10 @@ Two forms::
 The override syntax and the fields are ``plasma.edge.physics``'s (the server resolves the same
 text the same way).
 
+``--wrapper module:Class`` wraps the env in a device-side effect no physics parameter names
+(``plasma.edge.wrappers.ActionDelay``): the class is constructed with the env and must give
+``reset``/``step`` back. The server is never told; bench watchers evaluate with the same wrapper.
+
 Gymnasium is imported inside ``make_env`` only: ``plasma.edge`` never loads it at import time
 (docs/design.md section 1), and a device acting on real hardware never needs it.
 """
@@ -17,13 +21,14 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from typing import Any, Protocol, SupportsFloat
 
 from plasma.protocol.errors import ConfigError, EnvError
 
 from .physics import Override, apply_overrides, parse_overrides
 
-__all__ = ["Env", "EnvError", "EnvSpec", "make_env", "parse_env"]
+__all__ = ["Env", "EnvError", "EnvSpec", "load_wrapper", "make_env", "parse_env", "wrap_env"]
 
 INSTALL_HINT = "pip install 'plasma[env]'"
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -73,8 +78,51 @@ def parse_env(text: str) -> EnvSpec:
     return EnvSpec("gym", head, physics, overrides)
 
 
-def make_env(text: str) -> Env:
-    """Build the environment ``text`` names (see the module docstring)."""
+def make_env(text: str, wrapper: str | None = None) -> Env:
+    """Build the environment ``text`` names, wrapped in ``wrapper`` (``module:Class``) if given
+    (see the module docstring)."""
+    cls = load_wrapper(wrapper)  # a bad wrapper is refused before the env is built
+    env = _make_env(text)
+    return env if cls is None else _construct_wrapper(cls, env, wrapper or "")
+
+
+def load_wrapper(text: str | None) -> Callable[[Any], Any] | None:
+    """``module:Class`` -> the wrapper class, None for None or empty text; EnvError if it does
+    not name a class that can be imported."""
+    if not text:
+        return None
+    module_name, sep, class_name = text.strip().partition(":")
+    if not (sep and _MODULE.fullmatch(module_name) and _CLASS.fullmatch(class_name)):
+        raise EnvError(f"--wrapper {text!r}: expected module:Class "
+                       "(e.g. plasma.edge.wrappers:ActionDelay)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EnvError(f"--wrapper {text}: cannot import {module_name} ({exc})") from None
+    cls = getattr(module, class_name, None)
+    if not callable(cls):
+        raise EnvError(f"--wrapper {text}: {module_name} has no {class_name}")
+    return cls  # type: ignore[no-any-return]
+
+
+def wrap_env(env: Any, text: str | None) -> Any:
+    """``env`` inside the wrapper ``text`` names (``env`` itself for None or empty text)."""
+    cls = load_wrapper(text)
+    return env if cls is None else _construct_wrapper(cls, env, text or "")
+
+
+def _construct_wrapper(cls: Callable[[Any], Any], env: Any, text: str) -> Any:
+    try:
+        wrapped = cls(env)
+    except Exception as exc:  # noqa: BLE001 - a user's class may raise anything: one line, not a traceback
+        raise EnvError(f"--wrapper {text}: constructing it with the env failed: "
+                       f"{type(exc).__name__}: {exc}") from None
+    if not (callable(getattr(wrapped, "reset", None)) and callable(getattr(wrapped, "step", None))):
+        raise EnvError(f"--wrapper {text}: it needs reset() and step() methods")
+    return wrapped
+
+
+def _make_env(text: str) -> Env:
     spec = parse_env(text)
     if spec.kind == "class":
         return _user_env(spec.target)

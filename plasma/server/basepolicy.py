@@ -97,9 +97,14 @@ def train_config(env_id: str, physics: Mapping[str, float] | None = None, **kw: 
 
 
 def evaluate(act: PolicyFn, env_id: str, physics: Mapping[str, float] | None, episodes: int = 10,
-             seed0: int = EVAL_SEED0) -> dict[str, Any]:
-    """Mean return over fixed seeds on the real gym env; all episodes step in lock-step as one batch."""
+             seed0: int = EVAL_SEED0, wrapper: str | None = None) -> dict[str, Any]:
+    """Mean return over fixed seeds on the real gym env; all episodes step in lock-step as one batch.
+    ``wrapper``: a device-side wrapper (``module:Class``, as ``plasma-edge run --wrapper``)."""
     envs = [make_env(env_id, physics) for _ in range(episodes)]
+    if wrapper:
+        from plasma.edge.envs import wrap_env
+
+        envs = [wrap_env(e, wrapper) for e in envs]
     obs = np.stack([e.reset(seed=seed0 + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
     returns = np.zeros(episodes)
     done = np.zeros(episodes, bool)

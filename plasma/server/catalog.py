@@ -40,15 +40,17 @@ def find_model(env_id: str, physics: dict[str, float]) -> Path:
                             "in deploy/models: pass --model, or make one with train-base")
 
 
-def oracle_return(env_id: str, physics: dict[str, float], episodes: int) -> float:
-    """Noise-free fp32 return of a policy trained for ``physics`` (shipped, else cached)."""
+def oracle_return(env_id: str, physics: dict[str, float], episodes: int,
+                  wrapper: str | None = None) -> float:
+    """Noise-free fp32 return of a policy trained for ``physics`` (shipped, else cached), in the
+    device's world: inside ``wrapper`` (``module:Class``) when the device has one."""
     try:
         policy = MLPPolicy.load_npz(find_model(env_id, physics) / "policy.npz")
     except FileNotFoundError:
         log.info("training an oracle for %s (cached under ~/.cache/plasma)...", physics)
         policy = cached_policy(train_config(env_id, physics))[0]
     return float(evaluate(lambda o: policy.forward(o.astype(np.float32)), env_id, physics,
-                          episodes, EVAL_SEED0)["mean"])
+                          episodes, EVAL_SEED0, wrapper)["mean"])
 
 
 def _same_physics(shipped: dict[str, float], wanted: dict[str, float], env_id: str) -> bool:

@@ -161,21 +161,38 @@ def _bench_fleet(args: argparse.Namespace) -> int:
 
 def _bench_live(args: argparse.Namespace) -> int:
     try:
-        from .bench.live import LiveBenchConfig, bench_live
+        from .bench.live import bench_live
     except ImportError as exc:
         raise _needs("server", exc) from None
-    physics = tuple(p.strip() for p in args.physics.split(";"))
-    for text in physics:
-        _physics(text, args.env)  # a usage error for a malformed entry, before anything starts
-    cfg = LiveBenchConfig(env_id=args.env, physics=physics, devices=args.devices,
-                          seeds=tuple(_seeds(args.seeds)), duration_s=args.duration,
-                          rate_hz=args.rate_hz, budget=args.budget, model=args.model,
-                          eval_episodes=args.eval_episodes, out_dir=args.out,
-                          server_args=tuple(args.server_arg), device_args=tuple(args.device_arg))
+    cfg = _live_config(args)
     try:
         return _print(bench_live(cfg))
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def _live_config(args: argparse.Namespace) -> Any:
+    """``bench live`` flags -> a ``LiveBenchConfig`` (usage errors before anything starts)."""
+    from .bench.live import LiveBenchConfig
+
+    physics = tuple(p.strip() for p in args.physics.split(";"))
+    for text in physics:
+        _physics(text, args.env)  # a usage error for a malformed entry, before anything starts
+    if not 0.0 < args.reach <= 1.0:
+        raise UsageError(f"--reach must be in (0, 1], got {args.reach}")
+    baseline_flags = [flag for flag, value in (("--baseline-zip", args.baseline_zip),
+                                               ("--baseline-steps", args.baseline_steps))
+                      if value is not None]
+    if baseline_flags and not args.baseline:
+        raise UsageError(f"{', '.join(baseline_flags)} need --baseline sb3-sac")
+    return LiveBenchConfig(env_id=args.env, physics=physics, devices=args.devices,
+                           seeds=tuple(_seeds(args.seeds)), duration_s=args.duration,
+                           rate_hz=args.rate_hz, budget=args.budget, model=args.model,
+                           eval_episodes=args.eval_episodes, reach=args.reach, out_dir=args.out,
+                           server_args=tuple(args.server_arg), device_args=tuple(args.device_arg),
+                           device_wrapper=args.device_wrapper, baseline=args.baseline,
+                           baseline_zip=args.baseline_zip, baseline_steps=args.baseline_steps,
+                           baseline_eval_every=args.baseline_eval_every)
 
 
 # ------------------------------------------------------------------ demo and fuzz
@@ -309,6 +326,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="extra plasma-server run flag (repeatable; e.g. --server-arg=--x=1)")
     live.add_argument("--device-arg", action="append", default=[], metavar="FLAG",
                       help="extra plasma-edge run flag (repeatable)")
+    live.add_argument("--reach", type=float, default=0.9, metavar="FRACTION",
+                      help="gap closed that counts as reached / held (default 0.9)")
+    live.add_argument("--device-wrapper", default=None, metavar="MODULE:CLASS",
+                      help="every device wraps its env in this (plasma-edge run --wrapper, e.g. "
+                           "plasma.edge.wrappers:ActionDelay); the evaluations and the oracle use "
+                           "it too, the server is not told")
+    live.add_argument("--baseline", default=None, choices=["sb3-sac"],
+                      help="then fine-tune SB3 SAC on the same physics and real-step budget, "
+                           "evaluated the same way (pip install 'plasma[baselines]')")
+    live.add_argument("--baseline-zip", default=None, metavar="PATH",
+                      help="the SAC zip to fine-tune (default: sac.zip in the --model bundle)")
+    live.add_argument("--baseline-steps", type=int, default=None, metavar="N",
+                      help="real steps per baseline run (default: the Plasma device's in that "
+                           "seed)")
+    live.add_argument("--baseline-eval-every", type=int, default=500, metavar="N",
+                      help="real steps between the baseline's evaluations (default 500)")
     live.set_defaults(handler=_bench_live)
 
     from .bench.scale import register as register_scale

@@ -138,3 +138,109 @@ def test_the_daemon_acts_in_a_mujoco_env(mosquitto: Any, tmp_path: Path, capsys:
     assert main([*argv[3:-5], "InvertedPendulum-v5:body_mass.nope=2", *argv[-4:]]) == 1  # EXIT_USAGE
     err = capsys.readouterr().err
     assert "no MuJoCo field 'body_mass.nope'" in err and "Traceback" not in err
+
+
+# -- device-side wrappers (--wrapper module:Class) ----------------------------------------------
+
+DELAY = "plasma.edge.wrappers:ActionDelay"
+
+
+def test_action_delay_applies_the_previous_action() -> None:
+    """Through the seam: the wrapped env behaves as the bare one fed [0, a1, a2, ...]."""
+    pytest.importorskip("gymnasium")
+    import numpy as np
+
+    from plasma.edge.wrappers import ActionDelay
+
+    actions = [np.array([a], np.float32) for a in (1.5, -2.0, 0.7, 2.0, -0.3)]
+    wrapped = make_env("Pendulum-v1:m=1.6,g=12", DELAY)
+    bare = make_env("Pendulum-v1:m=1.6,g=12")
+    assert isinstance(wrapped, ActionDelay)
+    assert np.allclose(wrapped.reset(seed=3)[0], bare.reset(seed=3)[0])
+    for i, action in enumerate(actions):
+        applied = np.zeros(1, np.float32) if i == 0 else actions[i - 1]
+        obs_w, rew_w, *_ = wrapped.step(action)
+        obs_b, rew_b, *_ = bare.step(applied)
+        assert np.allclose(obs_w, obs_b) and rew_w == pytest.approx(rew_b)
+    delayed, immediate = make_env("Pendulum-v1", DELAY), make_env("Pendulum-v1")
+    delayed.reset(seed=3)
+    immediate.reset(seed=3)
+    assert not np.allclose(delayed.step(actions[0])[0], immediate.step(actions[0])[0])
+    wrapped.reset(seed=4)  # a new episode starts from a zero action again
+    bare.reset(seed=4)
+    assert np.allclose(wrapped.step(actions[0])[0], bare.step(np.zeros(1, np.float32))[0])
+
+
+class _World:
+    """A user env for the wrapper tests (no gymnasium)."""
+
+    def reset(self, *, seed: int | None = None) -> tuple[Any, dict[str, Any]]:
+        return [0.0], {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        return [0.0], 1.0, False, False, {}
+
+
+class _Raises:
+    def __init__(self, env: Any) -> None:
+        raise RuntimeError("no actuator bus")
+
+
+class _NoStep:
+    def __init__(self, env: Any) -> None:
+        self.env = env
+
+    def reset(self, **kw: Any) -> Any:
+        return self.env.reset(**kw)
+
+
+class _NoArgs:
+    def __init__(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("wrapper, message", [
+    ("ActionDelay", "expected module:Class"),
+    ("plasma.edge.wrappers:", "expected module:Class"),
+    ("plasma_no_such_module:Delay", "cannot import plasma_no_such_module"),
+    ("plasma.edge.wrappers:Missing", "has no Missing"),
+    (f"{__name__}:_Raises", "RuntimeError: no actuator bus"),
+    (f"{__name__}:_NoArgs", "constructing it with the env failed: TypeError"),
+    (f"{__name__}:_NoStep", r"needs reset\(\) and step\(\)"),
+])
+def test_bad_wrappers_are_one_line_env_errors(wrapper: str, message: str) -> None:
+    assert sys.modules[__name__].__name__ == __name__  # these classes importable by name
+    with pytest.raises(EnvError, match=message):
+        make_env(f"{__name__}:_World", wrapper)
+
+
+def test_a_bad_wrapper_is_refused_before_the_env_is_built() -> None:
+    """No gymnasium needed to refuse it; the env text is not even parsed first."""
+    with pytest.raises(EnvError, match="cannot import"):
+        make_env("NoSuchEnv-v0", "plasma_no_such_module:Delay")
+
+
+def test_plasma_edge_run_reports_a_bad_wrapper_in_one_line(pendulum: Any, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    pytest.importorskip("gymnasium")
+    from plasma.edge.cli import main
+
+    argv = ["run", "--config", str(pendulum.config), "--broker", "mqtt://127.0.0.1:1",
+            "--fleet", "f1", "--device", "dev1", "--model", str(pendulum.bundle),
+            "--trust", str(pendulum.trust), "--state", str(tmp_path / "state"),
+            "--env", "Pendulum-v1", "--wrapper", "plasma.edge.wrappers:Missing"]
+    assert main(argv) == 1  # EXIT_USAGE, before any broker connection
+    err = capsys.readouterr().err
+    assert "--wrapper plasma.edge.wrappers:Missing: plasma.edge.wrappers has no Missing" in err
+    assert "Traceback" not in err
+
+
+def test_the_wrapper_flag_reaches_the_daemon_config() -> None:
+    from plasma.edge.config import load_config
+
+    flags = {"broker": "mqtt://127.0.0.1:1883", "fleet": "f", "device": "d", "model": "m",
+             "trust": "t", "state": "s", "env": "Pendulum-v1"}
+    assert load_config(flags, environ={}).wrapper is None
+    assert load_config({**flags, "wrapper": DELAY}, environ={}).wrapper == DELAY
+    assert load_config(flags, environ={"PLASMA_EDGE_WRAPPER": DELAY}).wrapper == DELAY

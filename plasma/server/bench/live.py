@@ -5,8 +5,10 @@ For each seed: a fresh broker (Mosquitto when installed, else the embedded amqtt
 daemons, each in its own physics (cycled from ``--physics``) at ``--rate-hz``. A
 ``FleetWatcher`` evaluates the policy active on each device noise-free at the start and at
 every activation (base plus accepted adapters, int8 through the edge runtime, fixed-seed
-episodes of that device's physics, outside the device). Progress goes to stderr; the result is
-one JSON object (see ``bench_live``).
+episodes of that device's physics and device-side wrapper, outside the device). Progress goes
+to stderr; the result is one JSON object (see ``bench_live``). With ``baseline="sb3-sac"``,
+SB3's own SAC fine-tuning then runs on each seed's shifted physics with the same real-step
+budget and evaluations (``plasma.server.bench.baseline``), scored by the same ``gap_figures``.
 
 The oracle of a physics is a policy trained for it by ``train-base``: the shipped bundle in
 ``deploy/models`` whose manifest has that physics, else a cached training run.
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from plasma.edge.envs import load_wrapper
 from plasma.protocol import ConfigError, SigningKey, TrustStore
 from plasma.protocol.bundle import Bundle, load_bundle
 from plasma.protocol.bus import BrokerConfig, MqttBus
@@ -38,7 +41,7 @@ from ..tools.broker import start_local
 from ..tools.processes import Processes, cpu_seconds
 from ..tools.watch import DeviceWatch, FleetWatcher, parse_physics
 
-__all__ = ["LiveBenchConfig", "bench_live", "device_result"]
+__all__ = ["LiveBenchConfig", "bench_live", "device_result", "gap_at", "gap_figures", "median_steps"]
 
 log = logging.getLogger(__name__)
 FLEET = "live"
@@ -67,7 +70,7 @@ class LiveBenchConfig:
     eval_episodes: int = 10
     """Fixed-seed episodes per noise-free evaluation."""
     reach: float = 0.9
-    """Gap closed that counts as reached / held."""
+    """Gap closed that counts as reached / held (issue 22 reports 0.8 for the MuJoCo tasks)."""
     out_dir: str | None = None
     """Keys, stores, state and logs; None: a temporary directory, removed afterwards."""
     server_args: tuple[str, ...] = ()
@@ -76,23 +79,44 @@ class LiveBenchConfig:
     """Extra ``plasma-edge run`` flags (name them when you report figures)."""
     progress_s: float = 10.0
     """Seconds between progress lines on stderr."""
+    device_wrapper: str | None = None
+    """``module:Class`` every device daemon wraps its env in (``plasma-edge run --wrapper``);
+    the watcher's evaluations and the oracle's use it too. The server is not told."""
+    baseline: str | None = None
+    """``"sb3-sac"``: SB3 SAC fine-tuning of ``baseline_zip`` beside Plasma (the [baselines]
+    extra); None: Plasma only."""
+    baseline_zip: str | None = None
+    """The SAC zip the baseline fine-tunes; None: ``sac.zip`` in the base bundle directory."""
+    baseline_steps: int | None = None
+    """Real steps of each baseline run; None: what the Plasma device got in that seed."""
+    baseline_eval_every: int = 500
+    """Real steps between the baseline's noise-free evaluations."""
 
 
 def bench_live(cfg: LiveBenchConfig) -> dict[str, Any]:
     """Run every seed; one dict: ``devices`` (one entry per device and seed), ``rounds``,
-    ``server_cpu_s_per_round`` and per-physics medians over seeds."""
+    ``server_cpu_s_per_round``, per-physics medians over seeds and, with ``cfg.baseline``, the
+    ``baseline`` runs and their medians beside Plasma's (``plasma.server.bench.baseline``)."""
     try:
         get_task(cfg.env_id)
     except KeyError as exc:  # an unknown env: refused before anything starts
         raise ConfigError(str(exc.args[0])) from None
     for text in cfg.physics:
         parse_physics(text, cfg.env_id)  # ConfigError on an unknown physics name
+    if not 0.0 < cfg.reach <= 1.0:
+        raise ConfigError(f"reach must be in (0, 1], got {cfg.reach}")
+    load_wrapper(cfg.device_wrapper)  # EnvError on a bad module:Class, before anything starts
     model = Path(cfg.model) if cfg.model else find_model(cfg.env_id, {})
     bundle = load_bundle(model)
+    baseline_zip = None
+    if cfg.baseline:  # the [baselines] extra, imported only when asked for
+        from .baseline import check_baseline
+
+        baseline_zip = check_baseline(cfg, model)
     n_devices = cfg.devices or len(cfg.physics)
     physics = [cfg.physics[i % len(cfg.physics)] for i in range(n_devices)]
     oracles = {text: oracle_return(cfg.env_id, parse_physics(text, cfg.env_id),
-                                 cfg.eval_episodes)
+                                   cfg.eval_episodes, cfg.device_wrapper)
                for text in dict.fromkeys(physics)}
     root = Path(cfg.out_dir) if cfg.out_dir else Path(tempfile.mkdtemp(prefix="plasma-live-"))
     devices: list[dict[str, Any]] = []
@@ -107,32 +131,64 @@ def bench_live(cfg: LiveBenchConfig) -> dict[str, Any]:
     finally:
         if cfg.out_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    return {"env": cfg.env_id, "budget": cfg.budget, "rate_hz": cfg.rate_hz,
-            "duration_s": cfg.duration_s, "seeds": list(cfg.seeds), "model": str(model),
-            "server_args": list(cfg.server_args), "device_args": list(cfg.device_args),
-            "devices": devices, "rounds": rounds,
-            "server_cpu_s_per_round": cpu / rounds if rounds else None,
-            "medians": _medians(devices)}
+    medians = _medians(devices)
+    result = {"env": cfg.env_id, "budget": cfg.budget, "rate_hz": cfg.rate_hz,
+              "duration_s": cfg.duration_s, "seeds": list(cfg.seeds), "model": str(model),
+              "reach": cfg.reach, "device_wrapper": cfg.device_wrapper,
+              "server_args": list(cfg.server_args), "device_args": list(cfg.device_args),
+              "devices": devices, "rounds": rounds,
+              "server_cpu_s_per_round": cpu / rounds if rounds else None,
+              "medians": medians}
+    if baseline_zip is not None:
+        from .baseline import run_baseline
+
+        result["baseline"] = run_baseline(cfg, baseline_zip, devices, medians)
+    return result
+
+
+def gap_figures(curve: Sequence[tuple[int, float]], base: float | None, oracle: float,
+                reach: float) -> dict[str, Any]:
+    """The issue's figures from a curve of (real steps, noise-free return), Plasma's or a
+    baseline's: ``gaps``, the gap closed at each point, (return - base) / (oracle - base), None
+    when there is no gap to close (oracle not above base); ``gap_closed``, the last one;
+    ``steps_to_reach``, the steps of the first point at ``reach`` or more; ``steps_to_hold``,
+    the steps of the earliest point from which every later one stays there (None: never)."""
+    span = None if base is None else oracle - base
+    gaps = [None if base is None or not span or span <= 0 else (r - base) / span
+            for _, r in curve]
+    reached = [s for (s, _), g in zip(curve, gaps) if g is not None and g >= reach]
+    hold = None
+    for i in range(len(curve) - 1, -1, -1):  # the earliest point from which all stay above
+        gap = gaps[i]
+        if gap is None or gap < reach:
+            break
+        hold = curve[i][0]
+    return {"gaps": gaps, "gap_closed": gaps[-1] if gaps else None,
+            "steps_to_reach": reached[0] if reached else None, "steps_to_hold": hold}
+
+
+def gap_at(curve: Sequence[tuple[int, float]], base: float | None, oracle: float,
+           steps: int) -> float | None:
+    """The gap closed by the last point of ``curve`` at or before ``steps`` real steps."""
+    before = [point for point in curve if point[0] <= steps]
+    if not before:
+        return None
+    gaps: list[float | None] = gap_figures(before, base, oracle, 1.0)["gaps"]
+    return gaps[-1]
 
 
 def device_result(track: DeviceWatch, seed: int, oracle: float, reach: float) -> dict[str, Any]:
     """The issue's per-device figures from one device's evaluations."""
     evals = track.evaluations
+    curve = [(e.steps, e.mean_return) for e in evals]
     base = evals[0].mean_return if evals else None
-    final = evals[-1].mean_return if evals else None
-    span = None if base is None else oracle - base
-    closed = [None if not span or span <= 0 else (e.mean_return - base) / span for e in evals]
-    reached = [e.steps for e, g in zip(evals, closed) if g is not None and g >= reach]
-    hold = None
-    for i in range(len(evals) - 1, -1, -1):  # the earliest evaluation from which all stay above
-        if closed[i] is None or closed[i] < reach:
-            break
-        hold = evals[i].steps
+    figures = gap_figures(curve, base, oracle, reach)
     return {
         "device": track.device, "physics": track.physics_text, "seed": seed,
-        "base_return": base, "oracle_return": oracle, "final_return": final,
-        "gap_closed": closed[-1] if closed else None,
-        "steps_to_reach": reached[0] if reached else None, "steps_to_hold": hold,
+        "base_return": base, "oracle_return": oracle,
+        "final_return": evals[-1].mean_return if evals else None,
+        "gap_closed": figures["gap_closed"],
+        "steps_to_reach": figures["steps_to_reach"], "steps_to_hold": figures["steps_to_hold"],
         "first_packet_steps": track.first_packet_steps, "real_steps": track.steps,
         "packets": track.verdicts.get("accepted", 0),
         "packet_bytes": int(np.mean(track.accepted_bytes)) if track.accepted_bytes else None,
@@ -160,7 +216,7 @@ def _session(cfg: LiveBenchConfig, seed: int, work: Path, model: Path, bundle: B
     try:
         bus.connect()
         watcher = FleetWatcher(bus, FLEET, names, bundle, TrustStore.from_dir(trust), cfg.env_id,
-                               cfg.eval_episodes)
+                               cfg.eval_episodes, cfg.device_wrapper)
         server = procs.start("server", _server_argv(cfg, url, keys, model, work, seed))
         for i, (dev, text) in enumerate(names.items()):
             procs.start(dev, _device_argv(cfg, url, dev, text, model, trust, work, seed * 100 + i))
@@ -223,21 +279,31 @@ def _device_argv(cfg: LiveBenchConfig, url: str, device: str, physics: str, mode
     return [sys.executable, "-m", "plasma.edge.cli", "run", "--broker", url, "--fleet", FLEET,
             "--device", device, "--model", str(model), "--trust", str(trust),
             "--state", str(work / "state" / device), "--env", env,
-            "--rate-hz", str(cfg.rate_hz), "--seed", str(seed), *cfg.device_args]
+            "--rate-hz", str(cfg.rate_hz), "--seed", str(seed),
+            *(["--wrapper", cfg.device_wrapper] if cfg.device_wrapper else []), *cfg.device_args]
 
 
-def _medians(devices: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per physics, the median over devices and seeds of the headline figures (None counts as
-    worse than any number for the step counts: a device that never reached is not skipped)."""
+def _medians(devices: list[dict[str, Any]],
+             keys: Sequence[str] = ("steps_to_reach", "steps_to_hold", "first_packet_steps")
+             ) -> dict[str, dict[str, Any]]:
+    """Per physics, the median over devices (or baseline runs) and seeds of the headline figures
+    (None counts as worse than any number for the step counts ``keys``: a device that never
+    reached is not skipped)."""
     out: dict[str, dict[str, Any]] = {}
     for text in dict.fromkeys(d["physics"] for d in devices):
         group = [d for d in devices if d["physics"] == text]
         out[text] = {"runs": len(group)}
-        for key in ("steps_to_reach", "steps_to_hold", "first_packet_steps"):
-            values = [d[key] if d[key] is not None else float("inf") for d in group]
-            m = statistics.median(values)
-            out[text][key] = None if m == float("inf") else m
+        for key in keys:
+            out[text][key] = median_steps([d[key] for d in group])
         gaps = [d["gap_closed"] for d in group if d["gap_closed"] is not None]
         out[text]["gap_closed"] = statistics.median(gaps) if gaps else None
     return out
+
+
+def median_steps(values: Sequence[float | None]) -> float | None:
+    """Median of step counts where None (never) counts as more than any number."""
+    if not values:
+        return None
+    m = statistics.median(float("inf") if v is None else v for v in values)
+    return None if m == float("inf") else m
 

@@ -7,7 +7,9 @@ versions and changes none), its real step count, the verdicts of its packets and
 its (noisy, exploring) episodes. At the start and at every activation it evaluates the policy
 active on that device noise-free: the base bundle plus the accepted adapters, merged and run
 int8 through the edge runtime, on fixed-seed episodes of the device's physics, outside the
-device (which keeps exploring). ``bench live`` and the demo both read it.
+device (which keeps exploring), inside the device's wrapper when it has one (``plasma-edge run
+--wrapper``): the evaluation must see the world the device acts in. ``bench live`` and the demo
+both read it.
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ class FleetWatcher:
     """Tracks a fleet's devices over ``bus`` and evaluates each activation in a worker thread."""
 
     def __init__(self, bus: Bus, fleet: str, devices: Mapping[str, str], bundle: Bundle,
-                 trust: TrustStore, env_id: str, eval_episodes: int = 10) -> None:
+                 trust: TrustStore, env_id: str, eval_episodes: int = 10,
+                 wrapper: str | None = None) -> None:
         self.fleet, self.bundle, self.trust = fleet, bundle, trust
-        self.env_id, self.eval_episodes = env_id, eval_episodes
+        self.env_id, self.eval_episodes, self.wrapper = env_id, eval_episodes, wrapper
         self.t0 = time.monotonic()
         self.tracks = {dev: DeviceWatch(dev, text, env_id) for dev, text in devices.items()}
         self.lock = threading.Lock()
@@ -274,7 +277,7 @@ class FleetWatcher:
         if engine is None:
             engine = self._engines[device] = MergeEngine(PolicyRuntime(self.bundle))
         return edge_return(engine, self._adapters(device, versions), self.env_id,
-                           self.tracks[device].physics, self.eval_episodes)
+                           self.tracks[device].physics, self.eval_episodes, self.wrapper)
 
     def drain(self, timeout: float = 60.0) -> None:
         """Wait until every queued evaluation is done (or ``timeout``)."""
@@ -288,14 +291,15 @@ class FleetWatcher:
 
 
 def edge_return(engine: MergeEngine, adapters: Mapping[str, Any], env_id: str,
-                physics: Mapping[str, float], episodes: int) -> float:
+                physics: Mapping[str, float], episodes: int, wrapper: str | None = None) -> float:
     """Noise-free mean return of the base plus ``adapters`` (slot -> Adapter or None) merged into
     ``engine``'s int8 runtime, on fixed-seed episodes; row by row, as the device acts (dynamic
-    int8 scales depend on the batch). ``engine`` must not be a live device's."""
+    int8 scales depend on the batch), inside the device-side ``wrapper`` if given. ``engine`` must
+    not be a live device's."""
     engine.restore(adapters)
     act = engine.runtime.act
 
     def batch_of_ones(obs: np.ndarray) -> np.ndarray:
         return np.stack([np.array(act(row)) for row in obs.astype(np.float32)])
 
-    return float(evaluate(batch_of_ones, env_id, physics, episodes, EVAL_SEED0)["mean"])
+    return float(evaluate(batch_of_ones, env_id, physics, episodes, EVAL_SEED0, wrapper)["mean"])
