@@ -359,3 +359,13 @@ def test_round_profiler_runs_the_round_twice_from_the_same_state() -> None:
     assert hook.out["round"] == 1 and hook.out["transitions"] == 650
     assert hook.out["labels_before"] == 3 and hook.out["verdict_unprofiled"] == "published"
     assert hook.stats is not None
+
+
+def test_the_accepted_figures_are_a_complete_guard_run() -> None:
+    accepted = json.loads(DEFAULT_BASELINE.read_text())
+    assert accepted["kind"] == "plasma-bench-guard" and accepted["accepted"]
+    assert not accepted["skipped"] and not any(b["error"] for b in accepted["benches"].values())
+    for name, fig in accepted["figures"].items():
+        table = next(f for f in FIGURES if f.name == name)
+        assert (fig["unit"], fig["direction"], fig["bench"]) == (table.unit, table.direction,
+                                                                 table.bench)
