@@ -348,6 +348,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_scale(bsub)
 
+    from .bench.guard import register as register_guard
+    from .bench.profile import register as register_profile
+
+    register_guard(bsub)
+    register_profile(bsub)
+
     demo = sub.add_parser("demo", help="the closed loop in one command (broker, server, devices)")
     demo.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL",
                       help="used when a broker answers there; else an embedded one starts there")

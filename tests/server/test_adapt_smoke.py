@@ -37,10 +37,17 @@ TINY_ADAPT = AdaptConfig(
 
 
 def test_bench_adapt_smoke(tmp_path) -> None:
+    hooked: list[int] = []
+
+    def hook(learner, real, run):  # what bench profile-round wraps the rounds with
+        hooked.append(len(real.obs))
+        return run()
+
     cfg = AdaptBenchConfig(physics={"m": 1.6, "g": 12.0}, real_steps=400, min_new_transitions=150,
                            adapt=TINY_ADAPT, train=TINY_TRAIN, eval_episodes=1,
-                           cache_dir=str(tmp_path), edge_eval=True)
+                           cache_dir=str(tmp_path), edge_eval=True, round_hook=hook)
     out = bench_adapt(cfg)
+    assert hooked == [r["real_steps"] for r in out["rounds"]]
     for key in ("base_return", "final_return", "oracle_return", "gap_closed", "real_steps",
                 "packets", "packet_bytes", "wall_s", "server_cpu_s_per_round"):
         assert key in out and math.isfinite(out[key]), key

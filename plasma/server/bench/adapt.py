@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..adapt import AdaptConfig, Learner, adapt_config
+from ..adapt import AdaptConfig, Learner, RoundResult, adapt_config
 from ..basepolicy import (
     EVAL_SEED0,
     PolicyFn,
@@ -22,6 +23,7 @@ from ..basepolicy import (
     evaluate,
     export_policy,
 )
+from ..judicial import RealData
 from ..phantom import blas_threads
 from ..policy_net import LoRA, MLPPolicy
 from ..tasks import get_task
@@ -79,6 +81,9 @@ class AdaptBenchConfig:
     """Seed of the device's resets and noise, and of every round."""
     adapt: AdaptConfig | None = None
     """Override the named budget (tests only: tiny budgets)."""
+    round_hook: Callable[[Learner, RealData, Callable[[], RoundResult]], RoundResult] | None = None
+    """Runs each round in place of calling it: (the learner, the round's real data, the round
+    as a call) -> its result (``bench profile-round`` profiles one round so; None: call it)."""
 
 
 class _EdgeSide:
@@ -207,7 +212,6 @@ def gap_figures(evals: list[tuple[int, float]], base: float, oracle: float, targ
 
 
 def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
-    from ..judicial import RealData
     from ..tasks import make_env
 
     t_start = time.perf_counter()
@@ -275,8 +279,12 @@ def _bench_adapt(cfg: AdaptBenchConfig) -> dict[str, Any]:
             data = {k: np.stack(v) for k, v in cols.items()}
             n = min(len(data["obs"]), acfg.max_transitions)
             real = RealData(*(data[k][-n:] for k in ("obs", "act", "rew", "next_obs")))
-            result = learner.round(base, real, fleet="bench", slot="device", device="bench-device",
-                                   subject=f"bench:round{len(rounds)}")
+
+            def run_round(real: RealData = real) -> RoundResult:
+                return learner.round(base, real, fleet="bench", slot="device",
+                                     device="bench-device", subject=f"bench:round{len(rounds)}")
+
+            result = cfg.round_hook(learner, real, run_round) if cfg.round_hook else run_round()
             lag = int(np.ceil(result.seconds * cfg.rate_hz))
             rounds.append({"round": len(rounds), "real_steps": step, "verdict": result.verdict,
                            "reasons": [x.code for x in result.record.reasons],
