@@ -23,8 +23,14 @@ BROKER_PID=""
 unset PYTHONPATH PLASMA_MODELS  # the installed package alone, with its shipped bundles
 
 cleanup() {
-    if [ -n "$BROKER_PID" ]; then kill "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; fi
+    local t=$SECONDS
+    if [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null; then
+        for _ in $(seq 50); do kill -0 "$BROKER_PID" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$BROKER_PID" 2>/dev/null || true
+        wait "$BROKER_PID" 2>/dev/null || true
+    fi
     if [ "${KEEP:-0}" = 1 ]; then echo "check-install: kept $WORK"; else rm -rf "$WORK"; fi
+    echo "check-install: cleaned up in $((SECONDS - t)) s"
 }
 trap cleanup EXIT
 
