@@ -2,9 +2,8 @@
 FROM python:3.11-slim
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY protocol ./protocol
-COPY edge ./edge
-COPY server ./server
+# The whole package: its shipped policy bundles (plasma/models) are package data.
+COPY plasma ./plasma
 RUN pip install --no-cache-dir ".[server]" \
     && useradd --system --uid 10001 --home-dir /var/lib/plasma-server plasma-server \
     && mkdir -p /var/lib/plasma-server && chown plasma-server: /var/lib/plasma-server

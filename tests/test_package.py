@@ -30,7 +30,7 @@ PROTOCOL_NAMES = {
     "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",
     "SignatureUnknownKey", "SignatureInvalid", "PayloadDigestMismatch", "HeaderInvalid",
     "PayloadInvalid", "TelemetryError", "TopicError", "KeyFileError", "AdapterFileError",
-    "MessageInvalid", "BundleError", "ConfigError", "BusError", "EnvError", "MergeError",
+    "MessageInvalid", "BundleError", "BundleNotFound", "ConfigError", "BusError", "EnvError", "MergeError",
     "JournalError", "StoreError", "ServiceError",
 }
 

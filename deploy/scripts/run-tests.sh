@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Everything the test suite needs, on a fresh machine: Mosquitto (the wire tests start
 # their own broker on a free port), a virtual environment with the dev extras (and postgres,
-# cluster, baselines: PyTorch + SB3 for the SB3 baseline tests); then lint
-# (ruff), types (mypy, strict on plasma/protocol and plasma/edge) and pytest. Any failure
-# fails the script, so CI (.ci/run) fails on a lint or type error before a test runs.
+# cluster, baselines: PyTorch + SB3 for the SB3 baseline tests); then lint (ruff), types (mypy,
+# strict on plasma/protocol and plasma/edge), the install check (the wheel in fresh virtual
+# environments outside the checkout: check-install.sh) and pytest. Any failure fails the
+# script, so CI (.ci/run) fails on a lint or type error before a test runs.
+# Arguments go to pytest; with any, the install check is skipped (run it alone:
+# bash deploy/scripts/check-install.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -33,4 +36,8 @@ echo "ruff check plasma tests"
 .venv/bin/python -m ruff check plasma tests
 echo "mypy (pyproject.toml [tool.mypy]: strict on plasma/protocol and plasma/edge)"
 .venv/bin/python -m mypy
+if [ "$#" -eq 0 ]; then
+    echo "install check (deploy/scripts/check-install.sh: the wheel, installed outside the checkout)"
+    PYTHON="$PY" bash deploy/scripts/check-install.sh
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -2,11 +2,10 @@
 Pendulum at g=15 and a heavier mass). ``state_dim`` is checked against the environment."""
 
 import asyncio
-from pathlib import Path
 
 from plasma import AgentError, PlasmaAgent
 
-BUNDLE = Path(__file__).resolve().parents[2] / "deploy" / "models" / "pendulum-g14"
+BUNDLE = "pendulum-g14"  # a shipped bundle's name (`plasma-server models list`), or any bundle directory
 
 
 async def main() -> None:

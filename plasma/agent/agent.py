@@ -29,6 +29,8 @@ from plasma.edge.merge import MergeEngine
 from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import AuditRecord, PlasmaError, Reason, SigningKey, StateTrace, TraceBatch, TrustStore, WorldState
 from plasma.protocol.bundle import Bundle, load_bundle
+from plasma.protocol.catalog import resolve_bundle
+from plasma.protocol.errors import BundleNotFound, ConfigError
 
 from ..server.adapt import Learner, adapt_config
 from ..server.catalog import find_model
@@ -380,14 +382,21 @@ def _task(env_id: str, env: Any) -> TaskSpec:
                          code="unknown_task") from None
 
 
+_POLICY_HINT = ("pass policy= a bundle directory, a Bundle or the name of a bundle "
+                "(plasma.protocol.catalog.list_bundles()), or add a directory of bundles to "
+                "PLASMA_MODELS; plasma.server.basepolicy.train_base makes one")
+
+
 def _bundle(policy: str | Path | Bundle | None, env_id: str) -> Bundle:
     if isinstance(policy, Bundle):
         return policy
     try:
-        path = Path(policy) if policy is not None else find_model(env_id, {})
+        path = resolve_bundle(policy) if policy is not None else find_model(env_id, {})
         return load_bundle(path)
-    except FileNotFoundError as exc:
-        raise AgentError(str(exc), code="no_policy") from None
+    except BundleNotFound as exc:
+        raise AgentError(f"{exc}: {_POLICY_HINT}", code="no_policy") from None
+    except ConfigError as exc:  # PLASMA_MODELS names a directory that is not there
+        raise AgentError(str(exc), code="bad_policy") from None
     except PlasmaError as exc:
         raise AgentError(f"policy {policy}: {exc}", code="bad_policy") from None
     except ValueError as exc:  # a bundle error that is not (yet) a PlasmaError

@@ -3,7 +3,7 @@
 Example (the shipped HalfCheetah base)::
 
     python -m plasma.baselines train --env HalfCheetah-v5 --steps 150000 --seed 0 \\
-        --out deploy/models/halfcheetah-sb3/sac.zip
+        --out plasma/models/halfcheetah-sb3/sac.zip
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Plasma edge: runs a quantized ONNX policy, receives signed LoRA packets over MQT
 audits them, merges them in place and rolls back by itself if real reward drops.
 
 Run a device:
-  plasma-edge run --broker mqtt://HOST:1883 --fleet f1 --device d7 --model bundle/ \
+  plasma-edge run --broker mqtt://HOST:1883 --fleet f1 --device d7 --model pendulum-nominal \
       --trust keys/ --state /var/lib/plasma --env Pendulum-v1:m=1.6,g=12
 Check packets the way the daemon would:
   plasma-edge check-packet a.pkt b.pkt --trust keys/ --fleet f1 --device d7
@@ -61,7 +61,7 @@ def _model_context(model_dir: str | None) -> _ModelContext:
         return {}
     from plasma.protocol.bundle import load_bundle
 
-    bundle = load_bundle(model_dir)
+    bundle = load_bundle(_bundle_dir(model_dir, "--model"))
     return {"base_sha256": bundle.base_sha256,
             "layers": {name: (i, o) for name, i, o in bundle.layer_specs}}
 
@@ -84,10 +84,22 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _bundle_dir(ref: str, what: str) -> Path:
+    """A bundle directory from a path or a bundle's name (shipped, or in ``PLASMA_MODELS``)."""
+    from plasma.protocol.catalog import MODELS_ENV, resolve_bundle
+    from plasma.protocol.errors import BundleNotFound
+
+    try:
+        return resolve_bundle(ref)
+    except BundleNotFound as exc:
+        raise UsageError(f"{what}: {exc}; give a bundle directory or one of those names "
+                         f"({MODELS_ENV} adds directories of bundles)") from None
+
+
 def _model_info(args: argparse.Namespace) -> int:
     from plasma.protocol.bundle import load_bundle
 
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(_bundle_dir(args.bundle, "BUNDLE"))
     info = bundle.manifest.model_dump(mode="json", by_alias=True)
     info["layers"] = [{"name": n, "in": i, "out": o} for n, i, o in bundle.layer_specs]
     info["model_bytes"] = len(bundle.model_bytes)
@@ -112,7 +124,8 @@ def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     add_broker_arguments(p, "PLASMA_EDGE_")
     p.add_argument("--fleet")
     p.add_argument("--device")
-    p.add_argument("--model", metavar="BUNDLE_DIR")
+    p.add_argument("--model", metavar="BUNDLE", help="policy bundle directory, or the name of a "
+                   "shipped bundle (pendulum-nominal) or of one in a PLASMA_MODELS directory")
     p.add_argument("--trust", metavar="KEYS_DIR", help="directory of trusted *.pub keys")
     p.add_argument("--state", metavar="STATE_DIR", help="journal of accepted packets")
     p.add_argument("--env", metavar="ENV", help="Gymnasium id with physics overrides "
@@ -143,7 +156,7 @@ def _add_model(sub: argparse._SubParsersAction[Parser]) -> None:
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True,
                                      parser_class=Parser)
     info = model_sub.add_parser("info", help="the manifest as JSON (base_sha256, layers...)")
-    info.add_argument("bundle", metavar="BUNDLE_DIR")
+    info.add_argument("bundle", metavar="BUNDLE", help="bundle directory or a bundle's name")
     info.set_defaults(handler=_model_info)
 
 
@@ -163,11 +176,11 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from .bench import runtime as bench
 
+        model = None if args.model is None else str(_bundle_dir(args.model, "--model"))
         if args.bench_command == "inference":
-            result = bench.bench_inference(args.model, swap=args.swap)
+            result = bench.bench_inference(model, swap=args.swap)
         else:
-            result = bench.bench_merge(args.model, rank=args.rank, loop_hz=args.loop_hz,
-                                       swap=args.swap)
+            result = bench.bench_merge(model, rank=args.rank, loop_hz=args.loop_hz, swap=args.swap)
     sys.stdout.write(json.dumps(result) + "\n")
     return EXIT_OK
 
@@ -200,7 +213,7 @@ def _add_bench(sub: argparse._SubParsersAction[Parser]) -> None:
     packet.set_defaults(handler=_bench)
     rss = bsub.add_parser("rss", help="resident memory of a running plasma-edge run (Linux)")
     rss.add_argument("--broker", required=True, metavar="URL")
-    rss.add_argument("--model", required=True, metavar="BUNDLE_DIR")
+    rss.add_argument("--model", required=True, metavar="BUNDLE", help="a bundle directory or name")
     rss.add_argument("--env", default="Pendulum-v1", help="as for run (default Pendulum-v1)")
     rss.add_argument("--seconds", type=float, default=12.0, help="how long it runs (default 12)")
     rss.set_defaults(handler=_bench)

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +30,8 @@ import numpy as np
 from plasma.protocol import SLOT_KINDS, TrustStore, topics
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import Bus, BusError, Message, MqttBus
-from plasma.protocol.errors import ServiceError
+from plasma.protocol.catalog import MODELS_ENV, resolve_bundle
+from plasma.protocol.errors import BundleNotFound, ServiceError
 from plasma.protocol.wire import AuditRecord, LiveVersions, Reason, Status
 
 from .audit import AuditContext, record_for
@@ -57,7 +59,7 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig, bus: Bus | None = None, env: Env | None = None) -> None:
         self.cfg = cfg
         self.steps = 0
-        self.bundle = load_bundle(cfg.model)
+        self.bundle = load_bundle(_bundle_dir(cfg.model))
         self.runtime = PolicyRuntime(self.bundle)
         m = self.bundle.manifest
         self.ring = ObservationRing(1024, m.obs_dim)
@@ -104,7 +106,7 @@ class Daemon:
         for note in self.notes:
             log.error("state: %s", note)
         live = ", ".join(f"{slot} adapter v{v}" for slot, v in self.pipeline.slot_versions.items())
-        log.info("policy %s ready (base %s...), %s", self.cfg.model, self.bundle.base_sha256[:12],
+        log.info("policy %s ready (base %s...), %s", self.bundle.root, self.bundle.base_sha256[:12],
                  live)
         if self.cfg.wrapper:
             log.info("env %s inside the device-side wrapper %s", self.cfg.env, self.cfg.wrapper)
@@ -426,6 +428,15 @@ def _client_id(fleet: str, device: str) -> str:
     if len(plain) <= 64:
         return plain
     return "plasma-edge-" + hashlib.sha256(f"{fleet}/{device}".encode()).hexdigest()[:40]
+
+
+def _bundle_dir(model: Path) -> Path:
+    """``--model``: a bundle directory, or a bundle's name (shipped, or in ``PLASMA_MODELS``)."""
+    try:
+        return resolve_bundle(model)
+    except BundleNotFound as exc:
+        raise BundleNotFound(f"--model: {exc}; give a bundle directory or one of those names "
+                             f"({MODELS_ENV} adds directories of bundles)") from None
 
 
 def run(cfg: DaemonConfig) -> int:

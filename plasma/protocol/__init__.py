@@ -16,6 +16,7 @@ from .adapter import Adapter, adapter_from_arrays, load_adapter_npz, save_adapte
 from .bundle import Bundle, BundleError, load_bundle
 from .errors import (
     AdapterFileError,
+    BundleNotFound,
     BusError,
     ConfigError,
     EnvError,
@@ -114,6 +115,6 @@ __all__ = [
     "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",
     "SignatureUnknownKey", "SignatureInvalid", "PayloadDigestMismatch", "HeaderInvalid",
     "PayloadInvalid", "TelemetryError", "TopicError", "KeyFileError", "AdapterFileError",
-    "MessageInvalid", "BundleError", "ConfigError", "BusError", "EnvError", "MergeError",
+    "MessageInvalid", "BundleError", "BundleNotFound", "ConfigError", "BusError", "EnvError", "MergeError",
     "JournalError", "StoreError", "ServiceError",
 ]

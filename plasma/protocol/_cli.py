@@ -14,8 +14,8 @@ from typing import Any, NoReturn
 
 from .errors import ConfigError, PlasmaError
 
-__all__ = ["EXIT_OK", "EXIT_REJECTED", "EXIT_USAGE", "Parser", "UsageError", "add_broker_arguments", "run_main",
-           "coerce", "layered", "parse_kv", "read_toml"]
+__all__ = ["EXIT_OK", "EXIT_REJECTED", "EXIT_USAGE", "Parser", "UsageError", "add_broker_arguments",
+           "add_models_dir_argument", "run_main", "coerce", "layered", "parse_kv", "read_toml"]
 
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2
 
@@ -54,6 +54,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser, env_prefix: str) -> No
     parser.add_argument("--ca-file", dest="ca_file", metavar="PEM")
     parser.add_argument("--cert-file", dest="cert_file", metavar="PEM")
     parser.add_argument("--key-file", dest="key_file", metavar="PEM")
+
+
+def add_models_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """``--models-dir DIR``: the user's own bundles, searched before ``PLASMA_MODELS`` and the
+    shipped ones (``plasma.protocol.catalog``); repeatable, or one ``os.pathsep``-separated value."""
+    parser.add_argument("--models-dir", dest="models_dir", action="append", metavar="DIR",
+                        help="a directory of your own bundles (one sub-directory each), searched "
+                             "before PLASMA_MODELS and the shipped bundles; repeatable")
 
 
 def read_toml(path: str | None, known: Mapping[str, type],

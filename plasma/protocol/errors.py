@@ -30,6 +30,8 @@ Exception tree::
     ├── BundleError            bad_bundle: a model bundle that cannot be used (missing_file,
     │                              bad_manifest, bad_weights, digest_mismatch, bad_model,
     │                              base_mismatch)
+    │   └── BundleNotFound         no_bundle: no bundle of that name, task or physics among the
+    │                                  shipped ones and the user's directories (plasma.protocol.catalog)
     ├── ConfigError            bad_config: configuration (flags, environment, TOML) that does
     │                              not make a valid daemon or server
     ├── BusError               bus_error: the broker seam (bad URL, connection, subscription)
@@ -52,7 +54,7 @@ __all__ = [
     "PacketUnsupported", "PacketBadLength", "SignatureMissing", "SignatureDuplicate",
     "SignatureUnknownKey", "SignatureInvalid", "PayloadDigestMismatch", "HeaderInvalid",
     "PayloadInvalid", "TelemetryError", "MessageInvalid", "TopicError", "KeyFileError",
-    "AdapterFileError", "BundleError", "ConfigError", "BusError", "EnvError", "MergeError",
+    "AdapterFileError", "BundleError", "BundleNotFound", "ConfigError", "BusError", "EnvError", "MergeError",
     "JournalError", "StoreError", "ServiceError",
 ]
 
@@ -159,6 +161,16 @@ class BundleError(PlasmaError, ValueError):
     """A bundle that cannot be used; ``code`` says which part (see the tree above)."""
 
     code = "bad_bundle"
+
+
+class BundleNotFound(BundleError):
+    """No bundle answers a lookup (a name, or a task and physics) in the directories searched.
+
+    The message says what was looked for and where; it names no flag or argument, so each caller
+    adds its own way out (``policy=`` in the library, ``--model`` / ``--models-dir`` in a CLI).
+    """
+
+    code = "no_bundle"
 
 
 class ConfigError(PlasmaError, ValueError):

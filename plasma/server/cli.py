@@ -14,7 +14,7 @@ from plasma.protocol import (
     load_adapter_npz,
     peek_header,
 )
-from plasma.protocol._cli import EXIT_OK, Parser, UsageError, run_main
+from plasma.protocol._cli import EXIT_OK, Parser, UsageError, add_models_dir_argument, run_main
 
 __all__ = ["build_parser", "DESCRIPTION", "Handler", "main"]
 
@@ -45,7 +45,9 @@ def _packet_build(args: argparse.Namespace) -> int:
     adapter = load_adapter_npz(args.adapter)
     base_sha256 = args.base_sha256
     if args.model is not None:
-        base_sha256 = _check_against_model(args.model, adapter, base_sha256)
+        from .commands import model_arg
+
+        base_sha256 = _check_against_model(str(model_arg(args)), adapter, base_sha256)
     if base_sha256 is None:
         raise UsageError("give --base-sha256 HEX or --model BUNDLE_DIR")
     if args.slot == "device" and not args.device:
@@ -137,8 +139,10 @@ def build_parser() -> Parser:
                        help="strictly increasing per (fleet, slot, target)")
     build.add_argument("--base-sha256", default=None, metavar="HEX",
                        help="sha256 of the base model (model.int8.onnx) the adapter is for")
-    build.add_argument("--model", default=None, metavar="BUNDLE_DIR",
-                       help="take the base digest from a policy bundle and check shapes")
+    build.add_argument("--model", default=None, metavar="BUNDLE",
+                       help="take the base digest from a policy bundle (a directory or a "
+                            "bundle's name) and check shapes")
+    add_models_dir_argument(build)
     build.add_argument("--expires-in", type=float, default=7 * 24 * 3600.0, metavar="SECONDS",
                        help="validity from now (default one week)")
     build.add_argument("--dtype", choices=["int8", "fp16", "fp32"], default="int8")

@@ -1,4 +1,4 @@
-"""``plasma-server`` subcommands beyond keys and packets: training, benchmarks, demo, fuzz.
+"""``plasma-server`` subcommands beyond keys and packets: training, benchmarks, demo, models, fuzz.
 
 Each handler imports its stage lazily, so ``plasma-server --help`` and the packet tools
 start fast and a missing optional dependency is reported only by the command needing it.
@@ -11,11 +11,16 @@ import json
 import logging
 from typing import Any
 
-from plasma.protocol._cli import EXIT_OK, Parser, UsageError, parse_kv
+from plasma.protocol._cli import EXIT_OK, Parser, UsageError, add_models_dir_argument, parse_kv
 
-__all__ = ["register"]
+__all__ = ["MODEL_HINT", "model_arg", "model_row", "models_table", "register"]
 
 log = logging.getLogger("plasma.server")
+
+MODEL_HINT = ("pass --model BUNDLE_DIR (or the name of a bundle: `plasma-server models list`), "
+              "add a directory of bundles with --models-dir DIR, or make one with "
+              "`plasma-server train-base`")
+"""What a command appends to a ``BundleNotFound`` (the library names ``policy=`` instead)."""
 
 
 def _print(result: Any) -> int:
@@ -58,6 +63,25 @@ def _seeds(text: str) -> list[int]:
 
 def _needs(extra: str, exc: ImportError) -> UsageError:
     return UsageError(f"{exc.name or 'a dependency'} is missing: pip install 'plasma[{extra}]'")
+
+
+def _no_bundle(exc: Exception) -> UsageError:
+    """A ``BundleNotFound`` in the words of the command line."""
+    return UsageError(f"{exc}: {MODEL_HINT}")
+
+
+def model_arg(args: argparse.Namespace) -> str | None:
+    """``--model`` as a bundle directory: a path, or a name looked up in ``--models-dir``,
+    ``PLASMA_MODELS`` and the shipped bundles (None when the flag is not given)."""
+    if args.model is None:
+        return None
+    from plasma.protocol.catalog import resolve_bundle
+    from plasma.protocol.errors import BundleNotFound
+
+    try:
+        return str(resolve_bundle(args.model, args.models_dir))
+    except BundleNotFound as exc:
+        raise _no_bundle(exc) from None
 
 
 # ------------------------------------------------------------------ train-base
@@ -147,7 +171,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def _bench_e2e(args: argparse.Namespace) -> int:
     from .bench.fleet import bench_e2e
 
-    return _print(bench_e2e(args.broker, packets=args.packets, rank=args.rank, model=args.model,
+    return _print(bench_e2e(args.broker, packets=args.packets, rank=args.rank, model=model_arg(args),
                             full_model_pushes=args.full_model_pushes, swap=args.swap,
                             link_kbps=args.link_kbps))
 
@@ -156,7 +180,7 @@ def _bench_fleet(args: argparse.Namespace) -> int:
     from .bench.fleet import bench_fleet
 
     return _print(bench_fleet(args.broker, devices=args.devices, processes=args.processes,
-                              rank=args.rank, model=args.model, swap=args.swap))
+                              rank=args.rank, model=model_arg(args), swap=args.swap))
 
 
 def _bench_live(args: argparse.Namespace) -> int:
@@ -164,9 +188,13 @@ def _bench_live(args: argparse.Namespace) -> int:
         from .bench.live import bench_live
     except ImportError as exc:
         raise _needs("server", exc) from None
+    from plasma.protocol.errors import BundleNotFound
+
     cfg = _live_config(args)
     try:
         return _print(bench_live(cfg))
+    except BundleNotFound as exc:
+        raise _no_bundle(exc) from None
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -192,7 +220,8 @@ def _live_config(args: argparse.Namespace) -> Any:
                            server_args=tuple(args.server_arg), device_args=tuple(args.device_arg),
                            device_wrapper=args.device_wrapper, baseline=args.baseline,
                            baseline_zip=args.baseline_zip, baseline_steps=args.baseline_steps,
-                           baseline_eval_every=args.baseline_eval_every)
+                           baseline_eval_every=args.baseline_eval_every,
+                           models_dirs=tuple(args.models_dir or ()))
 
 
 # ------------------------------------------------------------------ demo and fuzz
@@ -203,13 +232,79 @@ def _demo(args: argparse.Namespace) -> int:
         from .tools.demo import DemoConfig, run_demo
     except ImportError as exc:
         raise _needs("demo", exc) from None
+    from plasma.protocol.errors import BundleNotFound
+
     physics = tuple(p for p in (args.physics or "").split(";") if p) or DemoConfig.physics
     cfg = DemoConfig(broker=args.broker, devices=args.devices, duration_s=args.duration,
                      out_dir=args.out, model=args.model, physics=physics,
-                     rate_hz=args.rate_hz)
-    summary = run_demo(cfg)
+                     rate_hz=args.rate_hz, models_dirs=tuple(args.models_dir or ()))
+    try:
+        summary = run_demo(cfg)
+    except BundleNotFound as exc:
+        raise _no_bundle(exc) from None
     print(json.dumps(summary, indent=2))
     return {"completed": EXIT_OK, "interrupted": 130}.get(summary["outcome"], 1)
+
+
+# ------------------------------------------------------------------ models
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from plasma.protocol.catalog import list_bundles
+
+    rows = [model_row(b) for b in list_bundles(args.models_dir)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(models_table(rows))
+    return EXIT_OK
+
+
+def model_row(info: Any) -> dict[str, Any]:
+    """One ``models list`` row of a ``plasma.protocol.catalog.BundleInfo``."""
+    return {"name": info.name, "env_id": info.env_id, "physics": _physics_text(info),
+            "source": info.source, "int8_bytes": info.int8_bytes, "total_bytes": info.total_bytes,
+            "mean_return": info.mean_return, "shadowed": info.shadowed, "path": str(info.path)}
+
+
+def models_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned text table (sizes in KB); a shadowed bundle is marked ``*``."""
+    head = ("NAME", "TASK", "PHYSICS", "SOURCE", "INT8 KB", "TOTAL KB", "RETURN")
+    body = [(r["name"] + ("*" if r["shadowed"] else ""), r["env_id"] or "?", r["physics"],
+             r["source"], f"{r['int8_bytes'] / 1024:.1f}", f"{r['total_bytes'] / 1024:.1f}",
+             "" if r["mean_return"] is None else f"{r['mean_return']:.1f}") for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+             for line in (head, *body)]
+    if any(r["shadowed"] for r in rows):
+        lines.append("* shadowed by a bundle of the same name earlier in the search order")
+    return "\n".join(lines)
+
+
+def _physics_text(info: Any) -> str:
+    """The physics a bundle was trained at, as overrides of the task's nominal physics:
+    SCORE.json's own words when it has them, else the manifest against the task's defaults."""
+    score = info.score or {}
+    if isinstance(score.get("physics_text"), str):
+        return score["physics_text"] or "nominal"
+    if isinstance(score.get("physics"), dict):
+        return _kv(score["physics"])
+    physics = dict(info.physics)
+    try:
+        from .tasks import TASKS  # the classic tasks, registered without building anything
+
+        nominal = TASKS[info.env_id].default_physics if info.env_id in TASKS else {}
+    except ImportError:  # a device-only install without the task's dependencies
+        nominal = {}
+    if nominal and set(physics) <= set(nominal):
+        physics = {k: v for k, v in physics.items() if float(nominal[k]) != float(v)}
+    return _kv(physics)
+
+
+def _kv(physics: dict[str, Any]) -> str:
+    text = ",".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                    for k, v in physics.items())
+    return text or "nominal"
 
 
 def _fuzz(args: argparse.Namespace) -> int:
@@ -286,8 +381,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--rank", type=int, default=4)
     e2e.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild",
                      help="device runtime's swap mode (default rebuild, as the daemon)")
-    e2e.add_argument("--model", default=None, metavar="BUNDLE_DIR",
-                     help="default: a random MLP 64-256-256-256-8")
+    e2e.add_argument("--model", default=None, metavar="BUNDLE",
+                     help="a bundle directory or name (default: a random MLP 64-256-256-256-8)")
+    add_models_dir_argument(e2e)
     e2e.add_argument("--link-kbps", type=float, default=None, metavar="KBPS",
                      help="the device reaches the broker through a relay carrying this many "
                           "kbit/s each way (mqtt:// only; e.g. 1000 with --packets 50 "
@@ -302,7 +398,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     fleet.add_argument("--rank", type=int, default=4)
     fleet.add_argument("--swap", choices=["rebuild", "inplace"], default="rebuild",
                      help="device runtime's swap mode (default rebuild, as the daemon)")
-    fleet.add_argument("--model", default=None, metavar="BUNDLE_DIR")
+    fleet.add_argument("--model", default=None, metavar="BUNDLE",
+                       help="a bundle directory or name (default: a random MLP 64-256-256-256-8)")
+    add_models_dir_argument(fleet)
     fleet.set_defaults(handler=_bench_fleet)
 
     live = bsub.add_parser("live", help="the product loop: server and device daemons over a "
@@ -317,8 +415,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="length of each run (default 120)")
     live.add_argument("--rate-hz", type=float, default=50.0, help="device control rate (50)")
     live.add_argument("--budget", default="default", help="server compute budget per round")
-    live.add_argument("--model", default=None, metavar="BUNDLE_DIR",
-                      help="base policy (default: the shipped nominal bundle of --env)")
+    live.add_argument("--model", default=None, metavar="BUNDLE",
+                      help="base policy, a bundle directory or name (default: the nominal bundle "
+                           "of --env, shipped or in --models-dir)")
+    add_models_dir_argument(live)
     live.add_argument("--eval-episodes", type=int, default=10)
     live.add_argument("--out", default=None, metavar="DIR",
                       help="keep keys, stores, state and logs here (default: a temporary dir)")
@@ -362,11 +462,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--physics", default=None, metavar="K=V,...;K=V,...",
                       help="per-device physics, separated by ';' (cycled)")
     demo.add_argument("--rate-hz", type=float, default=50.0, help="device control rate (50)")
-    demo.add_argument("--model", default=None, metavar="BUNDLE_DIR",
-                      help="base policy (default: deploy/models/pendulum-nominal)")
+    demo.add_argument("--model", default=None, metavar="BUNDLE",
+                      help="base policy, a bundle directory or name (default: the nominal "
+                           "Pendulum-v1 bundle, shipped as pendulum-nominal)")
+    add_models_dir_argument(demo)
     demo.add_argument("--out", default="plasma-demo", metavar="DIR",
                       help="output: plot, summary, logs, keys, state")
     demo.set_defaults(handler=_demo)
+
+    models = sub.add_parser("models", help="the policy bundles available by name")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True,
+                                 parser_class=Parser)
+    listing = msub.add_parser("list", help="every bundle: name, task, physics, source, sizes, "
+                                           "score", description="Searched in order: --models-dir, "
+                              "PLASMA_MODELS (os.pathsep-separated), the shipped bundles; the "
+                              "first bundle of a name is the one --model NAME uses.")
+    add_models_dir_argument(listing)
+    listing.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    listing.set_defaults(handler=_models_list)
 
     from .tools.fuzz import add_arguments
 

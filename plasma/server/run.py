@@ -24,10 +24,11 @@ import threading
 import numpy as np
 
 from plasma.protocol import SigningKey, new_id
-from plasma.protocol._cli import add_broker_arguments
+from plasma.protocol._cli import add_broker_arguments, add_models_dir_argument
 from plasma.protocol.bundle import Bundle, BundleError, load_bundle
 from plasma.protocol.bus import Bus, MqttBus
-from plasma.protocol.errors import ConfigError
+from plasma.protocol.catalog import resolve_bundle
+from plasma.protocol.errors import BundleNotFound, ConfigError
 
 from .adapt import AdaptConfig, adapt_config
 from .executor import EXECUTORS, make_executor
@@ -101,7 +102,11 @@ class Server:
         self.cfg = cfg
         key = SigningKey.load(cfg.key)
         try:
-            bundle = load_bundle(cfg.model)
+            self.model = resolve_bundle(cfg.model, cfg.models_dir)
+            bundle = load_bundle(self.model)
+        except BundleNotFound as exc:
+            raise BundleNotFound(f"--model: {exc}; give a bundle directory or one of those names "
+                                 "(--models-dir DIR adds a directory of bundles)") from None
         except BundleError as exc:
             raise BundleError(f"--model {cfg.model}: {exc}", code=exc.code) from None
         self.base = policy_from_bundle(bundle)
@@ -173,7 +178,7 @@ def run_server(cfg: ServiceConfig, stop: threading.Event | None = None,
     server.start()
     log.info("plasma-server: fleet %s on %s:%d (MQTT %s), base %s, store %s; a device is adapted "
              "after %d new transitions", cfg.fleet, cfg.broker.host, cfg.broker.port,
-             server.bus.protocol, cfg.model, server.store.url, cfg.min_new_transitions)
+             server.bus.protocol, server.model, server.store.url, cfg.min_new_transitions)
     try:
         while not stop.wait(report_every_s):
             log.info("progress: %s", server.summary())
@@ -185,6 +190,8 @@ def run_server(cfg: ServiceConfig, stop: threading.Event | None = None,
 
 def _run(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name, None) for name in (*SCALARS, "config")}
+    if args.models_dir:  # repeated flags -> one os.pathsep-separated value, as in the environment
+        flags["models_dir"] = os.pathsep.join(args.models_dir)
     return run_server(load_service_config(flags))
 
 
@@ -197,7 +204,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_broker_arguments(p, "PLASMA_SERVER_")
     p.add_argument("--fleet")
     p.add_argument("--key", metavar="DIR", help="signing key directory (signing.key, mode 0600)")
-    p.add_argument("--model", metavar="BUNDLE_DIR", help="the base policy bundle devices run")
+    p.add_argument("--model", metavar="BUNDLE", help="the base policy bundle devices run: a "
+                   "directory or a bundle's name (plasma-server models list)")
+    add_models_dir_argument(p)
     p.add_argument("--store", metavar="PATH|URL", help="SQLite trace store (default "
                    "plasma-server.sqlite) or postgresql://USER@HOST:PORT/DB (password: PGPASSWORD)")
     p.add_argument("--ingest-group", dest="ingest_group", metavar="NAME", help="MQTT 5 shared "

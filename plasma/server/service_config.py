@@ -31,7 +31,7 @@ SCALARS: dict[str, type] = {
     "dtype": str, "expires_in": float, "seed": int,
     "ingest_group": str, "node": str,
     "executor": str, "ray_address": str, "workers": int, "round_timeout": float,
-    "tasks": str,
+    "tasks": str, "models_dir": str,
 }
 REQUIRED = ("broker", "fleet", "key", "model", "env")
 BUDGETS = ("default", "small")
@@ -48,7 +48,9 @@ class ServiceConfig:
     key: Path
     """Key directory (``signing.key``, mode 0600) packets are signed with."""
     model: Path
-    """Base policy bundle the devices run (the adapters are relative to it)."""
+    """Base policy bundle the devices run (the adapters are relative to it): a directory, or the
+    name of a bundle in ``models_dir``, ``PLASMA_MODELS`` or the shipped ones (resolved by
+    ``Server``: ``plasma.protocol.catalog.resolve_bundle``)."""
     env: str
     """Task id of the devices' world, e.g. ``Pendulum-v1`` (physics overrides after ':' ignored)."""
     store: Path | str = Path("plasma-server.sqlite")
@@ -88,6 +90,9 @@ class ServiceConfig:
     """With ``ray``: rounds in flight and a local Ray's CPUs (0 = one per CPU of the cluster)."""
     round_timeout: float = 600.0
     """With ``ray``: a round in flight longer is cancelled and resubmitted (0 = never)."""
+    models_dir: str | None = None
+    """Directories of the user's bundles (``os.pathsep``-separated), searched for a ``model``
+    given by name before ``PLASMA_MODELS`` and the shipped bundles."""
     tasks: str | None = None
     """Comma-separated Python modules imported at start that register tasks
     (``plasma.server.tasks.register_task``), for an ``env`` that Plasma does not ship."""
@@ -113,9 +118,9 @@ def _build(values: dict[str, Any]) -> ServiceConfig:
         validate_id(values["fleet"], "fleet")
     except (BusError, TopicError) as exc:
         raise ConfigError(str(exc)) from None
-    for key in ("key", "model"):
-        if key in values:
-            values[key] = Path(values[key])
+    if "key" in values:
+        values["key"] = Path(values["key"])
+    values["model"] = Path(values["model"])
     if "store" in values:
         values["store"] = _store(values["store"])
     if "ingest_group" in values:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,30 @@ def test_a_gymnasium_env_object_and_a_missing_policy() -> None:
     with pytest.raises(AgentError) as err:
         PlasmaAgent(env="Pendulum-v1", policy="/nonexistent/bundle")
     assert err.value.code == "bad_policy"
+
+
+def test_a_policy_by_name_and_errors_in_the_library_s_words(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``policy=`` takes a bundle's name (shipped or in PLASMA_MODELS); a missing one names
+    ``policy=`` and PLASMA_MODELS, never a command-line flag."""
+    from plasma.protocol.catalog import MODELS_ENV, resolve_bundle, shipped_dir
+
+    monkeypatch.delenv(MODELS_ENV, raising=False)
+    agent = PlasmaAgent(env="Pendulum-v1", policy="pendulum-g14")
+    assert agent.bundle.root == shipped_dir() / "pendulum-g14"
+    agent.close()
+    for kwargs in ({"env": "Pendulum-v1", "policy": "no-such-policy"},
+                   {"env": "MountainCarContinuous-v0"}):  # no bundle for its default policy
+        with pytest.raises(AgentError) as err:
+            PlasmaAgent(**kwargs)
+        text = str(err.value)
+        assert err.value.code == "no_policy", text
+        assert "policy=" in text and MODELS_ENV in text and "--model" not in text, text
+    shutil.copytree(resolve_bundle("pendulum-g14"), tmp_path / "mine" / "my-policy")
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "mine"))
+    agent = PlasmaAgent(env="Pendulum-v1", policy="my-policy")
+    assert agent.bundle.root == tmp_path / "mine" / "my-policy"
+    agent.close()
 
 
 def test_think_act_and_an_untrusted_packet_never_merges() -> None:

@@ -120,8 +120,9 @@ def test_the_daemon_acts_in_a_mujoco_env(mosquitto: Any, tmp_path: Path, capsys:
     """``plasma-edge run --env InvertedPendulum-v5:...`` on the shipped base bundle, 100 steps."""
     pytest.importorskip("mujoco")
     from plasma.protocol import SigningKey
+    from plasma.protocol.catalog import resolve_bundle
 
-    bundle = Path(__file__).resolve().parents[2] / "deploy" / "models" / "inverted-pendulum-nominal"
+    bundle = resolve_bundle("inverted-pendulum-nominal")  # shipped (plasma/models)
     SigningKey.generate().save(tmp_path / "keys")
     (tmp_path / "trust").mkdir()
     shutil.copyfile(tmp_path / "keys" / "signing.pub", tmp_path / "trust" / "server.pub")

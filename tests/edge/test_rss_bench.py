@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from plasma.edge.bench.rss import read_status
 
-MODEL = Path(__file__).resolve().parents[2] / "deploy" / "models" / "pendulum-nominal"
+MODEL = "pendulum-nominal"  # a shipped bundle, by name: the daemon resolves it
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -29,7 +28,7 @@ def test_read_status_reads_this_process() -> None:
 @pytest.mark.broker
 @pytest.mark.slow
 def test_bench_rss_runs_the_daemon_and_prints_json(mosquitto) -> None:
-    done = _bench("--broker", mosquitto.url, "--model", str(MODEL), "--seconds", "3")
+    done = _bench("--broker", mosquitto.url, "--model", MODEL, "--seconds", "3")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["exit_code"] == 0 and result["samples"] >= 1
@@ -37,7 +36,7 @@ def test_bench_rss_runs_the_daemon_and_prints_json(mosquitto) -> None:
 
 
 def test_bench_rss_says_why_the_daemon_stopped(mosquitto) -> None:
-    done = _bench("--broker", mosquitto.url, "--model", str(MODEL), "--env", "nosuch:Thing",
+    done = _bench("--broker", mosquitto.url, "--model", MODEL, "--env", "nosuch:Thing",
                   "--seconds", "2")
     assert done.returncode == 1
     assert "daemon stopped" in done.stderr and "nosuch" in done.stderr

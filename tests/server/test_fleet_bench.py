@@ -5,13 +5,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from plasma.protocol.catalog import resolve_bundle
 from plasma.server.bench.fleet import ThrottledLink, bench_e2e, bench_fleet
 
-PENDULUM = Path(__file__).resolve().parents[2] / "deploy" / "models" / "pendulum-nominal"
+PENDULUM = resolve_bundle("pendulum-nominal")  # shipped (plasma/models)
 
 
 def _echo_server() -> tuple[socket.socket, int]:

@@ -14,6 +14,7 @@ pytest.importorskip("gymnasium")
 
 from plasma.protocol import ConfigError, EnvError  # noqa: E402
 from plasma.protocol._cli import UsageError  # noqa: E402
+from plasma.protocol.catalog import resolve_bundle  # noqa: E402
 from plasma.server.bench import baseline  # noqa: E402
 from plasma.server.bench.live import (  # noqa: E402
     LiveBenchConfig,
@@ -27,8 +28,7 @@ from plasma.server.bench.live import (  # noqa: E402
 )
 from plasma.server.tools.watch import DeviceWatch, Evaluation  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-PENDULUM = REPO / "deploy" / "models" / "pendulum-nominal"
+PENDULUM = resolve_bundle("pendulum-nominal")  # shipped (plasma/models)
 CURVE = [(0, -800.0), (500, -500.0), (700, -250.0), (900, -300.0), (1100, -240.0)]
 
 

@@ -10,8 +10,9 @@ to stderr; the result is one JSON object (see ``bench_live``). With ``baseline="
 SB3's own SAC fine-tuning then runs on each seed's shifted physics with the same real-step
 budget and evaluations (``plasma.server.bench.baseline``), scored by the same ``gap_figures``.
 
-The oracle of a physics is a policy trained for it by ``train-base``: the shipped bundle in
-``deploy/models`` whose manifest has that physics, else a cached training run.
+The oracle of a physics is a policy trained for it by ``train-base``: a bundle whose manifest has
+that physics (``--models-dir``, ``PLASMA_MODELS``, then the shipped ones), else a cached
+training run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from plasma.edge.envs import load_wrapper
 from plasma.protocol import ConfigError, SigningKey, TrustStore
 from plasma.protocol.bundle import Bundle, load_bundle
 from plasma.protocol.bus import BrokerConfig, MqttBus
+from plasma.protocol.catalog import resolve_bundle
 
 from ..catalog import find_model, oracle_return
 from ..tasks import get_task
@@ -66,7 +68,11 @@ class LiveBenchConfig:
     budget: str = "default"
     """The server's compute budget per round."""
     model: str | None = None
-    """Base policy bundle; None: the shipped nominal bundle of ``env_id``."""
+    """Base policy: a bundle directory or a bundle's name; None: the nominal bundle of
+    ``env_id`` (shipped, or in ``models_dirs``)."""
+    models_dirs: tuple[str, ...] = ()
+    """The user's directories of bundles, searched before ``PLASMA_MODELS`` and the shipped ones
+    (base policy and oracles)."""
     eval_episodes: int = 10
     """Fixed-seed episodes per noise-free evaluation."""
     reach: float = 0.9
@@ -106,7 +112,8 @@ def bench_live(cfg: LiveBenchConfig) -> dict[str, Any]:
     if not 0.0 < cfg.reach <= 1.0:
         raise ConfigError(f"reach must be in (0, 1], got {cfg.reach}")
     load_wrapper(cfg.device_wrapper)  # EnvError on a bad module:Class, before anything starts
-    model = Path(cfg.model) if cfg.model else find_model(cfg.env_id, {})
+    model = (resolve_bundle(cfg.model, cfg.models_dirs) if cfg.model
+             else find_model(cfg.env_id, {}, cfg.models_dirs))
     bundle = load_bundle(model)
     baseline_zip = None
     if cfg.baseline:  # the [baselines] extra, imported only when asked for
@@ -116,7 +123,7 @@ def bench_live(cfg: LiveBenchConfig) -> dict[str, Any]:
     n_devices = cfg.devices or len(cfg.physics)
     physics = [cfg.physics[i % len(cfg.physics)] for i in range(n_devices)]
     oracles = {text: oracle_return(cfg.env_id, parse_physics(text, cfg.env_id),
-                                   cfg.eval_episodes, cfg.device_wrapper)
+                                   cfg.eval_episodes, cfg.device_wrapper, cfg.models_dirs)
                for text in dict.fromkeys(physics)}
     root = Path(cfg.out_dir) if cfg.out_dir else Path(tempfile.mkdtemp(prefix="plasma-live-"))
     devices: list[dict[str, Any]] = []

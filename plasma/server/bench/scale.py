@@ -75,6 +75,9 @@ class ScaleBenchConfig:
     ray_address: str | None = None
     seed: int = 0
     out_dir: str | None = None
+    models_dirs: tuple[str, ...] = ()
+    """The user's directories of bundles, searched for the nominal Pendulum base policy before
+    ``PLASMA_MODELS`` and the shipped bundles."""
 
 
 def bench_scale(cfg: ScaleBenchConfig) -> dict[str, Any]:
@@ -89,7 +92,7 @@ def bench_scale(cfg: ScaleBenchConfig) -> dict[str, Any]:
     root = Path(cfg.out_dir) if cfg.out_dir else Path(tempfile.mkdtemp(prefix="plasma-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        model = find_model("Pendulum-v1", {})
+        model = find_model("Pendulum-v1", {}, cfg.models_dirs)
         data = record("Pendulum-v1", parse_physics(cfg.physics),
                       policy_from_bundle(load_bundle(model)), 8000, root / "replay.npz",
                       seed=cfg.seed)
@@ -391,9 +394,15 @@ def _bench(args: argparse.Namespace) -> int:
                            duration_s=args.duration, drain_s=args.drain, rate_hz=args.rate_hz,
                            min_new_transitions=args.min_new_transitions, budget=args.budget,
                            device_processes=args.device_processes, ray_address=args.ray_address,
-                           seed=args.seed, out_dir=args.out)
+                           seed=args.seed, out_dir=args.out, models_dirs=tuple(args.models_dir or ()))
+    from plasma.protocol.errors import BundleNotFound
+
+    from ..commands import MODEL_HINT
+
     try:
         result = bench_scale(cfg)
+    except BundleNotFound as exc:
+        raise UsageError(f"{exc}: {MODEL_HINT}") from None
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps(result), flush=True)
@@ -402,6 +411,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def register(bsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``plasma-server bench scale``."""
+    from plasma.protocol._cli import add_models_dir_argument
+
     p = bsub.add_parser("scale", help="rounds per minute: D replay devices, W Ray workers vs "
                                       "one local worker")
     p.add_argument("--devices", type=int, default=8)
@@ -422,4 +433,5 @@ def register(bsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ray-address", dest="ray_address", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="DIR", help="keep logs and stores here")
+    add_models_dir_argument(p)
     p.set_defaults(handler=_bench)

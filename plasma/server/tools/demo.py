@@ -25,7 +25,6 @@ import numpy as np
 from plasma.protocol import SLOTS, SigningKey, TrustStore
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import BrokerConfig, MqttBus
-from plasma.protocol.errors import ConfigError
 
 from .broker import answers, start_embedded
 from .processes import Processes
@@ -63,7 +62,11 @@ class DemoConfig:
     out_dir: str = "plasma-demo"
     """Where keys, state, the store, logs, the plot and the summary go."""
     model: str | None = None
-    """Base policy bundle; default: the shipped nominal Pendulum bundle."""
+    """Base policy: a bundle directory or a bundle's name; None: the nominal bundle of
+    ``env_id`` (``pendulum-nominal`` ships with Plasma)."""
+    models_dirs: tuple[str, ...] = ()
+    """The user's directories of bundles, searched before ``PLASMA_MODELS`` and the shipped
+    ones, for the base policy and the oracles."""
     fleet: str = "demo"
     """Fleet id."""
     budget: str | None = None
@@ -96,17 +99,6 @@ def progress_lines(watcher: FleetWatcher) -> list[str]:
         return lines
 
 
-def _default_model(env_id: str) -> Path:
-    from ..catalog import find_model
-
-    try:
-        return find_model(env_id, {})  # the repository's deploy/models, found from any cwd
-    except FileNotFoundError:
-        raise ConfigError("no base model found: pass --model BUNDLE_DIR (the repository ships "
-                          "deploy/models/pendulum-nominal; `plasma-server train-base` makes one)"
-                          ) from None
-
-
 def _resolve_broker(url: str, workdir: Path) -> tuple[str, subprocess.Popen | None]:
     config = BrokerConfig.from_url(url)
     if answers(config.host, config.port):
@@ -122,8 +114,19 @@ def _prepare(cfg: DemoConfig, out: Path) -> tuple[Path, Path, Path]:
         SigningKey.generate().save(keys)
     trust.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(keys / "signing.pub", trust / "server.pub")
-    model = Path(cfg.model) if cfg.model else _default_model(cfg.env_id)
-    return keys, trust, model
+    return keys, trust, _model(cfg)
+
+
+def _model(cfg: DemoConfig) -> Path:
+    """The base bundle; ``BundleNotFound`` names what was looked for and where (the command
+    line adds its flags)."""
+    from plasma.protocol.catalog import resolve_bundle
+
+    from ..catalog import find_model
+
+    if cfg.model:
+        return resolve_bundle(cfg.model, cfg.models_dirs).resolve()
+    return find_model(cfg.env_id, {}, cfg.models_dirs)
 
 
 def _device_argv(cfg: DemoConfig, i: int, model: Path, trust: Path, out: Path) -> list[str]:
@@ -213,7 +216,8 @@ def _oracles(cfg: DemoConfig, watcher: FleetWatcher) -> dict[str, float]:
     out = {}
     for dev, tr in watcher.tracks.items():
         t0 = time.monotonic()
-        out[dev] = oracle_return(cfg.env_id, tr.physics, cfg.eval_episodes)
+        out[dev] = oracle_return(cfg.env_id, tr.physics, cfg.eval_episodes,
+                                 models_dirs=cfg.models_dirs)
         log.info("oracle for %s: %.1f (%.0f s)", tr.physics_text, out[dev], time.monotonic() - t0)
     return out
 
