@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .sb3 import ship, train
+from .sb3 import record_oracle, ship, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--zip", type=Path, required=True)
     s.add_argument("--env", required=True)
     s.add_argument("--out", type=Path, required=True, help="the bundle directory to write")
+    o = sub.add_parser("oracle", help="train SB3 SAC on a shifted device and record its noise-free "
+                       "return in the base bundle's ORACLES.json")
+    o.add_argument("--base", type=Path, required=True, help="the base bundle (with sac.zip)")
+    o.add_argument("--physics", default="")
+    o.add_argument("--wrapper", default=None)
+    o.add_argument("--steps", type=int, required=True)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--eval-every", type=int, default=10_000)
+    o.add_argument("--from-scratch", action="store_true", help="do not start from the base's sac.zip")
+    o.add_argument("--out", type=Path, required=True, help="the oracle's zip to write")
     args = parser.parse_args(argv)
+    if args.command == "oracle":
+        manifest = json.loads((args.base / "manifest.json").read_text())
+        init = None if args.from_scratch else args.base / "sac.zip"
+        run = train(manifest["env_id"], args.steps, args.out, physics=args.physics,
+                    wrapper=args.wrapper, seed=args.seed, eval_every=args.eval_every, init=init,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(record_oracle(args.base, run, init="scratch" if init is None else
+                                       f"{args.base.name}/sac.zip")))
+        return 0
     if args.command == "ship":
         print(json.dumps(ship(args.zip, args.env, args.out)))
         return 0

@@ -26,8 +26,8 @@ from plasma.edge.physics import apply_overrides, parse_overrides
 from plasma.protocol.errors import ConfigError, EnvError
 from plasma.server.basepolicy import EVAL_SEED0  # the watcher's evaluation seeds: one constant
 
-__all__ = ["EVAL_SEED0", "SacRun", "checkpoints", "evaluate", "fine_tune", "load_wrapper", "make_env",
-           "train"]
+__all__ = ["EVAL_SEED0", "SacRun", "checkpoints", "evaluate", "export_onnx", "fine_tune",
+           "load_wrapper", "make_env", "record_oracle", "sb3_actor", "ship", "train"]
 
 LEARNING_STARTS = {"HalfCheetah-v5": 10_000, "InvertedPendulum-v5": 1_000}
 """SB3 SAC's ``learning_starts`` for base training (RL Zoo's values); SB3 defaults otherwise."""
@@ -263,3 +263,22 @@ def ship(zip_path: Path, env_id: str, out: Path, *, episodes: int = 10) -> dict[
                                                "p99_error_int8_of_span") if k in report}}
     (out / "SCORE.json").write_text(json.dumps(score, indent=2) + "\n")
     return score
+
+
+def record_oracle(base: Path, run: SacRun, *, init: str) -> dict[str, Any]:
+    """Append (or replace) the oracle of ``run``'s physics and wrapper in ``base/ORACLES.json``
+    (what ``plasma.server.catalog.recorded_oracle`` reads)."""
+    path = base / "ORACLES.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"oracles": []}
+    entry = {"env_id": run.env_id, "physics": run.physics, "wrapper": run.wrapper,
+             "mean_return": run.final["mean"], "std_return": run.final.get("std"),
+             "eval_episodes": run.final.get("episodes"), "eval_seed0": EVAL_SEED0,
+             "trained_steps": run.steps, "seed": run.seed, "seconds": round(run.seconds, 1),
+             "init": init, "curve": [[s, round(r, 1)] for s, r in run.curve],
+             "method": "SB3 SAC (defaults) on the shifted device; evaluated noise-free with "
+                       "model.predict(deterministic) on the bench's fixed-seed episodes"}
+    doc["oracles"] = [e for e in doc["oracles"] if not (
+        e.get("env_id") == run.env_id and e.get("physics") == run.physics
+        and (e.get("wrapper") or None) == (run.wrapper or None))] + [entry]
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return entry

@@ -13,10 +13,12 @@ where; the library (``PlasmaAgent``) and each command line add their own way out
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +27,9 @@ from plasma.protocol.errors import BundleNotFound, ConfigError
 
 from .basepolicy import EVAL_SEED0, cached_policy, evaluate, train_config
 from .policy_net import MLPPolicy
-from .tasks import get_task
+from .tasks import get_task, resolve_physics
 
-__all__ = ["find_model", "oracle_return"]
+__all__ = ["find_model", "oracle_return", "recorded_oracle"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,38 @@ def find_model(env_id: str, physics: Mapping[str, float], models_dirs: Dirs = ()
                          f"{searched(models_dirs, environ)}")
 
 
+def recorded_oracle(base: Path | None, env_id: str, physics: Mapping[str, float],
+                    wrapper: str | None = None) -> dict[str, Any] | None:
+    """The oracle recorded beside a base bundle (its ``ORACLES.json``) for this physics and
+    device-side wrapper, or None. A recorded oracle is a policy trained on the shifted device
+    (an SB3 SAC run for an imported SB3 base): its noise-free return is kept as data so
+    ``gap_closed`` has a fixed reference, with how long it trained."""
+    path = base / "ORACLES.json" if base is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())["oracles"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not an oracles file ({exc})") from None
+    task = get_task(env_id)
+    want = task.physics(physics)
+    for entry in entries:
+        if entry.get("env_id") == env_id and (entry.get("wrapper") or None) == (wrapper or None) \
+                and task.physics(resolve_physics(env_id, entry.get("physics", ""))) == want:
+            return dict(entry)
+    return None
+
+
 def oracle_return(env_id: str, physics: Mapping[str, float], episodes: int,
-                  wrapper: str | None = None, models_dirs: Dirs = ()) -> float:
-    """Noise-free fp32 return of a policy trained for ``physics`` (a bundle, else cached), in the
-    device's world: inside ``wrapper`` (``module:Class``) when the device has one."""
+                  wrapper: str | None = None, models_dirs: Dirs = (),
+                  base: Path | None = None) -> float:
+    """Noise-free return of a policy trained for ``physics``, in the device's world (inside
+    ``wrapper``, ``module:Class``, when the device has one): the oracle recorded beside the
+    ``base`` bundle when there is one (``recorded_oracle``), else a bundle trained at that
+    physics, else one trained and cached by ``train-base``'s recipe."""
+    recorded = recorded_oracle(base, env_id, physics, wrapper)
+    if recorded is not None:
+        return float(recorded["mean_return"])
     try:
         policy = MLPPolicy.load_npz(find_model(env_id, physics, models_dirs) / "policy.npz")
     except (BundleNotFound, FileNotFoundError):  # no bundle, or one without its policy.npz

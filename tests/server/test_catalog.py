@@ -120,3 +120,19 @@ def test_run_takes_a_name_from_models_dir(tmp_path: Path) -> None:
         assert server.model == b / "other"
     finally:
         server.store.close()
+
+
+def test_a_recorded_oracle_beside_the_base_is_the_fixed_reference(tmp_path: Path) -> None:
+    from plasma.server.catalog import oracle_return, recorded_oracle
+
+    (tmp_path / "ORACLES.json").write_text(json.dumps({"oracles": [
+        {"env_id": "InvertedPendulum-v5", "physics": "actuator_gear.slide=*0.2", "wrapper": None,
+         "mean_return": 987.5},
+        {"env_id": "InvertedPendulum-v5", "physics": "actuator_gear.slide=*0.2",
+         "wrapper": "plasma.edge.wrappers:ActionDelay", "mean_return": 12.5}]}))
+    gear = {"actuator_gear.slide": 20.0}  # *0.2 of the nominal 100, written as a value
+    assert recorded_oracle(tmp_path, "InvertedPendulum-v5", gear)["mean_return"] == 987.5
+    assert oracle_return("InvertedPendulum-v5", gear, 10, "plasma.edge.wrappers:ActionDelay",
+                         base=tmp_path) == 12.5
+    assert recorded_oracle(tmp_path, "InvertedPendulum-v5", {}) is None
+    assert recorded_oracle(None, "InvertedPendulum-v5", gear) is None

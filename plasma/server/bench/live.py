@@ -123,7 +123,8 @@ def bench_live(cfg: LiveBenchConfig) -> dict[str, Any]:
     n_devices = cfg.devices or len(cfg.physics)
     physics = [cfg.physics[i % len(cfg.physics)] for i in range(n_devices)]
     oracles = {text: oracle_return(cfg.env_id, parse_physics(text, cfg.env_id),
-                                   cfg.eval_episodes, cfg.device_wrapper, cfg.models_dirs)
+                                   cfg.eval_episodes, cfg.device_wrapper, cfg.models_dirs,
+                                   base=model)
                for text in dict.fromkeys(physics)}
     root = Path(cfg.out_dir) if cfg.out_dir else Path(tempfile.mkdtemp(prefix="plasma-live-"))
     devices: list[dict[str, Any]] = []
