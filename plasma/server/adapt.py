@@ -133,10 +133,10 @@ def phantom_dagger(task: TaskSpec, policy: MLPPolicy, model: Model, real: RealDa
     labels = labels if labels is not None else Labels.empty(task)
     if cfg.expert_paths and keep is None and _is_physics(model):
         e_obs, e_act = expert_labels(task, model, policy, init, _starts(
-            task, model, real, cfg.expert_paths, rng), task.episode_steps,
+            task, model, real, cfg.expert_paths, rng, cfg), task.episode_steps,
             replace(planner, iterations=cfg.expert_iterations), rng)
         labels = labels.plus(e_obs, e_act, cfg.label_memory)
-    starts = _starts(task, model, real, cfg.select_paths, rng)
+    starts = _starts(task, model, real, cfg.select_paths, rng, cfg)
     at_start = init is not None  # the accepted adapter: beaten only by a clear margin
     best, best_ret = lora, _episode_return(sim, policy, lora if init is not None else None, starts,
                                            task.episode_steps) if cfg.select_paths else 0.0
@@ -157,6 +157,7 @@ def phantom_dagger(task: TaskSpec, policy: MLPPolicy, model: Model, real: RealDa
                              anchor_to=init).adapter
         if cfg.select_paths:
             ret = _episode_return(sim, policy, lora, starts, task.episode_steps)
+            log.info("selection: iterate phantom episode return %.2f against %.2f", ret, best_ret)
             if ret > best_ret + (cfg.select_margin * abs(best_ret) if at_start else 0.0):
                 best, best_ret, at_start = lora, ret, False
         else:
@@ -184,14 +185,15 @@ def expert_labels(task: TaskSpec, model: Model, policy: MLPPolicy, lora: LoRA | 
     return np.concatenate(out_obs), np.concatenate(out_act)
 
 
-def _starts(task: TaskSpec, model: Model, real: RealData, n: int, rng: np.random.Generator
-            ) -> np.ndarray:
+def _starts(task: TaskSpec, model: Model, real: RealData, n: int, rng: np.random.Generator,
+            cfg: AdaptConfig) -> np.ndarray:
     """Start states of whole phantom episodes: recorded real states; with the physics prior,
-    half of them drawn uniformly from the task's observation box instead (the prior holds
-    there too, and the device's next episodes may start anywhere its real ones have not)."""
+    ``cfg.box_starts`` of them (half by default) drawn uniformly from the task's observation box
+    instead (the prior holds there too, and the device's next episodes may start anywhere its
+    real ones have not)."""
     pick = real.obs[rng.integers(0, len(real.obs), n)].astype(np.float32)
     if _is_physics(model):
-        k = n // 2
+        k = int(n * cfg.box_starts)
         box = rng.uniform(task.obs_low, task.obs_high, (k, task.obs_dim)).astype(np.float32)
         pick[:k] = task.project_obs(box)
     return pick

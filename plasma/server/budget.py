@@ -75,6 +75,10 @@ class AdaptConfig:
     states (warm-started plans: far better labels than one cold MPPI call per state); their states
     and actions join the labels. With the physics prior only: a learned ensemble step costs about
     50x more (measured: minutes per round). 0: DAgger labels only."""
+    box_starts: float = 0.5
+    """Share of the expert's and the selection's whole-episode starts drawn uniformly from the
+    task's observation box (physics prior only); the rest are recorded real states. A task whose
+    box holds states it never visits (a HalfCheetah on its back) sets 0."""
     expert_iterations: int = 2
     """MPPI refinements per expert step (its plans are warm-started: ``train-base`` uses 2)."""
     select_paths: int = 128

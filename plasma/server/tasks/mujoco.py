@@ -172,8 +172,15 @@ def half_cheetah() -> Any:
                                               ("bthigh", "bshin", "bfoot", "fthigh", "fshin", "ffoot")),
         obs_low=-high, obs_high=high, obs_mean=np.zeros(17), obs_std=high / 2,
         episode_steps=100, replace=True,
-        adapt={"expert_paths": 4, "expert_iterations": 1, "phantom_paths": 64,
+        # measured on the SB3 base at torso x2 (docs/tasks.md): receding-horizon expert episodes
+        # drifted far from the policy and MPPI's default noise (0.5 of the half range) gave labels
+        # whose imitation lost two thirds of the phantom return; local search around the policy
+        # (noise 0.1, DAgger labels only) is the only setting whose iterates did not lose
+        adapt={"expert_paths": 0, "planner.noise_std": 0.1, "box_starts": 0.0, "phantom_paths": 64,
                "phantom_horizon": 30, "label_states": 192, "select_paths": 32,
                "planner.candidates": 32, "planner.horizon": 12, "planner.iterations": 2,
                "sysid.max_rows": 1000, "sysid.iterations": 12, "sysid.member_iterations": 3,
-               "judicial.paths": 64, "judicial.horizon": 50, "judicial.support_points": 1000})
+               "judicial.paths": 64, "judicial.horizon": 50, "judicial.support_points": 1000,
+               # the reward stands the step's displacement in with the mean speed: 0.12-0.17
+               # real-reward stds off on the SB3 base's own transitions (nominal and torso x2)
+               "judicial.max_reward_error": 0.3})
