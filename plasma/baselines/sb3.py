@@ -27,7 +27,7 @@ from plasma.protocol.errors import ConfigError, EnvError
 from plasma.server.basepolicy import EVAL_SEED0  # the watcher's evaluation seeds: one constant
 
 __all__ = ["EVAL_SEED0", "SacRun", "checkpoints", "evaluate", "export_onnx", "fine_tune",
-           "load_wrapper", "make_env", "record_oracle", "sb3_actor", "ship", "train"]
+           "make_env", "one_at_a_time", "record_oracle", "sb3_actor", "ship", "train"]
 
 LEARNING_STARTS = {"HalfCheetah-v5": 10_000, "InvertedPendulum-v5": 1_000}
 """SB3 SAC's ``learning_starts`` for base training (RL Zoo's values); SB3 defaults otherwise."""
@@ -44,15 +44,6 @@ def _sb3() -> Any:
     return stable_baselines3
 
 
-def load_wrapper(text: str | None) -> Callable[[Any], Any] | None:
-    """``module:Class`` -> the class (a device-side wrapper); None for None or empty. The edge
-    seam's parsing (``plasma-edge run --wrapper``), its EnvError as a ConfigError."""
-    try:
-        return edge_envs.load_wrapper(text)
-    except EnvError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def make_env(env_id: str, physics: str = "", wrapper: str | None = None) -> Any:
     """A Gymnasium env at ``physics`` (override text) with an optional device-side wrapper,
     as a ``gymnasium.Env`` (what SB3 needs)."""
@@ -61,8 +52,7 @@ def make_env(env_id: str, physics: str = "", wrapper: str | None = None) -> Any:
     env = gym.make(env_id)
     if physics:
         apply_overrides(env.unwrapped, parse_overrides(physics))
-    cls = load_wrapper(wrapper)
-    if cls is not None:
+    if wrapper:
         try:
             env = _GymWrapper(env, edge_envs.wrap_env(env, wrapper))
         except EnvError as exc:
@@ -93,19 +83,20 @@ class _GymWrapper(_gym_wrapper_base()):  # type: ignore[misc]
 def evaluate(act: Callable[[np.ndarray], np.ndarray], env_id: str, physics: str = "",
              wrapper: str | None = None, episodes: int = 10, seed0: int = EVAL_SEED0
              ) -> dict[str, float]:
-    """Noise-free return of ``act`` (obs -> action) on ``episodes`` fixed-seed episodes."""
-    env = make_env(env_id, physics, wrapper)
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed0 + i)
-        total, done = 0.0, False
-        while not done:
-            obs, rew, term, trunc, _ = env.step(act(np.asarray(obs, np.float32)))
-            total += float(rew)
-            done = term or trunc
-        returns.append(total)
-    env.close()
-    return {"mean": float(np.mean(returns)), "std": float(np.std(returns)), "episodes": episodes}
+    """Noise-free return of ``act`` (a batch of observations -> their actions) on ``episodes``
+    fixed-seed episodes at ``physics`` (override text): the watcher's own evaluation
+    (``plasma.server.basepolicy.evaluate``), so both score the same episodes."""
+    from plasma.server.basepolicy import evaluate as evaluate_episodes
+    from plasma.server.tasks import resolve_physics
+
+    out = evaluate_episodes(act, env_id, resolve_physics(env_id, physics), episodes, seed0, wrapper)
+    return {"mean": out["mean"], "std": out["std"], "episodes": episodes}
+
+
+def one_at_a_time(act: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """A one-observation policy (the int8 edge runtime) over a batch, row by row: the dynamic
+    int8 scales depend on the batch, and the device acts on one observation at a time."""
+    return lambda obs: np.stack([np.asarray(act(row)) for row in obs.astype(np.float32)])
 
 
 def sb3_actor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -248,7 +239,7 @@ def ship(zip_path: Path, env_id: str, out: Path, *, episodes: int = 10) -> dict[
     model = sb3.SAC.load(str(zip_path), device="cpu")
     sb3_score = evaluate(sb3_actor(model), env_id, episodes=episodes)
     runtime = MergeEngine(PolicyRuntime(load_bundle(out))).runtime
-    int8_score = evaluate(lambda o: np.asarray(runtime.act(o)), env_id, episodes=episodes)
+    int8_score = evaluate(one_at_a_time(runtime.act), env_id, episodes=episodes)
     curve = Path(str(zip_path) + ".json")
     score = {"env_id": env_id, "physics": {}, "physics_text": "",
              "mean_return": int8_score["mean"], "std_return": int8_score["std"],

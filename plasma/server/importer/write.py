@@ -156,17 +156,15 @@ def _input_scale(spec: PolicySpec, env_id: str) -> None:
     angles and cost the SB3 policy 23% of its return; normalized inputs keep them."""
     if not (np.all(spec.obs_mean == 0) and np.all(spec.obs_std == 1)):
         return
-    from ..tasks import TASKS, get_task
+    from ..tasks import get_task
 
     try:
         task = get_task(env_id)
     except KeyError:  # not a registered task: no scale known
         return
-    if task is None or env_id not in TASKS:
-        return
     mean, std = task.obs_mean.astype(np.float64), task.obs_std.astype(np.float64)
-    if mean.shape != spec.obs_mean.shape or np.all(std == 1) and np.all(mean == 0):
-        return
+    if mean.shape != spec.obs_mean.shape or (np.all(mean == 0) and np.all(std == 1)):
+        return  # another shape, or a task whose scale is the identity: nothing to fold
     w, b = (np.asarray(a, np.float64) for a in spec.layers[0])
     spec.layers[0] = ((w * std[None, :]).astype(np.float32), (b + w @ mean).astype(np.float32))
     spec.obs_mean, spec.obs_std = mean.astype(np.float32), std.astype(np.float32)
