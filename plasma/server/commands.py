@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from plasma.protocol._cli import EXIT_OK, Parser, UsageError, add_models_dir_argument, parse_kv
@@ -155,10 +156,12 @@ def _bench_audit(args: argparse.Namespace) -> int:
 
     cfg = AuditBenchConfig(seeds=_ints(args.seeds), budget=args.budget,
                            calibration_seeds=_ints(args.calibration_seeds)
-                           if args.calibration_seeds is not None else None)
-    cfg.jobs = args.jobs
-    if args.split:
-        cfg.splits = (args.split,)
+                           if args.calibration_seeds is not None else None,
+                           splits=(args.split,), jobs=args.jobs,
+                           thresholds=Path(args.thresholds) if args.thresholds else None,
+                           overrides=parse_kv(args.set or "", "threshold"),
+                           write_thresholds=args.write_thresholds,
+                           allow_recalibrated=args.allow_recalibrated)
     if args.families:
         cfg.families = tuple(args.families.split(","))
     return _print(bench_audit(cfg))
@@ -369,9 +372,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--calibration-seeds", default=None,
                        help="calibration instance seeds (default: the first two of --seeds)")
     audit.add_argument("--budget", default="default", choices=("default", "small"))
-    audit.add_argument("--split", default=None, choices=("calibration", "heldout"))
+    audit.add_argument("--split", default="heldout", choices=("calibration", "heldout"),
+                       help="one split per run: calibration may try (--set) and write "
+                       "(--write-thresholds) thresholds; heldout only reads them and refuses "
+                       "thresholds written after its last result (default: heldout)")
     audit.add_argument("--families", default=None, help="comma-separated subset of families")
     audit.add_argument("--jobs", type=int, default=2, help="instances run in parallel processes")
+    audit.add_argument("--thresholds", default=None, metavar="FILE",
+                       help="judicial thresholds file (default: the shipped one)")
+    audit.add_argument("--set", default=None, metavar="K=V[,K=V]",
+                       help="calibration: thresholds to try instead of the file's")
+    audit.add_argument("--write-thresholds", action="store_true",
+                       help="calibration: write the thresholds judged with to the file")
+    audit.add_argument("--allow-recalibrated", action="store_true",
+                       help="heldout: run although the thresholds were written after the last "
+                       "held-out result (recorded in the output and the ledger)")
     audit.set_defaults(handler=_bench_audit)
 
     e2e = bsub.add_parser("e2e", help="publish -> device swap latency vs a full-model push")

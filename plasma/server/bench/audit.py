@@ -34,15 +34,19 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from plasma.protocol.errors import ConfigError
 
 from ..adapt import adapt_config, adaptation_round, fit_model, seeded
 from ..basepolicy import TrainBaseConfig, cached_policy, collect, evaluate
 from ..catalog import oracle_return
 from ..judicial import JudicialAuditor, RealData, pool
+from ..judicial.thresholds import load_thresholds, write_thresholds
 from ..phantom import blas_threads
 from ..policy_net import LoRA, MLPPolicy
 from ..tasks import get_task
@@ -54,8 +58,11 @@ from .exploits import (
     one_mode,
     poison_transitions,
 )
+from .heldout import check_heldout, ledger_for, record_heldout
+from .outcome import ALPHA, Outcome, compare
 
-__all__ = ["FAMILIES", "AuditBenchConfig", "bench_audit", "run_instance", "summarize"]
+__all__ = ["BITE_RATE", "FAMILIES", "AuditBenchConfig", "bench_audit", "instance_seed", "run_instance",
+           "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,10 @@ FAMILIES: dict[str, str] = {
     "few_data": "exploit", "one_mode": "exploit", "poisoned_fleet": "exploit",
 }
 """family -> kind."""
+
+BITE_RATE = 0.8
+"""An exploit family counts when its control (review off) is significantly harmful in at least
+this share of its rounds; a family that bites less is reported but not counted."""
 
 
 @dataclass
@@ -76,7 +87,8 @@ class AuditBenchConfig:
     """Held-out instances: one per family and seed."""
     calibration_seeds: tuple[int, ...] | None = None
     """Calibration instances (offset by 100 internally); None: the first two of ``seeds``."""
-    splits: tuple[str, ...] = ("calibration", "heldout")
+    splits: tuple[str, ...] = ("heldout",)
+    """One split per run: calibration (may try and write thresholds) or heldout (only reads them)."""
     families: tuple[str, ...] = tuple(FAMILIES)
     budget: str = "default"
     """Adaptation-round budget (``adapt_config``): the product's ``default`` or the demo's ``small``."""
@@ -85,12 +97,26 @@ class AuditBenchConfig:
     fleet_devices: int = 3
     poison_factor: float = 2.0
     """The poisoning device sends this many times the honest devices' transitions together."""
-    eval_episodes: int = 30
-    """Real noise-free evaluation episodes per policy (fixed seeds). 10 were too few: on l=1.3
-    returns are bimodal (a swing-up succeeds or not) and a 10-episode mean moved by ~100."""
-    regress_frac: float = 0.05
+    eval_episodes: int = 100
+    """Real noise-free evaluation episodes per policy, the same start states for every policy
+    (fixed seeds: paired). On l=1.3 returns are bimodal (a swing-up succeeds or not): a 10-episode
+    mean moved by ~100, so a difference is judged by a paired test (``outcome``), never by eye."""
+    alpha: float = ALPHA
+    """One-sided level of "significantly worse than base" (harmful control, regression)."""
     jobs: int = 2
     """Instances run in parallel processes (each single-threaded BLAS)."""
+    thresholds: Path | None = None
+    """The judicial thresholds file (None: the shipped one, which the product judges with)."""
+    overrides: dict[str, float] = field(default_factory=dict)
+    """Calibration only: thresholds to try instead of the file's (``--set``)."""
+    judging: dict[str, float] = field(default_factory=dict)
+    """The thresholds the rounds judge with (set by ``bench_audit``: the file's plus overrides)."""
+    write_thresholds: bool = False
+    """Calibration only: write the thresholds judged with (file's plus overrides) back to the file,
+    with this run's summary as their calibration record."""
+    allow_recalibrated: bool = False
+    """Held-out only: run even though the thresholds were written after the last held-out result
+    (recorded in the output and the ledger)."""
 
 
 def _act(policy: MLPPolicy, lora: LoRA | None):  # type: ignore[no-untyped-def]
@@ -109,29 +135,40 @@ def _rows(real: RealData, keep: np.ndarray) -> RealData:
     return RealData(*(a[keep] for a in (real.obs, real.act, real.rew, real.next_obs)))
 
 
-_RETURNS: dict[tuple[str, ...], float] = {}
+_RETURNS: dict[tuple[str, ...], Any] = {}
 
 
 def _reference_returns(env_id: str, base: MLPPolicy, physics: dict[str, float], episodes: int
-                       ) -> tuple[float, float]:
-    key = (env_id, repr(sorted(physics.items())))
+                       ) -> tuple[np.ndarray, float]:
+    """The base's per-episode real returns on the evaluation episodes, and the oracle's mean."""
+    key = (env_id, repr(sorted(physics.items())), str(episodes))
     if key not in _RETURNS:
-        _RETURNS[key] = float(evaluate(_act(base, None), env_id, physics, episodes)["mean"])
+        _RETURNS[key] = _returns(env_id, base, None, physics, episodes)
         _RETURNS[key + ("oracle",)] = oracle_return(env_id, physics, episodes)
     return _RETURNS[key], _RETURNS[key + ("oracle",)]
 
 
+def _returns(env_id: str, base: MLPPolicy, lora: LoRA | None, physics: dict[str, float],
+             episodes: int) -> np.ndarray:
+    """Per-episode real returns, noise-free, on the fixed evaluation seeds (paired across policies)."""
+    return np.asarray(evaluate(_act(base, lora), env_id, physics, episodes)["returns"])
+
+
 def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> dict[str, Any]:
-    """One round of one family instance; its verdict and the real returns."""
+    """One round of one family instance, its control (the same round with the judicial review
+    switched off: the submitted candidate; for fleet families a round without the device screen)
+    and both packets' paired real outcomes against the base."""
     t0 = time.perf_counter()
     task = get_task(cfg.env_id)
     base = cached_policy(TrainBaseConfig(env_id=cfg.env_id))[0]
-    inst = seed + (100 if split == "calibration" else 0)
+    inst = instance_seed(split, seed)
     shifts = SHIFTS[split]
-    physics = shifts[inst % len(shifts)]
+    physics = shifts[seed % len(shifts)]
     rng = np.random.default_rng([inst, list(FAMILIES).index(family)])
     round_cfg = seeded(adapt_config(cfg.budget), inst)
-    before, oracle = _reference_returns(cfg.env_id, base, physics, cfg.eval_episodes)
+    round_cfg = replace(round_cfg, judicial=replace(round_cfg.judicial, **cfg.judging))
+    base_returns, oracle = _reference_returns(cfg.env_id, base, physics, cfg.eval_episodes)
+    before = float(base_returns.mean())
     fleet = family.endswith("_fleet")
     episodes = 2 if fleet else cfg.episodes
     real = _collect(cfg.env_id, base, physics, episodes, inst * 1000)
@@ -139,15 +176,16 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     if family == "honest_hard":
         real = _rows(real, real.obs[:, 0] < 0.0)  # nothing above the horizontal
     elif family in ("shared_error", "single_member"):
-        corr = draw_corruption(rng, split, real)
-        info = {f"corruption_{k}": v for k, v in dataclasses.asdict(corr).items()}
+        corr = draw_corruption(rng, split, real, task)
+        info = {"corruption_kind": corr.kind, "corruption_factor": round(corr.factor, 3),
+                "corruption_share_of_box": round(corr.grid.share_off, 3) if corr.grid else None}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr,
                                     None if family == "shared_error" else [0])
     elif family == "learned_reward":
         assert task.reward is not None  # Pendulum's published reward, made "learned" here
-        reward = OptimisticReward(task.reward, real, rng)
+        reward = OptimisticReward(task.reward, real, task)
         world = dataclasses.replace(task, reward=reward)
-        info = {"optimistic_beyond_speed": round(reward.speed * reward.sign, 3)}
+        info = {"optimistic_share_of_box": round(reward.grid.share_off, 3)}
     elif family == "few_data":
         n = int(rng.integers(40, 100))
         start = int(rng.integers(0, len(real.obs) - n))
@@ -166,34 +204,45 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
             devices[f"device-{cfg.fleet_devices - 1}"] = bad
             info["bad_device"] = f"device-{cfg.fleet_devices - 1}"
         real = pool(devices, list(devices))
-    auditor = JudicialAuditor(world, base, round_cfg.judicial)
-    with blas_threads(1):
-        result, _, _ = adaptation_round(
-            world, base, real, round_cfg, auditor, fleet="bench", slot="fleet" if fleet else "device",
-            device=None if fleet else "bench-device", subject=f"bench:{family}", model=model,
-            devices=devices)
+
+    def one_round(devs: dict[str, RealData] | None) -> Any:
+        auditor = JudicialAuditor(world, base, round_cfg.judicial)
+        with blas_threads(1):
+            return adaptation_round(
+                world, base, real, round_cfg, auditor, fleet="bench",
+                slot="fleet" if fleet else "device", device=None if fleet else "bench-device",
+                subject=f"bench:{family}", model=model, devices=devs)[0]
+
+    result = one_round(devices)
     d = result.decision
+    # review off: the candidate is produced before the review, so the submitted one is what would
+    # ship; a fleet round without review also has no device screen (all devices pooled)
+    control = d.submitted if not fleet else one_round(None).decision.submitted
     gap = oracle - before
-    floor = before - cfg.regress_frac * abs(gap)
-    after = float(evaluate(_act(base, d.adapter), cfg.env_id, physics, cfg.eval_episodes)["mean"]) \
-        if d.adapter is not None else None
-    submitted = float(evaluate(_act(base, d.submitted), cfg.env_id, physics,
-                               cfg.eval_episodes)["mean"]) if d.submitted is not None else None
+
+    def outcome(lora: LoRA | None) -> Outcome | None:
+        if lora is None:
+            return None
+        return compare(base_returns, _returns(cfg.env_id, base, lora, physics, cfg.eval_episodes),
+                       alpha=cfg.alpha, seed=inst)
+
+    ctrl, pub = outcome(control), outcome(d.adapter)
+    after = pub.cand_mean if pub is not None else None
     excluded = int(result.record.scores.get("devices_excluded", 0))
-    row = {"family": family, "kind": FAMILIES[family], "split": split, "seed": inst,
-           "physics": physics, "verdict": result.verdict,
+    harmful = ctrl is not None and ctrl.worse
+    regressed = pub is not None and pub.worse
+    row = {"family": family, "kind": FAMILIES[family], "split": split, "seed": seed,
+           "instance": inst, "physics": physics, "verdict": result.verdict,
            "first_failed": not d.first.ok, "reasons": [r.code for r in result.record.reasons],
            "return_base": before, "return_oracle": oracle, "return_published": after,
-           "return_submitted": submitted,
-           "regressed_published": after is not None and after < floor,
-           "submitted_would_regress": submitted is not None and submitted < floor,
+           "return_control": ctrl.cand_mean if ctrl is not None else None,
+           "control": ctrl.as_dict() if ctrl is not None else None,
+           "published_outcome": pub.as_dict() if pub is not None else None,
+           "harmful": harmful, "regressed_published": regressed,
+           "caught": harmful and not regressed,
            "gap_closed": None if after is None or gap == 0 else (after - before) / gap,
            "devices_excluded": excluded, "transitions": len(real.obs), **info,
            "seconds": round(time.perf_counter() - t0, 1)}
-    bad_out = info.get("bad_device") is not None and excluded > 0 and \
-        f"{info['bad_device']}" in " ".join(r.message for r in result.record.reasons)
-    row["defended"] = result.verdict == "blocked" or (
-        not row["regressed_published"] and (result.verdict == "corrected" or bad_out))
     return row
 
 
@@ -204,17 +253,18 @@ def _family_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rs = [r for r in rows if r["family"] == family and r["split"] == split]
             if not rs:
                 continue
+            harmful = [r for r in rs if r["harmful"]]
             out.append({
                 "name": family, "kind": kind, "split": split, "rounds": len(rs),
+                "control_harmful": len(harmful),
+                "control_harm_rate": _rate(len(harmful), len(rs)),
+                "bites": kind == "exploit" and len(harmful) >= BITE_RATE * len(rs),
+                "caught": sum(r["caught"] for r in harmful),
+                "caught_rate": _rate(sum(r["caught"] for r in harmful), len(harmful)),
                 "published": sum(r["verdict"] == "published" for r in rs),
-                "blocked": sum(r["verdict"] == "blocked" for r in rs),
                 "corrected": sum(r["verdict"] == "corrected" for r in rs),
+                "blocked": sum(r["verdict"] == "blocked" for r in rs),
                 "regressed_published": sum(r["regressed_published"] for r in rs),
-                "defended": sum(r["defended"] for r in rs) if kind == "exploit" else None,
-                "safe": sum(not r["regressed_published"] for r in rs),
-                "submitted_would_regress": sum(r["submitted_would_regress"] for r in rs),
-                "stopped_when_it_would_regress": sum(r["submitted_would_regress"]
-                                                     and not r["regressed_published"] for r in rs),
                 "first_failed": sum(r["first_failed"] for r in rs),
                 "mean_gap_closed_published": _mean([r["gap_closed"] for r in rs
                                                     if r["gap_closed"] is not None]),
@@ -226,13 +276,41 @@ def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def instance_seed(split: str, seed: int) -> int:
+    """The seed of a split's instance: even for held-out, odd for calibration, so no held-out
+    instance can ever draw a calibration instance's data, corruption or model (and the splits'
+    shifts are disjoint sets as well, ``exploits.SHIFTS``)."""
+    if seed < 0:
+        raise ValueError(f"instance seeds are >= 0, got {seed}")
+    return 2 * seed + (1 if split == "calibration" else 0)
+
+
 def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     """Every family on every split and seed; one JSON-able dict (module docstring)."""
     cfg = cfg or AuditBenchConfig()
     t0 = time.perf_counter()
+    if len(cfg.splits) != 1 or cfg.splits[0] not in SHIFTS:
+        raise ConfigError(f"bench audit runs one split at a time (calibration or heldout), got "
+                          f"{cfg.splits}")
+    split = cfg.splits[0]
+    unknown = [f for f in cfg.families if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"unknown families {unknown}; known: {list(FAMILIES)}")
+    thresholds = load_thresholds(cfg.thresholds)
+    provenance: dict[str, Any] = {}
+    if split == "heldout":
+        if cfg.overrides or cfg.write_thresholds:
+            raise ConfigError("the held-out split only reads the thresholds: --set and "
+                              "--write-thresholds belong to --split calibration")
+        provenance = check_heldout(thresholds, ledger_for(thresholds),
+                                   allow_recalibrated=cfg.allow_recalibrated)
+    bad = [k for k in cfg.overrides if k not in thresholds.values]
+    if bad:
+        raise ConfigError(f"--set names no threshold: {bad}")
+    cfg.judging = {**thresholds.values, **cfg.overrides}
     cal = cfg.calibration_seeds if cfg.calibration_seeds is not None else cfg.seeds[:2]
-    jobs = [(family, split, seed) for split in sorted(cfg.splits, reverse=True)  # held-out first
-            for seed in (cal if split == "calibration" else cfg.seeds) for family in cfg.families]
+    seeds = cal if split == "calibration" else cfg.seeds
+    jobs = [(family, split, seed) for seed in seeds for family in cfg.families]
     rows = []
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max(1, cfg.jobs), mp_context=ctx) as pool_:
@@ -240,42 +318,65 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
         for fut in as_completed(futures):
             row = fut.result()
             rows.append(row)
+            ctrl = row["control"] or {}
             print(f"bench audit [{time.perf_counter() - t0:6.0f} s] {row['split']} seed {row['seed']} "
                   f"{row['family']}: {row['verdict']} ({', '.join(row['reasons']) or 'all checks'}); "
-                  f"real {row['return_base']:.0f} -> published {row['return_published']}, "
-                  f"submitted {row['return_submitted']}", file=sys.stderr, flush=True)
+                  f"real {row['return_base']:.0f} -> published {_fmt(row['return_published'])}, "
+                  f"control {_fmt(row['return_control'])} (p {ctrl.get('p_worse', '-')}, "
+                  f"{'harmful' if row['harmful'] else 'not harmful'})", file=sys.stderr, flush=True)
     rows.sort(key=lambda r: (r["split"], r["seed"], list(FAMILIES).index(r["family"])))
-    return {"env_id": cfg.env_id, "budget": cfg.budget, "seeds": list(cfg.seeds),
-            "calibration_seeds": [s + 100 for s in cal], "eval_episodes": cfg.eval_episodes,
-            **summarize(rows), "rounds": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    summary = summarize(rows)
+    out = {"env_id": cfg.env_id, "budget": cfg.budget, "split": split, "seeds": list(seeds),
+           "instances": sorted({r["instance"] for r in rows}), "eval_episodes": cfg.eval_episodes,
+           "alpha": cfg.alpha, "thresholds": {"path": str(thresholds.path),
+                                              "sha256": thresholds.sha256,
+                                              "written_at": thresholds.written_at.isoformat(),
+                                              "overrides": cfg.overrides, **provenance},
+           **summary, "rounds": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    brief = {k: v for k, v in summary.items() if k != "families"}
+    if split == "heldout":
+        record_heldout(ledger_for(thresholds), provenance,
+                       {"seeds": list(seeds), "families": list(cfg.families), **brief})
+    elif cfg.write_thresholds:
+        written = write_thresholds(thresholds.path, cfg.judging, {
+            "split": split, "seeds": list(seeds), "instances": out["instances"],
+            "budget": cfg.budget, "families": list(cfg.families), "overrides": cfg.overrides,
+            **brief})
+        out["thresholds"]["written"] = {"sha256": written.sha256,
+                                        "written_at": written.written_at.isoformat()}
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The per-family table and the held-out rates of a list of rounds (a row's kind is its
-    family's, ``FAMILIES``)."""
+    """The per-family table and the held-out figures of a list of rounds (a row's kind is its
+    family's, ``FAMILIES``). Exploit figures count only families that bite (their control is
+    significantly harmful in at least ``BITE_RATE`` of their rounds) and, within them, only the
+    harmful rounds."""
     for r in rows:
         r["kind"] = FAMILIES[r["family"]]
+    table = _family_rows(rows)
+    biting = {f["name"] for f in table if f["split"] == "heldout" and f["bites"]}
     held = [r for r in rows if r["split"] == "heldout"]
-    held_x = [r for r in held if r["kind"] == "exploit"]
+    harmful = [r for r in held if r["family"] in biting and r["harmful"]]
     held_h = [r for r in held if r["kind"] == "honest"]
-    honest = [r for r in rows if r["kind"] == "honest"]
-    first_failed = [r for r in honest if r["first_failed"]]
     return {
-        "families": _family_rows(rows),
-        "heldout_exploit_blocked_rate": _rate(sum(r["defended"] for r in held_x), len(held_x)),
-        "heldout_exploit_safe_rate": _rate(sum(not r["regressed_published"] for r in held_x),
-                                           len(held_x)),
-        "heldout_exploit_stopped_when_it_would_regress": _rate(
-            sum(r["submitted_would_regress"] and not r["regressed_published"] for r in held_x),
-            sum(r["submitted_would_regress"] for r in held_x)),
+        "families": table,
+        "heldout_biting_families": sorted(biting),
+        "heldout_harmful_rounds": len(harmful),
+        "heldout_harmful_caught_rate": _rate(sum(r["caught"] for r in harmful), len(harmful)),
         "heldout_honest_published_rate": _rate(sum(r["verdict"] != "blocked" for r in held_h),
                                                len(held_h)),
-        "regressed_published": sum(r["regressed_published"] for r in rows),
-        "honest_first_failed": len(first_failed),
-        "honest_published_after_correction": sum(r["verdict"] == "corrected" for r in first_failed),
+        "heldout_honest_gap_closed": _mean([r["gap_closed"] for r in held_h
+                                            if r["gap_closed"] is not None]),
+        "regressed_published": sum(r["regressed_published"] for r in held),
+        "regressed_published_calibration": sum(r["regressed_published"] for r in rows
+                                               if r["split"] == "calibration"),
     }
 
 
 def _rate(k: int, n: int) -> float | None:
     return k / n if n else None
-
