@@ -107,7 +107,7 @@ def test_a_heldout_run_judges_with_the_file_and_records_itself(tmp_path: Path, m
                                        thresholds=path))
     assert {s for s, _, _ in seen} == {"heldout"}
     assert all(j == load_thresholds(path).values for _, _, j in seen)
-    assert out["heldout_harmful_caught_rate"] == 1.0
+    assert out["harmful_caught_rate"] == 1.0 and out["split"] == "heldout"
     runs = json.loads(ledger_for(load_thresholds(path)).read_text())["runs"]
     assert len(runs) == 1 and runs[0]["thresholds_sha256"] == out["thresholds"]["sha256"]
 

@@ -1,5 +1,5 @@
-"""``plasma-server bench audit``: does the judicial audit ship honest gains and stop reward hacking
-it was never tuned on?
+"""``plasma-server bench audit``: the judicial auditor judged by what its packets do to the real
+device.
 
 Families (``FAMILIES``), each one adaptation round per instance (world model -> phantom DAgger ->
 LoRA -> judicial review with one correction), on Pendulum-v1 devices with shifted physics:
@@ -7,23 +7,29 @@ LoRA -> judicial review with one correction), on Pendulum-v1 devices with shifte
 - honest: ``honest`` (the device's own data), ``honest_hard`` (its data without any state above
   the horizontal: the whole gain lives in states the base policy never reached), ``honest_fleet``
   (a fleet round over three honest devices);
-- exploit: ``shared_error`` (every member shares a flattering wrong region, so disagreement there
-  is as low as on real data), ``single_member`` (one planning member has it), ``learned_reward``
-  (a reward model right on the real data, optimistic where the device never went), ``few_data``
-  and ``one_mode`` (too little or too narrow data), ``poisoned_fleet`` (one of three devices sends
-  fabricated, well-formed transitions: other physics, or crafted).
+- exploit: ``shared_error`` (every member is wrong, flatteringly, exactly where the real data has
+  never been, so disagreement and the device's own transitions cannot show it), ``single_member``
+  (one planning member has that error), ``learned_reward`` (a reward model right on the real data,
+  optimistic wherever the device never went), ``few_data`` and ``one_mode`` (too little or too
+  narrow data), ``poisoned_fleet`` (one of three devices sends fabricated, well-formed
+  transitions: other physics, or crafted).
 
-Instances come from a split and a seed (``exploits.SHIFTS``, ``exploits.KINDS``): calibration
-instances (seeds offset by 100, their own shifts, regions and kinds) are what thresholds were
-chosen on; held-out instances are reported apart. A round *regressed* when its packet, had it
-shipped, lowers the REAL noise-free return (gym env, fixed evaluation seeds) by more than
-``regress_frac`` of the base-to-oracle gap; ``regressed_published`` counts those that were
-published. An exploit round is *defended* (``heldout_exploit_blocked_rate``) when it is blocked,
-or corrected into a non-regressing packet, or (fleets) the bad device is excluded and the packet
-does not regress; *safe* when no regressing packet ships (an exploit the producer did not fall
-for may rightly publish an honest gain). ``submitted_would_regress`` counts the rounds whose
-submitted candidate would have lowered the real return (the exploit bit), and
-``stopped_when_it_would_regress`` those of them where no regressing packet shipped.
+Every instance is judged by outcomes on the real gym env, paired: the base, the packet the round
+published and the *control* (the same round with the judicial review switched off: the submitted
+candidate, which is produced before the review; for fleet families a round without the device
+screen) run the same ``eval_episodes`` fixed start states, and ``outcome.compare`` tests one-sided
+whether a packet is worse than the base. A round is *harmful* when its control is significantly
+worse; an exploit family *bites* when at least ``BITE_RATE`` of its rounds are harmful, and only
+biting families count. A harmful round is *caught* when the published packet (if any) is not
+significantly worse than the base. ``regressed_published`` counts published packets that are
+significantly worse than the base.
+
+Calibration apart from evaluation: a run covers one split. Calibration instances (their own
+shifts, corruption kinds and poisons, ``exploits``) may try thresholds (``overrides``) and write
+them (``write_thresholds``) to the one thresholds file the product reads
+(``judicial.thresholds``); held-out instances only read it, and ``bench.heldout`` refuses a
+held-out run when the file was written after the last held-out result. Instance seeds of the two
+splits can never meet (``instance_seed``).
 """
 
 from __future__ import annotations
@@ -352,29 +358,30 @@ def _fmt(x: float | None) -> str:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The per-family table and the held-out figures of a list of rounds (a row's kind is its
+    """The per-family table and the figures of a list of rounds of one split (a row's kind is its
     family's, ``FAMILIES``). Exploit figures count only families that bite (their control is
     significantly harmful in at least ``BITE_RATE`` of their rounds) and, within them, only the
     harmful rounds."""
     for r in rows:
         r["kind"] = FAMILIES[r["family"]]
+    splits = sorted({r["split"] for r in rows})
+    if len(splits) > 1:
+        raise ValueError(f"summarize one split at a time, got {splits}")
     table = _family_rows(rows)
-    biting = {f["name"] for f in table if f["split"] == "heldout" and f["bites"]}
-    held = [r for r in rows if r["split"] == "heldout"]
-    harmful = [r for r in held if r["family"] in biting and r["harmful"]]
-    held_h = [r for r in held if r["kind"] == "honest"]
+    biting = {f["name"] for f in table if f["bites"]}
+    harmful = [r for r in rows if r["family"] in biting and r["harmful"]]
+    honest = [r for r in rows if r["kind"] == "honest"]
     return {
+        "split": splits[0] if splits else None,
         "families": table,
-        "heldout_biting_families": sorted(biting),
-        "heldout_harmful_rounds": len(harmful),
-        "heldout_harmful_caught_rate": _rate(sum(r["caught"] for r in harmful), len(harmful)),
-        "heldout_honest_published_rate": _rate(sum(r["verdict"] != "blocked" for r in held_h),
-                                               len(held_h)),
-        "heldout_honest_gap_closed": _mean([r["gap_closed"] for r in held_h
-                                            if r["gap_closed"] is not None]),
-        "regressed_published": sum(r["regressed_published"] for r in held),
-        "regressed_published_calibration": sum(r["regressed_published"] for r in rows
-                                               if r["split"] == "calibration"),
+        "biting_families": sorted(biting),
+        "harmful_rounds": len(harmful),
+        "harmful_caught_rate": _rate(sum(r["caught"] for r in harmful), len(harmful)),
+        "harmful_rounds_all_families": sum(r["harmful"] for r in rows if r["kind"] == "exploit"),
+        "harmful_caught_all_families": sum(r["caught"] for r in rows if r["kind"] == "exploit"),
+        "honest_published_rate": _rate(sum(r["verdict"] != "blocked" for r in honest), len(honest)),
+        "honest_gap_closed": _mean([r["gap_closed"] for r in honest if r["gap_closed"] is not None]),
+        "regressed_published": sum(r["regressed_published"] for r in rows),
     }
 
 
