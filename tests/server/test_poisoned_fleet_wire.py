@@ -8,16 +8,18 @@ physics (m=1.6, g=12), each connected over mutual TLS with its own credentials, 
 ``encode_traces`` frames on its own telemetry topic; a real server (``plasma.server.run.Server``:
 ingest, store, adaptation worker, publisher) on the small budget, running a fleet round after
 the first device round. Two devices send real transitions of the shipped base policy on the real
-gym env; the third sends ``poison_transitions`` (the same states under much weaker gravity),
-well-formed and twice as many as the two honest devices together, through ingest's checks.
+gym env; the third sends ``poison_transitions`` (states like theirs, stepped under much weaker
+gravity, or, the held-out kind, a much longer pendulum), well-formed and twice as many as the two
+honest devices together, through ingest's checks.
 
 Asserted from the server's own records (its store's judicial record) and from the signed fleet
 packet an honest device receives:
 
 - the fleet round excluded the poisoning device and named it;
-- the published fleet packet was fitted on the honest transitions only and is not significantly
-  worse than the base on a paired real evaluation (``bench.outcome.compare``: the same 100
-  start states, one-sided test at 5%);
+- a fleet packet was published, fitted on the honest transitions only (its provenance), and on a
+  paired real evaluation (``bench.outcome.compare``: the same 100 start states, one-sided tests
+  at 5%) it is not significantly worse than the base, and significantly better (the screen did
+  not cost the honest devices their gain: a review that blocks every fleet round fails here);
 - the control: the same stored transitions pooled without the screen (an in-process
   ``adaptation_round`` without ``devices=``, the server's round config) give a submitted
   candidate that IS significantly worse than the base, so the exploit bites.
@@ -48,6 +50,7 @@ from plasma.server.phantom import blas_threads
 from plasma.server.policy_net import LoRA, MLPPolicy
 from plasma.server.run import Server
 from plasma.server.service_config import load_service_config
+from plasma.server.tasks import TaskSpec
 from plasma.server.worker import real_data
 from tests.deploy.conftest import SHIPPED_CONF, PlasmaBroker, _wait_listening, provision
 from tests.helpers.ports import free_port
@@ -57,7 +60,11 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ENV = "Pendulum-v1"
 PHYSICS = {"m": 1.6, "g": 12.0}
 """Every device's real physics (a shift the base was not trained for)."""
-FLEET = "pf"
+POISONS = {"pfa": ("calibration", "other_gravity"), "pfb": ("heldout", "other_length")}
+"""fleet -> (split, kind) of ``poison_transitions``: a fleet per poison (retained fleet packets
+stay on the broker). Both bite in the control; held-out ``other_mass`` and ``crafted`` did not
+(pooled without the screen, measured on these devices: no submitted candidate, and -14 +- 11 with
+p 0.15), so they would show nothing here."""
 HONEST = ("d0", "d1")
 POISONER = "d2"
 EPISODES = 2
@@ -72,16 +79,18 @@ ROUND_WAIT_S = 240.0
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlasmaBroker]:
-    """The shipped broker config, provisioned for fleet pf: devices d0 d1 d2 (FLEET.DEVICE users,
-    each writing only its own telemetry topic), the server worker plasma-server, admin ops."""
+    """The shipped broker config, provisioned for fleets pfa and pfb, devices d0 d1 d2 in each
+    (FLEET.DEVICE users, each writing only its own telemetry topic), the server worker
+    plasma-server and the admin ops."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         pytest.fail("Mosquitto is not installed: run `apt-get install mosquitto`")
     root = tmp_path_factory.mktemp("poison-broker")
     pki = root / "pki"
-    provision("provision", "--out", str(pki), "--fleet", FLEET,
-              *[a for d in (*HONEST, POISONER) for a in ("--device", d)],
-              "--server", "plasma-server", "--admin", "ops")
+    for fleet in POISONS:
+        provision("provision", "--out", str(pki), "--fleet", fleet,
+                  *[a for d in (*HONEST, POISONER) for a in ("--device", d)],
+                  "--server", "plasma-server", "--admin", "ops")
     tls_port, local_port = free_port(), free_port()
     log_file, conf = root / "mosquitto.log", root / "mosquitto.conf"
     (root / "data").mkdir()
@@ -114,7 +123,8 @@ def honest_transitions(base: MLPPolicy, seed0: int) -> RealData:
                       for k in ("obs", "act", "rew", "next_obs")))
 
 
-def frames(device: str, real: RealData, rows: int = 200, episode_len: int = 200) -> list[bytes]:
+def frames(fleet: str, device: str, real: RealData, rows: int = 200, episode_len: int = 200
+           ) -> list[bytes]:
     """The rows as the edge daemon frames them: one frame per ``rows`` rows, episodes of
     ``episode_len`` steps ending truncated, timestamps 20 Hz up to now, versions 0 (base)."""
     n = len(real.obs)
@@ -125,7 +135,7 @@ def frames(device: str, real: RealData, rows: int = 200, episode_len: int = 200)
         s = slice(lo, min(n, lo + rows))
         k = i[s]
         out.append(encode_traces(TraceBatch(
-            fleet=FLEET, device=device, episode=(k // episode_len).astype(np.uint32),
+            fleet=fleet, device=device, episode=(k // episode_len).astype(np.uint32),
             step=(k % episode_len).astype(np.uint32), obs=real.obs[s], action=real.act[s],
             reward=real.rew[s], next_obs=real.next_obs[s], terminated=np.zeros(len(k), bool),
             truncated=(k % episode_len) == episode_len - 1,
@@ -151,13 +161,24 @@ def returns(base: MLPPolicy, lora: LoRA | None) -> np.ndarray:
     return np.asarray(evaluate(_act(base, lora), ENV, PHYSICS, EVAL_EPISODES)["returns"])
 
 
+def poison(task: TaskSpec, honest: RealData, split: str, kind: str) -> tuple[RealData, dict]:
+    """``poison_transitions`` of ``kind`` (the first generator seed of the split that draws it)."""
+    for seed in range(100):
+        bad, info = poison_transitions(task, honest, PHYSICS, np.random.default_rng(seed), split,
+                                       POISON_FACTOR * len(honest.obs))
+        if info["poison"] == kind:
+            return bad, info
+    raise AssertionError(f"no seed draws a {kind} poison")
+
+
+@pytest.mark.parametrize("fleet", list(POISONS), ids=[k for _, k in POISONS.values()])
 def test_a_provisioned_poisoning_device_is_excluded_and_the_fleet_packet_does_not_regress(
-        broker: PlasmaBroker, tmp_path: Path) -> None:
+        broker: PlasmaBroker, tmp_path: Path, fleet: str) -> None:
     t_start = time.perf_counter()
     SigningKey.generate().save(tmp_path / "keys")
     cfg = load_service_config({
         "broker": f"mqtt://localhost:{broker.local_port}", "username": "plasma-server",
-        "password": broker.password("plasma-server"), "fleet": FLEET,
+        "password": broker.password("plasma-server"), "fleet": fleet,
         "key": str(tmp_path / "keys"), "model": "pendulum-nominal",
         "store": str(tmp_path / "server.sqlite"), "env": ENV, "budget": "small",
         # only the poisoner's flood makes a device due (after all of it is stored); the fleet
@@ -168,8 +189,7 @@ def test_a_provisioned_poisoning_device_is_excluded_and_the_fleet_packet_does_no
     base, task = server.base, server.task
     data = {d: honest_transitions(base, 1000 * (i + 1)) for i, d in enumerate(HONEST)}
     honest_pool = pool(data, list(HONEST))
-    bad, info = poison_transitions(task, honest_pool, PHYSICS, np.random.default_rng(24),
-                                   "calibration", POISON_FACTOR * len(honest_pool.obs))
+    bad, info = poison(task, honest_pool, *POISONS[fleet])
     data[POISONER] = bad
     packets: list[bytes] = []
     got_packet = threading.Event()
@@ -182,23 +202,23 @@ def test_a_provisioned_poisoning_device_is_excluded_and_the_fleet_packet_does_no
     try:
         server.start()
         for d in (*HONEST, POISONER):  # each device over mutual TLS with its own credentials
-            buses[d] = MqttBus(broker.config(f"{FLEET}.{d}"), clean=True)
+            buses[d] = MqttBus(broker.config(f"{fleet}.{d}"), clean=True)
             buses[d].connect(timeout=10)
-        buses[HONEST[0]].subscribe(topics.fleet_adapter(FLEET), on_fleet_packet)
+        buses[HONEST[0]].subscribe(topics.fleet_adapter(fleet), on_fleet_packet)
         time.sleep(0.5)  # subscriptions in place
         for d in HONEST:
-            for frame in frames(d, data[d]):
-                buses[d].publish(topics.telemetry(FLEET, d), frame, qos=1)
+            for frame in frames(fleet, d, data[d]):
+                buses[d].publish(topics.telemetry(fleet, d), frame, qos=1)
         for d in HONEST:
-            _wait(lambda d=d: server.store.count_rows(FLEET, d) == len(data[d].obs), 30,
+            _wait(lambda d=d: server.store.count_rows(fleet, d) == len(data[d].obs), 30,
                   f"{d}'s {len(data[d].obs)} transitions stored")
-        for frame in frames(POISONER, bad):
-            buses[POISONER].publish(topics.telemetry(FLEET, POISONER), frame, qos=1)
-        _wait(lambda: server.store.count_rows(FLEET, POISONER) == len(bad.obs), 30,
+        for frame in frames(fleet, POISONER, bad):
+            buses[POISONER].publish(topics.telemetry(fleet, POISONER), frame, qos=1)
+        _wait(lambda: server.store.count_rows(fleet, POISONER) == len(bad.obs), 30,
               "the poisoner's transitions stored")
         assert not server.ingest.stats()["refused"]  # well-formed: every frame passed ingest
 
-        record = _wait(lambda: next((r for r in server.store.audits(FLEET, auditor="judicial")
+        record = _wait(lambda: next((r for r in server.store.audits(fleet, auditor="judicial")
                                      if r.slot == "fleet"), None), ROUND_WAIT_S,
                        "a judicial record of the fleet round")
         if record.verdict in ("published", "corrected"):
@@ -211,54 +231,55 @@ def test_a_provisioned_poisoning_device_is_excluded_and_the_fleet_packet_does_no
 
     # --- the server's record: the poisoning device was excluded and named ---------------------
     reasons = {r.code: r.message for r in record.reasons}
-    assert record.scores.get("devices_excluded") == 1.0, record
+    assert record.scores.get("devices_excluded") == 1.0, \
+        f"no device excluded: {record.verdict}, {reasons or 'no reasons'}"
     assert "device_excluded" in reasons and f"{POISONER} (" in reasons["device_excluded"], reasons
     assert not any(f"{d} (" in reasons["device_excluded"] for d in HONEST), reasons
 
     # --- the paired real evaluation of what was published ---------------------------------------
-    stored = {d: real_data(_stored(tmp_path / "server.sqlite", d), 10**6)
+    stored = {d: real_data(_stored(tmp_path / "server.sqlite", fleet, d), 10**6)
               for d in (*HONEST, POISONER)}
     base_returns = returns(base, None)
-    published = None
-    if record.verdict in ("published", "corrected"):
-        assert packets, "the fleet round published but no fleet packet reached a device"
-        pkt = decode_packet(packets[-1], TrustStore.from_dir(tmp_path / "keys"))
-        assert (pkt.header.fleet, pkt.header.slot) == (FLEET, "fleet")
-        lora = LoRA({k: (np.asarray(a), np.asarray(b)) for k, (a, b) in pkt.adapter.layers.items()},
-                    pkt.adapter.alpha, pkt.adapter.rank)
-        published = compare(base_returns, returns(base, lora))
-        assert not published.worse, f"the published fleet packet regressed: {published.as_dict()}"
-        # fitted on the honest devices' transitions only
-        assert pkt.header.provenance.trace_count == sum(len(stored[d].obs) for d in HONEST)
-    else:
-        assert record.verdict == "blocked" and not packets
+    # the screen must not cost the honest devices their gain: a fleet packet ships (a review
+    # that blocks every fleet round would pass the checks above and fail here)
+    assert record.verdict in ("published", "corrected"), f"fleet round blocked: {reasons}"
+    assert packets, "the fleet round published but no fleet packet reached a device"
+    pkt = decode_packet(packets[-1], TrustStore.from_dir(tmp_path / "keys"))
+    assert (pkt.header.fleet, pkt.header.slot) == (fleet, "fleet")
+    lora = LoRA({k: (np.asarray(a), np.asarray(b)) for k, (a, b) in pkt.adapter.layers.items()},
+                pkt.adapter.alpha, pkt.adapter.rank)
+    published = compare(base_returns, returns(base, lora))
+    assert not published.worse, f"the published fleet packet regressed: {published.as_dict()}"
+    assert published.better, f"the published fleet packet does not help: {published.as_dict()}"
+    # fitted on the honest devices' transitions only
+    assert pkt.header.provenance.trace_count == sum(len(stored[d].obs) for d in HONEST)
 
     # --- the control: the same stored transitions pooled without the screen ---------------------
     rounds = server.worker.rounds.for_task(task)
     with blas_threads(1):
         control_round, _, _ = adaptation_round(
             task, base, pool(stored, sorted(stored)), rounds,
-            JudicialAuditor(task, base, rounds.judicial), fleet=FLEET, slot="fleet", device=None,
+            JudicialAuditor(task, base, rounds.judicial), fleet=fleet, slot="fleet", device=None,
             subject="control:pooled")
     submitted = control_round.decision.submitted
     assert submitted is not None
     control = compare(base_returns, returns(base, submitted))
     figures = {"poison": info, "verdict": record.verdict, "reasons": sorted(reasons),
                "base": round(float(base_returns.mean()), 1),
-               "published": published.as_dict() if published else None,
+               "published": published.as_dict(),
                "control": control.as_dict(), "wire_s": round(t_wire, 1),
                "total_s": round(time.perf_counter() - t_start, 1)}
     print(f"poisoned fleet over the wire: {figures}")
     assert control.worse, f"the exploit does not bite: pooled without the screen {figures}"
 
 
-def _stored(path: Path, device: str) -> TraceBatch:
+def _stored(path: Path, fleet: str, device: str) -> TraceBatch:
     """A device's transitions as the server stored them (read after the server stopped)."""
     from plasma.server.store import open_store
 
     store = open_store(str(path))
     try:
-        batch = store.transitions(FLEET, device)
+        batch = store.transitions(fleet, device)
         assert batch is not None
         return batch
     finally:
