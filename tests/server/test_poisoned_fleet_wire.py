@@ -33,6 +33,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,8 @@ def returns(base: MLPPolicy, lora: LoRA | None) -> np.ndarray:
     return np.asarray(evaluate(_act(base, lora), ENV, PHYSICS, EVAL_EPISODES)["returns"])
 
 
-def poison(task: TaskSpec, honest: RealData, split: str, kind: str) -> tuple[RealData, dict]:
+def poison(task: TaskSpec, honest: RealData, split: str, kind: str
+           ) -> tuple[RealData, dict[str, Any]]:
     """``poison_transitions`` of ``kind`` (the first generator seed of the split that draws it)."""
     for seed in range(100):
         bad, info = poison_transitions(task, honest, PHYSICS, np.random.default_rng(seed), split,
@@ -210,11 +212,11 @@ def test_a_provisioned_poisoning_device_is_excluded_and_the_fleet_packet_does_no
             for frame in frames(fleet, d, data[d]):
                 buses[d].publish(topics.telemetry(fleet, d), frame, qos=1)
         for d in HONEST:
-            _wait(lambda d=d: server.store.count_rows(fleet, d) == len(data[d].obs), 30,
+            _wait(partial(_stored_all, server, fleet, d, len(data[d].obs)), 30,
                   f"{d}'s {len(data[d].obs)} transitions stored")
         for frame in frames(fleet, POISONER, bad):
             buses[POISONER].publish(topics.telemetry(fleet, POISONER), frame, qos=1)
-        _wait(lambda: server.store.count_rows(fleet, POISONER) == len(bad.obs), 30,
+        _wait(partial(_stored_all, server, fleet, POISONER, len(bad.obs)), 30,
               "the poisoner's transitions stored")
         assert not server.ingest.stats()["refused"]  # well-formed: every frame passed ingest
 
@@ -271,6 +273,10 @@ def test_a_provisioned_poisoning_device_is_excluded_and_the_fleet_packet_does_no
                "total_s": round(time.perf_counter() - t_start, 1)}
     print(f"poisoned fleet over the wire: {figures}")
     assert control.worse, f"the exploit does not bite: pooled without the screen {figures}"
+
+
+def _stored_all(server: Server, fleet: str, device: str, rows: int) -> bool:
+    return server.store.count_rows(fleet, device) == rows
 
 
 def _stored(path: Path, fleet: str, device: str) -> TraceBatch:
