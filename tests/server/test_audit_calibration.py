@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plasma.protocol.errors import ConfigError
 from plasma.server.bench import audit
 from plasma.server.bench.audit import AuditBenchConfig, bench_audit, instance_seed
 from plasma.server.bench.exploits import SHIFTS
@@ -25,7 +26,6 @@ from plasma.server.judicial.thresholds import (
     load_thresholds,
     write_thresholds,
 )
-from plasma.protocol.errors import ConfigError
 
 
 def test_the_shipped_file_holds_every_threshold_and_the_config_reads_it() -> None:

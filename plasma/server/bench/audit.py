@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from plasma.protocol.bundle import load_bundle
+from plasma.protocol.catalog import resolve_bundle
 from plasma.protocol.errors import ConfigError
 
 from ..adapt import adapt_config, adaptation_round, fit_model, seeded
@@ -55,12 +57,18 @@ from ..judicial import JudicialAuditor, RealData, pool
 from ..judicial.thresholds import load_thresholds, write_thresholds
 from ..phantom import blas_threads
 from ..policy_net import LoRA, MLPPolicy
+from ..run import policy_from_bundle
 from ..tasks import get_task
+from ..tasks.registry import resolve_physics
 from .exploits import (
+    MUJOCO_BASE,
+    MUJOCO_ENV,
+    MUJOCO_SHIFTS,
     SHIFTS,
     CorruptedModel,
     OptimisticReward,
     draw_corruption,
+    draw_speed_corruption,
     one_mode,
     poison_transitions,
 )
@@ -76,6 +84,7 @@ FAMILIES: dict[str, str] = {
     "honest": "honest", "honest_hard": "honest", "honest_fleet": "honest",
     "shared_error": "exploit", "single_member": "exploit", "learned_reward": "exploit",
     "few_data": "exploit", "one_mode": "exploit", "poisoned_fleet": "exploit",
+    "mujoco_shared_error": "exploit",
 }
 """family -> kind."""
 
@@ -144,14 +153,28 @@ def _rows(real: RealData, keep: np.ndarray) -> RealData:
 _RETURNS: dict[tuple[str, ...], Any] = {}
 
 
-def _reference_returns(env_id: str, base: MLPPolicy, physics: dict[str, float], episodes: int
-                       ) -> tuple[np.ndarray, float]:
-    """The base's per-episode real returns on the evaluation episodes, and the oracle's mean."""
+def _reference_returns(env_id: str, base: MLPPolicy, physics: dict[str, float], episodes: int,
+                       oracle_base: Path | None = None) -> tuple[np.ndarray, float]:
+    """The base's per-episode real returns on the evaluation episodes, and the oracle's mean
+    (recorded beside ``oracle_base`` when given)."""
     key = (env_id, repr(sorted(physics.items())), str(episodes))
     if key not in _RETURNS:
         _RETURNS[key] = _returns(env_id, base, None, physics, episodes)
-        _RETURNS[key + ("oracle",)] = oracle_return(env_id, physics, episodes)
+        _RETURNS[key + ("oracle",)] = oracle_return(env_id, physics, episodes, base=oracle_base)
     return _RETURNS[key], _RETURNS[key + ("oracle",)]
+
+
+def _device(family: str, split: str, seed: int, cfg: AuditBenchConfig
+            ) -> tuple[str, MLPPolicy, dict[str, float], Path | None]:
+    """The env, base policy, physics and oracle bundle of an instance's device."""
+    if family.startswith("mujoco_"):
+        bundle = resolve_bundle(MUJOCO_BASE)
+        shifts = MUJOCO_SHIFTS[split]
+        return (MUJOCO_ENV, policy_from_bundle(load_bundle(bundle)),
+                resolve_physics(MUJOCO_ENV, shifts[seed % len(shifts)]), bundle)
+    shifts_ = SHIFTS[split]
+    return (cfg.env_id, cached_policy(TrainBaseConfig(env_id=cfg.env_id))[0],
+            shifts_[seed % len(shifts_)], None)
 
 
 def _returns(env_id: str, base: MLPPolicy, lora: LoRA | None, physics: dict[str, float],
@@ -165,22 +188,25 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     switched off: the submitted candidate; for fleet families a round without the device screen)
     and both packets' paired real outcomes against the base."""
     t0 = time.perf_counter()
-    task = get_task(cfg.env_id)
-    base = cached_policy(TrainBaseConfig(env_id=cfg.env_id))[0]
     inst = instance_seed(split, seed)
-    shifts = SHIFTS[split]
-    physics = shifts[seed % len(shifts)]
     rng = np.random.default_rng([inst, list(FAMILIES).index(family)])
+    env_id, base, physics, oracle_base = _device(family, split, seed, cfg)
+    task = get_task(env_id)
     round_cfg = seeded(adapt_config(cfg.budget), inst)
-    round_cfg = replace(round_cfg, judicial=replace(round_cfg.judicial, **cfg.judging))
-    base_returns, oracle = _reference_returns(cfg.env_id, base, physics, cfg.eval_episodes)
+    round_cfg = replace(round_cfg, judicial=replace(round_cfg.judicial, **cfg.judging)).for_task(task)
+    base_returns, oracle = _reference_returns(env_id, base, physics, cfg.eval_episodes, oracle_base)
     before = float(base_returns.mean())
     fleet = family.endswith("_fleet")
     episodes = 2 if fleet else cfg.episodes
-    real = _collect(cfg.env_id, base, physics, episodes, inst * 1000)
+    real = _collect(env_id, base, physics, episodes, inst * 1000)
     world, model, devices, info = task, None, None, {}
     if family == "honest_hard":
         real = _rows(real, real.obs[:, 0] < 0.0)  # nothing above the horizontal
+    elif family == "mujoco_shared_error":
+        corr = draw_speed_corruption(rng, real, task, base.forward)
+        info = {"corruption_kind": corr.kind, "corruption_speed": round(corr.factor, 2),
+                "corruption_share_of_grid": round(corr.grid.share_off, 3) if corr.grid else None}
+        model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr)
     elif family in ("shared_error", "single_member"):
         corr = draw_corruption(rng, split, real, task)
         info = {"corruption_kind": corr.kind, "corruption_factor": round(corr.factor, 3),
@@ -202,7 +228,7 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     if fleet:
         devices = {"device-0": real}
         for i in range(1, cfg.fleet_devices):
-            devices[f"device-{i}"] = _collect(cfg.env_id, base, physics, episodes, inst * 1000 + 100 * i)
+            devices[f"device-{i}"] = _collect(env_id, base, physics, episodes, inst * 1000 + 100 * i)
         if family == "poisoned_fleet":
             honest = pool(devices, list(devices)[:-1])
             bad, info = poison_transitions(task, honest, physics, rng, split,
@@ -229,7 +255,7 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     def outcome(lora: LoRA | None) -> Outcome | None:
         if lora is None:
             return None
-        return compare(base_returns, _returns(cfg.env_id, base, lora, physics, cfg.eval_episodes),
+        return compare(base_returns, _returns(env_id, base, lora, physics, cfg.eval_episodes),
                        alpha=cfg.alpha, seed=inst)
 
     ctrl, pub = outcome(control), outcome(d.adapter)
