@@ -215,7 +215,7 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
                                     None if family == "shared_error" else [0])
     elif family == "learned_reward":
         assert task.reward is not None  # Pendulum's published reward, made "learned" here
-        reward = OptimisticReward(task.reward, real, task)
+        reward = OptimisticReward(task.reward, real, task, base.forward)
         world = dataclasses.replace(task, reward=reward)
         info = {"optimistic_share_of_box": round(reward.grid.share_off, 3)}
     elif family == "few_data":
