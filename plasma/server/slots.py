@@ -1,0 +1,161 @@
+"""What a device runs: the slot combination every round is fitted and judged on.
+
+A device runs base ⊕ fleet adapter ⊕ device adapter (``W = W_base + Δ_fleet + Δ_device``, the
+edge's merge). Which versions it runs is the device's word, not the server's belief: a packet
+may still be on its way, refused, or rolled back by the device's canary (which puts back the
+state before it, not an empty slot). The server reads that word from
+
+1. the device's retained versions message (``LiveVersions``, ``plasma/v1/F/device/D/versions``),
+   sent at start, after every accept and rollback: ``DeviceVersions`` keeps the newest per device;
+2. else the versions columns of its newest stored transition (telemetry names the adapters live
+   when each row was recorded).
+
+and the weights a version names from the signed bytes of the packet published as that version
+(kept with the publication in the store), decoded as the device decoded them (int8 factors
+included): ``PublishedAdapters``. A version the store does not hold raises ``UnknownVersion``:
+the server does not guess what a device runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import ValidationError
+
+from plasma.protocol import LiveVersions, PacketError, TraceBatch, TrustStore, decode_packet, topics
+from plasma.protocol.bus import Bus, Message
+from plasma.protocol.errors import ServiceError
+
+from .policy_net import LoRA, MLPPolicy
+from .store import Store
+
+__all__ = ["Combination", "DeviceVersions", "PublishedAdapters", "UnknownVersion",
+           "reported_versions"]
+
+log = logging.getLogger(__name__)
+
+MAX_VERSIONS_BYTES = 4096
+
+
+class UnknownVersion(ServiceError):
+    """A device reports a version whose packet this server's store does not hold."""
+
+    code = "unknown_version"
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One device's slots: base ⊕ ``fleet`` ⊕ ``device`` (None: an empty slot)."""
+
+    fleet_version: int
+    fleet: LoRA | None
+    device_version: int
+    device: LoRA | None
+    source: str = "server"
+    """Who said so: ``versions`` (the device's LiveVersions), ``telemetry`` (its newest stored
+    transition) or ``server`` (nothing reported: the server's own accepted adapters)."""
+
+    def policy(self, base: MLPPolicy) -> MLPPolicy:
+        """base ⊕ fleet adapter: the policy the device slot's adapter is relative to."""
+        return base.merged(self.fleet)
+
+    def describe(self) -> str:
+        return f"fleet v{self.fleet_version} + device v{self.device_version}"
+
+
+class DeviceVersions:
+    """device -> the versions it reports running, from its retained versions topic."""
+
+    def __init__(self, fleet: str) -> None:
+        self.fleet = fleet
+        self._lock = threading.Lock()
+        self._live: dict[str, tuple[float, dict[str, int]]] = {}
+        self.refused = 0
+        """Messages on the versions topics that were not a valid report of their device."""
+
+    def start(self, bus: Bus) -> None:
+        bus.subscribe(topics.device_filter(self.fleet, "versions"), self._on_message, qos=1)
+
+    def _on_message(self, message: Message) -> None:
+        if self.handle(message) is not None:
+            self.refused += 1
+
+    def handle(self, message: Message) -> str | None:
+        """Keep one report (the newest by its timestamp); returns a refusal code or None."""
+        if not message.payload:
+            return None  # a cleared retained message: says nothing
+        if len(message.payload) > MAX_VERSIONS_BYTES:
+            return "too_large"
+        try:
+            topic = topics.parse(message.topic)
+            live = LiveVersions.model_validate_json(message.payload)
+        except (ValueError, ValidationError):
+            return "malformed"
+        if topic.kind != "versions" or live.fleet != self.fleet \
+                or (live.fleet, live.device) != (topic.fleet, topic.device):
+            return "identity_mismatch"
+        with self._lock:
+            old = self._live.get(live.device)
+            if old is None or live.timestamp >= old[0]:
+                self._live[live.device] = (live.timestamp, live.slot_versions())
+        return None
+
+    def get(self, device: str) -> dict[str, int] | None:
+        with self._lock:
+            entry = self._live.get(device)
+        return dict(entry[1]) if entry is not None else None
+
+
+def reported_versions(live: DeviceVersions | None, device: str, batch: TraceBatch | None
+                      ) -> tuple[dict[str, int], str] | None:
+    """(slot -> version, source) the device reports running; None when it reports nothing."""
+    if live is not None and (versions := live.get(device)) is not None:
+        return versions, "versions"
+    if batch is not None and len(batch) and batch.versions:
+        return {slot: int(np.asarray(col)[-1]) for slot, col in batch.versions.items()}, \
+            "telemetry"
+    return None
+
+
+class PublishedAdapters:
+    """(slot, target, version) -> the adapter that packet carried, decoded from the store."""
+
+    def __init__(self, store: Store, fleet: str, trust: TrustStore) -> None:
+        self.store, self.fleet, self.trust = store, fleet, trust
+        self._cache: dict[tuple[str, str, int], LoRA | None] = {}
+        self._lock = threading.Lock()
+
+    def adapter(self, slot: str, target: str, version: int) -> LoRA | None:
+        """The adapter of that version (None for version 0 or a packet that cleared the slot);
+        raises ``UnknownVersion`` when the store holds no packet of that version."""
+        if version == 0:
+            return None
+        key = (slot, target, version)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        data = self.store.published_packet(self.fleet, slot, target, version)
+        if data is None:
+            raise UnknownVersion(f"{slot} adapter v{version} of {target}: this server's store "
+                                 "holds no packet of that version")
+        try:
+            packet = decode_packet(data, self.trust)
+        except PacketError as exc:
+            raise UnknownVersion(f"{slot} adapter v{version} of {target}: the stored packet does "
+                                 f"not verify ({exc.code})") from None
+        adapter = packet.adapter
+        lora = LoRA({n: (np.array(a, np.float32), np.array(b, np.float32))
+                     for n, (a, b) in adapter.layers.items()}, float(adapter.alpha),
+                    int(adapter.rank)) if adapter.layers else None
+        with self._lock:
+            self._cache[key] = lora
+        return lora
+
+    def combination(self, device: str, versions: dict[str, int], source: str) -> Combination:
+        """The adapters the reported versions name (``UnknownVersion`` if one is not held)."""
+        fv, dv = int(versions.get("fleet", 0)), int(versions.get("device", 0))
+        return Combination(fv, self.adapter("fleet", self.fleet, fv), dv,
+                           self.adapter("device", device, dv), source)
