@@ -307,13 +307,16 @@ class AdaptationWorker:
     def _align(self, device: str, learner: Learner, runs: Combination) -> None:
         """The device round starts from the device adapter the device runs. When that is not
         the newest one this server published for it (refused, rolled back, or not arrived),
-        the learner starts from what the device runs instead (labels dropped, model kept)."""
+        the learner starts from what the device runs instead (labels dropped, model kept);
+        when it is, the learner keeps its own (the same, or a newer one still queued)."""
         if runs.source == "server":
             self._check_device(device, learner)
             return
         newest = self.store.current_version(self.schedule.fleet, "device", device)
-        if runs.device_version != newest and (learner.adapter is not None
-                                              or runs.device is not None):
+        if learner.adapter is None and runs.device is not None and runs.device_version == newest:
+            learner.adapter = runs.device  # e.g. a learner the store lost: start from it
+        elif runs.device_version != newest and (learner.adapter is not None
+                                                or runs.device is not None):
             log.warning("device %s runs device adapter v%d, not v%d (refused, rolled back or "
                         "not arrived yet); its next adapter starts from the one it runs", device,
                         runs.device_version, newest)
