@@ -264,6 +264,11 @@ class Publisher:
         with self._cond:
             return len(self._pending)
 
+    def waiting(self, slot: Slot, device: str | None = None) -> bool:
+        """True while an adapter for that slot target waits in the queue."""
+        with self._cond:
+            return (slot, device or "") in self._pending
+
     def _next_ready(self) -> tuple[_Job | None, float]:
         """The most urgent job whose target may receive now, else the wait until one may."""
         now = self._clock()

@@ -57,13 +57,23 @@ class Combination:
     source: str = "server"
     """Who said so: ``versions`` (the device's LiveVersions), ``telemetry`` (its newest stored
     transition) or ``server`` (nothing reported: the server's own accepted adapters)."""
+    next_device: LoRA | None = None
+    """A device adapter the server accepted for it that it does not report running yet (queued,
+    on its way, or refused): it may be live when a fleet packet lands, so a fleet candidate is
+    judged with it too."""
 
     def policy(self, base: MLPPolicy) -> MLPPolicy:
         """base ⊕ fleet adapter: the policy the device slot's adapter is relative to."""
         return base.merged(self.fleet)
 
     def describe(self) -> str:
-        return f"fleet v{self.fleet_version} + device v{self.device_version}"
+        return f"fleet v{self.fleet_version} + device v{self.device_version}" + \
+            (" (a newer device adapter on its way)" if self.next_device is not None else "")
+
+    def device_adapters(self) -> list[LoRA | None]:
+        """Every device adapter that may be live with the fleet slot: the one it runs, and the
+        one on its way."""
+        return [self.device] + ([self.next_device] if self.next_device is not None else [])
 
 
 class DeviceVersions:

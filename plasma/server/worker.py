@@ -114,7 +114,7 @@ class AdaptationWorker:
         self.live = live
         self.adapters = PublishedAdapters(store, schedule.fleet,
                                           TrustStore([publisher.key.public_key]))
-        self._unknown: dict[str, str] = {}
+        self._notes: dict[str, str] = {}
         self.schedule, self.rounds = schedule, rounds
         self.executor: Executor = executor if executor is not None else LocalExecutor()
         self.learners: dict[str, Learner] = {}
@@ -279,7 +279,10 @@ class AdaptationWorker:
         try:
             runs = self.running(device, batch)
         except UnknownVersion as exc:
-            self._warn_unknown(device, f"device {device}: no round ({exc}); its data stay due")
+            self._note(device, f"device {device}: no round ({exc}); its data stay due")
+            return 0
+        if (why := self._fleet_in_flight(device, runs)) is not None:
+            self._note(device, f"device {device}: its round waits until {why}")
             return 0
         log.info("device %s: %d new real transitions (%d in all); adapting its device slot on "
                  "%s (%s)", device, new, len(batch), runs.describe(), runs.source)
@@ -296,13 +299,41 @@ class AdaptationWorker:
             learner = self.learners.get(device)
             return Combination(0, self.fleet_adapter, 0,
                                learner.adapter if learner is not None else None, "server")
-        self._unknown.pop(device, None)
+        self._notes.pop(device, None)
         return self.adapters.combination(device, *reported)
 
-    def _warn_unknown(self, device: str, message: str) -> None:
-        if self._unknown.get(device) != message:
+    def _next_device(self, device: str, runs: Combination) -> Combination:
+        """``runs`` with the device adapter this server accepted for the device last, when the
+        device does not report running it yet (queued, on its way, or refused)."""
+        learner = self._learner("device", device)
+        newest = self.store.current_version(self.schedule.fleet, "device", device)
+        if learner.adapter is None or (runs.device_version == newest
+                                       and not self.publisher.waiting("device", device)):
+            return runs
+        return replace(runs, next_device=learner.adapter)
+
+    def _fleet_in_flight(self, device: str, runs: Combination) -> str | None:
+        """Why a fleet packet may still land on ``device`` (a device adapter fitted now would
+        land over a fleet adapter it was not fitted on), or None."""
+        fleet = self.schedule.fleet
+        if runs.source == "server":
+            return None
+        if self.publisher.waiting("fleet"):
+            return "the fleet adapter queued for publication has gone out"
+        newest = self.store.current_version(fleet, "fleet", fleet)
+        if runs.fleet_version >= newest:
+            return None
+        state = self.store.device_state(fleet, device, "fleet")
+        if state["last_verdict"] in ("rejected", "rolled_back") and \
+                int(state["last_version"]) >= newest:  # type: ignore[call-overload]
+            return None  # it refused the newest: what it runs is what it keeps
+        return f"fleet adapter v{newest} has landed or been refused (it runs v{runs.fleet_version})"
+
+    def _note(self, target: str, message: str) -> None:
+        """Log a reason a round does not run, once per change."""
+        if self._notes.get(target) != message:
             log.warning("%s", message)
-        self._unknown[device] = message
+        self._notes[target] = message
 
     def _align(self, device: str, learner: Learner, runs: Combination) -> None:
         """The device round starts from the device adapter the device runs. When that is not
@@ -338,11 +369,12 @@ class AdaptationWorker:
                  len(batch), len(self.store.devices(fleet)))
         batches = {d: b for d in self.store.devices(fleet)
                    if (b := self.store.transitions(fleet, d, newest=self.rounds.max_transitions))}
-        try:  # the pair each device would run is judged: what it runs now, by its own report
-            running = {d: self.running(d, b) for d, b in batches.items()}
+        try:  # the pairs each device may run are judged: what it runs now, by its own report,
+            # and the device adapter on its way to it
+            running = {d: self._next_device(d, self.running(d, b)) for d, b in batches.items()}
         except UnknownVersion as exc:
-            self._warn_unknown(fleet, f"fleet {fleet}: no round ({exc}); the fleet slot is "
-                               "adapted again after the next device rounds")
+            self._note(fleet, f"fleet {fleet}: no round ({exc}); the fleet slot is adapted "
+                       "again after the next device rounds")
             return 0
         per_device = {d: real_data(b, self.rounds.max_transitions) for d, b in batches.items()}
         self._submit("fleet", fleet, learner, self.base, batch, self.fleet_cursor, len(batch),

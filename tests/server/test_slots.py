@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from plasma.protocol import LiveVersions, SigningKey, TraceBatch, topics
+from plasma.protocol import AuditRecord, LiveVersions, SigningKey, TraceBatch, topics
 from plasma.protocol.bundle import load_bundle
 from plasma.protocol.bus import MemoryBroker, MemoryBus, Message
 from plasma.protocol.catalog import resolve_bundle
@@ -65,8 +65,6 @@ def _negated(lora: LoRA) -> LoRA:
 
 
 def _blank(decision_adapter: LoRA) -> Decision:
-    from plasma.protocol import AuditRecord
-
     record = AuditRecord(auditor="judicial", subject="candidate", verdict="published",
                          fleet=FLEET, slot="fleet")
     return Decision("published", decision_adapter, record, None)  # type: ignore[arg-type]
@@ -171,6 +169,7 @@ def rig(base: MLPPolicy):  # type: ignore[no-untyped-def]
         publisher.publish_ready()
     publisher.submit(to_adapter(dev), "device", "d1")
     publisher.publish_ready()
+    worker._was_leader = True  # (a first tick would otherwise reload the learners from the store)
     worker.fleet_learner = worker._learner("fleet", FLEET)
     worker.fleet_learner.adapter = fleet[1]  # the server's newest: v2
     yield {"store": store, "bus": bus, "worker": worker, "capture": capture, "fleet": fleet,
@@ -182,10 +181,16 @@ def _same_policy(a: MLPPolicy, b: MLPPolicy) -> bool:
     return all(np.allclose(wa, wb, atol=1e-6) for (wa, _), (wb, _) in zip(a.layers, b.layers))
 
 
+def _rolled_back(store: TraceStore, device: str, slot: str, version: int) -> None:
+    store.add_ack(AuditRecord(auditor="edge", subject="packet:x", verdict="rolled_back",
+                              fleet=FLEET, device=device, slot=slot, version=version))
+
+
 def test_device_round_adapts_the_fleet_adapter_the_device_runs_not_the_newest(rig) -> None:  # type: ignore[no-untyped-def]
     """d1's telemetry says it runs fleet v1 (it rolled v2 back) with device v1: its round adapts
     base ⊕ v1, starting from device v1; the server's newest fleet adapter (v2) is not used."""
     rig["store"].add_traces(_batch("d1", 0, fleet_v=1, device_v=1))
+    _rolled_back(rig["store"], "d1", "fleet", 2)
     rig["worker"].tick(0.0)
     (spec,) = rig["capture"].specs
     base, (v1, v2) = rig["base"], rig["fleet"]
@@ -195,6 +200,18 @@ def test_device_round_adapts_the_fleet_adapter_the_device_runs_not_the_newest(ri
     start = spec.learner.adapter
     assert start is not None and all(np.allclose(start.factors[n][1], rig["dev"].factors[n][1])
                                      for n in start.factors)
+
+
+def test_a_device_round_waits_for_the_fleet_packet_on_its_way(rig) -> None:  # type: ignore[no-untyped-def]
+    """d1 reports fleet v1 and has not answered v2: v2 may still land, so a device adapter
+    fitted on v1 now would land over v2 unjudged. The round waits; after the rollback it runs."""
+    rig["store"].add_traces(_batch("d1", 0, fleet_v=1, device_v=1))
+    rig["worker"].tick(0.0)
+    assert rig["capture"].specs == [] and rig["worker"].cursor["d1"] == 0
+    _rolled_back(rig["store"], "d1", "fleet", 2)
+    rig["worker"].tick(0.0)
+    (spec,) = rig["capture"].specs
+    assert _same_policy(spec.policy, rig["base"].merged(rig["fleet"][0]))
 
 
 def test_the_versions_message_outranks_telemetry(rig) -> None:  # type: ignore[no-untyped-def]
@@ -228,6 +245,21 @@ def test_fleet_round_is_judged_on_each_device_with_its_adapter(rig) -> None:  # 
     assert (d1.fleet_version, d1.device_version, d2.fleet_version, d2.device_version) == \
         (1, 1, 2, 0)
     assert d1.device is not None and d2.device is None
+    assert d1.next_device is None and d2.next_device is None  # nothing on its way
+
+
+def test_fleet_round_judges_the_device_adapter_on_its_way_too(rig) -> None:  # type: ignore[no-untyped-def]
+    """The server accepted a new device adapter for d1 that d1 does not run yet: the fleet
+    candidate is judged with it as well (it may be live when the fleet packet lands)."""
+    rig["store"].add_traces(_batch("d1", 0, fleet_v=2, device_v=1))
+    worker = rig["worker"]
+    newer = _lora(rig["base"], seed=30, size=0.05)
+    worker._learner("device", "d1").adapter = newer
+    worker.publisher.submit(to_adapter(newer), "device", "d1")  # queued, not yet out
+    worker._since_fleet, worker.schedule = 1, ScheduleConfig(FLEET, 10**9, fleet_every=1)
+    worker.tick(0.0)
+    (spec,) = rig["capture"].specs
+    assert spec.running is not None and spec.running["d1"].next_device is newer
 
 
 def test_an_unknown_version_gets_no_round(rig) -> None:  # type: ignore[no-untyped-def]
@@ -237,3 +269,27 @@ def test_an_unknown_version_gets_no_round(rig) -> None:  # type: ignore[no-untyp
         rig["worker"].running("d1", rig["store"].transitions(FLEET, "d1"))
     rig["worker"].tick(0.0)
     assert rig["capture"].specs == [] and rig["worker"].cursor["d1"] == 0
+
+
+def test_an_approved_fleet_adapter_keeps_the_device_adapters(rig) -> None:  # type: ignore[no-untyped-def]
+    """The fleet round judged its candidate with each device's adapter, so accepting it leaves
+    the device learners' adapters (what the devices keep running) in place."""
+    from plasma.server.adapt import RoundResult
+    from plasma.server.executor import RoundOutcome
+
+    rig["store"].add_traces(_batch("d1", 0, fleet_v=2, device_v=1))
+    worker = rig["worker"]
+    learner = worker._learner("device", "d1")
+    learner.adapter = rig["dev"]
+    worker._since_fleet, worker.schedule = 1, ScheduleConfig(FLEET, 10**9, fleet_every=1)
+    worker.tick(0.0)
+    (spec,) = rig["capture"].specs
+    candidate = _lora(rig["base"], seed=40, size=0.05)
+    record = AuditRecord(auditor="judicial", subject="candidate", verdict="published",
+                         fleet=FLEET, slot="fleet")
+    result = RoundResult("published", candidate, _blank(candidate), record, 600, 1.0)
+    spec.learner.adapter = candidate  # what Learner.round does with an approved candidate
+    worker.accept(RoundOutcome(spec.round_id, result, spec.learner, "sim", 0.0, 1.0, 0))
+    assert worker.fleet_adapter is candidate
+    assert worker.learners["d1"].adapter is rig["dev"]
+    assert rig["worker"].publisher.waiting("fleet")

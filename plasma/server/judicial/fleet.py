@@ -139,11 +139,16 @@ def judge_devices(task: TaskSpec, policy: MLPPolicy, candidate: LoRA, reference:
         if runs is None:
             ref = rollout_paths(dyn, task, policy, reference, starts, cfg.horizon)[2].sum(1)
             cand = rollout_paths(dyn, task, policy, candidate, starts, cfg.horizon)[2].sum(1)
-        else:
-            ref = rollout_paths(dyn, task, runs.policy(policy), runs.device, starts,
-                                cfg.horizon)[2].sum(1)
-            cand = rollout_paths(dyn, task, policy.merged(candidate), runs.device, starts,
-                                 cfg.horizon)[2].sum(1)
+        else:  # the worst pair over the device adapters that may be live with it
+            now, new = runs.policy(policy), policy.merged(candidate)
+            pairs = []
+            for device in runs.device_adapters():
+                r = rollout_paths(dyn, task, now, device, starts, cfg.horizon)[2].sum(1)
+                c = rollout_paths(dyn, task, new, device, starts, cfg.horizon)[2].sum(1)
+                pairs.append((float(np.mean(c - r)), r))
+            gain, ref = min(pairs, key=lambda p: p[0])
+            out[name] = (gain, float(np.mean(ref)))
+            continue
         out[name] = (float(np.mean(cand - ref)), float(np.mean(ref)))
     return out
 
@@ -159,7 +164,8 @@ def fleet_decision(decision: Decision, screen: DeviceScreen,
     """The auditor's decision on the pooled data, amended by the per-device screen and judgement:
     excluded devices are named in the record; a candidate that hurts a kept device is blocked.
     With ``running``, the record names the combination each device was judged with
-    (``device_runs_fleet:D``, ``device_runs_device:D``: the versions it reported)."""
+    (``device_runs_fleet:D``, ``device_runs_device:D``: the versions it reported;
+    ``device_next_device:D`` 1 when a device adapter on its way was judged too)."""
     record = decision.record
     reasons = list(record.reasons)
     scores = dict(record.scores)
@@ -170,6 +176,7 @@ def fleet_decision(decision: Decision, screen: DeviceScreen,
         if d in running:
             scores[f"device_runs_fleet:{d}"] = float(running[d].fleet_version)
             scores[f"device_runs_device:{d}"] = float(running[d].device_version)
+            scores[f"device_next_device:{d}"] = float(running[d].next_device is not None)
     scores["devices_excluded"] = float(len(screen.excluded))
     if screen.excluded:
         reasons.append(_reason("device_excluded", "fleet_screen",
@@ -182,8 +189,10 @@ def fleet_decision(decision: Decision, screen: DeviceScreen,
         reasons.append(_reason("fleet_hurts_device", "fleet_devices", "the fleet candidate lowers "
                                "the predicted return of " + ", ".join(
                                    f"{d} by {-gains[d][0]:.1f} (of {gains[d][1]:.1f}"
-                                   + (f", with its device adapter v{running[d].device_version}, "
-                                      f"against fleet v{running[d].fleet_version}"
+                                   + (f", with its device adapter v{running[d].device_version}"
+                                      + (" or the one on its way" if running[d].next_device
+                                         is not None else "")
+                                      + f", against fleet v{running[d].fleet_version}"
                                       if d in running else "") + ")"
                                    for d in hurt) + " in its own identified physics"))
     record = record.model_copy(update={"verdict": verdict, "reasons": tuple(reasons[:64]),
