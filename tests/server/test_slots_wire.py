@@ -6,7 +6,7 @@ and g=14). Each device verifies the signed packets it receives, runs base ⊕ fl
 adapter (fp32 merge of the decoded factors), retains its versions message, and sends its real
 transitions as telemetry, as the edge daemon does.
 
-Every fleet packet that lands on a device already running a device adapter is then evaluated
+Every fleet packet that lands on a device (over its device adapter, if it runs one) is evaluated
 paired, on the same 100 start states in that device's true physics: the return of what it ran
 before (old fleet ⊕ its device adapter) against what it runs after (new fleet ⊕ the same device
 adapter). The test fails when the drop is significantly larger than the configured tolerance
@@ -49,7 +49,7 @@ from plasma.server.tasks import PENDULUM
 pytestmark = pytest.mark.broker
 
 BUNDLE = "pendulum-nominal"
-PHYSICS = {"d1": {"m": 1.6, "g": 12.0}, "d2": {"g": 14.0}}
+PHYSICS = {"d1": {"m": 1.3, "g": 11.0}, "d2": {"g": 12.0}}
 T_95 = 1.66  # one-sided 5% critical value of Student's t with 99 degrees of freedom
 EVAL_STARTS = 100
 STEPS = 200  # Pendulum-v1's episode
@@ -75,9 +75,10 @@ def returns(base: MLPPolicy, fleet: LoRA | None, device: LoRA | None, physics: d
 
 @dataclass(frozen=True)
 class Landing:
-    """A fleet packet that became live on a device; the slots before and after."""
+    """A packet that became live on a device; the slots before and after."""
 
     device: str
+    slot: str
     version: int
     before: dict[str, tuple[int, LoRA | None]]
     after: dict[str, tuple[int, LoRA | None]]
@@ -126,8 +127,7 @@ class HonestDevice:
                         float(a.alpha), int(a.rank)) if a.layers else None
             before = dict(self.slots)
             self.slots[h.slot] = (h.version, lora)
-            if h.slot == "fleet":
-                self.landings.append(Landing(self.name, h.version, before, dict(self.slots)))
+            self.landings.append(Landing(self.name, h.slot, h.version, before, dict(self.slots)))
         self._changed.set()
 
     def _run(self) -> None:
@@ -201,10 +201,11 @@ def test_fleet_packets_never_drop_an_honest_device_by_more_than_noise(mosquitto,
             d.start()
         deadline = time.monotonic() + 45
 
-        def over_device_adapters() -> list[Landing]:
-            return [ld for d in devices for ld in d.landings if ld.before["device"][0] > 0]
+        def fleet_over_device() -> list[Landing]:
+            return [ld for d in devices for ld in d.landings
+                    if ld.slot == "fleet" and ld.before["device"][0] > 0]
 
-        while time.monotonic() < deadline and len(over_device_adapters()) < 2:
+        while time.monotonic() < deadline and not fleet_over_device():
             time.sleep(0.5)
     finally:
         for d in devices:
@@ -213,25 +214,47 @@ def test_fleet_packets_never_drop_an_honest_device_by_more_than_noise(mosquitto,
         server.join(30)
         watcher.close()
     assert not server.is_alive()
-    landings = over_device_adapters()
+    landings = [ld for d in devices for ld in d.landings]
+    fleet_landings = [ld for ld in landings if ld.slot == "fleet"]
+    other = {"fleet": "device", "device": "fleet"}
+    composed = [ld for ld in landings if ld.before[other[ld.slot]][0] > 0]
     fleet_records = [r for r in records if r.slot == "fleet"]
-    judged = [r for r in fleet_records if any(k.startswith("device_runs_device:") for k in r.scores)]
     print(f"\n{len(records)} judicial records ({len(fleet_records)} fleet: "
-          f"{[r.verdict for r in fleet_records]}); {len(landings)} fleet packet(s) landed over a "
-          "device adapter")
-    assert landings, "no fleet packet landed over a device adapter within 45 s"
-    assert judged, "no fleet round judged the devices' pairs"
+          f"{[r.verdict for r in fleet_records]}); landings: "
+          f"{[(ld.device, ld.slot, ld.version) for ld in landings]}")
+    judged = [r for r in fleet_records if any(k.startswith("device_runs_device:") for k in r.scores)]
+    assert judged and all(f"device_runs_fleet:{d}" in r.scores for r in judged for d in PHYSICS
+                          if f"device_gain:{d}" in r.scores), "fleet rounds must judge the pairs"
+    assert fleet_landings, "no fleet packet landed within 45 s"
+    assert composed, "no packet landed over an adapter in the other slot within 45 s"
     tol_share = JudicialConfig().max_device_loss
     starts = _resets(np.random.default_rng(1234), EVAL_STARTS)
     for ld in landings:
-        device = ld.before["device"][1]
-        assert ld.after["device"] == ld.before["device"]
-        before = returns(base, ld.before["fleet"][1], device, PHYSICS[ld.device], starts)
-        after = returns(base, ld.after["fleet"][1], device, PHYSICS[ld.device], starts)
+        phys = PHYSICS[ld.device]
+        before = returns(base, ld.before["fleet"][1], ld.before["device"][1], phys, starts)
+        after = returns(base, ld.after["fleet"][1], ld.after["device"][1], phys, starts)
         tolerance = tol_share * abs(float(before.mean()))
         mean, t = paired_drop(before, after, tolerance)
-        print(f"{ld.device}: fleet v{ld.before['fleet'][0]} -> v{ld.version} over device "
-              f"v{ld.before['device'][0]}: return {before.mean():.1f} -> {after.mean():.1f} "
-              f"(paired mean {mean:+.1f}, tolerance {tolerance:.1f}, t {t:+.2f})")
-        assert t >= -T_95, (f"{ld.device}: fleet v{ld.version} over its device adapter lowered "
-                            f"its return by {-mean:.1f}, significantly more than {tolerance:.1f}")
+        print(f"{ld.device}: {ld.slot} v{ld.version} lands on fleet v{ld.before['fleet'][0]} + "
+              f"device v{ld.before['device'][0]}: return {before.mean():.1f} -> "
+              f"{after.mean():.1f} (paired mean {mean:+.1f}, tolerance {tolerance:.1f}, t {t:+.2f})")
+        if ld.slot == "fleet":
+            assert t >= -T_95, (f"{ld.device}: fleet v{ld.version} lowered its return by "
+                                f"{-mean:.1f}, significantly more than {tolerance:.1f}")
+
+
+def test_the_paired_bound_catches_a_harmful_fleet_packet() -> None:
+    """The wire test's bound is not toothless: a fleet adapter that undoes the base policy
+    (over the same device adapter) is a significant drop; the same combination is not."""
+    base = policy_from_bundle(load_bundle(resolve_bundle(BUNDLE)))
+    rng = np.random.default_rng(5)
+    harm = LoRA({n: (rng.standard_normal((2, w.shape[1])).astype(np.float32),
+                     (rng.standard_normal((w.shape[0], 2)) * 0.5).astype(np.float32))
+                 for n, (w, _) in zip(base.names, base.layers)}, 2.0, 2)
+    device = LoRA({n: (a, b * 0.05) for n, (a, b) in harm.factors.items()}, 2.0, 2)
+    starts = _resets(np.random.default_rng(1234), EVAL_STARTS)
+    before = returns(base, None, device, PHYSICS["d1"], starts)
+    after = returns(base, harm, device, PHYSICS["d1"], starts)
+    tolerance = JudicialConfig().max_device_loss * abs(float(before.mean()))
+    assert paired_drop(before, after, tolerance)[1] < -T_95
+    assert paired_drop(before, before.copy(), tolerance)[1] >= -T_95
