@@ -14,13 +14,18 @@ and the weights a version names from the signed bytes of the packet published as
 (kept with the publication in the store), decoded as the device decoded them (int8 factors
 included): ``PublishedAdapters``. A version the store does not hold raises ``UnknownVersion``:
 the server does not guess what a device runs.
+
+``DeviceSlots`` puts them together for the ``AdaptationWorker``: what a device runs, whether a
+fleet packet may still land on it, and which device adapter may be live with the next fleet
+adapter.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 from pydantic import ValidationError
@@ -32,7 +37,7 @@ from plasma.protocol.errors import ServiceError
 from .policy_net import LoRA, MLPPolicy
 from .store import Store
 
-__all__ = ["Combination", "DeviceVersions", "PublishedAdapters", "UnknownVersion",
+__all__ = ["Combination", "DeviceSlots", "DeviceVersions", "PublishedAdapters", "UnknownVersion",
            "reported_versions"]
 
 log = logging.getLogger(__name__)
@@ -169,3 +174,70 @@ class PublishedAdapters:
         fv, dv = int(versions.get("fleet", 0)), int(versions.get("device", 0))
         return Combination(fv, self.adapter("fleet", self.fleet, fv), dv,
                            self.adapter("device", device, dv), source)
+
+
+class DeviceSlots:
+    """The worker's view of every device's slots: reports, published packets, the queue.
+
+    ``waiting(slot, device)``: whether the publisher still holds an adapter for that target."""
+
+    def __init__(self, store: Store, fleet: str, trust: TrustStore,
+                 waiting: Callable[[str, str | None], bool],
+                 live: DeviceVersions | None = None) -> None:
+        self.store, self.fleet, self.waiting, self.live = store, fleet, waiting, live
+        self.adapters = PublishedAdapters(store, fleet, trust)
+
+    def running(self, device: str, batch: TraceBatch | None, fallback: Combination
+                ) -> Combination:
+        """What ``device`` runs by its own report; ``fallback`` (the server's accepted adapters)
+        when it reports nothing. Raises ``UnknownVersion``."""
+        reported = reported_versions(self.live, device, batch)
+        if reported is None:
+            return fallback
+        return self.adapters.combination(device, *reported)
+
+    def newest(self, slot: str, target: str) -> int:
+        """The newest version this server published (reserved) for that slot target."""
+        return self.store.current_version(self.fleet, slot, target)
+
+    def fleet_in_flight(self, device: str, runs: Combination) -> str | None:
+        """Why a fleet packet may still land on ``device``, or None: queued for publication, or
+        published above the version it reports and not refused in its acks. A device adapter
+        fitted meanwhile would land over a fleet adapter it was not fitted on."""
+        if runs.source == "server":
+            return None
+        if self.waiting("fleet", None):
+            return "the fleet adapter queued for publication has gone out"
+        newest = self.newest("fleet", self.fleet)
+        if runs.fleet_version >= newest:
+            return None
+        state = self.store.device_state(self.fleet, device, "fleet")
+        if state["last_verdict"] in ("rejected", "rolled_back") and \
+                int(state["last_version"]) >= newest:  # type: ignore[call-overload]
+            return None  # it refused the newest: what it runs is what it keeps
+        return f"fleet adapter v{newest} has landed or been refused (it runs v{runs.fleet_version})"
+
+    def with_next_device(self, device: str, runs: Combination, accepted: LoRA | None
+                         ) -> Combination:
+        """``runs`` plus ``accepted`` (the device adapter the server accepted for it last) when
+        the device does not report running it yet (queued, on its way, or refused)."""
+        if accepted is None or (runs.device_version == self.newest("device", device)
+                                and not self.waiting("device", device)):
+            return runs
+        return replace(runs, next_device=accepted)
+
+    def start_from(self, device: str, runs: Combination, accepted: LoRA | None
+                   ) -> tuple[LoRA | None, bool]:
+        """The device adapter a device round starts from, and whether that is not the learner's
+        own (``accepted``): the one the device runs when it is not the newest published for it
+        (refused, rolled back, or not arrived); else ``accepted`` (the same, or a newer one
+        still queued), or what it runs if the learner has none."""
+        newest = self.newest("device", device)
+        if runs.device_version == newest:
+            return (accepted, False) if accepted is not None else (runs.device, False)
+        if accepted is None and runs.device is None:
+            return None, False
+        log.warning("device %s runs device adapter v%d, not v%d (refused, rolled back or not "
+                    "arrived yet); its next adapter starts from the one it runs", device,
+                    runs.device_version, newest)
+        return runs.device, True

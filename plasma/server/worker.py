@@ -45,7 +45,7 @@ from .executor import Executor, Handle, LocalExecutor, RoundOutcome, RoundSpec
 from .judicial import RealData
 from .policy_net import LoRA, MLPPolicy
 from .publisher import Publisher
-from .slots import Combination, DeviceVersions, PublishedAdapters, UnknownVersion, reported_versions
+from .slots import Combination, DeviceSlots, DeviceVersions, UnknownVersion
 from .store import TraceStore
 from .tasks import TaskSpec
 
@@ -111,9 +111,9 @@ class AdaptationWorker:
         """``live``: the devices' reported versions (``Server`` subscribes it to the bus);
         without it the versions of each device's newest stored transition are its word."""
         self.store, self.publisher, self.task, self.base = store, publisher, task, base
-        self.live = live
-        self.adapters = PublishedAdapters(store, schedule.fleet,
-                                          TrustStore([publisher.key.public_key]))
+        self.slots = DeviceSlots(store, schedule.fleet, TrustStore([publisher.key.public_key]),
+                                 publisher.waiting, live)
+        """What each device runs, by its own report (``plasma.server.slots``)."""
         self._notes: dict[str, str] = {}
         self.schedule, self.rounds = schedule, rounds
         self.executor: Executor = executor if executor is not None else LocalExecutor()
@@ -281,9 +281,10 @@ class AdaptationWorker:
         except UnknownVersion as exc:
             self._note(device, f"device {device}: no round ({exc}); its data stay due")
             return 0
-        if (why := self._fleet_in_flight(device, runs)) is not None:
+        if (why := self.slots.fleet_in_flight(device, runs)) is not None:
             self._note(device, f"device {device}: its round waits until {why}")
             return 0
+        self._note(device, None)
         log.info("device %s: %d new real transitions (%d in all); adapting its device slot on "
                  "%s (%s)", device, new, len(batch), runs.describe(), runs.source)
         self._align(device, learner, runs)
@@ -294,65 +295,29 @@ class AdaptationWorker:
     def running(self, device: str, batch: TraceBatch | None) -> Combination:
         """What ``device`` runs, by its own report (``plasma.server.slots``); the server's
         accepted adapters when it reports nothing. Raises ``UnknownVersion``."""
-        reported = reported_versions(self.live, device, batch)
-        if reported is None:
-            learner = self.learners.get(device)
-            return Combination(0, self.fleet_adapter, 0,
-                               learner.adapter if learner is not None else None, "server")
-        self._notes.pop(device, None)
-        return self.adapters.combination(device, *reported)
+        learner = self.learners.get(device)
+        return self.slots.running(device, batch, Combination(
+            0, self.fleet_adapter, 0, learner.adapter if learner is not None else None, "server"))
 
-    def _next_device(self, device: str, runs: Combination) -> Combination:
-        """``runs`` with the device adapter this server accepted for the device last, when the
-        device does not report running it yet (queued, on its way, or refused)."""
-        learner = self._learner("device", device)
-        newest = self.store.current_version(self.schedule.fleet, "device", device)
-        if learner.adapter is None or (runs.device_version == newest
-                                       and not self.publisher.waiting("device", device)):
-            return runs
-        return replace(runs, next_device=learner.adapter)
-
-    def _fleet_in_flight(self, device: str, runs: Combination) -> str | None:
-        """Why a fleet packet may still land on ``device`` (a device adapter fitted now would
-        land over a fleet adapter it was not fitted on), or None."""
-        fleet = self.schedule.fleet
-        if runs.source == "server":
-            return None
-        if self.publisher.waiting("fleet"):
-            return "the fleet adapter queued for publication has gone out"
-        newest = self.store.current_version(fleet, "fleet", fleet)
-        if runs.fleet_version >= newest:
-            return None
-        state = self.store.device_state(fleet, device, "fleet")
-        if state["last_verdict"] in ("rejected", "rolled_back") and \
-                int(state["last_version"]) >= newest:  # type: ignore[call-overload]
-            return None  # it refused the newest: what it runs is what it keeps
-        return f"fleet adapter v{newest} has landed or been refused (it runs v{runs.fleet_version})"
-
-    def _note(self, target: str, message: str) -> None:
-        """Log a reason a round does not run, once per change."""
-        if self._notes.get(target) != message:
+    def _note(self, target: str, message: str | None) -> None:
+        """Log why a target's round does not run, once per change (None: it runs)."""
+        if message is not None and self._notes.get(target) != message:
             log.warning("%s", message)
-        self._notes[target] = message
+        if message is None:
+            self._notes.pop(target, None)
+        else:
+            self._notes[target] = message
 
     def _align(self, device: str, learner: Learner, runs: Combination) -> None:
-        """The device round starts from the device adapter the device runs. When that is not
-        the newest one this server published for it (refused, rolled back, or not arrived),
-        the learner starts from what the device runs instead (labels dropped, model kept);
-        when it is, the learner keeps its own (the same, or a newer one still queued)."""
+        """The device round starts from the device adapter the device runs
+        (``DeviceSlots.start_from``; labels dropped when that is not the learner's own)."""
         if runs.source == "server":
             self._check_device(device, learner)
             return
-        newest = self.store.current_version(self.schedule.fleet, "device", device)
-        if learner.adapter is None and runs.device is not None and runs.device_version == newest:
-            learner.adapter = runs.device  # e.g. a learner the store lost: start from it
-        elif runs.device_version != newest and (learner.adapter is not None
-                                                or runs.device is not None):
-            log.warning("device %s runs device adapter v%d, not v%d (refused, rolled back or "
-                        "not arrived yet); its next adapter starts from the one it runs", device,
-                        runs.device_version, newest)
+        start, other = self.slots.start_from(device, runs, learner.adapter)
+        if other:
             learner.reset_adapter()
-            learner.adapter = runs.device
+        learner.adapter = start
 
     def _fleet_batch(self) -> TraceBatch | None:
         """The fleet round's data: the newest transitions of every device, pooled."""
@@ -371,11 +336,14 @@ class AdaptationWorker:
                    if (b := self.store.transitions(fleet, d, newest=self.rounds.max_transitions))}
         try:  # the pairs each device may run are judged: what it runs now, by its own report,
             # and the device adapter on its way to it
-            running = {d: self._next_device(d, self.running(d, b)) for d, b in batches.items()}
+            running = {d: self.slots.with_next_device(d, self.running(d, b),
+                                                      self._learner("device", d).adapter)
+                       for d, b in batches.items()}
         except UnknownVersion as exc:
-            self._note(fleet, f"fleet {fleet}: no round ({exc}); the fleet slot is adapted "
-                       "again after the next device rounds")
+            self._note(f"fleet:{fleet}", f"fleet {fleet}: no round ({exc}); the fleet slot is "
+                       "adapted again after the next device rounds")
             return 0
+        self._note(f"fleet:{fleet}", None)
         per_device = {d: real_data(b, self.rounds.max_transitions) for d, b in batches.items()}
         self._submit("fleet", fleet, learner, self.base, batch, self.fleet_cursor, len(batch),
                      devices=per_device, running=running)

@@ -173,6 +173,7 @@ def paired_drop(before: np.ndarray, after: np.ndarray, tolerance: float) -> tupl
     return float(diff.mean()), float((diff.mean() + tolerance) / se)
 
 
+@pytest.mark.slow  # 15-50 s: until a fleet packet lands over a device adapter
 def test_fleet_packets_never_drop_an_honest_device_by_more_than_noise(mosquitto, tmp_path: Path
                                                                       ) -> None:  # type: ignore[no-untyped-def]
     fleet = "slots" + uuid.uuid4().hex[:6]
