@@ -222,16 +222,18 @@ def test_fleet_packets_never_drop_an_honest_device_by_more_than_noise(mosquitto,
 
     def landed() -> None:
         """Every published packet live on its devices, and their reports seen by the server."""
-        _until(lambda: server.publisher.pending() == 0, "the publisher's queue is empty")
-        sent = list(server.publisher.sent)
+        def want(d: HonestDevice) -> dict[str, int]:
+            sent = list(server.publisher.sent)
+            return {"fleet": max([p.version for p in sent if p.slot == "fleet"], default=0),
+                    "device": max([p.version for p in sent if p.slot == "device"
+                                   and p.target == d.name], default=0)}
+
+        _until(lambda: server.publisher.pending() == 0
+               and all(d.versions() == want(d) for d in devices), "every packet is live")
         for d in devices:
-            want = {"fleet": max([p.version for p in sent if p.slot == "fleet"], default=0),
-                    "device": max([p.version for p in sent if p.target == d.name], default=0)}
-            _until(lambda d=d, want=want: d.versions() == want,  # type: ignore[misc]
-                   f"{d.name} runs {want}")
             d.report()
-            _until(lambda d=d, want=want: server.live.get(d.name) == want,  # type: ignore[misc]
-                   f"the server sees {d.name} run {want}")
+            _until(lambda d=d: server.live.get(d.name) == d.versions(),  # type: ignore[misc]
+                   f"the server sees what {d.name} runs")
 
     def rounds(slot: str) -> None:
         """Run the due rounds of one slot only."""
@@ -269,8 +271,6 @@ def test_fleet_packets_never_drop_an_honest_device_by_more_than_noise(mosquitto,
           f"{[(ld.device, ld.slot, ld.version) for ld in landings]}")
     judged = [r for r in fleet_records if any(k.startswith("device_runs_device:") for k in r.scores)]
     assert judged, "fleet rounds must judge the devices' pairs"
-    over = [ld for ld in landings if ld.slot == "fleet" and ld.before["device"][0] > 0]
-    assert over, "no fleet packet landed over a device adapter"
     tol_share = JudicialConfig().max_device_loss
     starts = _resets(np.random.default_rng(1234), EVAL_STARTS)
     for ld in landings:
@@ -284,6 +284,8 @@ def test_fleet_packets_never_drop_an_honest_device_by_more_than_noise(mosquitto,
               f"{after.mean():.1f} (paired mean {mean:+.1f}, tolerance {tolerance:.1f}, t {t:+.2f})")
         assert t >= -T_95, (f"{ld.device}: {ld.slot} v{ld.version} lowered its return by "
                             f"{-mean:.1f}, significantly more than {tolerance:.1f}")
+    over = [ld for ld in landings if ld.slot == "fleet" and ld.before["device"][0] > 0]
+    assert over, "no fleet packet landed over a device adapter"
 
 
 def test_the_paired_bound_catches_a_harmful_fleet_packet() -> None:
