@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -105,6 +106,28 @@ def test_a_device_is_judged_against_the_fleet_adapter_it_runs(base: MLPPolicy) -
     runs = {"d1": Combination(1, v1, 2, device, "versions")}
     assert judge_devices(PENDULUM, base, v1, v2, real, _CFG, runs)["d1"][0] == 0.0
     assert judge_devices(PENDULUM, base, v1, v2, real, _CFG)["d1"][0] != 0.0
+
+
+class _SimModel:
+    """A one-member 'world model' that is the nominal simulator (for a task without one)."""
+
+    members = [0]
+
+    def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+        return PENDULUM.sim_step(obs, act, PENDULUM.physics({}))  # type: ignore[misc,no-any-return]
+
+
+def test_without_a_simulator_the_pair_is_judged_in_the_round_model(base: MLPPolicy) -> None:
+    """No per-device physics to identify: the pair is judged in the round's own model rather
+    than left unjudged."""
+    task = replace(PENDULUM, sim_step=None, identify=None)
+    v1 = _lora(base, seed=1, size=0.6)
+    runs = {"d1": Combination(1, v1, 3, _negated(v1), "versions")}
+    real = {"d1": _real()}
+    v2 = _lora(base, seed=2, size=0.0)
+    assert judge_devices(task, base, v2, v1, real, _CFG) == {}
+    gain, current = judge_devices(task, base, v2, v1, real, _CFG, runs, _SimModel())["d1"]
+    assert gain < -_CFG.max_device_loss * abs(current)
 
 
 # ------------------------------------------------------------------ the worker
