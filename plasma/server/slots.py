@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 from pydantic import ValidationError
@@ -37,12 +38,15 @@ from plasma.protocol.errors import ServiceError
 from .policy_net import LoRA, MLPPolicy
 from .store import Store
 
-__all__ = ["Combination", "DeviceSlots", "DeviceVersions", "PublishedAdapters", "UnknownVersion",
+__all__ = ["Combination", "DeviceSlots", "DeviceVersions", "PublishedAdapters", "Source", "UnknownVersion",
            "reported_versions"]
 
 log = logging.getLogger(__name__)
 
 MAX_VERSIONS_BYTES = 4096
+
+Source = Literal["versions", "telemetry", "server"]
+"""Who said what a device runs (``Combination.source``)."""
 
 
 class UnknownVersion(ServiceError):
@@ -59,7 +63,7 @@ class Combination:
     fleet: LoRA | None
     device_version: int
     device: LoRA | None
-    source: str = "server"
+    source: Source = "server"
     """Who said so: ``versions`` (the device's LiveVersions), ``telemetry`` (its newest stored
     transition) or ``server`` (nothing reported: the server's own accepted adapters)."""
     next_device: LoRA | None = None
@@ -125,7 +129,7 @@ class DeviceVersions:
 
 
 def reported_versions(live: DeviceVersions | None, device: str, batch: TraceBatch | None
-                      ) -> tuple[dict[str, int], str] | None:
+                      ) -> tuple[dict[str, int], Source] | None:
     """(slot -> version, source) the device reports running; None when it reports nothing."""
     if live is not None and (versions := live.get(device)) is not None:
         return versions, "versions"
@@ -169,7 +173,8 @@ class PublishedAdapters:
             self._cache[key] = lora
         return lora
 
-    def combination(self, device: str, versions: dict[str, int], source: str) -> Combination:
+    def combination(self, device: str, versions: dict[str, int], source: Source
+                    ) -> Combination:
         """The adapters the reported versions name (``UnknownVersion`` if one is not held)."""
         fv, dv = int(versions.get("fleet", 0)), int(versions.get("device", 0))
         return Combination(fv, self.adapter("fleet", self.fleet, fv), dv,
