@@ -62,6 +62,7 @@ from .phantom import (
 )
 from .policy_net import LoRA, MLPPolicy
 from .residual import ResidualModel, residual_model
+from .slots import Combination
 from .sysid import PhysicsModel
 from .tasks import TaskSpec
 from .worldmodel import WorldModel
@@ -244,7 +245,8 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
                      subject: str = "candidate", model: Model | None = None,
                      labels: Labels | None = None, refit: bool | None = None,
                      devices: Mapping[str, RealData] | None = None,
-                     screen: DeviceScreen | None = None
+                     screen: DeviceScreen | None = None,
+                     running: Mapping[str, Combination] | None = None
                      ) -> tuple[RoundResult, Model, Labels]:
     """One round: fit (unless ``model`` is given and ``refit`` is False), produce from the
     ``reference`` adapter, review with one correction. Returns the result, the fitted model and the
@@ -255,6 +257,8 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
     the record names the excluded), and an approved candidate must not hurt any kept device in
     its own identified physics (``judicial.fleet``). ``screen``: that screening when the caller
     already ran it (``Learner.round`` fits the model on the kept devices first).
+    ``running``: what each device runs (``plasma.server.slots``); a fleet candidate is then
+    judged on each kept device as base ⊕ candidate ⊕ that device's adapter.
 
     ``task`` is the phantom world's task (its reward is what the planner maximizes); the auditor
     judges in that same world. ``refit`` defaults to True when no model is given."""
@@ -283,9 +287,9 @@ def adaptation_round(task: TaskSpec, policy: MLPPolicy, real: RealData, cfg: Ada
                               subject=subject)
     if screen is not None and devices:
         kept = {d: devices[d] for d in screen.kept}
-        gains = judge_devices(task, policy, decision.adapter, reference, kept, auditor.cfg) \
-            if decision.adapter is not None else {}
-        decision = fleet_decision(decision, screen, gains, auditor.cfg)
+        gains = judge_devices(task, policy, decision.adapter, reference, kept, auditor.cfg,
+                              running, planning) if decision.adapter is not None else {}
+        decision = fleet_decision(decision, screen, gains, auditor.cfg, running)
     scores: dict[str, float] = {}
     if isinstance(model, PhysicsModel):
         scores = {f"physics_{k}": v for k, v in model.physics.items() if k in model.names}
@@ -324,10 +328,12 @@ class Learner:
     def round(self, policy: MLPPolicy, real: RealData, *, fleet: str, slot: str,
               device: str | None, subject: str = "candidate",
               auditor: JudicialAuditor | None = None,
-              devices: Mapping[str, RealData] | None = None) -> RoundResult:
+              devices: Mapping[str, RealData] | None = None,
+              running: Mapping[str, Combination] | None = None) -> RoundResult:
         """Refit the model on ``real``, produce from the accepted adapter, review; remember the
         outcome (the adapter only when approved). ``devices``: the fleet slot's per-device data
-        (the model is then fitted on the devices the screen keeps, see ``adaptation_round``)."""
+        (the model is then fitted on the devices the screen keeps, see ``adaptation_round``);
+        ``running``: what each of them runs (the fleet candidate is judged with its adapter)."""
         screen = None
         if devices:
             screen = screen_devices(self.task, devices,
@@ -337,7 +343,7 @@ class Learner:
         result, self.model, self.labels = adaptation_round(
             self.task, policy, real, self.cfg, auditor, fleet=fleet, slot=slot, device=device,
             reference=self.adapter, subject=subject, model=self.model, labels=self.labels,
-            refit=False, devices=devices, screen=screen)
+            refit=False, devices=devices, screen=screen, running=running)
         if result.adapter is not None:
             self.adapter = result.adapter
         self.rounds += 1

@@ -31,6 +31,7 @@ from .adapt import Learner, RoundResult
 from .judicial import JudicialAuditor, RealData
 from .phantom import blas_threads
 from .policy_net import MLPPolicy
+from .slots import Combination
 
 __all__ = ["EXECUTORS", "Executor", "Handle", "LocalExecutor", "RayExecutor", "RoundOutcome",
            "RoundSpec", "make_executor", "run_round"]
@@ -58,6 +59,9 @@ class RoundSpec:
     devices: dict[str, RealData] | None = None
     """A fleet round: each contributing device's own data (the judicial fleet screen fits and
     judges every device on its own; ``real`` is their pool)."""
+    running: dict[str, Combination] | None = None
+    """A fleet round: what each device reports it runs (``plasma.server.slots``): the candidate
+    is judged on each as base ⊕ candidate ⊕ its device adapter."""
 
 
 @dataclass
@@ -86,7 +90,7 @@ def run_round(spec: RoundSpec) -> RoundOutcome:
     with blas_threads(1):
         result = learner.round(spec.policy, spec.real, fleet=spec.fleet, slot=spec.slot,
                                device=spec.device, subject=f"simulation:{simulation_id}",
-                               auditor=auditor, devices=spec.devices)
+                               auditor=auditor, devices=spec.devices, running=spec.running)
     return RoundOutcome(spec.round_id, result, learner, simulation_id, started, time.time(),
                         os.getpid())
 

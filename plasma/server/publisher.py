@@ -17,6 +17,9 @@
   wait. Versions are reserved fenced (``next_version(..., holder=)``): a publisher that lost the
   lease during a pause cannot reserve one, and the next holder continues from the store's
   counter, so versions never go back when the lease moves. A clean stop releases the lease.
+- The signed bytes of every packet are kept with its publication in the store: a device
+  reports versions, and the server reads the weights a version names from there
+  (``plasma.server.slots``).
 - Judicial audit records go to the server topic ``plasma/v1/{fleet}/server/audit`` (QoS 1,
   not retained): one place to watch every server-side decision, for fleet and device slots.
 """
@@ -261,6 +264,11 @@ class Publisher:
         with self._cond:
             return len(self._pending)
 
+    def waiting(self, slot: Slot, device: str | None = None) -> bool:
+        """True while an adapter for that slot target waits in the queue."""
+        with self._cond:
+            return (slot, device or "") in self._pending
+
     def _next_ready(self) -> tuple[_Job | None, float]:
         """The most urgent job whose target may receive now, else the wait until one may."""
         now = self._clock()
@@ -343,7 +351,7 @@ class Publisher:
         topic = slot_topic(fleet, job.slot, job.device)
         self.bus.publish(topic, data, qos=1, retain=True)
         self.store.record_publication(fleet, job.slot, target, version, packet_id, job.priority,
-                                      len(data), topic)
+                                      len(data), topic, packet=data)
         pub = Published(job.slot, target, version, packet_id, len(data), topic, job.priority)
         self.sent.append(pub)
         log.info("published %s adapter v%d for %s (%d bytes, priority %d, sha256 %s...)",

@@ -9,6 +9,8 @@ Stages live in their own modules; this file only wires them:
   target, advanced only when a round's outcome is accepted.
 - ``Executor`` (``plasma.server.executor``): where rounds compute, ``--executor local`` (in this
   process, one at a time) or ``ray`` (Ray tasks on a cluster, several at a time).
+- ``DeviceVersions`` (``plasma.server.slots``): what each device reports it runs, from its
+  retained versions topic; rounds are fitted and judged on that combination.
 - ``Server``: bus, store, ingest, publisher and worker; ``run`` blocks until SIGTERM/SIGINT.
 """
 
@@ -36,6 +38,7 @@ from .ingest import Ingest, IngestConfig
 from .policy_net import MLPPolicy
 from .publisher import Publisher, PublisherConfig
 from .service_config import BUDGETS, SCALARS, ServiceConfig, load_service_config
+from .slots import DeviceVersions
 from .store import Store, open_store
 from .tasks import get_task, load_task_modules
 from .worker import AdaptationWorker, ScheduleConfig
@@ -131,15 +134,18 @@ class Server:
             fleet=cfg.fleet, base_sha256=bundle.base_sha256, dtype=cfg.dtype,
             expires_in_s=cfg.expires_in, min_interval_s=cfg.publish_interval,
             lease_holder=f"{node}:{os.getpid()}:{new_id()[:8]}"))
+        self.live = DeviceVersions(cfg.fleet)
+        """What each device reports it runs (its retained versions message)."""
         self.worker = AdaptationWorker(
             self.store, self.publisher, self.task, self.base,
             ScheduleConfig(cfg.fleet, cfg.min_new_transitions, cfg.fleet_every,
                            cfg.check_interval, cfg.round_timeout),
             round_config(cfg.budget, cfg.seed, cfg.max_transitions),
-            make_executor(cfg.executor, cfg.ray_address, cfg.workers))
+            make_executor(cfg.executor, cfg.ray_address, cfg.workers), live=self.live)
 
     def start(self) -> None:
         self.bus.connect()
+        self.live.start(self.bus)
         self.ingest.start()
         self.publisher.start()
         self.worker.start()

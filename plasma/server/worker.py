@@ -6,6 +6,15 @@ an ``Executor`` (``plasma.server.executor``): up to its capacity at once, at mos
 (device rounds of different devices run concurrently; a fleet round runs alone, since device
 adapters are relative to the fleet one).
 
+Slots that fit together (``plasma.server.slots``): a device round adapts base ⊕ the fleet
+adapter *that device reports running* (its retained versions message, else its newest
+transition's versions), from the device adapter it reports running; a fleet round judges its
+candidate on every kept device as base ⊕ candidate ⊕ that device's adapter against what the
+device runs, and is blocked if any such pair is worse beyond ``max_device_loss``. An approved
+fleet adapter therefore leaves the device learners as they are: their adapters were judged with
+it. A device whose reported version this server's store does not hold gets no round (the
+worker does not guess what it runs); its data stay due.
+
 Exactly-once data accounting: a round's data cursor (the last chunk id it read) and the learner
 it returns are kept, and its adapter and audit record handed to the publisher (which signs in
 this process), only when the outcome's round id is the one in flight for its target. A round
@@ -29,13 +38,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from plasma.protocol import Adapter, Provenance, TraceBatch, new_id
+from plasma.protocol import Adapter, Provenance, TraceBatch, TrustStore, new_id
 
 from .adapt import AdaptConfig, Learner, RoundResult
 from .executor import Executor, Handle, LocalExecutor, RoundOutcome, RoundSpec
 from .judicial import RealData
 from .policy_net import LoRA, MLPPolicy
 from .publisher import Publisher
+from .slots import Combination, DeviceSlots, DeviceVersions, UnknownVersion
 from .store import TraceStore
 from .tasks import TaskSpec
 
@@ -97,8 +107,14 @@ class AdaptationWorker:
 
     def __init__(self, store: TraceStore, publisher: Publisher, task: TaskSpec, base: MLPPolicy,
                  schedule: ScheduleConfig, rounds: AdaptConfig,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, live: DeviceVersions | None = None) -> None:
+        """``live``: the devices' reported versions (``Server`` subscribes it to the bus);
+        without it the versions of each device's newest stored transition are its word."""
         self.store, self.publisher, self.task, self.base = store, publisher, task, base
+        self.slots = DeviceSlots(store, schedule.fleet, TrustStore([publisher.key.public_key]),
+                                 publisher.waiting, live)
+        """What each device runs, by its own report (``plasma.server.slots``)."""
+        self._notes: dict[str, str] = {}
         self.schedule, self.rounds = schedule, rounds
         self.executor: Executor = executor if executor is not None else LocalExecutor()
         self.learners: dict[str, Learner] = {}
@@ -260,12 +276,48 @@ class AdaptationWorker:
                                        newest=self.rounds.max_transitions)
         if batch is None:
             raise RuntimeError(f"device {device} has no stored transitions")
-        log.info("device %s: %d new real transitions (%d in all); adapting its device slot",
-                 device, new, len(batch))
-        self._check_device(device, learner)
-        self._submit("device", device, learner, self.base.merged(self.fleet_adapter), batch,
+        try:
+            runs = self.running(device, batch)
+        except UnknownVersion as exc:
+            self._note(device, f"device {device}: no round ({exc}); its data stay due")
+            return 0
+        if (why := self.slots.fleet_in_flight(device, runs)) is not None:
+            self._note(device, f"device {device}: its round waits until {why}")
+            return 0
+        self._note(device, None)
+        log.info("device %s: %d new real transitions (%d in all); adapting its device slot on "
+                 "%s (%s)", device, new, len(batch), runs.describe(), runs.source)
+        self._align(device, learner, runs)
+        self._submit("device", device, learner, runs.policy(self.base), batch,
                      self.cursor.get(device, 0), new)
         return 1
+
+    def running(self, device: str, batch: TraceBatch | None) -> Combination:
+        """What ``device`` runs, by its own report (``plasma.server.slots``); the server's
+        accepted adapters when it reports nothing. Raises ``UnknownVersion``."""
+        learner = self.learners.get(device)
+        return self.slots.running(device, batch, Combination(
+            0, self.fleet_adapter, 0, learner.adapter if learner is not None else None, "server"))
+
+    def _note(self, target: str, message: str | None) -> None:
+        """Log why a target's round does not run, once per change (None: it runs)."""
+        if message is not None and self._notes.get(target) != message:
+            log.warning("%s", message)
+        if message is None:
+            self._notes.pop(target, None)
+        else:
+            self._notes[target] = message
+
+    def _align(self, device: str, learner: Learner, runs: Combination) -> None:
+        """The device round starts from the device adapter the device runs
+        (``DeviceSlots.start_from``; labels dropped when that is not the learner's own)."""
+        if runs.source == "server":
+            self._check_device(device, learner)
+            return
+        start, other = self.slots.start_from(device, runs, learner.adapter)
+        if other:
+            learner.reset_adapter()
+        learner.adapter = start
 
     def _fleet_batch(self) -> TraceBatch | None:
         """The fleet round's data: the newest transitions of every device, pooled."""
@@ -280,17 +332,30 @@ class AdaptationWorker:
             raise RuntimeError("fleet round with no data")
         log.info("fleet %s: adapting the fleet slot on %d transitions of %d devices", fleet,
                  len(batch), len(self.store.devices(fleet)))
-        per_device = {d: real_data(b, self.rounds.max_transitions) for d in self.store.devices(fleet)
-                      if (b := self.store.transitions(fleet, d, newest=self.rounds.max_transitions))}
+        batches = {d: b for d in self.store.devices(fleet)
+                   if (b := self.store.transitions(fleet, d, newest=self.rounds.max_transitions))}
+        try:  # the pairs each device may run are judged: what it runs now, by its own report,
+            # and the device adapter on its way to it
+            running = {d: self.slots.with_next_device(d, self.running(d, b),
+                                                      self._learner("device", d).adapter)
+                       for d, b in batches.items()}
+        except UnknownVersion as exc:
+            self._note(f"fleet:{fleet}", f"fleet {fleet}: no round ({exc}); the fleet slot is "
+                       "adapted again after the next device rounds")
+            return 0
+        self._note(f"fleet:{fleet}", None)
+        per_device = {d: real_data(b, self.rounds.max_transitions) for d, b in batches.items()}
         self._submit("fleet", fleet, learner, self.base, batch, self.fleet_cursor, len(batch),
-                     devices=per_device)
+                     devices=per_device, running=running)
         return 1
 
     def _submit(self, slot: str, target: str, learner: Learner, policy: MLPPolicy,
                 batch: TraceBatch, cursor_from: int, new: int, attempt: int = 0,
-                devices: dict[str, RealData] | None = None) -> None:
+                devices: dict[str, RealData] | None = None,
+                running: dict[str, Combination] | None = None) -> None:
         spec = RoundSpec(new_id(), self.schedule.fleet, slot, target if slot == "device" else None,
-                         learner, policy, real_data(batch, self.rounds.max_transitions), devices)
+                         learner, policy, real_data(batch, self.rounds.max_transitions), devices,
+                         running)
         self.flights[target] = _Flight(slot, target, spec, self.executor.submit(spec), cursor_from,
                                        batch.seq, float(batch.timestamp.min()),
                                        float(batch.timestamp.max()), new, attempt)
@@ -350,12 +415,10 @@ class AdaptationWorker:
             self.device_rounds += 1
             self._since_fleet += 1
         else:
+            # the device learners keep their adapters: the round judged the candidate with each
+            # device's adapter (a pair worse than what the device runs blocked it)
             self.fleet_learner, self.fleet_cursor = learner, flight.cursor_to
             self._save("fleet", flight.target, learner, flight.cursor_to)
-            if result.adapter is not None:  # device adapters were relative to the old fleet one
-                for device, lr in self.learners.items():
-                    lr.reset_adapter()
-                    self._save("device", device, lr, self.cursor.get(device, 0))
         self._publish(flight, outcome)
         return result
 

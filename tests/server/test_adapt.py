@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plasma.protocol import TraceBatch
+from plasma.protocol import SigningKey, TraceBatch
 from plasma.server.adapt import Learner, adapt_config
 from plasma.server.judicial import RealData, split_members
 from plasma.server.policy_net import MLPPolicy
@@ -86,6 +86,10 @@ def _batch(device: str, seq: int, n: int = 100) -> TraceBatch:
 class _Publisher:
     def __init__(self) -> None:
         self.submitted: list[tuple[str, str | None]] = []
+        self.key = SigningKey.generate()  # the worker reads published packets with its public key
+
+    def waiting(self, slot: str, device: str | None = None) -> bool:
+        return False
 
     def publish_audit(self, record: object) -> None:
         pass

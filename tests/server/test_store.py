@@ -316,3 +316,15 @@ def test_a_cursor_reader_misses_no_chunk_of_concurrent_writers(shared: str) -> N
             if batch is not None:
                 seen, cursor = seen + len(batch), batch.seq
         assert seen == 2 * 120 * 4 == reader.count_rows("f")
+
+
+def test_published_packets_are_kept_by_version(store: Store) -> None:
+    """The signed bytes of a publication are what a device's reported version names."""
+    store.record_publication("f", "fleet", "f", 1, "p1", 4, 3, "t", packet=b"one")
+    store.record_publication("f", "fleet", "f", 2, "p2", 4, 3, "t", packet=b"two")
+    store.record_publication("f", "device", "d1", 1, "p3", 5, 3, "t")  # bytes not kept
+    assert store.published_packet("f", "fleet", "f", 1) == b"one"
+    assert store.published_packet("f", "fleet", "f", 2) == b"two"
+    assert store.published_packet("f", "fleet", "f", 3) is None
+    assert store.published_packet("f", "device", "d1", 1) is None
+    assert store.published_packet("g", "fleet", "f", 1) is None

@@ -17,6 +17,11 @@ could steer it. Two defences, both from the devices' own recorded transitions:
   candidate's gain over the reference is measured in each kept device's *own* identified
   physics, from that device's own real start states; a candidate that costs any device more
   than ``max_device_loss`` of its reference return is blocked (``fleet_hurts_device``).
+  With ``running`` (``plasma-server run``: what each device reports it runs) the comparison is
+  of the pair the device would run, base ⊕ candidate ⊕ its device adapter, against the
+  combination it runs now, base ⊕ its fleet adapter (possibly an older one it rolled back to)
+  ⊕ the same device adapter: a fleet packet never lands over a device adapter fitted for
+  another fleet adapter without that pair being judged.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 from ..phantom import ModelDynamics
 from ..policy_net import LoRA, MLPPolicy
+from ..slots import Combination
 from ..tasks import TaskSpec
 from .auditor import Decision
 from .checks import _reason
@@ -106,20 +112,43 @@ def screen_devices(task: TaskSpec, devices: Mapping[str, RealData], cfg: Judicia
 
 
 def judge_devices(task: TaskSpec, policy: MLPPolicy, candidate: LoRA, reference: LoRA | None,
-                  devices: Mapping[str, RealData], cfg: JudicialConfig
-                  ) -> dict[str, tuple[float, float]]:
+                  devices: Mapping[str, RealData], cfg: JudicialConfig,
+                  running: Mapping[str, Combination] | None = None,
+                  model: object | None = None) -> dict[str, tuple[float, float]]:
     """device -> (candidate gain, reference return) per path, in the device's own identified
-    physics from its own real start states (empty without a simulator)."""
-    if task.sim_step is None:
+    physics from its own real start states (empty without a simulator).
+
+    ``policy`` is the base; a device in ``running`` is judged on the pair it would run (base ⊕
+    candidate ⊕ its device adapter) against what it runs (base ⊕ its fleet adapter ⊕ the same
+    device adapter); a device not in it on ``candidate`` against ``reference`` alone.
+
+    Without a simulator there is no per-device physics: the devices in ``running`` are then
+    judged in the round's own world model (``model``), each from its own real start states, so
+    a pair is never left unjudged."""
+    if task.sim_step is None and (model is None or not running):
         return {}
     out = {}
     for name, real in sorted(devices.items()):
-        model = _identify(task, real, cfg.seed)
+        if task.sim_step is None and name not in (running or {}):
+            continue
+        world = _identify(task, real, cfg.seed) if task.sim_step is not None else model
         rng = np.random.default_rng(cfg.seed)
         starts = real.obs[rng.integers(0, len(real.obs), cfg.device_paths)].astype(np.float32)
-        dyn = ModelDynamics(model)  # type: ignore[arg-type]
-        ref = rollout_paths(dyn, task, policy, reference, starts, cfg.horizon)[2].sum(1)
-        cand = rollout_paths(dyn, task, policy, candidate, starts, cfg.horizon)[2].sum(1)
+        dyn = ModelDynamics(world)  # type: ignore[arg-type]
+        runs = (running or {}).get(name)
+        if runs is None:
+            ref = rollout_paths(dyn, task, policy, reference, starts, cfg.horizon)[2].sum(1)
+            cand = rollout_paths(dyn, task, policy, candidate, starts, cfg.horizon)[2].sum(1)
+        else:  # the worst pair over the device adapters that may be live with it
+            now, new = runs.policy(policy), policy.merged(candidate)
+            pairs = []
+            for device in runs.device_adapters():
+                r = rollout_paths(dyn, task, now, device, starts, cfg.horizon)[2].sum(1)
+                c = rollout_paths(dyn, task, new, device, starts, cfg.horizon)[2].sum(1)
+                pairs.append((float(np.mean(c - r)), r))
+            gain, ref = min(pairs, key=lambda p: p[0])
+            out[name] = (gain, float(np.mean(ref)))
+            continue
         out[name] = (float(np.mean(cand - ref)), float(np.mean(ref)))
     return out
 
@@ -130,14 +159,24 @@ def hurt_devices(gains: Mapping[str, tuple[float, float]], cfg: JudicialConfig) 
 
 
 def fleet_decision(decision: Decision, screen: DeviceScreen,
-                   gains: Mapping[str, tuple[float, float]], cfg: JudicialConfig) -> Decision:
+                   gains: Mapping[str, tuple[float, float]], cfg: JudicialConfig,
+                   running: Mapping[str, Combination] | None = None) -> Decision:
     """The auditor's decision on the pooled data, amended by the per-device screen and judgement:
-    excluded devices are named in the record; a candidate that hurts a kept device is blocked."""
+    excluded devices are named in the record; a candidate that hurts a kept device is blocked.
+    With ``running``, the record names the combination each device was judged with
+    (``device_runs_fleet:D``, ``device_runs_device:D``: the versions it reported;
+    ``device_next_device:D`` 1 when a device adapter on its way was judged too)."""
     record = decision.record
     reasons = list(record.reasons)
     scores = dict(record.scores)
+    running = running or {}
     scores.update({f"device_contradicted:{d}": v for d, v in screen.contradicted.items()})
     scores.update({f"device_gain:{d}": g for d, (g, _) in gains.items()})
+    for d in gains:
+        if d in running:
+            scores[f"device_runs_fleet:{d}"] = float(running[d].fleet_version)
+            scores[f"device_runs_device:{d}"] = float(running[d].device_version)
+            scores[f"device_next_device:{d}"] = float(running[d].next_device is not None)
     scores["devices_excluded"] = float(len(screen.excluded))
     if screen.excluded:
         reasons.append(_reason("device_excluded", "fleet_screen",
@@ -149,7 +188,12 @@ def fleet_decision(decision: Decision, screen: DeviceScreen,
         verdict, adapter = "blocked", None
         reasons.append(_reason("fleet_hurts_device", "fleet_devices", "the fleet candidate lowers "
                                "the predicted return of " + ", ".join(
-                                   f"{d} by {-gains[d][0]:.1f} (of {gains[d][1]:.1f})"
+                                   f"{d} by {-gains[d][0]:.1f} (of {gains[d][1]:.1f}"
+                                   + (f", with its device adapter v{running[d].device_version}"
+                                      + (" or the one on its way" if running[d].next_device
+                                         is not None else "")
+                                      + f", against fleet v{running[d].fleet_version}"
+                                      if d in running else "") + ")"
                                    for d in hurt) + " in its own identified physics"))
     record = record.model_copy(update={"verdict": verdict, "reasons": tuple(reasons[:64]),
                                        "scores": scores})

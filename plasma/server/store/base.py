@@ -125,8 +125,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def record_publication(self, fleet: str, slot: str, target: str, version: int,
-                           packet_id: str, priority: int, size: int, topic: str) -> None:
-        """Remember a packet that went out."""
+                           packet_id: str, priority: int, size: int, topic: str,
+                           packet: bytes | None = None) -> None:
+        """Remember a packet that went out (with its signed bytes, when given)."""
+
+    @abc.abstractmethod
+    def published_packet(self, fleet: str, slot: str, target: str, version: int
+                         ) -> bytes | None:
+        """The signed bytes of the packet published as that version (None: unknown)."""
 
     @abc.abstractmethod
     def publications(self, fleet: str) -> list[dict[str, object]]:

@@ -86,6 +86,10 @@ PG_MIGRATIONS: tuple[str, ...] = (
         acquired_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 1 -> 2: the signed bytes of each published packet (SQLite schema 5)
+    """
+    ALTER TABLE publications ADD COLUMN packet BYTEA;
+    """,
 )
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
 

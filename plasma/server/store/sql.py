@@ -154,12 +154,23 @@ class SqlStore(Store):
         return int(row[0]) if row else 0
 
     def record_publication(self, fleet: str, slot: str, target: str, version: int,
-                           packet_id: str, priority: int, size: int, topic: str) -> None:
+                           packet_id: str, priority: int, size: int, topic: str,
+                           packet: bytes | None = None) -> None:
         with self._write() as conn:
             conn.execute("INSERT INTO publications (fleet, slot, target, version, packet_id, "
-                         "priority, size, topic, published_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                         "priority, size, topic, published_at, packet) "
+                         "VALUES (?,?,?,?,?,?,?,?,?,?)",
                          (fleet, slot, target, version, packet_id, priority, size, topic,
-                          time.time()))
+                          time.time(), packet))
+
+    def published_packet(self, fleet: str, slot: str, target: str, version: int
+                         ) -> bytes | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT packet FROM publications WHERE fleet = ? AND slot = ? AND "
+                               "target = ? AND version = ? AND packet IS NOT NULL "
+                               "ORDER BY id DESC LIMIT 1",
+                               (fleet, slot, target, version)).fetchone()
+        return bytes(row[0]) if row is not None else None
 
     def publications(self, fleet: str) -> list[dict[str, object]]:
         with self._read() as conn:

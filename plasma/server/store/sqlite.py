@@ -85,6 +85,11 @@ MIGRATIONS: tuple[str, ...] = (
         acquired_at REAL NOT NULL
     );
     """,
+    # 4 -> 5: the signed bytes of each published packet (which weights a device's reported
+    # version names: plasma.server.slots)
+    """
+    ALTER TABLE publications ADD COLUMN packet BLOB;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
