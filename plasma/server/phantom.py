@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,10 +16,13 @@ from .policy_net import LoRA, MLPPolicy
 from .tasks import TaskSpec
 from .worldmodel import WorldModel, WorldModelConfig
 
-__all__ = ["bench_phantom", "blas_threads", "Dynamics", "member_blocks", "ModelDynamics",
+__all__ = ["bench_phantom", "blas_threads", "Blocks", "Dynamics", "member_blocks", "ModelDynamics",
            "mppi_plan", "PhantomBenchConfig", "PhantomConfig", "PhantomPathSimulator",
            "PhantomRollout", "PlannerConfig", "PlanResult", "policy_plan", "SimDynamics",
            "step_paths"]
+
+Blocks = list[tuple[int, slice]]
+"""(member, rows) pairs, ``member_blocks``' answer: the rows of a batch each member steps."""
 
 
 @contextmanager
@@ -67,12 +70,16 @@ class ModelDynamics:
     def __init__(self, model: WorldModel) -> None:
         self.model = model
         self.n_members = len(model.members)
+        self.step_blocks: Callable[[np.ndarray, np.ndarray, Blocks], np.ndarray | None] | None = \
+            getattr(model, "step_blocks", None)
+        """The model's own step of every block in one call (``PhysicsModel.step_blocks``), if
+        it has one: ``step_paths`` uses it and falls back to a call per member on None."""
 
     def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         return self.model.step_member(member, obs, act)
 
 
-def member_blocks(n_paths: int, n_members: int) -> list[tuple[int, slice]]:
+def member_blocks(n_paths: int, n_members: int) -> Blocks:
     """TS-inf assignment: path p uses member p * n_members // n_paths, as contiguous slices.
 
     Contiguous blocks keep every member a plain 2-D matmul on a view (no gather): about 5x
@@ -82,11 +89,19 @@ def member_blocks(n_paths: int, n_members: int) -> list[tuple[int, slice]]:
 
 
 def step_paths(dyn: Dynamics, task: TaskSpec, obs: np.ndarray, act: np.ndarray,
-               blocks: list[tuple[int, slice]]) -> tuple[np.ndarray, np.ndarray]:
-    """One step of every path: obs (paths, obs_dim), act (paths, act_dim) -> next_obs, reward (paths,)."""
-    out = np.empty((len(obs), task.obs_dim + (0 if task.reward is not None else 1)), np.float32)
-    for member, sl in blocks:
-        out[sl] = dyn.step_member(member, obs[sl], act[sl])
+               blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """One step of every path: obs (paths, obs_dim), act (paths, act_dim) -> next_obs, reward (paths,).
+
+    A model that steps every block in one call (``PhysicsModel.step_blocks``: its members'
+    parameters stacked row by row) does so; otherwise one ``step_member`` call per block."""
+    batched = getattr(dyn, "step_blocks", None)
+    out = batched(obs, act, blocks) if batched is not None else None
+    if out is not None:
+        out = out.astype(np.float32, copy=False)
+    else:
+        out = np.empty((len(obs), task.obs_dim + (0 if task.reward is not None else 1)), np.float32)
+        for member, sl in blocks:
+            out[sl] = dyn.step_member(member, obs[sl], act[sl])
     next_obs = task.project_obs(out[:, : task.obs_dim])
     if task.reward is not None:
         rew = task.reward(obs, act, next_obs)

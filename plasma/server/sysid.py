@@ -87,6 +87,7 @@ class PhysicsModel:
         self.theta = np.zeros(len(self.names))  # log(p / nominal), the full-data fit
         self.out_std = np.ones(self.obs_dim, np.float32)  # delta std of real data (units of disagreement)
         self._rng = np.random.default_rng(self.cfg.seed)
+        self._rows: tuple[object, object, int, dict[str, float | np.ndarray]] | None = None
         if not self.members:
             self.members = [dict(self.nominal) for _ in range(self.cfg.members)]
 
@@ -179,6 +180,48 @@ class PhysicsModel:
     def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         """Next observation of one member for a batch (batch, obs_dim)."""
         return self.task.sim_step(obs, act, self.members[member])  # type: ignore[misc]
+
+    def step_blocks(self, obs: np.ndarray, act: np.ndarray, blocks: Sequence[tuple[int, slice]]
+                    ) -> np.ndarray | None:
+        """The rows of each (member, rows) block under that member, in one ``sim_step`` call: the
+        members' parameters stacked row by row (``TaskSpec.sim_rows``); row by row exactly what
+        ``step_member`` gives block by block (``phantom.step_paths`` uses it). None where it
+        cannot: a simulator that takes one parameter set per call, blocks that do not cover the
+        batch, or a subclass with its own ``step_member`` (it must be stepped member by member)."""
+        if type(self).step_member is not PhysicsModel.step_member:
+            return None
+        return self._sim_blocks(obs, act, blocks)
+
+    def _sim_blocks(self, obs: np.ndarray, act: np.ndarray, blocks: Sequence[tuple[int, slice]]
+                    ) -> np.ndarray | None:
+        if not self.task.sim_rows:
+            return None
+        physics = self._stacked(blocks, len(obs))
+        if physics is None:
+            return None
+        return self.task.sim_step(obs, act, physics)  # type: ignore[misc]
+
+    def _stacked(self, blocks: Sequence[tuple[int, slice]], rows: int
+                 ) -> dict[str, float | np.ndarray] | None:
+        """Each physics value per row of the batch (a float where the blocks' members agree),
+        kept while the same blocks step the same members (a loop over a horizon)."""
+        cached = self._rows
+        if cached is not None and cached[0] is blocks and cached[1] is self.members and \
+                cached[2] == rows:
+            return cached[3]
+        member_of = np.full(rows, -1)
+        for member, sl in blocks:
+            member_of[sl] = member
+        if rows == 0 or member_of.min() < 0:
+            return None
+        used = np.unique(member_of)
+        physics: dict[str, float | np.ndarray] = {}
+        for name in self.members[int(used[0])]:
+            values = np.array([self.members[m][name] for m in range(len(self.members))], np.float64)
+            first = values[used[0]]
+            physics[name] = float(first) if np.all(values[used] == first) else values[member_of]
+        self._rows = (blocks, self.members, rows, physics)
+        return physics
 
     def step_mean(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         return np.mean([self.step_member(m, obs, act) for m in range(len(self.members))], axis=0)

@@ -69,6 +69,10 @@ class TaskSpec:
     """Maps a predicted observation back onto the valid manifold (e.g. the unit circle)."""
     sim_step: SimStepFn | None = None
     """Vectorized true simulator on observations (base/oracle training, system identification)."""
+    sim_rows: bool = False
+    """``sim_step`` also takes each physics value as a (B,) array, one parameter set per row, with
+    the same result row by row as the scalars give: ``PhysicsModel.step_blocks`` then steps
+    every member's paths in one call (the classic tasks; a MuJoCo model has one set per call)."""
     identify: tuple[str, ...] | None = None
     """The physics names system identification fits (None: all of ``default_physics``)."""
     adapt: Mapping[str, Any] = field(default_factory=dict)
