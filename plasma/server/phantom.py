@@ -19,7 +19,7 @@ from .worldmodel import WorldModel, WorldModelConfig
 __all__ = ["bench_phantom", "blas_threads", "Blocks", "Dynamics", "member_blocks", "ModelDynamics",
            "mppi_plan", "PhantomBenchConfig", "PhantomConfig", "PhantomPathSimulator",
            "PhantomRollout", "PlannerConfig", "PlanResult", "policy_plan", "SimDynamics",
-           "step_paths"]
+           "step_obs", "step_paths"]
 
 Blocks = list[tuple[int, slice]]
 """(member, rows) pairs, ``member_blocks``' answer: the rows of a batch each member steps."""
@@ -94,6 +94,15 @@ def step_paths(dyn: Dynamics, task: TaskSpec, obs: np.ndarray, act: np.ndarray,
 
     A model that steps every block in one call (``PhysicsModel.step_blocks``: its members'
     parameters stacked row by row) does so; otherwise one ``step_member`` call per block."""
+    next_obs, learned = step_obs(dyn, task, obs, act, blocks)
+    rew = task.reward(obs, act, next_obs) if task.reward is not None else learned
+    return next_obs, rew.astype(np.float32)  # type: ignore[union-attr]
+
+
+def step_obs(dyn: Dynamics, task: TaskSpec, obs: np.ndarray, act: np.ndarray,
+             blocks: Blocks) -> tuple[np.ndarray, np.ndarray | None]:
+    """``step_paths`` without the task's reward: next_obs (paths, obs_dim) and, when the model
+    learns the reward (``task.reward`` is None), its predicted reward (paths,), else None."""
     batched = getattr(dyn, "step_blocks", None)
     out = batched(obs, act, blocks) if batched is not None else None
     if out is not None:
@@ -103,11 +112,7 @@ def step_paths(dyn: Dynamics, task: TaskSpec, obs: np.ndarray, act: np.ndarray,
         for member, sl in blocks:
             out[sl] = dyn.step_member(member, obs[sl], act[sl])
     next_obs = task.project_obs(out[:, : task.obs_dim])
-    if task.reward is not None:
-        rew = task.reward(obs, act, next_obs)
-    else:
-        rew = out[:, task.obs_dim]
-    return next_obs, rew.astype(np.float32)
+    return next_obs, (out[:, task.obs_dim] if task.reward is None else None)
 
 
 @dataclass
@@ -161,13 +166,29 @@ def _sequence_returns(dyn: Dynamics, task: TaskSpec, start: np.ndarray, seqs: np
     n_paths = reps * n_cand * n_states
     obs = np.tile(start, (reps * n_cand, 1)).astype(np.float32)  # (E*C*S, od), member-major, candidate-major
     blocks = member_blocks(n_paths, reps if average_members else min(dyn.n_members, n_cand))
-    flat = np.tile(seqs.reshape(n_cand * n_states, horizon, ad), (reps, 1, 1))  # (E*C*S, H, ad)
-    ret = np.zeros(n_paths, np.float32)
+    # (H, E*C*S, ad): each step's actions contiguous
+    acts = np.tile(seqs.transpose(2, 0, 1, 3).reshape(horizon, n_cand * n_states, ad), (1, reps, 1))
+    gains = []
     g = 1.0
-    for t in range(horizon):
-        obs, rew = step_paths(dyn, task, obs, flat[:, t], blocks)
-        ret += g * rew
+    for _ in range(horizon):
+        gains.append(g)
         g *= discount
+    if task.reward is None:  # the model's own reward, step by step
+        ret = np.zeros(n_paths, np.float32)
+        for t in range(horizon):
+            obs, rew = step_paths(dyn, task, obs, acts[t], blocks)
+            ret += gains[t] * rew
+        return ret.reshape(reps, n_cand, n_states).mean(0)
+    traj = [obs]
+    for t in range(horizon):  # the states only; the task's reward for every step at once after
+        traj.append(step_obs(dyn, task, traj[-1], acts[t], blocks)[0])
+    path = np.stack(traj)  # (H + 1, paths, od)
+    od = task.obs_dim
+    rew = task.reward(path[:-1].reshape(-1, od), acts.reshape(-1, ad), path[1:].reshape(-1, od)
+                      ).astype(np.float32).reshape(horizon, n_paths)
+    if discount != 1.0:
+        rew *= np.asarray(gains, np.float32)[:, None]
+    ret = rew.sum(0)  # over steps in order, as step-by-step accumulation adds them
     return ret.reshape(reps, n_cand, n_states).mean(0)
 
 

@@ -87,7 +87,7 @@ class PhysicsModel:
         self.theta = np.zeros(len(self.names))  # log(p / nominal), the full-data fit
         self.out_std = np.ones(self.obs_dim, np.float32)  # delta std of real data (units of disagreement)
         self._rng = np.random.default_rng(self.cfg.seed)
-        self._rows: tuple[object, object, int, dict[str, float | np.ndarray]] | None = None
+        self._rows: tuple[object, object, int, tuple[int, dict[str, float | np.ndarray]]] | None = None
         if not self.members:
             self.members = [dict(self.nominal) for _ in range(self.cfg.members)]
 
@@ -196,15 +196,23 @@ class PhysicsModel:
                     ) -> np.ndarray | None:
         if not self.task.sim_rows:
             return None
-        physics = self._stacked(blocks, len(obs))
-        if physics is None:
+        stacked = self._stacked(blocks, len(obs))
+        if stacked is None:
             return None
+        groups, physics = stacked
+        if groups:  # equal blocks in order: (groups, rows per group, dim) against (groups, 1)
+            shape = (groups, len(obs) // groups)
+            out = self.task.sim_step(obs.reshape(*shape, -1), act.reshape(*shape, -1),  # type: ignore[misc]
+                                     physics)
+            return out.reshape(len(obs), -1)  # type: ignore[no-any-return]
         return self.task.sim_step(obs, act, physics)  # type: ignore[misc]
 
     def _stacked(self, blocks: Sequence[tuple[int, slice]], rows: int
-                 ) -> dict[str, float | np.ndarray] | None:
-        """Each physics value per row of the batch (a float where the blocks' members agree),
-        kept while the same blocks step the same members (a loop over a horizon)."""
+                 ) -> tuple[int, dict[str, float | np.ndarray]] | None:
+        """The blocks' members' physics for one ``sim_step`` call, kept while the same blocks
+        step the same members (a loop over a horizon): (groups, values (groups, 1)) when the
+        blocks are equal and in order (the batch is stepped as (groups, rows, dim)), else
+        (0, values per row (rows,)); a value the members share stays a float."""
         cached = self._rows
         if cached is not None and cached[0] is blocks and cached[1] is self.members and \
                 cached[2] == rows:
@@ -214,14 +222,19 @@ class PhysicsModel:
             member_of[sl] = member
         if rows == 0 or member_of.min() < 0:
             return None
-        used = np.unique(member_of)
+        order = [member for member, _ in blocks]
+        size = rows // len(order)
+        equal = size * len(order) == rows and np.array_equal(
+            member_of, np.repeat(np.asarray(order), size))
+        index = (np.asarray(order)[:, None] if equal else member_of)
         physics: dict[str, float | np.ndarray] = {}
-        for name in self.members[int(used[0])]:
+        for name in self.members[order[0]]:
             values = np.array([self.members[m][name] for m in range(len(self.members))], np.float64)
-            first = values[used[0]]
-            physics[name] = float(first) if np.all(values[used] == first) else values[member_of]
-        self._rows = (blocks, self.members, rows, physics)
-        return physics
+            first = values[order[0]]
+            physics[name] = float(first) if np.all(values[order] == first) else values[index]
+        stacked = (len(order) if equal else 0, physics)
+        self._rows = (blocks, self.members, rows, stacked)
+        return stacked
 
     def step_mean(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         return np.mean([self.step_member(m, obs, act) for m in range(len(self.members))], axis=0)

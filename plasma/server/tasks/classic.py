@@ -36,14 +36,14 @@ def pendulum_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray | Non
 
 def _like(value: float | np.ndarray, arr: np.ndarray) -> float | np.ndarray:
     """A physics value as the arithmetic with ``arr`` uses it: a float stays a float (NumPy casts
-    it to ``arr``'s dtype), a per-row array (``TaskSpec.sim_rows``) is cast the same way, so one
-    call with stacked parameter sets gives, row by row, exactly what one call per set gives."""
+    it to ``arr``'s dtype), an array of parameter sets (``TaskSpec.sim_rows``) is cast the same
+    way, so one call with stacked sets gives, row by row, exactly what one call per set gives."""
     return value.astype(arr.dtype, copy=False) if isinstance(value, np.ndarray) else value
 
 
 def pendulum_step(obs: np.ndarray, act: np.ndarray, physics: Mapping[str, float]) -> np.ndarray:
-    """Vectorized copy of ``PendulumEnv.step`` on observations (the state is th, thdot); physics
-    values may be floats or (B,) arrays, one parameter set per row (``TaskSpec.sim_rows``)."""
+    """Vectorized copy of ``PendulumEnv.step`` on observations (..., 3) (the state is th, thdot);
+    physics values may be floats or arrays broadcasting against the batch (``TaskSpec.sim_rows``)."""
     g, m, length = physics["g"], physics["m"], physics["l"]
     th = np.arctan2(obs[..., 1], obs[..., 0])
     thdot = obs[..., 2]
@@ -101,7 +101,7 @@ def mountaincar_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -
 
 def mountaincar_step(obs: np.ndarray, act: np.ndarray, physics: Mapping[str, float]) -> np.ndarray:
     """Vectorized copy of ``Continuous_MountainCarEnv.step`` (gravity 0.0025 is hard-coded there);
-    physics values may be floats or (B,) arrays, one parameter set per row."""
+    physics values may be floats or arrays broadcasting against the batch (``TaskSpec.sim_rows``)."""
     pos, vel = obs[..., 0].astype(np.float64), obs[..., 1].astype(np.float64)
     force = np.clip(act[..., 0], -1.0, 1.0)
     speed = _like(physics["max_speed"], vel)
