@@ -24,6 +24,9 @@ __all__ = ["bench_phantom", "blas_threads", "Blocks", "Dynamics", "member_blocks
 Blocks = list[tuple[int, slice]]
 """(member, rows) pairs, ``member_blocks``' answer: the rows of a batch each member steps."""
 
+_REWARD_ROWS = 1 << 16
+"""Rows per call of the task's reward in the planner (``_sequence_returns``)."""
+
 
 @contextmanager
 def blas_threads(n: int | None) -> Iterator[None]:
@@ -166,8 +169,8 @@ def _sequence_returns(dyn: Dynamics, task: TaskSpec, start: np.ndarray, seqs: np
     n_paths = reps * n_cand * n_states
     obs = np.tile(start, (reps * n_cand, 1)).astype(np.float32)  # (E*C*S, od), member-major, candidate-major
     blocks = member_blocks(n_paths, reps if average_members else min(dyn.n_members, n_cand))
-    # (H, E*C*S, ad): each step's actions contiguous
-    acts = np.tile(seqs.transpose(2, 0, 1, 3).reshape(horizon, n_cand * n_states, ad), (1, reps, 1))
+    acts = seqs.transpose(2, 0, 1, 3).reshape(horizon, n_cand * n_states, ad)  # each step contiguous
+    acts = np.tile(acts, (1, reps, 1)) if reps > 1 else acts  # (H, E*C*S, ad)
     gains = []
     g = 1.0
     for _ in range(horizon):
@@ -179,16 +182,20 @@ def _sequence_returns(dyn: Dynamics, task: TaskSpec, start: np.ndarray, seqs: np
             obs, rew = step_paths(dyn, task, obs, acts[t], blocks)
             ret += gains[t] * rew
         return ret.reshape(reps, n_cand, n_states).mean(0)
-    traj = [obs]
-    for t in range(horizon):  # the states only; the task's reward for every step at once after
-        traj.append(step_obs(dyn, task, traj[-1], acts[t], blocks)[0])
-    path = np.stack(traj)  # (H + 1, paths, od)
-    od = task.obs_dim
-    rew = task.reward(path[:-1].reshape(-1, od), acts.reshape(-1, ad), path[1:].reshape(-1, od)
-                      ).astype(np.float32).reshape(horizon, n_paths)
-    if discount != 1.0:
-        rew *= np.asarray(gains, np.float32)[:, None]
-    ret = rew.sum(0)  # over steps in order, as step-by-step accumulation adds them
+    # the states only, then the task's reward for a chunk of steps in one call (a chunk of about
+    # _REWARD_ROWS rows: bigger ones cost more in fresh memory than they save in calls)
+    ret = np.zeros(n_paths, np.float32)
+    od, chunk = task.obs_dim, max(1, min(horizon, _REWARD_ROWS // max(n_paths, 1)))
+    for t0 in range(0, horizon, chunk):
+        traj = [obs]
+        for t in range(t0, min(t0 + chunk, horizon)):
+            traj.append(step_obs(dyn, task, traj[-1], acts[t], blocks)[0])
+        obs, k = traj[-1], len(traj) - 1
+        path = np.stack(traj)  # (k + 1, paths, od)
+        rew = task.reward(path[:-1].reshape(-1, od), acts[t0:t0 + k].reshape(-1, ad),
+                          path[1:].reshape(-1, od)).astype(np.float32).reshape(k, n_paths)
+        for i in range(k):  # step by step, in order: the sums are those of one step at a time
+            ret += gains[t0 + i] * rew[i]
     return ret.reshape(reps, n_cand, n_states).mean(0)
 
 
