@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -341,7 +341,7 @@ class PhantomPathSimulator:
 
 @dataclass
 class PhantomBenchConfig:
-    """``plasma-server bench phantom``: raw batched-rollout throughput."""
+    """``plasma-server bench phantom``: raw batched-rollout throughput of both world models."""
 
     members: int = 5
     """Ensemble size."""
@@ -357,10 +357,19 @@ class PhantomBenchConfig:
     """Task whose dimensions and reward are used."""
     blas_threads: int | None = 1
     """OpenBLAS threads during the bench (1 measured fastest for these sizes; None = numpy's default)."""
+    physics: Mapping[str, float] = field(default_factory=lambda: {"m": 1.6, "g": 12.0})
+    """The physics the identified simulator is identified on (its members then differ as in a
+    round: bootstrap parameter sets)."""
+    transitions: int = 600
+    """Transitions of that physics it is identified on (a round's first three hundred-step batches)."""
 
 
-def bench_phantom(cfg: PhantomBenchConfig | None = None) -> dict[str, float]:
-    """Model steps per second of batched phantom paths through an (untrained) ensemble."""
+def bench_phantom(cfg: PhantomBenchConfig | None = None) -> dict[str, Any]:
+    """Model steps per second of batched phantom paths (a policy acting, the model stepping, the
+    task's reward) through two world models: the learned ensemble (untrained: its cost does not
+    depend on its weights) and, for a task with a simulator, the model a round uses there, the
+    identified simulator (``adapt.new_model`` with the default budget: ``ResidualModel``, fitted
+    on ``transitions`` random-action transitions of ``physics``)."""
     from .tasks import get_task
 
     cfg = cfg or PhantomBenchConfig()
@@ -370,15 +379,42 @@ def bench_phantom(cfg: PhantomBenchConfig | None = None) -> dict[str, float]:
                             act_low=task.act_low, act_high=task.act_high)
     rng = np.random.default_rng(0)
     pool = rng.uniform(task.obs_low, task.obs_high, (4096, task.obs_dim)).astype(np.float32)
-    result: dict[str, float] = {"paths": cfg.paths, "horizon": cfg.horizon, "members": cfg.members}
-    for key, with_dis in (("model_steps_per_s", False), ("model_steps_per_s_with_disagreement", True)):
-        sim = PhantomPathSimulator(model, task, PhantomConfig(cfg.paths, cfg.horizon, with_disagreement=with_dis))
+    result: dict[str, Any] = {"paths": cfg.paths, "horizon": cfg.horizon, "members": cfg.members}
+
+    def best_rollout(sim: PhantomPathSimulator) -> float:
         best = np.inf
         with blas_threads(cfg.blas_threads):
             for _ in range(cfg.repeats):
                 t0 = time.perf_counter()
                 sim.rollout(pool, policy)
                 best = min(best, time.perf_counter() - t0)
+        return float(best)
+
+    for key, with_dis in (("model_steps_per_s", False), ("model_steps_per_s_with_disagreement", True)):
+        best = best_rollout(PhantomPathSimulator(model, task, PhantomConfig(
+            cfg.paths, cfg.horizon, with_disagreement=with_dis)))
         result[key] = cfg.paths * cfg.horizon / best
         result[key.replace("model_steps_per_s", "rollout_s")] = best
+    if task.sim_step is not None:
+        physics = _identified(task, cfg, rng)
+        best = best_rollout(PhantomPathSimulator(physics, task, PhantomConfig(
+            cfg.paths, cfg.horizon, with_disagreement=False)))
+        result.update({"physics_model_steps_per_s": cfg.paths * cfg.horizon / best,
+                       "physics_rollout_s": best, "physics_model": type(physics).__name__,
+                       "physics_members": len(physics.members),
+                       "physics": dict(cfg.physics), "physics_transitions": cfg.transitions})
     return result
+
+
+def _identified(task: TaskSpec, cfg: PhantomBenchConfig, rng: np.random.Generator) -> Any:
+    """The default world model of a task with a simulator, identified on random-action
+    transitions of ``cfg.physics`` from states in the observation box."""
+    from .adapt import adapt_config, new_model
+
+    truth = task.physics(cfg.physics)
+    obs = task.project_obs(rng.uniform(task.obs_low, task.obs_high,
+                                       (cfg.transitions, task.obs_dim)).astype(np.float32))
+    act = rng.uniform(task.act_low, task.act_high, (cfg.transitions, task.act_dim)).astype(np.float32)
+    model = new_model(task, adapt_config("default"))
+    model.fit(obs, act, task.sim_step(obs, act, truth))  # type: ignore[misc]
+    return model

@@ -311,7 +311,7 @@ class MLPPolicy:
 def _mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x @ y; an outer product (one column, act_dim 1) by broadcasting: the same numbers, without
     BLAS's slow path for an inner dimension of one."""
-    return x * y if x.shape[-1] == 1 else x @ y
+    return np.asarray(x * y if x.shape[-1] == 1 else x @ y)
 
 
 class Adam:

@@ -27,8 +27,9 @@ recorded transitions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -199,13 +200,13 @@ class PhysicsModel:
         stacked = self._stacked(blocks, len(obs))
         if stacked is None:
             return None
-        groups, physics = stacked
+        groups, stacked_physics = stacked
+        step = cast(Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], np.ndarray], self.task.sim_step)
         if groups:  # equal blocks in order: (groups, rows per group, dim) against (groups, 1)
             shape = (groups, len(obs) // groups)
-            out = self.task.sim_step(obs.reshape(*shape, -1), act.reshape(*shape, -1),  # type: ignore[misc]
-                                     physics)
-            return out.reshape(len(obs), -1)  # type: ignore[no-any-return]
-        return self.task.sim_step(obs, act, physics)  # type: ignore[misc]
+            out = step(obs.reshape(*shape, -1), act.reshape(*shape, -1), stacked_physics)
+            return out.reshape(len(obs), -1)
+        return step(obs, act, stacked_physics)
 
     def _stacked(self, blocks: Sequence[tuple[int, slice]], rows: int
                  ) -> tuple[int, dict[str, float | np.ndarray]] | None:
