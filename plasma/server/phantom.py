@@ -207,7 +207,7 @@ def policy_plan(dyn: Dynamics, task: TaskSpec, policy: MLPPolicy, lora: LoRA | N
     acts = np.empty((len(obs), horizon, task.act_dim), np.float32)
     for t in range(horizon):
         acts[:, t] = policy.forward(obs, lora)
-        obs, _ = step_paths(dyn, task, obs, acts[:, t], blocks)
+        obs, _ = step_obs(dyn, task, obs, acts[:, t], blocks)
     return acts
 
 
