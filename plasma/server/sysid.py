@@ -38,6 +38,9 @@ from .worldmodel import FitReport
 
 __all__ = ["PhysicsModel", "SysIdConfig", "identify", "physics_error"]
 
+_StackedStep = Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], np.ndarray]
+"""``sim_step`` given stacked parameter sets (``TaskSpec.sim_rows``)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -201,7 +204,7 @@ class PhysicsModel:
         if stacked is None:
             return None
         groups, stacked_physics = stacked
-        step = cast(Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], np.ndarray], self.task.sim_step)
+        step = cast(_StackedStep, self.task.sim_step)
         if groups:  # equal blocks in order: (groups, rows per group, dim) against (groups, 1)
             shape = (groups, len(obs) // groups)
             out = step(obs.reshape(*shape, -1), act.reshape(*shape, -1), stacked_physics)
