@@ -58,7 +58,7 @@ from .phantom import (
     member_blocks,
     mppi_plan,
     policy_plan,
-    step_paths,
+    step_obs,
 )
 from .policy_net import LoRA, MLPPolicy
 from .residual import ResidualModel, residual_model
@@ -181,7 +181,7 @@ def expert_labels(task: TaskSpec, model: Model, policy: MLPPolicy, lora: LoRA | 
         res = mppi_plan(dyn, task, obs, plan, planner, rng)
         out_obs.append(obs)
         out_act.append(res.actions.astype(np.float32))
-        obs, _ = step_paths(dyn, task, obs, res.actions, blocks)
+        obs, _ = step_obs(dyn, task, obs, res.actions, blocks)
         plan = np.concatenate([res.plan[:, 1:], res.plan[:, -1:]], axis=1)
     return np.concatenate(out_obs), np.concatenate(out_act)
 

@@ -170,6 +170,9 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .heap import roomy_heap
+
+    roomy_heap()  # the rounds' and benches' numpy temporaries: no page faults per call
     return run_main("plasma-server", build_parser(), argv)
 
 

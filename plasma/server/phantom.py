@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -16,10 +16,16 @@ from .policy_net import LoRA, MLPPolicy
 from .tasks import TaskSpec
 from .worldmodel import WorldModel, WorldModelConfig
 
-__all__ = ["bench_phantom", "blas_threads", "Dynamics", "member_blocks", "ModelDynamics",
+__all__ = ["bench_phantom", "blas_threads", "Blocks", "Dynamics", "member_blocks", "ModelDynamics",
            "mppi_plan", "PhantomBenchConfig", "PhantomConfig", "PhantomPathSimulator",
            "PhantomRollout", "PlannerConfig", "PlanResult", "policy_plan", "SimDynamics",
-           "step_paths"]
+           "step_obs", "step_paths"]
+
+Blocks = list[tuple[int, slice]]
+"""(member, rows) pairs, ``member_blocks``' answer: the rows of a batch each member steps."""
+
+_REWARD_ROWS = 1 << 16
+"""Rows per call of the task's reward in the planner (``_sequence_returns``)."""
 
 
 @contextmanager
@@ -67,12 +73,16 @@ class ModelDynamics:
     def __init__(self, model: WorldModel) -> None:
         self.model = model
         self.n_members = len(model.members)
+        self.step_blocks: Callable[[np.ndarray, np.ndarray, Blocks], np.ndarray | None] | None = \
+            getattr(model, "step_blocks", None)
+        """The model's own step of every block in one call (``PhysicsModel.step_blocks``), if
+        it has one: ``step_paths`` uses it and falls back to a call per member on None."""
 
     def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         return self.model.step_member(member, obs, act)
 
 
-def member_blocks(n_paths: int, n_members: int) -> list[tuple[int, slice]]:
+def member_blocks(n_paths: int, n_members: int) -> Blocks:
     """TS-inf assignment: path p uses member p * n_members // n_paths, as contiguous slices.
 
     Contiguous blocks keep every member a plain 2-D matmul on a view (no gather): about 5x
@@ -82,17 +92,30 @@ def member_blocks(n_paths: int, n_members: int) -> list[tuple[int, slice]]:
 
 
 def step_paths(dyn: Dynamics, task: TaskSpec, obs: np.ndarray, act: np.ndarray,
-               blocks: list[tuple[int, slice]]) -> tuple[np.ndarray, np.ndarray]:
-    """One step of every path: obs (paths, obs_dim), act (paths, act_dim) -> next_obs, reward (paths,)."""
-    out = np.empty((len(obs), task.obs_dim + (0 if task.reward is not None else 1)), np.float32)
-    for member, sl in blocks:
-        out[sl] = dyn.step_member(member, obs[sl], act[sl])
-    next_obs = task.project_obs(out[:, : task.obs_dim])
-    if task.reward is not None:
-        rew = task.reward(obs, act, next_obs)
+               blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """One step of every path: obs (paths, obs_dim), act (paths, act_dim) -> next_obs, reward (paths,).
+
+    A model that steps every block in one call (``PhysicsModel.step_blocks``: its members'
+    parameters stacked row by row) does so; otherwise one ``step_member`` call per block."""
+    next_obs, learned = step_obs(dyn, task, obs, act, blocks)
+    rew = task.reward(obs, act, next_obs) if task.reward is not None else learned
+    return next_obs, rew.astype(np.float32)  # type: ignore[union-attr]
+
+
+def step_obs(dyn: Dynamics, task: TaskSpec, obs: np.ndarray, act: np.ndarray,
+             blocks: Blocks) -> tuple[np.ndarray, np.ndarray | None]:
+    """``step_paths`` without the task's reward: next_obs (paths, obs_dim) and, when the model
+    learns the reward (``task.reward`` is None), its predicted reward (paths,), else None."""
+    batched = getattr(dyn, "step_blocks", None)
+    out = batched(obs, act, blocks) if batched is not None else None
+    if out is not None:
+        out = out.astype(np.float32, copy=False)
     else:
-        rew = out[:, task.obs_dim]
-    return next_obs, rew.astype(np.float32)
+        out = np.empty((len(obs), task.obs_dim + (0 if task.reward is not None else 1)), np.float32)
+        for member, sl in blocks:
+            out[sl] = dyn.step_member(member, obs[sl], act[sl])
+    next_obs = task.project_obs(out[:, : task.obs_dim])
+    return next_obs, (out[:, task.obs_dim] if task.reward is None else None)
 
 
 @dataclass
@@ -146,13 +169,33 @@ def _sequence_returns(dyn: Dynamics, task: TaskSpec, start: np.ndarray, seqs: np
     n_paths = reps * n_cand * n_states
     obs = np.tile(start, (reps * n_cand, 1)).astype(np.float32)  # (E*C*S, od), member-major, candidate-major
     blocks = member_blocks(n_paths, reps if average_members else min(dyn.n_members, n_cand))
-    flat = np.tile(seqs.reshape(n_cand * n_states, horizon, ad), (reps, 1, 1))  # (E*C*S, H, ad)
-    ret = np.zeros(n_paths, np.float32)
+    acts = seqs.transpose(2, 0, 1, 3).reshape(horizon, n_cand * n_states, ad)  # each step contiguous
+    acts = np.tile(acts, (1, reps, 1)) if reps > 1 else acts  # (H, E*C*S, ad)
+    gains = []
     g = 1.0
-    for t in range(horizon):
-        obs, rew = step_paths(dyn, task, obs, flat[:, t], blocks)
-        ret += g * rew
+    for _ in range(horizon):
+        gains.append(g)
         g *= discount
+    if task.reward is None:  # the model's own reward, step by step
+        ret = np.zeros(n_paths, np.float32)
+        for t in range(horizon):
+            obs, rew = step_paths(dyn, task, obs, acts[t], blocks)
+            ret += gains[t] * rew
+        return ret.reshape(reps, n_cand, n_states).mean(0)
+    # the states only, then the task's reward for a chunk of steps in one call (a chunk of about
+    # _REWARD_ROWS rows: bigger ones cost more in fresh memory than they save in calls)
+    ret = np.zeros(n_paths, np.float32)
+    od, chunk = task.obs_dim, max(1, min(horizon, _REWARD_ROWS // max(n_paths, 1)))
+    for t0 in range(0, horizon, chunk):
+        traj = [obs]
+        for t in range(t0, min(t0 + chunk, horizon)):
+            traj.append(step_obs(dyn, task, traj[-1], acts[t], blocks)[0])
+        obs, k = traj[-1], len(traj) - 1
+        path = np.stack(traj)  # (k + 1, paths, od)
+        rew = task.reward(path[:-1].reshape(-1, od), acts[t0:t0 + k].reshape(-1, ad),
+                          path[1:].reshape(-1, od)).astype(np.float32).reshape(k, n_paths)
+        for i in range(k):  # step by step, in order: the sums are those of one step at a time
+            ret += gains[t0 + i] * rew[i]
     return ret.reshape(reps, n_cand, n_states).mean(0)
 
 
@@ -164,7 +207,7 @@ def policy_plan(dyn: Dynamics, task: TaskSpec, policy: MLPPolicy, lora: LoRA | N
     acts = np.empty((len(obs), horizon, task.act_dim), np.float32)
     for t in range(horizon):
         acts[:, t] = policy.forward(obs, lora)
-        obs, _ = step_paths(dyn, task, obs, acts[:, t], blocks)
+        obs, _ = step_obs(dyn, task, obs, acts[:, t], blocks)
     return acts
 
 
@@ -298,7 +341,7 @@ class PhantomPathSimulator:
 
 @dataclass
 class PhantomBenchConfig:
-    """``plasma-server bench phantom``: raw batched-rollout throughput."""
+    """``plasma-server bench phantom``: raw batched-rollout throughput of both world models."""
 
     members: int = 5
     """Ensemble size."""
@@ -314,10 +357,19 @@ class PhantomBenchConfig:
     """Task whose dimensions and reward are used."""
     blas_threads: int | None = 1
     """OpenBLAS threads during the bench (1 measured fastest for these sizes; None = numpy's default)."""
+    physics: Mapping[str, float] = field(default_factory=lambda: {"m": 1.6, "g": 12.0})
+    """The physics the identified simulator is identified on (its members then differ as in a
+    round: bootstrap parameter sets)."""
+    transitions: int = 600
+    """Transitions of that physics it is identified on (a round's first three hundred-step batches)."""
 
 
-def bench_phantom(cfg: PhantomBenchConfig | None = None) -> dict[str, float]:
-    """Model steps per second of batched phantom paths through an (untrained) ensemble."""
+def bench_phantom(cfg: PhantomBenchConfig | None = None) -> dict[str, Any]:
+    """Model steps per second of batched phantom paths (a policy acting, the model stepping, the
+    task's reward) through two world models: the learned ensemble (untrained: its cost does not
+    depend on its weights) and, for a task with a simulator, the model a round uses there, the
+    identified simulator (``adapt.new_model`` with the default budget: ``ResidualModel``, fitted
+    on ``transitions`` random-action transitions of ``physics``)."""
     from .tasks import get_task
 
     cfg = cfg or PhantomBenchConfig()
@@ -327,15 +379,42 @@ def bench_phantom(cfg: PhantomBenchConfig | None = None) -> dict[str, float]:
                             act_low=task.act_low, act_high=task.act_high)
     rng = np.random.default_rng(0)
     pool = rng.uniform(task.obs_low, task.obs_high, (4096, task.obs_dim)).astype(np.float32)
-    result: dict[str, float] = {"paths": cfg.paths, "horizon": cfg.horizon, "members": cfg.members}
-    for key, with_dis in (("model_steps_per_s", False), ("model_steps_per_s_with_disagreement", True)):
-        sim = PhantomPathSimulator(model, task, PhantomConfig(cfg.paths, cfg.horizon, with_disagreement=with_dis))
+    result: dict[str, Any] = {"paths": cfg.paths, "horizon": cfg.horizon, "members": cfg.members}
+
+    def best_rollout(sim: PhantomPathSimulator) -> float:
         best = np.inf
         with blas_threads(cfg.blas_threads):
             for _ in range(cfg.repeats):
                 t0 = time.perf_counter()
                 sim.rollout(pool, policy)
                 best = min(best, time.perf_counter() - t0)
+        return float(best)
+
+    for key, with_dis in (("model_steps_per_s", False), ("model_steps_per_s_with_disagreement", True)):
+        best = best_rollout(PhantomPathSimulator(model, task, PhantomConfig(
+            cfg.paths, cfg.horizon, with_disagreement=with_dis)))
         result[key] = cfg.paths * cfg.horizon / best
         result[key.replace("model_steps_per_s", "rollout_s")] = best
+    if task.sim_step is not None:
+        physics = _identified(task, cfg, rng)
+        best = best_rollout(PhantomPathSimulator(physics, task, PhantomConfig(
+            cfg.paths, cfg.horizon, with_disagreement=False)))
+        result.update({"physics_model_steps_per_s": cfg.paths * cfg.horizon / best,
+                       "physics_rollout_s": best, "physics_model": type(physics).__name__,
+                       "physics_members": len(physics.members),
+                       "physics": dict(cfg.physics), "physics_transitions": cfg.transitions})
     return result
+
+
+def _identified(task: TaskSpec, cfg: PhantomBenchConfig, rng: np.random.Generator) -> Any:
+    """The default world model of a task with a simulator, identified on random-action
+    transitions of ``cfg.physics`` from states in the observation box."""
+    from .adapt import adapt_config, new_model
+
+    truth = task.physics(cfg.physics)
+    obs = task.project_obs(rng.uniform(task.obs_low, task.obs_high,
+                                       (cfg.transitions, task.obs_dim)).astype(np.float32))
+    act = rng.uniform(task.act_low, task.act_high, (cfg.transitions, task.act_dim)).astype(np.float32)
+    model = new_model(task, adapt_config("default"))
+    model.fit(obs, act, task.sim_step(obs, act, truth))  # type: ignore[misc]
+    return model

@@ -107,6 +107,8 @@ class ForwardCache:
     """Pre-activation of each layer: z0, ..., zK; each (batch, out_k)."""
     lora: LoRA | None
     """Adapter used in the forward pass (its factors get gradients)."""
+    weights: list[np.ndarray] | None = None
+    """Each layer's weight as the pass used it (the adapter merged in): backward reuses them."""
 
 
 @dataclass
@@ -208,7 +210,7 @@ class MLPPolicy:
             pre.append(z)
             h = activation.hidden(z, self.hidden_activation, self.activation_alpha) if k < len(weights) - 1 else z
         act = activation.output(h, self.output_activation, self.act_low, self.act_high)
-        return (act[0] if single else act), ForwardCache(inputs, pre, lora)
+        return (act[0] if single else act), ForwardCache(inputs, pre, lora, weights)
 
     def backward(self, cache: ForwardCache, d_act: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Exact gradients of a scalar loss given dL/daction (batch, act_dim).
@@ -217,7 +219,7 @@ class MLPPolicy:
         [dA, dB, ...] or [] without an adapter).
         """
         lora = cache.lora
-        weights = self._weights(lora)
+        weights = cache.weights if cache.weights is not None else self._weights(lora)
         dz = np.atleast_2d(d_act) * self._output_grad(cache.pre[-1])
         grads_w: list[np.ndarray] = [np.empty(0)] * (2 * len(weights))
         grads_lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -230,9 +232,31 @@ class MLPPolicy:
                 a, b = lora.factors[name]
                 grads_lora[name] = (lora.scale * (b.T @ d_w), lora.scale * (d_w @ a.T))
             if k > 0:
-                dz = (dz @ weights[k]) * self._hidden_grad(cache.pre[k - 1], h_in)  # through the activation
+                dz = _mm(dz, weights[k]) * self._hidden_grad(cache.pre[k - 1], h_in)  # through the activation
         flat_lora = [g for n in (lora.factors if lora else {}) for g in grads_lora[n]]
         return grads_w, flat_lora
+
+    def lora_grads(self, cache: ForwardCache, d_act: np.ndarray) -> list[np.ndarray]:
+        """``backward``'s adapter gradients ([dA, dB, ...] in ``lora.params()`` order) without the
+        weight gradients: dA = s (dz B)^T h and dB = s dz^T (h A^T) instead of s B^T dW and
+        s dW A^T through dW = dz^T h (equal up to float rounding; the rank-r products are a
+        fraction of dW's work). Distillation needs only these."""
+        lora = cache.lora
+        if lora is None:
+            return []
+        weights = cache.weights if cache.weights is not None else self._weights(lora)
+        dz = np.atleast_2d(d_act) * self._output_grad(cache.pre[-1])
+        first = min(self.names.index(n) for n in lora.factors) if lora.factors else len(weights)
+        grads: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for k in range(len(weights) - 1, first - 1, -1):
+            h_in = cache.inputs[k]  # (batch, in_k)
+            name = self.names[k]
+            if name in lora.factors:
+                a, b = lora.factors[name]
+                grads[name] = (lora.scale * (_mm(dz, b).T @ h_in), lora.scale * (dz.T @ (h_in @ a.T)))
+            if k > first:
+                dz = _mm(dz, weights[k]) * self._hidden_grad(cache.pre[k - 1], h_in)
+        return [g for n in lora.factors for g in grads[n]]
 
     def _output_grad(self, z: np.ndarray) -> np.ndarray:
         """d action / d z, elementwise (batch, act_dim)."""
@@ -282,6 +306,12 @@ class MLPPolicy:
         if missing:
             raise KeyError(f"{path}: missing {missing}; pass them as keyword overrides")
         return cls(layers, **meta, **acts)  # type: ignore[arg-type]
+
+
+def _mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x @ y; an outer product (one column, act_dim 1) by broadcasting: the same numbers, without
+    BLAS's slow path for an inner dimension of one."""
+    return np.asarray(x * y if x.shape[-1] == 1 else x @ y)
 
 
 class Adam:

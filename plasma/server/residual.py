@@ -20,6 +20,7 @@ what keeps devices inside the simulator's parameter space where they were.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,6 +144,21 @@ class ResidualModel(PhysicsModel):
         net = getattr(self.members[member], "net", member) % len(self.residual.members)
         delta = self.residual.step_member(net, obs, act) - obs
         return nxt + delta.astype(nxt.dtype, copy=False)
+
+    def step_blocks(self, obs: np.ndarray, act: np.ndarray, blocks: Sequence[tuple[int, slice]]
+                    ) -> np.ndarray | None:
+        """``PhysicsModel.step_blocks`` (the simulator in one call) plus each block's member's
+        residual net: row by row exactly what ``step_member`` gives."""
+        if type(self).step_member is not ResidualModel.step_member:
+            return None
+        nxt = self._sim_blocks(obs, act, blocks)
+        if nxt is None or self.residual is None:
+            return nxt
+        for member, sl in blocks:
+            net = getattr(self.members[member], "net", member) % len(self.residual.members)
+            delta = self.residual.step_member(net, obs[sl], act[sl]) - obs[sl]
+            nxt[sl] = nxt[sl] + delta.astype(nxt.dtype, copy=False)
+        return nxt
 
 
 def residual_model(task: TaskSpec, sysid: SysIdConfig, cfg: ResidualConfig) -> PhysicsModel:

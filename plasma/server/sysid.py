@@ -27,8 +27,9 @@ recorded transitions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from .tasks import TaskSpec
 from .worldmodel import FitReport
 
 __all__ = ["PhysicsModel", "SysIdConfig", "identify", "physics_error"]
+
+_StackedStep = Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], np.ndarray]
+"""``sim_step`` given stacked parameter sets (``TaskSpec.sim_rows``)."""
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ class PhysicsModel:
         self.theta = np.zeros(len(self.names))  # log(p / nominal), the full-data fit
         self.out_std = np.ones(self.obs_dim, np.float32)  # delta std of real data (units of disagreement)
         self._rng = np.random.default_rng(self.cfg.seed)
+        self._rows: tuple[object, object, int, tuple[int, dict[str, float | np.ndarray]]] | None = None
         if not self.members:
             self.members = [dict(self.nominal) for _ in range(self.cfg.members)]
 
@@ -179,6 +184,61 @@ class PhysicsModel:
     def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         """Next observation of one member for a batch (batch, obs_dim)."""
         return self.task.sim_step(obs, act, self.members[member])  # type: ignore[misc]
+
+    def step_blocks(self, obs: np.ndarray, act: np.ndarray, blocks: Sequence[tuple[int, slice]]
+                    ) -> np.ndarray | None:
+        """The rows of each (member, rows) block under that member, in one ``sim_step`` call: the
+        members' parameters stacked row by row (``TaskSpec.sim_rows``); row by row exactly what
+        ``step_member`` gives block by block (``phantom.step_paths`` uses it). None where it
+        cannot: a simulator that takes one parameter set per call, blocks that do not cover the
+        batch, or a subclass with its own ``step_member`` (it must be stepped member by member)."""
+        if type(self).step_member is not PhysicsModel.step_member:
+            return None
+        return self._sim_blocks(obs, act, blocks)
+
+    def _sim_blocks(self, obs: np.ndarray, act: np.ndarray, blocks: Sequence[tuple[int, slice]]
+                    ) -> np.ndarray | None:
+        if not self.task.sim_rows:
+            return None
+        stacked = self._stacked(blocks, len(obs))
+        if stacked is None:
+            return None
+        groups, stacked_physics = stacked
+        step = cast(_StackedStep, self.task.sim_step)
+        if groups:  # equal blocks in order: (groups, rows per group, dim) against (groups, 1)
+            shape = (groups, len(obs) // groups)
+            out = step(obs.reshape(*shape, -1), act.reshape(*shape, -1), stacked_physics)
+            return out.reshape(len(obs), -1)
+        return step(obs, act, stacked_physics)
+
+    def _stacked(self, blocks: Sequence[tuple[int, slice]], rows: int
+                 ) -> tuple[int, dict[str, float | np.ndarray]] | None:
+        """The blocks' members' physics for one ``sim_step`` call, kept while the same blocks
+        step the same members (a loop over a horizon): (groups, values (groups, 1)) when the
+        blocks are equal and in order (the batch is stepped as (groups, rows, dim)), else
+        (0, values per row (rows,)); a value the members share stays a float."""
+        cached = self._rows
+        if cached is not None and cached[0] is blocks and cached[1] is self.members and \
+                cached[2] == rows:
+            return cached[3]
+        member_of = np.full(rows, -1)
+        for member, sl in blocks:
+            member_of[sl] = member
+        if rows == 0 or member_of.min() < 0:
+            return None
+        order = [member for member, _ in blocks]
+        size = rows // len(order)
+        equal = size * len(order) == rows and np.array_equal(
+            member_of, np.repeat(np.asarray(order), size))
+        index = (np.asarray(order)[:, None] if equal else member_of)
+        physics: dict[str, float | np.ndarray] = {}
+        for name in self.members[order[0]]:
+            values = np.array([self.members[m][name] for m in range(len(self.members))], np.float64)
+            first = values[order[0]]
+            physics[name] = float(first) if np.all(values[order] == first) else values[index]
+        stacked = (len(order) if equal else 0, physics)
+        self._rows = (blocks, self.members, rows, stacked)
+        return stacked
 
     def step_mean(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         return np.mean([self.step_member(m, obs, act) for m in range(len(self.members))], axis=0)

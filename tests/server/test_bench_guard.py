@@ -159,6 +159,21 @@ def test_format_table_names_worse_and_missing() -> None:
     assert "bench live failed: exit 1: boom" in text
 
 
+def test_a_figure_the_accepted_run_lacks_is_new_not_a_failure() -> None:
+    accepted = _doc({"phantom.model_steps_per_s": 666000.0})  # accepted before the figure existed
+    run = _doc({"phantom.model_steps_per_s": 700000.0,
+                "phantom.physics_model_steps_per_s": 2500000.0})
+    rows = {r.name: r for r in compare(accepted, run)}
+    new = rows["phantom.physics_model_steps_per_s"]
+    assert (new.status, new.accepted, new.ratio) == ("new", None, None)
+    text = format_table(list(rows.values()), accepted, run)
+    line = next(x for x in text.splitlines() if x.startswith("phantom.physics_model_steps_per_s ^"))
+    assert line.split()[-1] == "new" and " - " in line and "2,500,000" in line
+    header = next(x for x in text.splitlines() if x.startswith("figure"))
+    assert line.index("steps/s") == header.index("unit")  # the "^" mark keeps the columns
+    assert "0 of 2 figures more than 15% worse" in text
+
+
 # ------------------------------------------------------------------------------ the run document
 
 

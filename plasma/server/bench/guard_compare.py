@@ -90,7 +90,7 @@ def format_table(rows: Sequence[Row], accepted: Mapping[str, Any], run: Mapping[
     lines = [f"accepted: {_when(accepted)}", f"now:      {_when(run)}",
              f"WORSE: more than {threshold:.0%} worse in the figure's direction (ratio = now / "
              "accepted; lower is better unless marked ^)", ""]
-    width = max([len(r.name) for r in rows] + [6])
+    width = max([len(r.name) + (2 if r.direction == HIGHER else 0) for r in rows] + [6])
     lines.append(f"{'figure':<{width}}  {'unit':<7} {'accepted':>10} {'now':>10} {'ratio':>6}  flag")
     for r in rows:
         name = r.name + (" ^" if r.direction == HIGHER else "")

@@ -34,17 +34,32 @@ def pendulum_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray | Non
     return -(th**2 + 0.1 * obs[..., 2] ** 2 + 0.001 * u**2)
 
 
+def _like(value: float | np.ndarray, arr: np.ndarray) -> float | np.ndarray:
+    """A physics value as the arithmetic with ``arr`` uses it: a float stays a float (NumPy casts
+    it to ``arr``'s dtype), an array of parameter sets (``TaskSpec.sim_rows``) is cast the same
+    way, so one call with stacked sets gives, row by row, exactly what one call per set gives."""
+    return value.astype(arr.dtype, copy=False) if isinstance(value, np.ndarray) else value
+
+
 def pendulum_step(obs: np.ndarray, act: np.ndarray, physics: Mapping[str, float]) -> np.ndarray:
-    """Vectorized copy of ``PendulumEnv.step`` on observations (the state is th, thdot)."""
+    """Vectorized copy of ``PendulumEnv.step`` on observations (..., 3) (the state is th, thdot);
+    physics values may be floats or arrays broadcasting against the batch (``TaskSpec.sim_rows``)."""
     g, m, length = physics["g"], physics["m"], physics["l"]
-    dt, max_speed, max_torque = physics["dt"], physics["max_speed"], physics["max_torque"]
     th = np.arctan2(obs[..., 1], obs[..., 0])
     thdot = obs[..., 2]
-    u = np.clip(act[..., 0], -max_torque, max_torque)
-    newthdot = np.clip(thdot + (3 * g / (2 * length) * np.sin(th) + 3.0 / (m * length**2) * u) * dt,
-                       -max_speed, max_speed)
-    newth = th + newthdot * dt
-    return np.stack([np.cos(newth), np.sin(newth), newthdot], axis=-1).astype(obs.dtype, copy=False)
+    max_torque = physics["max_torque"]
+    u = np.clip(act[..., 0], -_like(max_torque, act), _like(max_torque, act))
+    accel = _like(3 * g / (2 * length), th) * np.sin(th) + _like(3.0 / (m * length**2), u) * u
+    dt = physics["dt"]
+    speed = thdot + accel * _like(dt, accel)
+    max_speed = _like(physics["max_speed"], speed)
+    newthdot = np.clip(speed, -max_speed, max_speed)
+    newth = th + newthdot * _like(dt, newthdot)
+    out = np.empty((*th.shape, 3), obs.dtype)
+    out[..., 0] = np.cos(newth)
+    out[..., 1] = np.sin(newth)
+    out[..., 2] = newthdot
+    return out
 
 
 def _project_unit_circle(obs: np.ndarray) -> np.ndarray:
@@ -72,6 +87,7 @@ PENDULUM = TaskSpec(
     reward=pendulum_reward,
     project_obs=_project_unit_circle,
     sim_step=pendulum_step,
+    sim_rows=True,
 )
 
 # --------------------------------------------------------------------------- MountainCarContinuous-v0
@@ -84,11 +100,12 @@ def mountaincar_reward(obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -
 
 
 def mountaincar_step(obs: np.ndarray, act: np.ndarray, physics: Mapping[str, float]) -> np.ndarray:
-    """Vectorized copy of ``Continuous_MountainCarEnv.step`` (gravity 0.0025 is hard-coded there)."""
+    """Vectorized copy of ``Continuous_MountainCarEnv.step`` (gravity 0.0025 is hard-coded there);
+    physics values may be floats or arrays broadcasting against the batch (``TaskSpec.sim_rows``)."""
     pos, vel = obs[..., 0].astype(np.float64), obs[..., 1].astype(np.float64)
     force = np.clip(act[..., 0], -1.0, 1.0)
-    speed = physics["max_speed"]
-    vel = np.clip(vel + force * physics["power"] - 0.0025 * np.cos(3 * pos), -speed, speed)
+    speed = _like(physics["max_speed"], vel)
+    vel = np.clip(vel + force * _like(physics["power"], force) - 0.0025 * np.cos(3 * pos), -speed, speed)
     pos = np.clip(pos + vel, -1.2, 0.6)
     vel = np.where((pos <= -1.2) & (vel < 0), 0.0, vel)
     return np.stack([pos, vel], axis=-1).astype(obs.dtype, copy=False)
@@ -108,4 +125,5 @@ MOUNTAINCAR = TaskSpec(
     default_physics={"power": 0.0015, "max_speed": 0.07},
     reward=mountaincar_reward,
     sim_step=mountaincar_step,
+    sim_rows=True,
 )

@@ -69,6 +69,12 @@ class TaskSpec:
     """Maps a predicted observation back onto the valid manifold (e.g. the unit circle)."""
     sim_step: SimStepFn | None = None
     """Vectorized true simulator on observations (base/oracle training, system identification)."""
+    sim_rows: bool = False
+    """``sim_step`` is elementwise over leading batch dimensions (obs (..., obs_dim)) and also
+    takes each physics value as an array broadcasting against them (one parameter set per row,
+    or per group of rows), with exactly the result the floats give row by row:
+    ``PhysicsModel.step_blocks`` then steps every member's paths in one call (the classic
+    tasks; a MuJoCo model takes one parameter set per call)."""
     identify: tuple[str, ...] | None = None
     """The physics names system identification fits (None: all of ``default_physics``)."""
     adapt: Mapping[str, Any] = field(default_factory=dict)
