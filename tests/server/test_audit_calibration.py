@@ -15,7 +15,7 @@ import pytest
 from plasma.protocol.errors import ConfigError
 from plasma.server.bench import audit
 from plasma.server.bench.audit import AuditBenchConfig, bench_audit, instance_seed
-from plasma.server.bench.exploits import SHIFTS
+from plasma.server.bench.exploits import RETIRED, SHIFTS
 from plasma.server.bench.heldout import HeldoutRefused, check_heldout, ledger_for, record_heldout
 from plasma.server.bench.outcome import compare, one_sided_p
 from plasma.server.judicial import JudicialConfig
@@ -140,6 +140,8 @@ def test_a_heldout_seed_can_never_reach_calibration() -> None:
     # nor its device: the splits' shifts are disjoint sets
     as_set = {split: {tuple(sorted(p.items())) for p in shifts} for split, shifts in SHIFTS.items()}
     assert not as_set["heldout"] & as_set["calibration"]
+    retired = {tuple(sorted(p.items())) for p in RETIRED}  # seen while developing checks
+    assert not retired & (as_set["heldout"] | as_set["calibration"])
     with pytest.raises(ValueError):
         instance_seed("heldout", -1)
 
