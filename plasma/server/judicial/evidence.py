@@ -18,7 +18,7 @@ from .config import JudicialConfig, RealData, reward_is_learned
 from .paths import OneMember, rollout_paths
 from .trust import TrustModel
 
-__all__ = ["Evidence", "EvidenceGatherer"]
+__all__ = ["Evidence", "EvidenceGatherer", "RewardBound"]
 
 
 @dataclass
@@ -101,6 +101,56 @@ class _PriorDynamics:
         return self.prior(obs, act)
 
 
+class RewardBound:
+    """The most a reward can be at a state the device never recorded, by the device's own
+    rewards: ``max_j (r_j - slope * d_j)`` over the ``k`` recorded states nearest to it (distances
+    in real-observation stds), never below the worst recorded reward.
+
+    ``slope`` is a high quantile (``SLOPE_QUANTILE``) of the reward change per unit distance
+    between recorded neighbours: how fast the real rewards were seen to change. So a learned
+    reward keeps its value a little off the data when recorded rewards nearby were as good, and
+    loses it where they were bad (beyond the fastest recorded spin, the recorded rewards are
+    poor) or where the state is far from any of them (the bound falls to the worst recorded
+    reward, the former rule)."""
+
+    K = 8
+    SLOPE_QUANTILE = 0.9
+
+    def __init__(self, real: RealData, scale: np.ndarray, points: int, seed: int) -> None:
+        rng = np.random.default_rng(seed + 2)
+        keep = rng.choice(len(real.obs), min(points, len(real.obs)), replace=False)
+        self.points = (real.obs[keep] / scale).astype(np.float32)
+        self.rew = real.rew[keep].astype(np.float32)
+        self.scale = scale
+        self.floor = float(real.rew.min())
+        d, j = _knn(self.points, self.points, 2)  # [:, 0] is the point itself
+        slopes = np.abs(self.rew - self.rew[j[:, 1]]) / np.maximum(d[:, 1], 1e-6)
+        self.slope = float(np.quantile(slopes, self.SLOPE_QUANTILE)) if len(slopes) > 1 else 0.0
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        d, j = _knn(obs / self.scale, self.points, self.K)
+        return np.maximum((self.rew[j] - self.slope * d).max(1), self.floor)
+
+
+def _knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 2048
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """(q, k) distances and indices of each query's ``k`` nearest points, nearest first."""
+    k = min(k, len(points))
+    dist = np.empty((len(queries), k), np.float32)
+    idx = np.empty((len(queries), k), np.int64)
+    p2 = (points**2).sum(1)
+    for i in range(0, len(queries), chunk):
+        q = queries[i:i + chunk].astype(np.float32)
+        d2 = np.maximum((q**2).sum(1)[:, None] + p2[None] - 2 * q @ points.T, 0)
+        j = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(points) else \
+            np.broadcast_to(np.arange(len(points)), d2.shape)
+        dj = np.take_along_axis(d2, j, 1)
+        order = np.argsort(dj, 1)
+        idx[i:i + chunk] = np.take_along_axis(j, order, 1)
+        dist[i:i + chunk] = np.sqrt(np.take_along_axis(dj, order, 1))
+    return dist, idx
+
+
 class EvidenceGatherer:
     """The measuring half of ``JudicialAuditor``: rollouts and scores on real data, no verdicts."""
 
@@ -170,15 +220,19 @@ class EvidenceGatherer:
     def _supported_returns(self, trust: TrustModel, real: RealData,
                            *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
                            ) -> dict[str, np.ndarray]:
-        """Learned rewards: path returns with off-support rewards made pessimistic."""
+        """Learned rewards: path returns with every reward at a state far from the real data
+        (raw nearest-neighbour rule) capped by what the recorded rewards allow there
+        (``reward_bound``)."""
         if not reward_is_learned(self.task):
             return {}
-        floor = float(real.rew.min())
+        bound = RewardBound(real, trust.scale, self.cfg.support_points, self.cfg.seed)
         out = []
         for obs, _, rew in paths:
             n, h = rew.shape
-            far = trust.support_ratio(obs[:, :-1].reshape(n * h, -1)).reshape(n, h) > 1
-            out.append(np.where(far, np.minimum(rew, floor), rew).sum(1))
+            flat = obs[:, :-1].reshape(n * h, -1)
+            far = trust.support_ratio(flat).reshape(n, h) > 1
+            capped = np.minimum(rew, bound(flat).reshape(n, h))
+            out.append(np.where(far, capped, rew).sum(1))
         return {"ref_supported_returns": out[0], "cand_supported_returns": out[1]}
 
     def _lambda(self, real: RealData) -> float:
