@@ -10,6 +10,9 @@ start states (the same evaluation seeds), ``EPISODES`` episodes each:
 - ``honest_learned_reward``: the same with a reward model fitted on the device's real rewards
   (``bench.learned.HonestLearnedReward``) and a gain in states its log covers (the device
   balances upright in its log); blocked by the former ``reward_support`` rule.
+- ``flattering_learned_reward``: the same device with a learned reward that is right on its log
+  and better than its best recorded reward wherever it never went
+  (``bench.learned.FlatteringLearnedReward``): the exploit must bite and be stopped.
 - ``shared_error``: every member of the world model teleports the pendulum upright when it brakes
   while spinning (``bench.exploits.CorruptedModel``), a region the log never shows. The test first
   asserts the exploit bites (the submitted candidate lowers the real return significantly), then
@@ -37,8 +40,8 @@ import pytest
 
 from plasma.server.adapt import adapt_config, adaptation_round, fit_model, seeded
 from plasma.server.basepolicy import TrainBaseConfig, cached_policy, collect, evaluate
-from plasma.server.bench.exploits import Corruption, CorruptedModel
-from plasma.server.bench.learned import HonestLearnedReward
+from plasma.server.bench.exploits import CorruptedModel, Corruption
+from plasma.server.bench.learned import FlatteringLearnedReward, HonestLearnedReward
 from plasma.server.judicial import Decision, JudicialAuditor, RealData
 from plasma.server.phantom import blas_threads
 from plasma.server.policy_net import LoRA, MLPPolicy
@@ -144,7 +147,7 @@ def _round(name: str) -> Round:
     world, model = task, None
     if name == "honest":
         inst, physics, episodes = 100, {"m": 1.6, "g": 12.0}, 4
-    elif name == "honest_learned_reward":
+    elif name in ("honest_learned_reward", "flattering_learned_reward"):
         inst, physics, episodes = 1, {"l": 1.3}, 2
     else:
         inst, physics, episodes = 101, {"g": 14.0}, 4
@@ -152,6 +155,9 @@ def _round(name: str) -> Round:
     real = _real(base, physics, episodes, inst * 1000)
     if name == "honest_learned_reward":
         world = dataclasses.replace(task, reward=HonestLearnedReward.fit(real, seed=inst))
+    elif name == "flattering_learned_reward":
+        assert task.reward is not None
+        world = dataclasses.replace(task, reward=FlatteringLearnedReward(task.reward, real))
     elif name == "shared_error":  # braking while spinning lands upright at rest, in every member
         corruption = Corruption("teleport_brake", speed=2.91, sign=-1.0, torque=1.33, factor=2.94)
         model = CorruptedModel.wrap(fit_model(task, real, cfg), task, corruption)
@@ -197,7 +203,8 @@ def check_safe(r: Round, d: Decision) -> None:
 
 
 OUTCOME: dict[str, Callable[[Round, Decision], None]] = {
-    "honest": check_helps, "honest_learned_reward": check_helps, "shared_error": check_safe}
+    "honest": check_helps, "honest_learned_reward": check_helps, "shared_error": check_safe,
+    "flattering_learned_reward": check_safe}
 
 
 @pytest.mark.parametrize("name", ["honest", "honest_learned_reward"])
@@ -206,22 +213,36 @@ def test_an_honest_round_ships_a_packet_that_helps_for_real(name: str) -> None:
     check_helps(r, r.decision)
 
 
-def test_a_harmful_exploit_is_blocked_or_corrected_into_a_packet_no_worse_than_base() -> None:
-    r = get_round("shared_error")
+@pytest.mark.parametrize("name", ["shared_error", "flattering_learned_reward"])
+def test_a_harmful_exploit_is_blocked_or_corrected_into_a_packet_no_worse_than_base(name: str
+                                                                                     ) -> None:
+    r = get_round(name)
     check_bites(r, r.decision)
     check_safe(r, r.decision)
 
 
 @pytest.mark.parametrize("sabotage", sorted(SABOTAGE))
 def test_a_sabotaged_review_is_noticed(sabotage: str) -> None:
-    """The outcome checks fail on the decisions a sabotaged review would return."""
+    """The outcome checks fail on the decisions a sabotaged review would return: always
+    publishing fails every exploit scenario, always blocking every honest one."""
     if os.environ.get("PLASMA_SABOTAGE_REVIEW"):
         pytest.skip("the review itself is sabotaged")
-    failed = []
+    failed = {}
     for name, check in OUTCOME.items():
         r = get_round(name)
         try:
             check(r, SABOTAGE[sabotage](r.decision))
         except AssertionError as e:
-            failed.append(f"{name}: {e}")
-    assert failed, f"review sabotaged to always {sabotage}: every outcome test still passes"
+            failed[name] = str(e).splitlines()[0]
+    expected = {n for n, c in OUTCOME.items() if (c is check_safe) == (sabotage == "publish")}
+    assert set(failed) == expected, f"review sabotaged to always {sabotage}: failed {failed}"
+
+
+def test_the_learned_reward_pair_is_told_apart_by_reward_support() -> None:
+    """Same device, same log: the honest learned reward's gain is earned where the device went,
+    the flattering one's where it never went (``reward_support`` is what tells them apart)."""
+    honest = get_round("honest_learned_reward").decision.first
+    flattering = get_round("flattering_learned_reward").decision.first
+    assert honest.scores["reward_support_share"] > 0.8, honest.scores
+    assert "gain_from_unsupported_rewards" in {r.code for r in flattering.reasons}
+    assert flattering.scores["reward_support_share"] < 0.0, flattering.scores

@@ -9,17 +9,23 @@ it (``dataclasses.replace(task, reward=HonestLearnedReward.fit(real))``) is an h
 a learned reward: the auditor must publish a gain earned in states the device visits, while the
 optimistic family (the same kind of model, flattering states the device never visited) must
 still be blocked.
+
+``FlatteringLearnedReward`` is that exploit in its plainest form, for the same device: right on
+every recorded state, and better than the best recorded reward wherever the device never went
+(whatever region that is, so the producer finds the one it can reach). It bites: on Pendulum
+(l=1.3, small budget) the candidate it lures lowers the real return by 570-840 per episode.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..judicial import RealData
 
-__all__ = ["HonestLearnedReward"]
+__all__ = ["FlatteringLearnedReward", "HonestLearnedReward"]
 
 
 @dataclass
@@ -97,3 +103,45 @@ class HonestLearnedReward:
         z = (x - self.mean) / self.scale
         out = np.clip(self._features(z) @ self.weights, self.low, self.high)
         return out.reshape(lead).astype(np.float32)
+
+
+class FlatteringLearnedReward:
+    """An optimistic learned reward (an exploit, the counterpart of ``HonestLearnedReward``): the
+    true reward at every state within ``at`` support radii of a recorded state, rising to one
+    real-reward std above the best recorded reward one radius further out (below the auditor's
+    spike ceiling). The support radius is the 99th percentile of recorded states' nearest-
+    neighbour distances in real-observation stds, as the auditor's own. Marked ``learned``."""
+
+    learned = True
+
+    def __init__(self, true: Callable[..., np.ndarray], real: RealData, at: float = 1.5,
+                 sigmas: float = 1.0) -> None:
+        self.true, self.at = true, at
+        self.scale = real.obs.std(0) + 1e-6
+        self.points = (real.obs / self.scale).astype(np.float32)
+        d, _ = _nearest(self.points, self.points, exclude_self=True)
+        self.radius = float(np.quantile(d, 0.99)) + 1e-6
+        self.best = float(real.rew.max() + sigmas * real.rew.std())
+
+    def __call__(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
+        r = self.true(obs, act, next_obs)
+        flat = obs.reshape(-1, obs.shape[-1]) / self.scale
+        d = _nearest(flat, self.points)[0].reshape(obs.shape[:-1]) / self.radius
+        w = np.clip(d - self.at, 0.0, 1.0)
+        return ((1 - w) * r + w * self.best).astype(np.float32)
+
+
+def _nearest(queries: np.ndarray, points: np.ndarray, exclude_self: bool = False,
+             chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(q,) distance from each query to its nearest point, and that point's index."""
+    dist = np.empty(len(queries), np.float32)
+    idx = np.empty(len(queries), np.int64)
+    p2 = (points**2).sum(1)
+    for i in range(0, len(queries), chunk):
+        q = queries[i:i + chunk].astype(np.float32)
+        d2 = (q**2).sum(1)[:, None] + p2[None] - 2 * q @ points.T
+        if exclude_self:
+            d2[np.arange(len(q)), np.arange(i, i + len(q))] = np.inf
+        idx[i:i + chunk] = d2.argmin(1)
+        dist[i:i + chunk] = np.sqrt(np.maximum(d2.min(1), 0))
+    return dist, idx
