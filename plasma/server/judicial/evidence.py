@@ -69,7 +69,9 @@ class Evidence:
 
     ref_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N,) learned rewards only: reference returns with every reward at a state far from the real
-    data replaced by the worst recorded real reward (empty when the reward is the task's own)."""
+    data capped by what the recorded rewards allow there (``RewardBound``: the nearby recorded
+    rewards less their measured slope times the distance, at worst the worst recorded reward;
+    empty when the reward is the task's own)."""
     cand_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N,) the same along candidate paths."""
 
@@ -119,28 +121,32 @@ class RewardBound:
     def __init__(self, real: RealData, scale: np.ndarray, points: int, seed: int) -> None:
         rng = np.random.default_rng(seed + 2)
         keep = rng.choice(len(real.obs), min(points, len(real.obs)), replace=False)
-        self.points = (real.obs[keep] / scale).astype(np.float32)
-        self.rew = real.rew[keep].astype(np.float32)
+        self.points = real.obs[keep].astype(np.float64) / scale
+        self.rew = real.rew[keep].astype(np.float64)
         self.scale = scale
         self.floor = float(real.rew.min())
-        d, j = _knn(self.points, self.points, 2)  # [:, 0] is the point itself
-        slopes = np.abs(self.rew - self.rew[j[:, 1]]) / np.maximum(d[:, 1], 1e-6)
-        self.slope = float(np.quantile(slopes, self.SLOPE_QUANTILE)) if len(slopes) > 1 else 0.0
+        self.slope = 0.0
+        if len(self.points) > 1:
+            d, j = _knn(self.points, self.points, 2)  # [:, 0]: the point itself (or a twin)
+            apart = d[:, 1] > 1e-6
+            if apart.any():
+                slopes = np.abs(self.rew - self.rew[j[:, 1]])[apart] / d[apart, 1]
+                self.slope = float(np.quantile(slopes, self.SLOPE_QUANTILE))
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        d, j = _knn(obs / self.scale, self.points, self.K)
-        return np.maximum((self.rew[j] - self.slope * d).max(1), self.floor)
+        d, j = _knn(obs.astype(np.float64) / self.scale, self.points, self.K)
+        return np.maximum((self.rew[j] - self.slope * d).max(1), self.floor).astype(np.float32)
 
 
 def _knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 2048
          ) -> tuple[np.ndarray, np.ndarray]:
     """(q, k) distances and indices of each query's ``k`` nearest points, nearest first."""
     k = min(k, len(points))
-    dist = np.empty((len(queries), k), np.float32)
+    dist = np.empty((len(queries), k), np.float64)
     idx = np.empty((len(queries), k), np.int64)
     p2 = (points**2).sum(1)
     for i in range(0, len(queries), chunk):
-        q = queries[i:i + chunk].astype(np.float32)
+        q = queries[i:i + chunk]
         d2 = np.maximum((q**2).sum(1)[:, None] + p2[None] - 2 * q @ points.T, 0)
         j = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(points) else \
             np.broadcast_to(np.arange(len(points)), d2.shape)
@@ -221,8 +227,8 @@ class EvidenceGatherer:
                            *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
                            ) -> dict[str, np.ndarray]:
         """Learned rewards: path returns with every reward at a state far from the real data
-        (raw nearest-neighbour rule) capped by what the recorded rewards allow there
-        (``reward_bound``)."""
+        (raw nearest-neighbour rule: the prior vouches for dynamics, never for a learned reward)
+        capped by what the recorded rewards allow there (``RewardBound``)."""
         if not reward_is_learned(self.task):
             return {}
         bound = RewardBound(real, trust.scale, self.cfg.support_points, self.cfg.seed)
