@@ -101,7 +101,7 @@ class HonestLearnedReward:
         x = np.concatenate([obs.reshape(-1, obs.shape[-1]), act.reshape(-1, act.shape[-1])],
                            axis=1).astype(np.float32)
         z = (x - self.mean) / self.scale
-        out = np.clip(self._features(z) @ self.weights, self.low, self.high)
+        out: np.ndarray = np.clip(self._features(z) @ self.weights, self.low, self.high)
         return out.reshape(lead).astype(np.float32)
 
 
@@ -128,7 +128,8 @@ class FlatteringLearnedReward:
         flat = obs.reshape(-1, obs.shape[-1]) / self.scale
         d = _nearest(flat, self.points)[0].reshape(obs.shape[:-1]) / self.radius
         w = np.clip(d - self.at, 0.0, 1.0)
-        return ((1 - w) * r + w * self.best).astype(np.float32)
+        out: np.ndarray = (1 - w) * r + w * self.best
+        return out.astype(np.float32)
 
 
 def _nearest(queries: np.ndarray, points: np.ndarray, exclude_self: bool = False,

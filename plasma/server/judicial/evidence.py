@@ -135,7 +135,8 @@ class RewardBound:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         d, j = _knn(obs.astype(np.float64) / self.scale, self.points, self.K)
-        return np.maximum((self.rew[j] - self.slope * d).max(1), self.floor).astype(np.float32)
+        out: np.ndarray = np.maximum((self.rew[j] - self.slope * d).max(1), self.floor)
+        return out.astype(np.float32)
 
 
 def _knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 2048
