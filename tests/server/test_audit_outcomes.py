@@ -141,16 +141,21 @@ def _real(base: MLPPolicy, physics: dict[str, float], episodes: int, seed0: int)
     return RealData(d["obs"], d["act"], d["rew"], d["next_obs"])
 
 
-def _round(name: str) -> Round:
+SCENARIOS: dict[str, tuple[int, dict[str, float], int]] = {
+    "honest": (100, {"m": 1.6, "g": 12.0}, 4),
+    "honest_learned_reward": (1, {"l": 1.3}, 2),
+    "shared_error": (101, {"g": 14.0}, 4),
+    "flattering_learned_reward": (1, {"l": 1.3}, 2),
+}
+"""name -> (instance seed, device physics, real episodes in its log)."""
+
+
+def _round(name: str, inst: int | None = None) -> Round:
     task = get_task(ENV)
     base = cached_policy(TrainBaseConfig(env_id=ENV))[0]
     world, model = task, None
-    if name == "honest":
-        inst, physics, episodes = 100, {"m": 1.6, "g": 12.0}, 4
-    elif name in ("honest_learned_reward", "flattering_learned_reward"):
-        inst, physics, episodes = 1, {"l": 1.3}, 2
-    else:
-        inst, physics, episodes = 101, {"g": 14.0}, 4
+    seed, physics, episodes = SCENARIOS[name]
+    inst = seed if inst is None else inst
     cfg = seeded(adapt_config("small"), inst)
     real = _real(base, physics, episodes, inst * 1000)
     if name == "honest_learned_reward":
@@ -165,7 +170,7 @@ def _round(name: str) -> Round:
         result, _, _ = adaptation_round(world, base, real, cfg,
                                         JudicialAuditor(world, base, cfg.judicial), fleet="t",
                                         slot="device", device="d", subject=name, model=model)
-    return Round(name, physics, result.decision, base)
+    return Round(name if inst == seed else f"{name}@{inst}", physics, result.decision, base)
 
 
 _ROUNDS: dict[str, Round] = {}

@@ -200,7 +200,7 @@ class EvidenceGatherer:
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
             **self._supported_returns(trust, real, ref, cand),
             prior_error_on_real=self._prior_errors(trust, real),
-            **self._prior_returns(trust, candidate, reference, rng),
+            **self._prior_returns(trust, real, candidate, reference, rng),
         )
 
     def _prior_errors(self, trust: TrustModel, real: RealData) -> np.ndarray:
@@ -209,9 +209,11 @@ class EvidenceGatherer:
         pred = self.task.project_obs(trust.prior(real.obs, real.act))
         return (np.abs(pred - real.next_obs) / trust.scale).max(-1).astype(np.float32)
 
-    def _prior_returns(self, trust: TrustModel, candidate: LoRA, reference: LoRA | None,
-                       rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Reference and candidate in the auditor's identified physics from reset start states."""
+    def _prior_returns(self, trust: TrustModel, real: RealData, candidate: LoRA,
+                       reference: LoRA | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Reference and candidate in the auditor's identified physics from reset start states
+        (a learned reward capped off the real data as in ``_supported_returns``: the prior
+        vouches for the dynamics of these episodes, not for the reward they collect)."""
         if trust.prior is None:
             return {}
         from ..basepolicy import _reset_states
@@ -220,9 +222,13 @@ class EvidenceGatherer:
         starts = _reset_states(task, task.physics(), n, 7_000_000 + self.cfg.seed * n)
         dyn = _PriorDynamics(trust)
         steps = task.episode_steps  # whole episodes: a failed swing-up shows only late
-        ref = rollout_paths(dyn, task, self.policy, reference, starts, steps)[2]
-        cand = rollout_paths(dyn, task, self.policy, candidate, starts, steps)[2]
-        return {"prior_ref_returns": ref.sum(1), "prior_cand_returns": cand.sum(1)}
+        ref = rollout_paths(dyn, task, self.policy, reference, starts, steps)
+        cand = rollout_paths(dyn, task, self.policy, candidate, starts, steps)
+        if reward_is_learned(task):
+            sup = self._supported_returns(trust, real, ref, cand)
+            return {"prior_ref_returns": sup["ref_supported_returns"],
+                    "prior_cand_returns": sup["cand_supported_returns"]}
+        return {"prior_ref_returns": ref[2].sum(1), "prior_cand_returns": cand[2].sum(1)}
 
     def _supported_returns(self, trust: TrustModel, real: RealData,
                            *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
