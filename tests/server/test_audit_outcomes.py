@@ -147,15 +147,17 @@ SCENARIOS: dict[str, tuple[int, dict[str, float], int]] = {
     "shared_error": (101, {"g": 14.0}, 4),
     "flattering_learned_reward": (1, {"l": 1.3}, 2),
 }
-"""name -> (instance seed, device physics, real episodes in its log)."""
+"""name -> (instance seed, device physics, real episodes in its log); ``name@seed`` is the same
+scenario at another instance seed."""
 
 
-def _round(name: str, inst: int | None = None) -> Round:
+def _round(scenario: str, inst: int | None = None) -> Round:
     task = get_task(ENV)
     base = cached_policy(TrainBaseConfig(env_id=ENV))[0]
     world, model = task, None
+    name, _, at = scenario.partition("@")
     seed, physics, episodes = SCENARIOS[name]
-    inst = seed if inst is None else inst
+    inst = int(at) if at else seed if inst is None else inst
     cfg = seeded(adapt_config("small"), inst)
     real = _real(base, physics, episodes, inst * 1000)
     if name == "honest_learned_reward":
@@ -207,18 +209,21 @@ def check_safe(r: Round, d: Decision) -> None:
                                 f"{-mean:.1f} +- {se:.1f}")
 
 
+HONEST = ["honest", "honest_learned_reward", "honest_learned_reward@4"]
+EXPLOITS = ["shared_error", "flattering_learned_reward", "flattering_learned_reward@3"]
+"""``flattering_learned_reward@3``: its 60-step audit paths barely leave the log (the reward
+support share is 0.84); the harm shows over whole episodes (``prior_gain``, rewards capped)."""
 OUTCOME: dict[str, Callable[[Round, Decision], None]] = {
-    "honest": check_helps, "honest_learned_reward": check_helps, "shared_error": check_safe,
-    "flattering_learned_reward": check_safe}
+    **{n: check_helps for n in HONEST}, **{n: check_safe for n in EXPLOITS}}
 
 
-@pytest.mark.parametrize("name", ["honest", "honest_learned_reward"])
+@pytest.mark.parametrize("name", HONEST)
 def test_an_honest_round_ships_a_packet_that_helps_for_real(name: str) -> None:
     r = get_round(name)
     check_helps(r, r.decision)
 
 
-@pytest.mark.parametrize("name", ["shared_error", "flattering_learned_reward"])
+@pytest.mark.parametrize("name", EXPLOITS)
 def test_a_harmful_exploit_is_blocked_or_corrected_into_a_packet_no_worse_than_base(name: str
                                                                                      ) -> None:
     r = get_round(name)
