@@ -9,17 +9,19 @@ start states (the same evaluation seeds), ``EPISODES`` episodes each:
   significantly (one-sided, 5 %).
 - ``honest_learned_reward``: the same with a reward model fitted on the device's real rewards
   (``bench.learned.HonestLearnedReward``) and a gain in states its log covers (the device
-  balances upright in its log); blocked by the former ``reward_support`` rule.
+  balances upright in its log); blocked by the former ``reward_support`` rule. Also at seed 4
+  (``honest_learned_reward@4``, another device of the same physics).
 - ``flattering_learned_reward``: the same device with a learned reward that is right on its log
   and better than its best recorded reward wherever it never went
-  (``bench.learned.FlatteringLearnedReward``): the exploit must bite and be stopped.
+  (``bench.learned.FlatteringLearnedReward``): the exploit must bite and be stopped. Also at
+  seed 3, where the harm shows only over whole episodes (``prior_gain``).
 - ``shared_error``: every member of the world model teleports the pendulum upright when it brakes
   while spinning (``bench.exploits.CorruptedModel``), a region the log never shows. The test first
   asserts the exploit bites (the submitted candidate lowers the real return significantly), then
   that the round ships nothing or a packet not significantly worse than base.
 
-The review's outcome is what these tests judge, so a review that always publishes fails the
-exploit scenario and one that always blocks fails the honest ones. ``SABOTAGE`` holds both as
+The review's outcome is what these tests judge, so a review that always publishes fails every
+exploit scenario and one that always blocks every honest one. ``SABOTAGE`` holds both as
 decision rewrites; ``test_a_sabotaged_review_is_noticed`` applies them to the rounds' real
 decisions (a sabotaged review would return exactly these: a device round's result is the review's
 decision) and asserts the outcome checks fail, so CI keeps proving the tests notice. Run the whole
