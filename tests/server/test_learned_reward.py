@@ -1,6 +1,7 @@
-"""Learned rewards: the honest reward model's contract (bench/learned.py) and the bound the
+"""Learned rewards: the honest reward model's contract (bench/learned.py), the bound the
 judicial ``reward_support`` check puts on a learned reward away from the real data
-(judicial/evidence.py ``RewardBound``). The rounds themselves are in test_audit_outcomes.py."""
+(judicial/evidence.py ``RewardBound``) and the check's two rules. The rounds themselves are in
+test_audit_outcomes.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 from plasma.server.basepolicy import TrainBaseConfig, cached_policy, collect
 from plasma.server.bench.learned import FlatteringLearnedReward, HonestLearnedReward
-from plasma.server.judicial import RealData, reward_is_learned
-from plasma.server.judicial.evidence import RewardBound
+from plasma.server.judicial import JudicialConfig, RealData, reward_is_learned, run_checks
+from plasma.server.judicial.evidence import Evidence, RewardBound
 from plasma.server.tasks import get_task
 
 ENV = "Pendulum-v1"
@@ -72,3 +73,36 @@ def test_the_bound_keeps_recorded_rewards_and_drops_flattery_where_the_device_ne
     assert np.all(bound(fast) <= np.quantile(real.rew, 0.5))
     # never below the worst recorded reward
     assert np.all(bound(fast * 50) >= real.rew.min() - 1e-6)
+
+
+def _learned_evidence(**overrides: object) -> Evidence:
+    """A candidate with a learned reward that passes every check: gain 10 per path."""
+    n, h = 64, 10
+    real = np.random.default_rng(0).normal(-5, 2, 500).astype(np.float32)
+    base = dict(
+        ref_returns=np.full(n, -100.0), cand_returns=np.full(n, -90.0),
+        ref_penalized=np.full(n, -100.0), cand_penalized=np.full(n, -91.0),
+        ref_disagreement=np.full((n, h), 0.5), cand_disagreement=np.full((n, h), 0.6),
+        ref_support=np.full((n, h), 0.4), cand_support=np.full((n, h), 0.5),
+        cand_rewards=np.full((n, h), -4.0), real_rewards=real, model_rewards_on_real=real.copy(),
+        model_error_on_real=np.full(500, 0.01),
+        member_gains=np.array([9.0, 10.0, 11.0]), heldout_gains=np.array([8.0, 9.0]),
+        probe_gains=np.array([9.0, 10.5]), action_change=np.full(500, 0.1),
+        ref_supported_returns=np.full(n, -100.0), cand_supported_returns=np.full(n, -91.0),
+        ref_episode_supported=np.full(32, -400.0), cand_episode_supported=np.full(32, -380.0))
+    base.update(overrides)
+    return Evidence(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("overrides,blocked", [
+    ({}, False),
+    ({"cand_supported_returns": np.full(64, -98.0)}, True),  # the gain is earned off the data
+    ({"cand_episode_supported": np.full(32, -460.0)}, True),  # lost over whole episodes
+    ({"cand_episode_supported": np.full(32, -405.0)}, False),  # within 2 % of the reference
+    ({"ref_episode_supported": np.empty(0), "cand_episode_supported": np.empty(0)}, False),
+])
+def test_reward_support_reads_the_audit_paths_and_whole_episodes(overrides: dict,
+                                                                 blocked: bool) -> None:
+    judgement = run_checks(_learned_evidence(**overrides), JudicialConfig())
+    codes = [r.code for r in judgement.reasons]
+    assert codes == (["gain_from_unsupported_rewards"] if blocked else [])

@@ -74,6 +74,12 @@ class Evidence:
     empty when the reward is the task's own)."""
     cand_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N,) the same along candidate paths."""
+    ref_episode_supported: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) learned rewards only: whole-episode reference returns in the world model from the
+    same real start states, rewards capped as in ``ref_supported_returns`` (a flattering reward
+    may lure the candidate off the data only after the audit horizon)."""
+    cand_episode_supported: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) the same for the candidate."""
 
     prior_error_on_real: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(n,) the auditor's identified prior's one-step miss on the real transitions, in
@@ -199,6 +205,7 @@ class EvidenceGatherer:
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
             **self._supported_returns(trust, real, ref, cand),
+            **self._episode_supported(dyn, trust, real, starts, candidate, reference),
             prior_error_on_real=self._prior_errors(trust, real),
             **self._prior_returns(trust, real, candidate, reference, rng),
         )
@@ -229,6 +236,24 @@ class EvidenceGatherer:
             return {"prior_ref_returns": sup["ref_supported_returns"],
                     "prior_cand_returns": sup["cand_supported_returns"]}
         return {"prior_ref_returns": ref[2].sum(1), "prior_cand_returns": cand[2].sum(1)}
+
+    def _episode_supported(self, dyn: ModelDynamics, trust: TrustModel, real: RealData,
+                           starts: np.ndarray, candidate: LoRA, reference: LoRA | None
+                           ) -> dict[str, np.ndarray]:
+        """Learned rewards: whole episodes in the world model from the audit's start states,
+        with capped rewards (``_supported_returns``)."""
+        if not reward_is_learned(self.task):
+            return {}
+        from ..basepolicy import _reset_states
+
+        n = max(self.cfg.paths // 2, 1)
+        starts = _reset_states(self.task, self.task.physics(), n, 7_000_000 + self.cfg.seed * n)
+        steps = self.task.episode_steps
+        ref = rollout_paths(dyn, self.task, self.policy, reference, starts, steps)
+        cand = rollout_paths(dyn, self.task, self.policy, candidate, starts, steps)
+        sup = self._supported_returns(trust, real, ref, cand)
+        return {"ref_episode_supported": sup["ref_supported_returns"],
+                "cand_episode_supported": sup["cand_supported_returns"]}
 
     def _supported_returns(self, trust: TrustModel, real: RealData,
                            *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
