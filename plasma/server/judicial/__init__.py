@@ -31,9 +31,14 @@ check                        flags when
                              upright, where the members still agree)
 ``reward_spikes``            path rewards above anything the device ever recorded
 ``reward_model``             the reward the paths use differs from recorded real rewards
-``reward_support``           (learned rewards only) the gain does not survive replacing path
-                             rewards at states far from every real state by the worst real
-                             reward: a reward model is only trusted where it was fitted
+``reward_support``           (learned rewards only) the gain does not survive capping path
+                             rewards at states far from every real state by what the recorded
+                             rewards nearby allow (``RewardBound``: their value less their
+                             measured slope times the distance, at worst the worst recorded
+                             reward): a reward model is only trusted where it was fitted;
+                             and over whole episodes in the world model from the env's reset
+                             states, with those capped rewards, the candidate loses more than
+                             ``max_prior_loss`` of the reference
 ``model_on_real``            the dynamics the paths use (median member) contradict the
                              device's own recorded transitions (a corrupted or poisoned region
                              that all members share: disagreement cannot see it)

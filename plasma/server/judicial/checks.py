@@ -125,6 +125,15 @@ def check_reward_support(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reaso
         return _reject("gain_from_unsupported_rewards", "reward_support",
                        f"the reward is learned and only {share:.0%} of the predicted gain "
                        f"{ev.gain:.1f} is earned at states near the device's real data", scores)
+    if ev.cand_episode_supported.size:
+        ref = float(np.mean(ev.ref_episode_supported))
+        episode = float(np.mean(ev.cand_episode_supported)) - ref
+        scores.update({"reward_support_episode_gain": episode, "reward_support_episode_ref": ref})
+        if ev.gain > 0 and episode < -cfg.max_prior_loss * abs(ref):
+            return _reject("gain_from_unsupported_rewards", "reward_support",
+                           f"the reward is learned and over whole episodes in the world model, "
+                           f"with rewards off the device's real data capped, the candidate loses "
+                           f"{-episode:.1f} per episode against the reference ({ref:.1f})", scores)
     return CheckResult(None, scores)
 
 

@@ -18,7 +18,7 @@ from .config import JudicialConfig, RealData, reward_is_learned
 from .paths import OneMember, rollout_paths
 from .trust import TrustModel
 
-__all__ = ["Evidence", "EvidenceGatherer"]
+__all__ = ["Evidence", "EvidenceGatherer", "RewardBound"]
 
 
 @dataclass
@@ -69,9 +69,17 @@ class Evidence:
 
     ref_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N,) learned rewards only: reference returns with every reward at a state far from the real
-    data replaced by the worst recorded real reward (empty when the reward is the task's own)."""
+    data capped by what the recorded rewards allow there (``RewardBound``: the nearby recorded
+    rewards less their measured slope times the distance, at worst the worst recorded reward;
+    empty when the reward is the task's own)."""
     cand_supported_returns: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N,) the same along candidate paths."""
+    ref_episode_supported: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) learned rewards only: whole-episode reference returns in the world model from the
+    same real start states, rewards capped as in ``ref_supported_returns`` (a flattering reward
+    may lure the candidate off the data only after the audit horizon)."""
+    cand_episode_supported: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    """(N,) the same for the candidate."""
 
     prior_error_on_real: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(n,) the auditor's identified prior's one-step miss on the real transitions, in
@@ -99,6 +107,61 @@ class _PriorDynamics:
 
     def step_member(self, member: int, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         return self.prior(obs, act)
+
+
+class RewardBound:
+    """The most a reward can be at a state the device never recorded, by the device's own
+    rewards: ``max_j (r_j - slope * d_j)`` over the ``k`` recorded states nearest to it (distances
+    in real-observation stds), never below the worst recorded reward.
+
+    ``slope`` is a high quantile (``SLOPE_QUANTILE``) of the reward change per unit distance
+    between recorded neighbours: how fast the real rewards were seen to change. So a learned
+    reward keeps its value a little off the data when recorded rewards nearby were as good, and
+    loses it where they were bad (beyond the fastest recorded spin, the recorded rewards are
+    poor) or where the state is far from any of them (the bound falls to the worst recorded
+    reward, the former rule)."""
+
+    K = 8
+    SLOPE_QUANTILE = 0.9
+
+    def __init__(self, real: RealData, scale: np.ndarray, points: int, seed: int) -> None:
+        rng = np.random.default_rng(seed + 2)
+        keep = rng.choice(len(real.obs), min(points, len(real.obs)), replace=False)
+        self.points = real.obs[keep].astype(np.float64) / scale
+        self.rew = real.rew[keep].astype(np.float64)
+        self.scale = scale
+        self.floor = float(real.rew.min())
+        self.slope = 0.0
+        if len(self.points) > 1:
+            d, j = _knn(self.points, self.points, 2)  # [:, 0]: the point itself (or a twin)
+            apart = d[:, 1] > 1e-6
+            if apart.any():
+                slopes = np.abs(self.rew - self.rew[j[:, 1]])[apart] / d[apart, 1]
+                self.slope = float(np.quantile(slopes, self.SLOPE_QUANTILE))
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        d, j = _knn(obs.astype(np.float64) / self.scale, self.points, self.K)
+        out: np.ndarray = np.maximum((self.rew[j] - self.slope * d).max(1), self.floor)
+        return out.astype(np.float32)
+
+
+def _knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 2048
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """(q, k) distances and indices of each query's ``k`` nearest points, nearest first."""
+    k = min(k, len(points))
+    dist = np.empty((len(queries), k), np.float64)
+    idx = np.empty((len(queries), k), np.int64)
+    p2 = (points**2).sum(1)
+    for i in range(0, len(queries), chunk):
+        q = queries[i:i + chunk]
+        d2 = np.maximum((q**2).sum(1)[:, None] + p2[None] - 2 * q @ points.T, 0)
+        j = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(points) else \
+            np.broadcast_to(np.arange(len(points)), d2.shape)
+        dj = np.take_along_axis(d2, j, 1)
+        order = np.argsort(dj, 1)
+        idx[i:i + chunk] = np.take_along_axis(j, order, 1)
+        dist[i:i + chunk] = np.sqrt(np.take_along_axis(dj, order, 1))
+    return dist, idx
 
 
 class EvidenceGatherer:
@@ -142,8 +205,9 @@ class EvidenceGatherer:
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
             **self._supported_returns(trust, real, ref, cand),
+            **self._episode_supported(dyn, trust, real, starts, candidate, reference),
             prior_error_on_real=self._prior_errors(trust, real),
-            **self._prior_returns(trust, candidate, reference, rng),
+            **self._prior_returns(trust, real, candidate, reference, rng),
         )
 
     def _prior_errors(self, trust: TrustModel, real: RealData) -> np.ndarray:
@@ -152,9 +216,11 @@ class EvidenceGatherer:
         pred = self.task.project_obs(trust.prior(real.obs, real.act))
         return (np.abs(pred - real.next_obs) / trust.scale).max(-1).astype(np.float32)
 
-    def _prior_returns(self, trust: TrustModel, candidate: LoRA, reference: LoRA | None,
-                       rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Reference and candidate in the auditor's identified physics from reset start states."""
+    def _prior_returns(self, trust: TrustModel, real: RealData, candidate: LoRA,
+                       reference: LoRA | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Reference and candidate in the auditor's identified physics from reset start states
+        (a learned reward capped off the real data as in ``_supported_returns``: the prior
+        vouches for the dynamics of these episodes, not for the reward they collect)."""
         if trust.prior is None:
             return {}
         from ..basepolicy import _reset_states
@@ -163,22 +229,48 @@ class EvidenceGatherer:
         starts = _reset_states(task, task.physics(), n, 7_000_000 + self.cfg.seed * n)
         dyn = _PriorDynamics(trust)
         steps = task.episode_steps  # whole episodes: a failed swing-up shows only late
-        ref = rollout_paths(dyn, task, self.policy, reference, starts, steps)[2]
-        cand = rollout_paths(dyn, task, self.policy, candidate, starts, steps)[2]
-        return {"prior_ref_returns": ref.sum(1), "prior_cand_returns": cand.sum(1)}
+        ref = rollout_paths(dyn, task, self.policy, reference, starts, steps)
+        cand = rollout_paths(dyn, task, self.policy, candidate, starts, steps)
+        if reward_is_learned(task):
+            sup = self._supported_returns(trust, real, ref, cand)
+            return {"prior_ref_returns": sup["ref_supported_returns"],
+                    "prior_cand_returns": sup["cand_supported_returns"]}
+        return {"prior_ref_returns": ref[2].sum(1), "prior_cand_returns": cand[2].sum(1)}
+
+    def _episode_supported(self, dyn: ModelDynamics, trust: TrustModel, real: RealData,
+                           starts: np.ndarray, candidate: LoRA, reference: LoRA | None
+                           ) -> dict[str, np.ndarray]:
+        """Learned rewards: whole episodes in the world model from the audit's start states,
+        with capped rewards (``_supported_returns``)."""
+        if not reward_is_learned(self.task):
+            return {}
+        from ..basepolicy import _reset_states
+
+        n = max(self.cfg.paths // 2, 1)
+        starts = _reset_states(self.task, self.task.physics(), n, 7_000_000 + self.cfg.seed * n)
+        steps = self.task.episode_steps
+        ref = rollout_paths(dyn, self.task, self.policy, reference, starts, steps)
+        cand = rollout_paths(dyn, self.task, self.policy, candidate, starts, steps)
+        sup = self._supported_returns(trust, real, ref, cand)
+        return {"ref_episode_supported": sup["ref_supported_returns"],
+                "cand_episode_supported": sup["cand_supported_returns"]}
 
     def _supported_returns(self, trust: TrustModel, real: RealData,
                            *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
                            ) -> dict[str, np.ndarray]:
-        """Learned rewards: path returns with off-support rewards made pessimistic."""
+        """Learned rewards: path returns with every reward at a state far from the real data
+        (raw nearest-neighbour rule: the prior vouches for dynamics, never for a learned reward)
+        capped by what the recorded rewards allow there (``RewardBound``)."""
         if not reward_is_learned(self.task):
             return {}
-        floor = float(real.rew.min())
+        bound = RewardBound(real, trust.scale, self.cfg.support_points, self.cfg.seed)
         out = []
         for obs, _, rew in paths:
             n, h = rew.shape
-            far = trust.support_ratio(obs[:, :-1].reshape(n * h, -1)).reshape(n, h) > 1
-            out.append(np.where(far, np.minimum(rew, floor), rew).sum(1))
+            flat = obs[:, :-1].reshape(n * h, -1)
+            far = trust.support_ratio(flat).reshape(n, h) > 1
+            capped = np.minimum(rew, bound(flat).reshape(n, h))
+            out.append(np.where(far, capped, rew).sum(1))
         return {"ref_supported_returns": out[0], "cand_supported_returns": out[1]}
 
     def _lambda(self, real: RealData) -> float:
