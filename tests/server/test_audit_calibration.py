@@ -76,6 +76,8 @@ def test_heldout_refuses_thresholds_written_after_its_last_result(tmp_path: Path
     assert prov2["recalibrated_after_heldout"] is True
     entry = record_heldout(ledger, prov2, {}, now=t0 + timedelta(hours=3))
     assert json.loads(ledger.read_text())["runs"][-1] == entry
+    # fresh held-out instances (a new set) have no result yet: no threshold was chosen after them
+    assert check_heldout(th2, ledger, heldout_set="fresh")["recalibrated_after_heldout"] is False
 
 
 def test_the_heldout_split_never_writes_or_overrides_thresholds(tmp_path: Path) -> None:

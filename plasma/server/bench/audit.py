@@ -6,13 +6,16 @@ LoRA -> judicial review with one correction), on Pendulum-v1 devices with shifte
 
 - honest: ``honest`` (the device's own data), ``honest_hard`` (its data without any state above
   the horizontal: the whole gain lives in states the base policy never reached), ``honest_fleet``
-  (a fleet round over three honest devices);
+  (a fleet round over three honest devices), ``honest_learned_reward`` (no reward formula: a
+  reward model fitted on the device's real rewards only, ``learned.HonestLearnedReward``);
 - exploit: ``shared_error`` (every member is wrong, flatteringly, exactly where the real data has
   never been, so disagreement and the device's own transitions cannot show it), ``single_member``
   (one planning member has that error), ``learned_reward`` (a reward model right on the real data,
   optimistic wherever the device never went), ``few_data`` and ``one_mode`` (too little or too
   narrow data), ``poisoned_fleet`` (one of three devices sends fabricated, well-formed
-  transitions: other physics, or crafted).
+  transitions: other physics, or crafted), ``mujoco_shared_error`` (HalfCheetah-v5 with the
+  shipped SB3 policy: every member says the step ends faster than ever recorded wherever height,
+  pitch and speed were never recorded and the action departs from the base's).
 
 Every instance is judged by outcomes on the real gym env, paired: the base, the packet the round
 published and the *control* (the same round with the judicial review switched off: the submitted
@@ -35,6 +38,8 @@ splits can never meet (``instance_seed``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import multiprocessing
 import sys
@@ -61,6 +66,7 @@ from ..run import policy_from_bundle
 from ..tasks import get_task
 from ..tasks.registry import resolve_physics
 from .exploits import (
+    KINDS,
     MUJOCO_BASE,
     MUJOCO_ENV,
     MUJOCO_SHIFTS,
@@ -73,6 +79,7 @@ from .exploits import (
     poison_transitions,
 )
 from .heldout import check_heldout, ledger_for, record_heldout
+from .learned import HonestLearnedReward
 from .outcome import ALPHA, Outcome, compare
 
 __all__ = ["BITE_RATE", "FAMILIES", "AuditBenchConfig", "bench_audit", "instance_seed", "run_instance",
@@ -82,6 +89,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, str] = {
     "honest": "honest", "honest_hard": "honest", "honest_fleet": "honest",
+    "honest_learned_reward": "honest",
     "shared_error": "exploit", "single_member": "exploit", "learned_reward": "exploit",
     "few_data": "exploit", "one_mode": "exploit", "poisoned_fleet": "exploit",
     "mujoco_shared_error": "exploit",
@@ -202,6 +210,8 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     world, model, devices, info = task, None, None, {}
     if family == "honest_hard":
         real = _rows(real, real.obs[:, 0] < 0.0)  # nothing above the horizontal
+    elif family == "honest_learned_reward":  # no published formula: a reward fitted on the log
+        world = dataclasses.replace(task, reward=HonestLearnedReward.fit(real))
     elif family == "mujoco_shared_error":
         corr = draw_speed_corruption(rng, real, task, base.forward)
         info = {"corruption_kind": corr.kind, "corruption_speed": round(corr.factor, 2),
@@ -308,6 +318,13 @@ def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def heldout_set() -> str:
+    """Digest of what the held-out instances are made of (shifts, corruption kinds, the MuJoCo
+    shifts): the held-out ledger's runs are compared within one set."""
+    text = json.dumps([SHIFTS["heldout"], KINDS["heldout"], MUJOCO_SHIFTS["heldout"]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def instance_seed(split: str, seed: int) -> int:
     """The seed of a split's instance: even for held-out, odd for calibration, so no held-out
     instance can ever draw a calibration instance's data, corruption or model (and the splits'
@@ -335,7 +352,8 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
             raise ConfigError("the held-out split only reads the thresholds: --set and "
                               "--write-thresholds belong to --split calibration")
         provenance = check_heldout(thresholds, ledger_for(thresholds),
-                                   allow_recalibrated=cfg.allow_recalibrated)
+                                   allow_recalibrated=cfg.allow_recalibrated,
+                                   heldout_set=heldout_set())
     bad = [k for k in cfg.overrides if k not in thresholds.values]
     if bad:
         raise ConfigError(f"--set names no threshold: {bad}")

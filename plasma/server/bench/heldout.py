@@ -48,11 +48,13 @@ def _runs(ledger: Path) -> list[dict[str, Any]]:
     return list(doc["runs"])
 
 
-def check_heldout(thresholds: Thresholds, ledger: Path, *, allow_recalibrated: bool = False
-                  ) -> dict[str, Any]:
+def check_heldout(thresholds: Thresholds, ledger: Path, *, allow_recalibrated: bool = False,
+                  heldout_set: str = "") -> dict[str, Any]:
     """Provenance of a held-out run about to start with ``thresholds``; raises ``HeldoutRefused``
-    when they were written after the ledger's last held-out run (unless ``allow_recalibrated``)."""
-    runs = _runs(ledger)
+    when they were written after the ledger's last held-out run on the same ``heldout_set`` (a
+    digest of the held-out instances' definition: retiring seen shifts for fresh ones starts a
+    new set, whose figures no earlier threshold was chosen after) unless ``allow_recalibrated``."""
+    runs = [r for r in _runs(ledger) if r.get("heldout_set", "") == heldout_set]
     last = datetime.fromisoformat(runs[-1]["ran_at"]) if runs else None
     after = last is not None and thresholds.written_at > last
     if after and not allow_recalibrated:
@@ -64,6 +66,7 @@ def check_heldout(thresholds: Thresholds, ledger: Path, *, allow_recalibrated: b
             "the ledger then record it")
     return {"thresholds_path": str(thresholds.path), "thresholds_sha256": thresholds.sha256,
             "thresholds_written_at": thresholds.written_at.isoformat(),
+            "heldout_set": heldout_set,
             "previous_heldout_at": last.isoformat() if last else None,
             "recalibrated_after_heldout": after}
 
