@@ -101,8 +101,12 @@ class JudicialConfig:
     min_reward_support_share: float = _T["min_reward_support_share"]
     """Learned rewards only (``reward_is_learned``): share of the gain that must survive when
     path rewards at states far from every real state (raw nearest-neighbour rule: the physics
-    prior vouches for dynamics, never for a learned reward) are replaced by the worst recorded
-    real reward. Below it: ``gain_from_unsupported_rewards`` (not correctable)."""
+    prior vouches for dynamics, never for a learned reward) are capped by what the recorded
+    rewards nearby allow (``evidence.RewardBound``: the best of the 8 nearest recorded rewards
+    less their measured slope times the distance, at worst the worst recorded reward). The same
+    check also rolls whole episodes from reset states with the capped rewards, where the
+    candidate may lose at most ``max_prior_loss``. Below it: ``gain_from_unsupported_rewards``
+    (not correctable)."""
     max_device_contradicted: float = _T["max_device_contradicted"]
     """Fleet rounds (``screen_devices``): two devices agree when each one's identified physics
     contradicts at most this fraction of the other's transitions; a device agreeing with fewer
