@@ -52,7 +52,10 @@ class PolicyRuntime(TieredUpgrades, CooperativeBuilds):
         self.tiered = self.swap == "rebuild" and inplace_ok
         """rebuild mode with a non-prepacked session per side: activation needs no session build."""
         prepack = self.swap == "rebuild"
-        self.sides = tuple(SessionSide(bundle, base_q, prepack, graph, tiered=self.tiered) for _ in range(2))
+        # Tiered, the inactive side starts without a prepacked session: its first write (the
+        # first stage) would drop it unused, and a flip to it builds one (0.2 MiB, ~1.5 ms).
+        self.sides = tuple(SessionSide(bundle, base_q, prepack, graph, tiered=self.tiered, build_fast=i == 0)
+                           for i in range(2))
         self._active = self.sides[0]
         self._live: Runner = self._active.current  # what act() reads: one reference per call
         self._entered = 0  # act() calls begun / finished: written only by the control thread
