@@ -273,8 +273,10 @@ def defer_import(name: str) -> None:
     ``urllib.request`` pulls in ``http.client`` and the ``email`` package: 1.8 MiB of a
     device's 80 MiB resident memory (``plasma-edge bench rss``) for a call the device never
     makes. With a ``_Deferred`` placeholder in ``sys.modules``, paho's ``import`` finds it and
-    the real module is imported on first use, by paho or by anyone else, exactly as before.
-    A no-op when NAME is already imported.
+    the real module is imported on first use, by paho or by anyone else, exactly as before
+    (any attribute not set on the placeholder counts as a use, ``__file__`` included: a scan of
+    ``sys.modules`` such as ``inspect.getmodule`` imports it). A no-op when NAME is already
+    imported.
     """
     if name in sys.modules:
         return
