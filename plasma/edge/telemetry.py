@@ -51,7 +51,9 @@ def _zero_columns(rows: int, spec: dict[str, tuple[tuple[int, ...], type[np.gene
     for name, (shape, dtype) in spec.items():
         offsets[name] = total
         total += -(-rows * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // 64) * 64
-    buf = mmap.mmap(-1, max(total, 1))  # the arrays keep it alive (their .base)
+    private = getattr(mmap, "MAP_PRIVATE", None)  # POSIX: plain anonymous memory, not shmem
+    buf = (mmap.mmap(-1, max(total, 1)) if private is None  # the arrays keep it alive (.base)
+           else mmap.mmap(-1, max(total, 1), flags=private))
     return {name: np.frombuffer(buf, dtype, count=rows * int(np.prod(shape, dtype=np.int64)),
                                 offset=offsets[name]).reshape((rows, *shape))
             for name, (shape, dtype) in spec.items()}
