@@ -175,6 +175,34 @@ def test_daemon_path_does_not_load_pydantic() -> None:
     assert "plasma.protocol.messages" not in loaded
 
 
+def test_daemon_path_leaves_urllib_request_and_nacl_bindings_unloaded() -> None:
+    """What ``plasma-edge run`` touches until it acts (cli, daemon, an MQTT client, a signature
+    check) loads neither ``urllib.request`` (paho imports it for proxy settings it reads only
+    with PySocks: http.client and email, 1.8 MiB) nor PyNaCl's ``nacl.signing``/``bindings``
+    (0.6 MiB); ``urllib.request`` still imports itself on first use."""
+    code = (
+        "import json, sys\n"
+        "import plasma.edge.cli, plasma.edge.daemon\n"
+        "from plasma.protocol import TrustStore, key_id_of\n"
+        "from plasma.protocol.bus import BrokerConfig, MqttBus\n"
+        "MqttBus(BrokerConfig.from_url('mqtt://127.0.0.1:1'))._make_client('5')\n"
+        "assert TrustStore([bytes(32)]).verify(key_id_of(bytes(32)), bytes(64), b'x') is False\n"
+        "before = sorted(sys.modules)\n"
+        "import urllib.request\n"
+        "from urllib.request import getproxies\n"
+        "assert isinstance(urllib.request.getproxies(), dict) and getproxies is urllib.request.getproxies\n"
+        "print(json.dumps([before, sorted(sys.modules), type(sys.modules['urllib.request']).__name__]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    before, after, kind = json.loads(out.stdout)
+    assert "paho.mqtt.client" in before and "nacl._sodium" in before
+    loaded = {m for m in before if m.split(".")[0] in ("email", "http")
+              or m in ("urllib.request", "nacl.signing", "nacl.bindings", "nacl.public")}
+    assert loaded == {"urllib.request"}  # the placeholder only
+    assert "http.client" in after and "email" in after and kind == "module"
+
+
 def test_pydantic_names_still_load_lazily() -> None:
     """The pinned pydantic names resolve on access (PEP 562) to the contract's models."""
     from plasma.protocol import messages

@@ -69,7 +69,8 @@ class Daemon:
                            layers={n: (i, o) for n, i, o in self.bundle.layer_specs},
                            max_rank=cfg.max_rank, max_bytes=cfg.max_packet_bytes)
         self.pipeline = AdapterPipeline(self.runtime, MergeEngine(self.runtime),
-                                        Journal(cfg.state), ctx, self.canary, self.ring, cfg.audit)
+                                        Journal(cfg.state), ctx, self.canary, self.ring, cfg.audit,
+                                        defer_upgrade=True)  # woken in _run_job once reported
         self.notes = self.pipeline.restore()
         self.env = env if env is not None else make_env(cfg.env, cfg.wrapper)
         self.metrics = EdgeMetrics(enabled=cfg.metrics_port is not None)
@@ -324,6 +325,8 @@ class Daemon:
             self._report(outcome)
         except Exception:  # the verdict stands; only its report was lost
             log.exception("could not report: %s", outcome.describe())
+        finally:  # an accepted side's prepacked build, after the report (defer_upgrade)
+            self.runtime.request_upgrade()
 
     def _dispatch(self, job: tuple[Any, ...]) -> Outcome | None:
         if job[0] == "packet":

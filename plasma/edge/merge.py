@@ -157,12 +157,15 @@ class MergeEngine:
             self._holds[index] = state
             return Staged(state, self, index, self._generation[index])
 
-    def activate(self, staged: Staged) -> None:
-        """Make a staged state live: one reference flip; the state it replaces stays for ``rollback``."""
+    def activate(self, staged: Staged, *, wake_upgrade: bool = True) -> None:
+        """Make a staged state live: one reference flip; the state it replaces stays for ``rollback``.
+
+        ``wake_upgrade`` False: the prepacked upgrade is owed, not started (``PolicyRuntime.flip``).
+        """
         with self.runtime.lock:
             self._check_current(staged)
             self._previous = self.active
-            self.runtime.flip(staged._side)
+            self.runtime.flip(staged._side, wake=wake_upgrade)
 
     def rollback(self) -> State:
         """Return to the state live before the last ``activate``: a flip if it is still in the other side."""

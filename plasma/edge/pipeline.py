@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -56,6 +56,10 @@ class Outcome:
     size: int = 0
     elapsed_s: float = 0.0
     source: str = ""
+    stages_ms: Mapping[str, float] = field(default_factory=dict)
+    """Where ``elapsed_s`` went, in order (``handle``): ``audit`` (verify, decode, protocol
+    checks), ``journal_append``, ``stage``, ``probes``, ``sync_wait`` (the rest of the journal's
+    fdatasync), ``flip``; the ones reached. For benches (``bench e2e``) and operators."""
 
     def describe(self) -> str:
         """One line an operator can act on."""
@@ -72,12 +76,33 @@ class Outcome:
         return f"{verb} {what}: {reasons}"
 
 
+class _StageClock:
+    """Milliseconds between successive ``mark`` calls (perf_counter), by stage name."""
+
+    __slots__ = ("ms", "_last")
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = (now - self._last) * 1e3
+        self._last = now
+
+
 class AdapterPipeline:
     """Owns the adapter state of one device: what is live, what was before, what is persisted."""
 
     def __init__(self, runtime: PolicyRuntime, engine: MergeEngine, journal: Journal,
                  ctx: AuditContext, canary: Canary, ring: ObservationRing | None,
-                 thresholds: AuditThresholds = AuditThresholds()) -> None:
+                 thresholds: AuditThresholds = AuditThresholds(), *,
+                 defer_upgrade: bool = False) -> None:
+        """``defer_upgrade``: an accept leaves the new side's prepacked upgrade owed, not started;
+        the caller wakes it with ``runtime.request_upgrade()`` once it has reported the accept
+        (the daemon, ``bench e2e``), or an attached control loop builds it about one period
+        later."""
+        self.defer_upgrade = defer_upgrade
         self.runtime, self.engine, self.journal = runtime, engine, journal
         self.ctx, self.canary, self.ring, self.thresholds = ctx, canary, ring, thresholds
         self.space = ModelSpace.from_manifest(runtime.bundle.manifest)
@@ -132,31 +157,37 @@ class AdapterPipeline:
     def handle(self, data: bytes, source: str = "", received_at: float | None = None) -> Outcome:
         """Judge one packet and make it live if it passes. Never raises for bad input."""
         t0 = time.perf_counter() if received_at is None else received_at
+        clock = _StageClock()
         ctx = replace(self.ctx, highest_version=self.journal.highest())
         if source in SLOTS:  # mix-and-match: a packet is judged for the topic it came on
             ctx = replace(ctx, slots=(source,))
         verdict = audit_packet(data, ctx)
+        clock.mark("audit")
         packet = verdict.packet
         if not verdict.accepted or packet is None:
             record = self._already_active(verdict.record, packet, ctx)
-            return Outcome(record, packet, len(data), time.perf_counter() - t0, source)
-        record = self._merge(packet, data, ctx)
-        return Outcome(record, packet, len(data), time.perf_counter() - t0, source)
+            return Outcome(record, packet, len(data), time.perf_counter() - t0, source, clock.ms)
+        record = self._merge(packet, data, ctx, clock)
+        return Outcome(record, packet, len(data), time.perf_counter() - t0, source, clock.ms)
 
-    def _merge(self, packet: DecodedPacket, data: bytes, ctx: AuditContext) -> AuditRecord:
+    def _merge(self, packet: DecodedPacket, data: bytes, ctx: AuditContext,
+               clock: _StageClock) -> AuditRecord:
         slot, version = packet.header.slot, packet.header.version
         try:  # the disk syncs while the candidate is staged and probed (journal.begin)
             pending = self.journal.begin(slot, data, version)
         except JournalError as exc:
             return self._reject(packet, ctx, exc.code, f"{exc}; keeping the adapters in use",
                                 "journal")
+        clock.mark("journal_append")
         try:
             staged = self.engine.stage({slot: packet.adapter if packet.adapter.layers else None})
         except MergeError as exc:
             self._withdraw(pending)
             return self._reject(packet, ctx, exc.code,
                                 f"merge refused the adapter: {exc.code}: {exc}", "merge")
+        clock.mark("stage")
         reasons, scores = self._probe(packet, staged)
+        clock.mark("probes")
         if reasons:
             self._withdraw(pending)
             return record_for(packet, ctx, "rejected", reasons, scores)
@@ -165,13 +196,20 @@ class AdapterPipeline:
         except JournalError as exc:
             return self._reject(packet, ctx, exc.code, f"{exc}; keeping the adapters in use",
                                 "journal", scores)
-        self.engine.activate(staged)
-        self._before = dict(self._live)
+        clock.mark("sync_wait")
+        # The record is ready before the flip: right after it the prepacked upgrade build of the
+        # new side may start (control loop or background thread; see defer_upgrade) and compete
+        # for the GIL with what is left of the accept (bench e2e: ~0.3 ms more).
+        record = record_for(packet, ctx, "accepted", (), scores)
+        before = dict(self._live)
+        self.engine.activate(staged, wake_upgrade=not self.defer_upgrade)
+        clock.mark("flip")
+        self._before = before
         self._live[slot] = packet
         self._last_tag = (slot, version)
         self._publish_versions()
         self.canary.arm(self._last_tag)
-        return record_for(packet, ctx, "accepted", (), scores)
+        return record
 
     def _probe(self, packet: DecodedPacket, staged: Staged
                ) -> tuple[tuple[Reason, ...], dict[str, float]]:

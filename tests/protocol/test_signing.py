@@ -212,3 +212,29 @@ def test_pem_public_key_reader_refuses_damage(tmp_path: Path) -> None:
         path.write_bytes(content)
         with pytest.raises(KeyFileError, match="Ed25519"):
             load_public_key(path)
+
+
+def test_device_verifier_agrees_with_pynacl_verifykey() -> None:
+    """The device calls libsodium's crypto_sign_open directly (plasma.protocol.signing): it
+    accepts and refuses exactly what PyNaCl's VerifyKey does, with a memoryview too."""
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
+
+    key = SigningKey.generate()
+    raw = key.public_key.public_bytes_raw()
+    small_order = bytes(32)  # the identity point: libsodium refuses it
+    data = os.urandom(7_500)
+    sig = key.sign(data)
+    cases = [(raw, sig, data), (raw, sig, data[:-1]), (raw, bytes([sig[0] ^ 1]) + sig[1:], data),
+             (raw, bytes(64), data), (small_order, sig, data), (raw, sig, b"")]
+    for pub, signature, message in cases:
+        try:
+            VerifyKey(pub).verify(message, signature)
+            expected = True
+        except BadSignatureError:
+            expected = False
+        store = TrustStore([pub])
+        kid = key_id_of(pub)
+        assert store.verify(kid, signature, message) is expected
+        assert store.verify(kid, signature, memoryview(message)) is expected
+    assert TrustStore([raw]).verify(key.key_id, sig, data) is True

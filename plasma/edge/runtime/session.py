@@ -41,10 +41,11 @@ class SessionSide:
     ``current`` is the runner act() uses while this side is active. With ``tiered`` a non-prepacked
     runner (``plain``, made once: it sees buffer writes on its next run) lives beside the prepacked
     one (``fast``, None while the buffers hold writes it has not seen). ``generation`` counts writes.
+    ``build_fast`` False (tiered only) starts a side without its prepacked session.
     """
 
     def __init__(self, bundle: Bundle, base_q: Mapping[str, tuple[np.ndarray, np.ndarray]], prepack: bool,
-                 graph: bytes | None = None, *, tiered: bool = False) -> None:
+                 graph: bytes | None = None, *, tiered: bool = False, build_fast: bool = True) -> None:
         self._bundle = bundle
         self._prepack = prepack
         self._graph = graph  # ORT-optimized model bytes (see preoptimize), or None for the file as shipped
@@ -58,9 +59,9 @@ class SessionSide:
         self.plain: Runner | None = self._make(prepack=False) if tiered or not prepack else None
         self.fast: Runner | None = None
         self.current: Runner
-        if prepack:
+        if prepack and (build_fast or self.plain is None):
             self.install(self.build())
-        else:
+        else:  # tiered and build_fast False: the prepacked session is built when it goes live
             assert self.plain is not None
             self.current = self.plain
 

@@ -8,10 +8,13 @@ paho reconnect with exponential backoff.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import socket
 import ssl
+import sys
 import threading
+import types
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -118,6 +121,7 @@ class MqttBus(Bus):
             raise BusError(self._refused or "no CONNACK", code=self._refused_code)
 
     def _make_client(self, protocol: str) -> Client:
+        defer_import("urllib.request")  # before paho's own import of it (see defer_import)
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -245,6 +249,45 @@ class MqttBus(Bus):
     @property
     def protocol(self) -> str:
         return self._protocol
+
+
+class _Deferred(types.ModuleType):
+    """Stands in ``sys.modules`` for a module not imported yet; the first attribute looked up
+    on it imports the real module (which then replaces it) and answers from that."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if sys.modules.get(self.__name__) is self:  # no lock: a racing thread imports too, and
+            sys.modules.pop(self.__name__, None)  # the import system's module lock serialises
+        real = importlib.import_module(self.__name__)  # also sets the parent's attribute
+        return getattr(real, attr)
+
+
+_DEFER_LOCK = threading.Lock()
+
+
+def defer_import(name: str) -> None:
+    """Let ``import NAME`` succeed without loading NAME until something uses it.
+
+    paho-mqtt imports ``urllib.request`` at module level for one call: reading proxy settings
+    from the environment, which it does only when PySocks is installed (``Client._get_proxy``).
+    ``urllib.request`` pulls in ``http.client`` and the ``email`` package: 1.8 MiB of a
+    device's 80 MiB resident memory (``plasma-edge bench rss``) for a call the device never
+    makes. With a ``_Deferred`` placeholder in ``sys.modules``, paho's ``import`` finds it and
+    the real module is imported on first use, by paho or by anyone else, exactly as before
+    (any attribute not set on the placeholder counts as a use, ``__file__`` included: a scan of
+    ``sys.modules`` such as ``inspect.getmodule`` imports it). A no-op when NAME is already
+    imported.
+    """
+    if name in sys.modules:
+        return
+    parent, _, child = name.rpartition(".")
+    with _DEFER_LOCK:
+        if name in sys.modules:
+            return
+        placeholder = _Deferred(name)
+        sys.modules[name] = placeholder
+        if parent:
+            setattr(importlib.import_module(parent), child, placeholder)
 
 
 def _on_publish(client: Client, userdata: Any, mid: int, reason_code: ReasonCode,

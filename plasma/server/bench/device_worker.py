@@ -114,7 +114,8 @@ class BenchDevice:
                            base_sha256=bundle.base_sha256,
                            layers={n: (i, o) for n, i, o in bundle.layer_specs})
         self.pipeline = AdapterPipeline(self.runtime, MergeEngine(self.runtime), Journal(state),
-                                        ctx, Canary(CanaryConfig(enabled=False)), None)
+                                        ctx, Canary(CanaryConfig(enabled=False)), None,
+                                        defer_upgrade=True)  # as the daemon: woken once reported
         self.pipeline.restore()  # what a device does at boot (the journal's versions)
         self.bundle_dir = bundle_dir
         self.trust = trust
@@ -142,8 +143,10 @@ class BenchDevice:
         done = time.time()
         record = outcome.record.model_copy(update={"scores": {
             **outcome.record.scores, "t_received": received, "t_swap": done,
-            "handle_ms": outcome.elapsed_s * 1e3}})
+            "handle_ms": outcome.elapsed_s * 1e3,
+            **{f"stage_ms.{k}": v for k, v in outcome.stages_ms.items()}}})
         self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
+        self.runtime.request_upgrade()
 
     def _on_model(self, msg: Message) -> None:
         """Full-model push, with the same safety as a packet where it applies: verify the
@@ -153,20 +156,31 @@ class BenchDevice:
         action bounds, perturbation sensitivity against the shipped base), swap one reference."""
         import onnxruntime as ort
 
+        stages, last = {}, time.perf_counter()
+
+        def mark(stage: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            stages[f"stage_ms.{stage}"], last = (now - last) * 1e3, now
+
         key_id, signature, model = msg.payload[:16].hex(), msg.payload[16:80], msg.payload[80:]
         ok = self.trust.verify(key_id, signature, model) is True
+        mark("verify")
         if ok:
             _durable_write(self.model_store, model)
+            mark("write_sync")
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            mark("build")
             ok = not self._probe(session)
+            mark("probes")
             if ok:
                 self.reload_session = session  # the swap: one reference
         done = time.time()
         record = AuditRecord(auditor="edge", subject="model-push", fleet=self.fleet,
                              device=self.device, verdict="accepted" if ok else "rejected",
-                             scores={"t_swap": done})
+                             scores={"t_swap": done, **stages})
         self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
 
     def _probe(self, session: Any) -> tuple[Reason, ...]:
