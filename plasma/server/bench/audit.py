@@ -70,6 +70,7 @@ from .exploits import (
     MUJOCO_BASE,
     MUJOCO_ENV,
     MUJOCO_SHIFTS,
+    POISONS,
     SHIFTS,
     CorruptedModel,
     OptimisticReward,
@@ -218,7 +219,8 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
                 "corruption_share_of_grid": round(corr.grid.share_off, 3) if corr.grid else None}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr)
     elif family in ("shared_error", "single_member"):
-        corr = draw_corruption(rng, split, real, task)
+        corr = draw_corruption(rng, split, real, task,
+                               base.forward if family == "single_member" else None)
         info = {"corruption_kind": corr.kind, "corruption_factor": round(corr.factor, 3),
                 "corruption_share_of_box": round(corr.grid.share_off, 3) if corr.grid else None}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr,
@@ -242,7 +244,7 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
         if family == "poisoned_fleet":
             honest = pool(devices, list(devices)[:-1])
             bad, info = poison_transitions(task, honest, physics, rng, split,
-                                           int(cfg.poison_factor * len(honest.obs)))
+                                           int(cfg.poison_factor * len(honest.obs)), POISONS[split])
             devices[f"device-{cfg.fleet_devices - 1}"] = bad
             info["bad_device"] = f"device-{cfg.fleet_devices - 1}"
         real = pool(devices, list(devices))
