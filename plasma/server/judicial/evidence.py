@@ -144,6 +144,14 @@ class RewardBound:
         out: np.ndarray = np.maximum((self.rew[j] - self.slope * d).max(1), self.floor)
         return out.astype(np.float32)
 
+    def ceiling(self, obs: np.ndarray) -> np.ndarray:
+        """The most any reward can be at ``obs`` given its recorded neighbours and the recorded
+        slope: ``min_j (r_j + slope * d_j)`` over the ``k`` nearest (the upper Lipschitz bound).
+        Near the data an honest learned reward stays under it; one that flatters a state or an
+        action next to poorer recorded rewards does not."""
+        d, j = _knn(obs.astype(np.float64) / self.scale, self.points, self.K)
+        return np.asarray((self.rew[j] + self.slope * d).min(1), np.float32)
+
 
 def _knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 2048
          ) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +268,9 @@ class EvidenceGatherer:
                            ) -> dict[str, np.ndarray]:
         """Learned rewards: path returns with every reward at a state far from the real data
         (raw nearest-neighbour rule: the prior vouches for dynamics, never for a learned reward)
-        capped by what the recorded rewards allow there (``RewardBound``)."""
+        capped by what the recorded rewards allow there (``RewardBound``); near the data, every
+        reward capped by the most its recorded neighbours allow (``RewardBound.ceiling``: a
+        reward flattering actions the device never took next to poorer recorded rewards)."""
         if not reward_is_learned(self.task):
             return {}
         bound = RewardBound(real, trust.scale, self.cfg.support_points, self.cfg.seed)
@@ -270,7 +280,8 @@ class EvidenceGatherer:
             flat = obs[:, :-1].reshape(n * h, -1)
             far = trust.support_ratio(flat).reshape(n, h) > 1
             capped = np.minimum(rew, bound(flat).reshape(n, h))
-            out.append(np.where(far, capped, rew).sum(1))
+            near = np.minimum(rew, bound.ceiling(flat).reshape(n, h))
+            out.append(np.where(far, capped, near).sum(1))
         return {"ref_supported_returns": out[0], "cand_supported_returns": out[1]}
 
     def _lambda(self, real: RealData) -> float:
