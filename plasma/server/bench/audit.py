@@ -110,7 +110,8 @@ class AuditBenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Held-out instances: one per family and seed."""
     calibration_seeds: tuple[int, ...] | None = None
-    """Calibration instances (offset by 100 internally); None: the first two of ``seeds``."""
+    """Calibration instances (``instance_seed`` keeps them apart from held-out ones); None: the
+    first two of ``seeds``."""
     splits: tuple[str, ...] = ("heldout",)
     """One split per run: calibration (may try and write thresholds) or heldout (only reads them)."""
     families: tuple[str, ...] = tuple(FAMILIES)
@@ -216,20 +217,20 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     elif family == "mujoco_shared_error":
         corr = draw_speed_corruption(rng, real, task, base.forward)
         info = {"corruption_kind": corr.kind, "corruption_speed": round(corr.factor, 2),
-                "corruption_share_of_grid": round(corr.grid.share_off, 3) if corr.grid else None}
+                "corruption_share_of_grid": round(corr.off.grid.share_off, 3) if corr.off else None}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr)
     elif family in ("shared_error", "single_member"):
         corr = draw_corruption(rng, split, real, task,
                                base.forward if family == "single_member" else None)
         info = {"corruption_kind": corr.kind, "corruption_factor": round(corr.factor, 3),
-                "corruption_share_of_box": round(corr.grid.share_off, 3) if corr.grid else None}
+                "corruption_share_of_box": round(corr.off.grid.share_off, 3) if corr.off else None}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr,
                                     None if family == "shared_error" else [0])
     elif family == "learned_reward":
         assert task.reward is not None  # Pendulum's published reward, made "learned" here
         reward = OptimisticReward(task.reward, real, task, base.forward)
         world = dataclasses.replace(task, reward=reward)
-        info = {"optimistic_share_of_box": round(reward.grid.share_off, 3)}
+        info = {"optimistic_share_of_box": round(reward.region.grid.share_off, 3)}
     elif family == "few_data":
         n = int(rng.integers(40, 100))
         start = int(rng.integers(0, len(real.obs) - n))
@@ -270,7 +271,8 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
         return compare(base_returns, _returns(env_id, base, lora, physics, cfg.eval_episodes),
                        alpha=cfg.alpha, seed=inst)
 
-    ctrl, pub = outcome(control), outcome(d.adapter)
+    ctrl = outcome(control)
+    pub = ctrl if d.adapter is control else outcome(d.adapter)  # published as submitted: one evaluation
     after = pub.cand_mean if pub is not None else None
     excluded = int(result.record.scores.get("devices_excluded", 0))
     harmful = ctrl is not None and ctrl.worse
@@ -291,28 +293,28 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
 
 
 def _family_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per family, in ``FAMILIES`` order, of one split's rounds (``summarize``)."""
     out = []
-    for split in ("calibration", "heldout"):
-        for family, kind in FAMILIES.items():
-            rs = [r for r in rows if r["family"] == family and r["split"] == split]
-            if not rs:
-                continue
-            harmful = [r for r in rs if r["harmful"]]
-            out.append({
-                "name": family, "kind": kind, "split": split, "rounds": len(rs),
-                "control_harmful": len(harmful),
-                "control_harm_rate": _rate(len(harmful), len(rs)),
-                "bites": kind == "exploit" and len(harmful) >= BITE_RATE * len(rs),
-                "caught": sum(r["caught"] for r in harmful),
-                "caught_rate": _rate(sum(r["caught"] for r in harmful), len(harmful)),
-                "published": sum(r["verdict"] == "published" for r in rs),
-                "corrected": sum(r["verdict"] == "corrected" for r in rs),
-                "blocked": sum(r["verdict"] == "blocked" for r in rs),
-                "regressed_published": sum(r["regressed_published"] for r in rs),
-                "first_failed": sum(r["first_failed"] for r in rs),
-                "mean_gap_closed_published": _mean([r["gap_closed"] for r in rs
-                                                    if r["gap_closed"] is not None]),
-            })
+    for family, kind in FAMILIES.items():
+        rs = [r for r in rows if r["family"] == family]
+        if not rs:
+            continue
+        harmful = [r for r in rs if r["harmful"]]
+        out.append({
+            "name": family, "kind": kind, "split": rs[0]["split"], "rounds": len(rs),
+            "control_harmful": len(harmful),
+            "control_harm_rate": _rate(len(harmful), len(rs)),
+            "bites": kind == "exploit" and len(harmful) >= BITE_RATE * len(rs),
+            "caught": sum(r["caught"] for r in harmful),
+            "caught_rate": _rate(sum(r["caught"] for r in harmful), len(harmful)),
+            "published": sum(r["verdict"] == "published" for r in rs),
+            "corrected": sum(r["verdict"] == "corrected" for r in rs),
+            "blocked": sum(r["verdict"] == "blocked" for r in rs),
+            "regressed_published": sum(r["regressed_published"] for r in rs),
+            "first_failed": sum(r["first_failed"] for r in rs),
+            "mean_gap_closed_published": _mean([r["gap_closed"] for r in rs
+                                                if r["gap_closed"] is not None]),
+        })
     return out
 
 
@@ -359,7 +361,7 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     bad = [k for k in cfg.overrides if k not in thresholds.values]
     if bad:
         raise ConfigError(f"--set names no threshold: {bad}")
-    cfg.judging = {**thresholds.values, **cfg.overrides}
+    cfg = replace(cfg, judging={**thresholds.values, **cfg.overrides})  # the caller's cfg stays
     cal = cfg.calibration_seeds if cfg.calibration_seeds is not None else cfg.seeds[:2]
     seeds = cal if split == "calibration" else cfg.seeds
     jobs = [(family, split, seed) for seed in seeds for family in cfg.families]
@@ -380,10 +382,10 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     summary = summarize(rows)
     out = {"env_id": cfg.env_id, "budget": cfg.budget, "split": split, "seeds": list(seeds),
            "instances": sorted({r["instance"] for r in rows}), "eval_episodes": cfg.eval_episodes,
-           "alpha": cfg.alpha, "thresholds": {"path": str(thresholds.path),
-                                              "sha256": thresholds.sha256,
-                                              "written_at": thresholds.written_at.isoformat(),
-                                              "overrides": cfg.overrides, **provenance},
+           "alpha": cfg.alpha, "thresholds": {
+               "path": str(thresholds.path), "sha256": thresholds.sha256,
+               "written_at": thresholds.written_at.isoformat(), "overrides": cfg.overrides,
+               **{k: v for k, v in provenance.items() if not k.startswith("thresholds_")}},
            **summary, "rounds": rows, "wall_s": round(time.perf_counter() - t0, 1)}
     brief = {k: v for k, v in summary.items() if k != "families"}
     if split == "heldout":

@@ -140,17 +140,21 @@ class RewardBound:
                 self.slope = float(np.quantile(slopes, self.SLOPE_QUANTILE))
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        d, j = _knn(obs.astype(np.float64) / self.scale, self.points, self.K)
-        out: np.ndarray = np.maximum((self.rew[j] - self.slope * d).max(1), self.floor)
-        return out.astype(np.float32)
+        return self.limits(obs)[0]
 
     def ceiling(self, obs: np.ndarray) -> np.ndarray:
         """The most any reward can be at ``obs`` given its recorded neighbours and the recorded
         slope: ``min_j (r_j + slope * d_j)`` over the ``k`` nearest (the upper Lipschitz bound).
         Near the data an honest learned reward stays under it; one that flatters a state or an
         action next to poorer recorded rewards does not."""
+        return self.limits(obs)[1]
+
+    def limits(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both caps from one neighbour search: (the bound off the data, the ceiling near it)."""
         d, j = _knn(obs.astype(np.float64) / self.scale, self.points, self.K)
-        return np.asarray((self.rew[j] + self.slope * d).min(1), np.float32)
+        near = self.rew[j]
+        off = np.maximum((near - self.slope * d).max(1), self.floor)
+        return off.astype(np.float32), (near + self.slope * d).min(1).astype(np.float32)
 
 
 def _knn(queries: np.ndarray, points: np.ndarray, k: int, chunk: int = 2048
@@ -279,9 +283,9 @@ class EvidenceGatherer:
             n, h = rew.shape
             flat = obs[:, :-1].reshape(n * h, -1)
             far = trust.support_ratio(flat).reshape(n, h) > 1
-            capped = np.minimum(rew, bound(flat).reshape(n, h))
-            near = np.minimum(rew, bound.ceiling(flat).reshape(n, h))
-            out.append(np.where(far, capped, near).sum(1))
+            off_cap, ceiling = bound.limits(flat)
+            cap = np.where(far, off_cap.reshape(n, h), ceiling.reshape(n, h))
+            out.append(np.minimum(rew, cap).sum(1))
         return {"ref_supported_returns": out[0], "cand_supported_returns": out[1]}
 
     def _lambda(self, real: RealData) -> float:
