@@ -106,3 +106,33 @@ def test_reward_support_reads_the_audit_paths_and_whole_episodes(overrides: dict
     judgement = run_checks(_learned_evidence(**overrides), JudicialConfig())
     codes = [r.code for r in judgement.reasons]
     assert codes == (["gain_from_unsupported_rewards"] if blocked else [])
+
+
+def test_near_the_data_a_learned_reward_is_held_under_what_its_neighbours_allow(
+        real: RealData) -> None:
+    """The hole ``RewardBound.ceiling`` closes: a learned reward that claims more than the
+    recorded rewards around a state allow, at states the support rule calls visited (a flattered
+    action there), keeps no gain; the recorded rewards themselves are (nearly) kept."""
+    from types import SimpleNamespace
+
+    from plasma.server.judicial import JudicialAuditor
+
+    task = get_task(ENV)
+    assert task.reward is not None
+    learned = dataclasses.replace(task, reward=FlatteringLearnedReward(task.reward, real))
+    policy = cached_policy(TrainBaseConfig(env_id=ENV))[0]
+    auditor = JudicialAuditor(learned, policy, JudicialConfig())
+    trust = SimpleNamespace(scale=real.obs.std(0) + 1e-6,
+                            support_ratio=lambda obs: np.zeros(len(obs)))  # all within support
+    n, h = 4, 50
+    idx = np.arange(n * h)
+    obs = np.concatenate([real.obs[idx].reshape(n, h, -1), real.obs[idx[-n:]][:, None]], 1)
+    act = real.act[idx].reshape(n, h, -1)
+    recorded = real.rew[idx].reshape(n, h)
+    flattered = recorded + 2 * real.rew.std()
+    sup = auditor._supported_returns(trust, real, (obs, act, recorded),  # type: ignore[arg-type]
+                                     (obs, act, flattered))
+    kept, lured = sup["ref_supported_returns"], sup["cand_supported_returns"]
+    assert np.all(kept >= recorded.sum(1) - 0.05 * np.abs(recorded.sum(1)))
+    assert np.all(lured <= recorded.sum(1) + 1e-3)  # the flattery is gone
+    assert np.all(flattered.sum(1) - lured > 1.9 * real.rew.std() * h)
