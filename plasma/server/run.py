@@ -139,7 +139,7 @@ class Server:
         self.worker = AdaptationWorker(
             self.store, self.publisher, self.task, self.base,
             ScheduleConfig(cfg.fleet, cfg.min_new_transitions, cfg.fleet_every,
-                           cfg.check_interval, cfg.round_timeout),
+                           cfg.check_interval, cfg.round_timeout, cfg.fleet_landing_timeout),
             round_config(cfg.budget, cfg.seed, cfg.max_transitions),
             make_executor(cfg.executor, cfg.ray_address, cfg.workers), live=self.live)
 

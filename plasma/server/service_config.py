@@ -31,6 +31,7 @@ SCALARS: dict[str, type] = {
     "dtype": str, "expires_in": float, "seed": int,
     "ingest_group": str, "node": str,
     "executor": str, "ray_address": str, "workers": int, "round_timeout": float,
+    "fleet_landing_timeout": float,
     "tasks": str, "models_dir": str,
 }
 REQUIRED = ("broker", "fleet", "key", "model", "env")
@@ -90,6 +91,10 @@ class ServiceConfig:
     """With ``ray``: rounds in flight and a local Ray's CPUs (0 = one per CPU of the cluster)."""
     round_timeout: float = 600.0
     """With ``ray``: a round in flight longer is cancelled and resubmitted (0 = never)."""
+    fleet_landing_timeout: float = 600.0
+    """Seconds a device's round waits for the newest fleet packet to land on it (the device
+    reports running it, or refuses it) before it is fitted on what the device reports running
+    anyway, with a warning (0 = wait as long as it takes)."""
     models_dir: str | None = None
     """Directories of the user's bundles (``os.pathsep``-separated), searched for a ``model``
     given by name before ``PLASMA_MODELS`` and the shipped bundles."""
@@ -158,7 +163,7 @@ def _check_ranges(values: dict[str, Any]) -> None:
     for name in ("min_new_transitions", "max_transitions"):
         if values.get(name, 1) < 1:
             raise ConfigError(f"{name} must be >= 1")
-    for name in ("fleet_every", "check_interval", "publish_interval"):
+    for name in ("fleet_every", "check_interval", "publish_interval", "fleet_landing_timeout"):
         if values.get(name, 0) < 0:
             raise ConfigError(f"{name} must be >= 0")
     if values.get("expires_in", 1) <= 0:

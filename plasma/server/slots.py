@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -188,8 +189,11 @@ class DeviceSlots:
 
     def __init__(self, store: Store, fleet: str, trust: TrustStore,
                  waiting: Callable[[str, str | None], bool],
-                 live: DeviceVersions | None = None) -> None:
+                 live: DeviceVersions | None = None, *, landing_timeout: float = 600.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store, self.fleet, self.waiting, self.live = store, fleet, waiting, live
+        self.landing_timeout, self.clock = landing_timeout, clock
+        """``fleet_in_flight`` stops waiting for a fleet packet published this long ago (0: never)."""
         self.adapters = PublishedAdapters(store, fleet, trust)
 
     def running(self, device: str, batch: TraceBatch | None, fallback: Combination
@@ -208,7 +212,9 @@ class DeviceSlots:
     def fleet_in_flight(self, device: str, runs: Combination) -> str | None:
         """Why a fleet packet may still land on ``device``, or None: queued for publication, or
         published above the version it reports and not refused in its acks. A device adapter
-        fitted meanwhile would land over a fleet adapter it was not fitted on."""
+        fitted meanwhile would land over a fleet adapter it was not fitted on. A device that
+        neither reports nor refuses a fleet packet published more than ``landing_timeout``
+        seconds ago is not waited for any longer (logged): its round fits what it reports."""
         if runs.source == "server":
             return None
         if self.waiting("fleet", None):
@@ -220,6 +226,13 @@ class DeviceSlots:
         if state["last_verdict"] in ("rejected", "rolled_back") and \
                 int(state["last_version"]) >= newest:  # type: ignore[call-overload]
             return None  # it refused the newest: what it runs is what it keeps
+        if self.landing_timeout > 0:
+            sent = self.store.published_at(self.fleet, "fleet", self.fleet, newest)
+            if sent is not None and self.clock() - sent > self.landing_timeout:
+                log.warning("device %s: fleet adapter v%d went out %.0f s ago and it still reports "
+                            "v%d without refusing it; its round fits what it reports",
+                            device, newest, self.clock() - sent, runs.fleet_version)
+                return None
         return f"fleet adapter v{newest} has landed or been refused (it runs v{runs.fleet_version})"
 
     def with_next_device(self, device: str, runs: Combination, accepted: LoRA | None

@@ -81,6 +81,9 @@ class ScheduleConfig:
     round_timeout: float = 0.0
     """A round in flight longer than this is cancelled and submitted again, each retry with
     twice the time (0 = never; the local executor computes inline and is never timed out)."""
+    fleet_landing_timeout: float = 600.0
+    """Seconds a device round waits for the newest fleet packet to land on the device before it
+    is fitted on what the device reports anyway (0 = no limit; ``DeviceSlots.fleet_in_flight``)."""
 
 
 @dataclass
@@ -112,7 +115,8 @@ class AdaptationWorker:
         without it the versions of each device's newest stored transition are its word."""
         self.store, self.publisher, self.task, self.base = store, publisher, task, base
         self.slots = DeviceSlots(store, schedule.fleet, TrustStore([publisher.key.public_key]),
-                                 publisher.waiting, live)
+                                 publisher.waiting, live,
+                                 landing_timeout=schedule.fleet_landing_timeout)
         """What each device runs, by its own report (``plasma.server.slots``)."""
         self._notes: dict[str, str] = {}
         self.schedule, self.rounds = schedule, rounds

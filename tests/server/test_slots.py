@@ -237,6 +237,22 @@ def test_a_device_round_waits_for_the_fleet_packet_on_its_way(rig) -> None:  # t
     assert _same_policy(spec.policy, rig["base"].merged(rig["fleet"][0]))
 
 
+def test_a_device_that_never_answers_a_fleet_packet_is_not_waited_for_forever(rig) -> None:  # type: ignore[no-untyped-def]
+    """d1 reports fleet v1 and never acks, refuses or reports v2: once v2 went out longer ago
+    than ``landing_timeout``, its round runs on what it reports (base ⊕ v1), with a warning."""
+    rig["store"].add_traces(_batch("d1", 0, fleet_v=1, device_v=1))
+    slots = rig["worker"].slots
+    sent = rig["store"].published_at(FLEET, "fleet", FLEET, 2)
+    assert sent is not None and rig["store"].published_at(FLEET, "fleet", FLEET, 9) is None
+    slots.landing_timeout, slots.clock = 600.0, lambda: sent + 599.0
+    rig["worker"].tick(0.0)
+    assert rig["capture"].specs == []  # still within the timeout: it waits
+    slots.clock = lambda: sent + 601.0
+    rig["worker"].tick(0.0)
+    (spec,) = rig["capture"].specs
+    assert _same_policy(spec.policy, rig["base"].merged(rig["fleet"][0]))
+
+
 def test_the_versions_message_outranks_telemetry(rig) -> None:  # type: ignore[no-untyped-def]
     """The retained versions message is the device's word (telemetry lags it): fleet v2 there."""
     rig["store"].add_traces(_batch("d1", 0, fleet_v=1, device_v=1))

@@ -328,3 +328,7 @@ def test_published_packets_are_kept_by_version(store: Store) -> None:
     assert store.published_packet("f", "fleet", "f", 3) is None
     assert store.published_packet("f", "device", "d1", 1) is None
     assert store.published_packet("g", "fleet", "f", 1) is None
+    sent = store.published_at("f", "fleet", "f", 2)
+    assert sent is not None and abs(sent - time.time()) < 60
+    assert store.published_at("f", "device", "d1", 1) is not None  # bytes or not, it went out
+    assert store.published_at("f", "fleet", "f", 3) is None

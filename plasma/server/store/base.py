@@ -135,6 +135,11 @@ class Store(abc.ABC):
         """The signed bytes of the packet published as that version (None: unknown)."""
 
     @abc.abstractmethod
+    def published_at(self, fleet: str, slot: str, target: str, version: int) -> float | None:
+        """When the packet of that version went out (the publishing server's clock, epoch seconds;
+        None: never)."""
+
+    @abc.abstractmethod
     def publications(self, fleet: str) -> list[dict[str, object]]:
         """Packets that went out, oldest first."""
 

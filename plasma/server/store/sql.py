@@ -172,6 +172,13 @@ class SqlStore(Store):
                                (fleet, slot, target, version)).fetchone()
         return bytes(row[0]) if row is not None else None
 
+    def published_at(self, fleet: str, slot: str, target: str, version: int) -> float | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT MIN(published_at) FROM publications WHERE fleet = ? AND "
+                               "slot = ? AND target = ? AND version = ?",
+                               (fleet, slot, target, version)).fetchone()
+        return float(row[0]) if row is not None and row[0] is not None else None
+
     def publications(self, fleet: str) -> list[dict[str, object]]:
         with self._read() as conn:
             rows = conn.execute("SELECT slot, target, version, packet_id, priority, size, topic, "
