@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from plasma.server.bench.exploits import CorruptedModel, Corruption, poison_transitions
+from plasma.server.bench.exploits import CorruptedModel, Corruption, draw_member_corruption, poison_transitions
 from plasma.server.judicial import JudicialConfig, RealData, member_view, pool, screen_devices
 from plasma.server.sysid import SysIdConfig, identify
 from plasma.server.tasks import PENDULUM
@@ -56,3 +56,38 @@ def test_corrupted_model_is_consistent_in_every_method() -> None:
     assert not np.allclose(held.step_member(0, obs, act)[0], [1, 0, 0])
     planning = member_view(one, [0, 1])
     assert np.allclose(planning.step_member(0, obs, act)[0], [1, 0, 0])
+
+
+def test_a_reversed_motor_is_the_device_physics_with_the_torque_turned_round() -> None:
+    """``reversed_motor``: states like the fleet's, the device's own physics, the reported torque
+    acting the other way; a flood of it is excluded like any other poison."""
+    physics = {"m": 1.4, "l": 1.1}
+    honest = {"a": device(physics, 4), "b": device(physics, 5)}
+    bad, info = poison_transitions(PENDULUM, pool(honest, ["a", "b"]), physics,
+                                   np.random.default_rng(1), "heldout", 1600, ("reversed_motor",))
+    assert info["poison"] == "reversed_motor" and info["m"] == 1.4 and info["l"] == 1.1
+    phys = PENDULUM.physics(physics)
+    assert np.allclose(bad.next_obs, PENDULUM.sim_step(bad.obs, -bad.act, phys), atol=1e-5)  # type: ignore[misc]
+    assert not np.allclose(bad.next_obs, PENDULUM.sim_step(bad.obs, bad.act, phys), atol=1e-3)  # type: ignore[misc]
+    assert screen_devices(PENDULUM, {**honest, "evil": bad}, CFG).excluded == ("evil",)
+
+
+def test_the_confident_member_flatters_only_pushing_harder_than_the_base() -> None:
+    """``single_member``'s error (``draw_member_corruption``): any state, only actions that push
+    more than the deviation further the way the base pushes; the base's own actions, small
+    departures and pushing the other way stay honest, and only member 0 is wrong."""
+    real = device({"m": 1.6, "g": 12.0}, 6)
+    model = identify(PENDULUM, real.obs, real.act, real.next_obs, SysIdConfig(members=4))
+
+    def base(o: np.ndarray) -> np.ndarray:
+        return np.full((len(o), 1), 0.5, np.float32)  # pushes +0.5 everywhere
+
+    corr = draw_member_corruption(np.random.default_rng(0), "calibration", PENDULUM, base)
+    assert corr.kind == "teleport_off_data" and corr.off is not None and corr.off.grid is None
+    obs = np.repeat(real.obs[:1], 4, 0)
+    act = np.array([[0.5], [0.6], [0.8], [-1.5]], np.float32)  # base, +0.1, +0.3, the other way
+    assert corr.region(obs, act).tolist() == [False, False, True, False]
+    one = CorruptedModel.wrap(model, PENDULUM, corr, members=[0])
+    assert np.allclose(one.step_member(0, obs, act)[2], [1, 0, 0])  # upright and at rest
+    assert not np.allclose(one.step_member(1, obs, act)[2], [1, 0, 0])
+    assert np.allclose(one.step_member(0, obs, act)[[0, 1, 3]], model.step_member(0, obs, act)[[0, 1, 3]])

@@ -52,3 +52,12 @@ def test_without_the_screen_the_same_poison_would_regress_for_real() -> None:
     before = evaluate(_act(base, None), "Pendulum-v1", physics, 5)["mean"]
     submitted = evaluate(_act(base, result.decision.submitted), "Pendulum-v1", physics, 5)["mean"]
     assert submitted < before
+
+
+def test_too_little_data_is_tested_on_the_learned_ensemble() -> None:
+    """``few_data`` and ``one_mode`` devices give the server no simulator: their rounds fit the
+    learned ensemble (with the simulator, 40 transitions identify Pendulum exactly)."""
+    for family in ("few_data", "one_mode"):
+        row = run_instance(family, "calibration", 0, CFG)
+        assert row["world_model"] == "ensemble" and row["transitions"] <= 200, family
+    assert run_instance("honest", "calibration", 0, CFG)["world_model"] == "physics"

@@ -75,6 +75,7 @@ from .exploits import (
     CorruptedModel,
     OptimisticReward,
     draw_corruption,
+    draw_member_corruption,
     draw_speed_corruption,
     one_mode,
     poison_transitions,
@@ -96,6 +97,17 @@ FAMILIES: dict[str, str] = {
     "mujoco_shared_error": "exploit",
 }
 """family -> kind."""
+
+NO_SIMULATOR = frozenset({"few_data", "one_mode"})
+"""Families whose device's task has no simulator the server may use: the round's world model is
+the learned ensemble (``world_model="ensemble"``), which is what too little or too narrow data
+fools (with the simulator, 40 transitions identify Pendulum's three parameters exactly)."""
+
+RED_TEAM = 2
+"""Revision of the exploit families (bumped when one changes how it attacks): part of the
+held-out set's digest, so runs against a different red team are not compared. 2: poisons
+``other_length``/``reversed_motor``, a directional single-member error, the learned ensemble for
+``few_data``/``one_mode``."""
 
 BITE_RATE = 0.8
 """An exploit family counts when its control (review off) is significantly harmful in at least
@@ -202,7 +214,8 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     rng = np.random.default_rng([inst, list(FAMILIES).index(family)])
     env_id, base, physics, oracle_base = _device(family, split, seed, cfg)
     task = get_task(env_id)
-    round_cfg = seeded(adapt_config(cfg.budget), inst)
+    world_model = "ensemble" if family in NO_SIMULATOR else "auto"
+    round_cfg = seeded(adapt_config(cfg.budget, world_model=world_model), inst)
     round_cfg = replace(round_cfg, judicial=replace(round_cfg.judicial, **cfg.judging)).for_task(task)
     base_returns, oracle = _reference_returns(env_id, base, physics, cfg.eval_episodes, oracle_base)
     before = float(base_returns.mean())
@@ -220,10 +233,11 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
                 "corruption_share_of_grid": round(corr.off.grid.share_off, 3) if corr.off else None}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr)
     elif family in ("shared_error", "single_member"):
-        corr = draw_corruption(rng, split, real, task,
-                               base.forward if family == "single_member" else None)
+        corr = draw_corruption(rng, split, real, task) if family == "shared_error" else \
+            draw_member_corruption(rng, split, task, base.forward)
+        grid = corr.off.grid if corr.off is not None else None
         info = {"corruption_kind": corr.kind, "corruption_factor": round(corr.factor, 3),
-                "corruption_share_of_box": round(corr.off.grid.share_off, 3) if corr.off else None}
+                "corruption_share_of_box": round(grid.share_off, 3) if grid is not None else None}
         model = CorruptedModel.wrap(fit_model(task, real, round_cfg), task, corr,
                                     None if family == "shared_error" else [0])
     elif family == "learned_reward":
@@ -287,7 +301,8 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
            "harmful": harmful, "regressed_published": regressed,
            "caught": harmful and not regressed,
            "gap_closed": None if after is None or gap == 0 else (after - before) / gap,
-           "devices_excluded": excluded, "transitions": len(real.obs), **info,
+           "devices_excluded": excluded, "transitions": len(real.obs),
+           "world_model": result.model_kind, **info,
            "seconds": round(time.perf_counter() - t0, 1)}
     return row
 
@@ -324,8 +339,10 @@ def _mean(xs: list[float]) -> float | None:
 
 def heldout_set() -> str:
     """Digest of what the held-out instances are made of (shifts, corruption kinds, the MuJoCo
-    shifts): the held-out ledger's runs are compared within one set."""
-    text = json.dumps([SHIFTS["heldout"], KINDS["heldout"], MUJOCO_SHIFTS["heldout"]], sort_keys=True)
+    shifts, poisons and the red team's revision): the held-out ledger's runs are compared within
+    one set."""
+    text = json.dumps([SHIFTS["heldout"], KINDS["heldout"], MUJOCO_SHIFTS["heldout"]]
+                      + [POISONS["heldout"], RED_TEAM], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
