@@ -161,3 +161,21 @@ def test_the_paired_test_tells_noise_from_harm() -> None:
     assert one_sided_p(np.array([-1.0, -2.0, -3.0])) > 0.05  # 3 episodes prove nothing
     with pytest.raises(ValueError):
         compare(base, harm[:50])
+
+
+def test_honest_figures_pool_the_gap_and_name_rounds_with_nothing_to_gain() -> None:
+    """The honest gap closed is pooled (a base 2 below its oracle gaining 3 does not count 1.5),
+    and an honest round blocked because its producer found no gain is counted apart."""
+
+    def row(verdict: str, base: float, oracle: float, pub: float | None, reasons: list[str]) -> dict:
+        return {"family": "honest", "split": "heldout", "verdict": verdict, "reasons": reasons,
+                "return_base": base, "return_oracle": oracle, "return_published": pub,
+                "harmful": False, "caught": False, "regressed_published": False,
+                "first_failed": False, "gap_closed": None}
+
+    s = audit.summarize([row("published", -204, -202, -201, []),
+                         row("published", -709, -244, -244 - 65, []),
+                         row("blocked", -278, -229, None, ["no_predicted_gain"])])
+    assert s["honest_gap_closed"] == pytest.approx((3 + 400) / (2 + 465))
+    assert s["honest_published_rate"] == pytest.approx(2 / 3)
+    assert s["honest_no_predicted_gain"] == 1 and s["honest_published_rate_with_gain"] == 1.0

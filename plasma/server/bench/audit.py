@@ -327,14 +327,19 @@ def _family_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "blocked": sum(r["verdict"] == "blocked" for r in rs),
             "regressed_published": sum(r["regressed_published"] for r in rs),
             "first_failed": sum(r["first_failed"] for r in rs),
-            "mean_gap_closed_published": _mean([r["gap_closed"] for r in rs
-                                                if r["gap_closed"] is not None]),
+            "gap_closed_published": _pooled_gap(rs),
         })
     return out
 
 
-def _mean(xs: list[float]) -> float | None:
-    return float(np.mean(xs)) if xs else None
+def _pooled_gap(rows: list[dict[str, Any]]) -> float | None:
+    """The share of the base-to-oracle gap the published packets closed, pooled over the rounds
+    that published: sum(published - base) / sum(oracle - base). A mean of per-round shares is
+    ruled by the rounds with the least to gain (a base 2 below its oracle gaining 3 counts 1.5)."""
+    pub = [r for r in rows if r["return_published"] is not None]
+    gap = sum(r["return_oracle"] - r["return_base"] for r in pub)
+    return None if not pub or gap <= 0 else \
+        sum(r["return_published"] - r["return_base"] for r in pub) / gap
 
 
 def heldout_set() -> str:
@@ -436,6 +441,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     biting = {f["name"] for f in table if f["bites"]}
     harmful = [r for r in rows if r["family"] in biting and r["harmful"]]
     honest = [r for r in rows if r["kind"] == "honest"]
+    no_gain = [r for r in honest if r["verdict"] == "blocked" and "no_predicted_gain" in r["reasons"]]
     return {
         "split": splits[0] if splits else None,
         "families": table,
@@ -445,7 +451,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "harmful_rounds_all_families": sum(r["harmful"] for r in rows if r["kind"] == "exploit"),
         "harmful_caught_all_families": sum(r["caught"] for r in rows if r["kind"] == "exploit"),
         "honest_published_rate": _rate(sum(r["verdict"] != "blocked" for r in honest), len(honest)),
-        "honest_gap_closed": _mean([r["gap_closed"] for r in honest if r["gap_closed"] is not None]),
+        "honest_no_predicted_gain": len(no_gain),
+        "honest_published_rate_with_gain": _rate(sum(r["verdict"] != "blocked" for r in honest),
+                                                 len(honest) - len(no_gain)),
+        "honest_gap_closed": _pooled_gap(honest),
         "regressed_published": sum(r["regressed_published"] for r in rows),
     }
 
