@@ -102,6 +102,8 @@ CASES = [
      {"heldout_gains": np.empty(0), "member_gains": np.array([30.0, 0.5, 0.0, -0.5])},
      "gain_not_on_heldout_members"),
     ("gain vanishes under probing", {"probe_gains": np.array([1.0, 10.0])}, "gain_fragile"),
+    ("reward and dynamics both learned, no simulator: nothing vouches for the gain",
+     {"anchored": False}, "no_independent_evidence"),
     ("big action changes on real states", {"action_change": np.full(500, 0.9)},
      "action_change_too_large"),
     ("rare action flips", {"action_change": np.r_[np.full(490, 0.05), np.full(10, 1.9)]},
@@ -120,10 +122,17 @@ def test_check_table(name: str, overrides: dict, code: str | None) -> None:
 
 def test_every_check_is_named_and_returns_scores() -> None:
     names = {c.__name__ for c in CHECKS}
-    assert len(names) == len(CHECKS) == 14
+    assert len(names) == len(CHECKS) == 15
     for check in CHECKS:
         reason, scores = check(evidence(), CFG)
         assert reason is None and scores
+
+
+def test_an_unanchored_world_publishes_only_when_allowed() -> None:
+    ev = evidence(anchored=False)
+    assert [r.code for r in run_checks(ev, CFG).reasons] == ["no_independent_evidence"]
+    assert not run_checks(ev, CFG).correctable
+    assert run_checks(ev, dataclasses.replace(CFG, allow_unanchored=True)).reasons == ()
 
 
 def test_correctable() -> None:

@@ -14,12 +14,13 @@ from plasma.protocol.checks import Check, CheckResult, judge_all
 from .config import JudicialConfig
 from .evidence import Evidence
 
-__all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Judgement", "check_disagreement",
+__all__ = ["CHECKS", "NOT_CORRECTABLE", "CheckResult", "Judgement", "check_anchor", "check_disagreement",
            "check_gain", "check_heldout_members", "check_model_on_prior", "check_model_on_real", "check_norms",
            "check_penalized_gain", "check_probing", "check_replay", "check_reward_model",
            "check_prior_gain", "check_reward_spikes", "check_reward_support", "check_support", "run_checks"]
 
 NOT_CORRECTABLE = {"non_finite_adapter", "adapter_norm_too_large", "no_predicted_gain",
+                   "no_independent_evidence",
                    "reward_model_mismatch", "model_contradicts_real_data",
                    "model_contradicts_prior", "world_model_lacks_data",
                    "gain_from_unsupported_rewards", "candidate_worse_in_prior"}
@@ -44,6 +45,17 @@ def check_norms(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
         return _reject("adapter_norm_too_large", "norms",
                        f"layer {layer}: ||dW||/||W|| = {worst:.2f} > {cfg.max_relative_norm}",
                        scores)
+    return CheckResult(None, scores)
+
+
+def check_anchor(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
+    scores = {"anchored": float(ev.anchored)}
+    if not ev.anchored and not cfg.allow_unanchored:
+        return _reject("no_independent_evidence", "anchor",
+                       "the reward and the dynamics are both learned from the device's log and "
+                       "the task has no simulator: nothing outside the world model vouches for the "
+                       "gain (judicial.allow_unanchored publishes anyway; the device's rollback is "
+                       "then the only check)", scores)
     return CheckResult(None, scores)
 
 
@@ -229,7 +241,7 @@ def check_replay(ev: Evidence, cfg: JudicialConfig) -> CheckResult[Reason]:
 
 
 CHECKS: tuple[Check[Evidence, JudicialConfig, Reason], ...] = (
-    check_norms, check_gain, check_disagreement, check_support, check_penalized_gain,
+    check_norms, check_anchor, check_gain, check_disagreement, check_support, check_penalized_gain,
     check_reward_spikes, check_reward_model, check_reward_support, check_model_on_real, check_model_on_prior,
     check_prior_gain, check_heldout_members, check_probing, check_replay,
 )

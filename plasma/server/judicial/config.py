@@ -125,6 +125,15 @@ class JudicialConfig:
     """``prior_gain``: the candidate may lose at most this fraction of the reference's return in
     the auditor's identified physics over whole episodes from the environment's reset states (a
     packet runs from wherever the device starts next, not only from the states it logged)."""
+    allow_unanchored: bool = False
+    """A task with neither a reward formula nor a simulator has its reward *and* its dynamics
+    learned from the same log, and nothing outside that world model can vouch for a gain:
+    its candidates are blocked (``no_independent_evidence``) unless this is set (per task:
+    ``register_task(..., adapt={"judicial.allow_unanchored": True})``; the device's own
+    rollback is then the only check on the real outcome). Measured on Pendulum devices with such
+    a task (4 real episodes each, six physics shifts, red-team development of 2026-12-07): of
+    6 honest candidates the other checks published, 4 were significantly worse on the real
+    device (100 paired episodes; e.g. -345 -> -824)."""
     vouch_prior: bool = True
     """Tasks with a simulator: path states reached only through transitions that match the
     simulator at physics identified by the auditor on the real data (within ``max_model_error``

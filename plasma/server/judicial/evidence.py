@@ -61,6 +61,9 @@ class Evidence:
     """layer -> ||dW||_F / ||W||_F of the candidate (relative to the base weights)."""
     finite: bool = True
     """Every factor of the candidate is finite."""
+    anchored: bool = True
+    """Something outside the world model vouches for part of the gain: the task's own reward
+    formula, or a simulator the auditor identifies physics in (``allow_unanchored``)."""
     ref_prior_error: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     """(N, H) reference path transitions' miss against the auditor's identified prior (empty
     without a simulator)."""
@@ -214,6 +217,7 @@ class EvidenceGatherer:
             norm_ratios=self._norm_ratios(candidate),
             finite=all(np.isfinite(a).all() and np.isfinite(b).all()
                        for a, b in candidate.factors.values()),
+            anchored=not reward_is_learned(task) or trust.prior is not None,
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
             **self._supported_returns(trust, real, ref, cand),
