@@ -34,9 +34,9 @@ def test_the_shipped_file_holds_every_threshold_and_the_config_reads_it() -> Non
     cfg = JudicialConfig()
     for name in THRESHOLDS:
         assert getattr(cfg, name) == shipped.values[name], name
-    # every float field of the config that is not a budget is a threshold in the file
+    # every field of the config that is not a budget or an on/off switch is a threshold in the file
     budgets = {"paths", "horizon", "seed", "probe_repeats", "support_points", "device_paths",
-               "penalty_lambda", "vouch_prior"}
+               "penalty_lambda", "vouch_prior", "allow_unanchored"}
     assert {f.name for f in fields(JudicialConfig)} - budgets == set(THRESHOLDS)
 
 
