@@ -248,4 +248,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "CPUs of a local Ray); default 0 = one per CPU of the cluster")
     p.add_argument("--round-timeout", dest="round_timeout", type=float, metavar="SECONDS",
                    help="with ray: cancel and resubmit a round computing longer (default 600)")
+    p.add_argument("--fleet-landing-timeout", dest="fleet_landing_timeout", type=float,
+                   metavar="SECONDS", help="a device round waits at most this long for a fleet "
+                   "packet to land on the device, then fits what it reports (default 600; 0 = "
+                   "no limit)")
     p.set_defaults(handler=_run)

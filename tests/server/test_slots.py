@@ -253,6 +253,18 @@ def test_a_device_that_never_answers_a_fleet_packet_is_not_waited_for_forever(ri
     assert _same_policy(spec.policy, rig["base"].merged(rig["fleet"][0]))
 
 
+def test_the_landing_timeout_is_a_server_option() -> None:
+    from plasma.protocol.errors import ConfigError
+    from plasma.server.service_config import load_service_config
+
+    base = {"broker": "mqtt://h", "fleet": "f", "key": "k", "model": "m", "env": "Pendulum-v1"}
+    assert load_service_config(base, environ={}).fleet_landing_timeout == 600.0
+    cfg = load_service_config(base, environ={"PLASMA_SERVER_FLEET_LANDING_TIMEOUT": "0"})
+    assert cfg.fleet_landing_timeout == 0.0
+    with pytest.raises(ConfigError, match="fleet_landing_timeout"):
+        load_service_config({**base, "fleet_landing_timeout": -1.0}, environ={})
+
+
 def test_the_versions_message_outranks_telemetry(rig) -> None:  # type: ignore[no-untyped-def]
     """The retained versions message is the device's word (telemetry lags it): fleet v2 there."""
     rig["store"].add_traces(_batch("d1", 0, fleet_v=1, device_v=1))
