@@ -368,14 +368,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     audit = bsub.add_parser("audit", help="judicial auditor: honest and exploit families, "
                             "calibration and held-out splits")
-    audit.add_argument("--seeds", default="0,1,2,3,4", help="held-out instance seeds")
+    audit.add_argument("--seeds", default="0,1,2,3,4",
+                       help="held-out (or development) instance seeds")
     audit.add_argument("--calibration-seeds", default=None,
                        help="calibration instance seeds (default: the first two of --seeds)")
     audit.add_argument("--budget", default="default", choices=("default", "small"))
-    audit.add_argument("--split", default="heldout", choices=("calibration", "heldout"),
+    audit.add_argument("--split", default="heldout",
+                       choices=("calibration", "heldout", "development"),
                        help="one split per run: calibration may try (--set) and write "
                        "(--write-thresholds) thresholds; heldout only reads them and refuses "
-                       "thresholds written after its last result (default: heldout)")
+                       "thresholds written after its last result (default: heldout); "
+                       "development: the red team's own shifts, in neither split, judged for "
+                       "the controls' harm (no oracles, no ledger)")
     audit.add_argument("--families", default=None, help="comma-separated subset of families")
     audit.add_argument("--jobs", type=int, default=2, help="instances run in parallel processes")
     audit.add_argument("--thresholds", default=None, metavar="FILE",

@@ -146,6 +146,12 @@ def test_a_heldout_seed_can_never_reach_calibration() -> None:
     assert not retired & (as_set["heldout"] | as_set["calibration"])
     with pytest.raises(ValueError):
         instance_seed("heldout", -1)
+    # the red team's development split: instances and shifts of its own
+    dev = {instance_seed("development", s) for s in range(10_000)}
+    assert not dev & (held | cal)
+    with pytest.raises(ValueError):
+        instance_seed("heldout", 500_000)
+    assert not as_set["development"] & (as_set["heldout"] | as_set["calibration"])
 
 
 def test_the_paired_test_tells_noise_from_harm() -> None:

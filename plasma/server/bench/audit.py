@@ -32,7 +32,9 @@ shifts, corruption kinds and poisons, ``exploits``) may try thresholds (``overri
 them (``write_thresholds``) to the one thresholds file the product reads
 (``judicial.thresholds``); held-out instances only read it, and ``bench.heldout`` refuses a
 held-out run when the file was written after the last held-out result. Instance seeds of the two
-splits can never meet (``instance_seed``).
+splits can never meet (``instance_seed``). A third split, ``development``, is the red team's own:
+shifts in neither of the others, judged for whether a family's control hurts (no oracles, no
+ledger, thresholds only read).
 """
 
 from __future__ import annotations
@@ -176,13 +178,18 @@ _RETURNS: dict[tuple[str, ...], Any] = {}
 
 
 def _reference_returns(env_id: str, base: MLPPolicy, physics: dict[str, float], episodes: int,
-                       oracle_base: Path | None = None) -> tuple[np.ndarray, float]:
+                       oracle_base: Path | None = None, oracle: bool = True
+                       ) -> tuple[np.ndarray, float | None]:
     """The base's per-episode real returns on the evaluation episodes, and the oracle's mean
-    (recorded beside ``oracle_base`` when given)."""
+    (recorded beside ``oracle_base`` when given; None without ``oracle``: the development split
+    judges harm only, and an oracle for a shift no split uses may take hours to train)."""
     key = (env_id, repr(sorted(physics.items())), str(episodes))
     if key not in _RETURNS:
         _RETURNS[key] = _returns(env_id, base, None, physics, episodes)
+    if key + ("oracle",) not in _RETURNS and oracle:
         _RETURNS[key + ("oracle",)] = oracle_return(env_id, physics, episodes, base=oracle_base)
+    if not oracle:
+        return _RETURNS[key], None
     return _RETURNS[key], _RETURNS[key + ("oracle",)]
 
 
@@ -217,7 +224,8 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     world_model = "ensemble" if family in NO_SIMULATOR else "auto"
     round_cfg = seeded(adapt_config(cfg.budget, world_model=world_model), inst)
     round_cfg = replace(round_cfg, judicial=replace(round_cfg.judicial, **cfg.judging)).for_task(task)
-    base_returns, oracle = _reference_returns(env_id, base, physics, cfg.eval_episodes, oracle_base)
+    base_returns, oracle = _reference_returns(env_id, base, physics, cfg.eval_episodes, oracle_base,
+                                              oracle=split != "development")
     before = float(base_returns.mean())
     fleet = family.endswith("_fleet")
     episodes = 2 if fleet else cfg.episodes
@@ -277,7 +285,7 @@ def run_instance(family: str, split: str, seed: int, cfg: AuditBenchConfig) -> d
     # review off: the candidate is produced before the review, so the submitted one is what would
     # ship; a fleet round without review also has no device screen (all devices pooled)
     control = d.submitted if not fleet else one_round(None).decision.submitted
-    gap = oracle - before
+    gap = oracle - before if oracle is not None else 0.0
 
     def outcome(lora: LoRA | None) -> Outcome | None:
         if lora is None:
@@ -335,8 +343,11 @@ def _family_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _pooled_gap(rows: list[dict[str, Any]]) -> float | None:
     """The share of the base-to-oracle gap the published packets closed, pooled over the rounds
     that published: sum(published - base) / sum(oracle - base). A mean of per-round shares is
-    ruled by the rounds with the least to gain (a base 2 below its oracle gaining 3 counts 1.5)."""
+    ruled by the rounds with the least to gain (a base 2 below its oracle gaining 3 counts 1.5).
+    None without oracles (the development split)."""
     pub = [r for r in rows if r["return_published"] is not None]
+    if any(r["return_oracle"] is None for r in pub):
+        return None
     gap = sum(r["return_oracle"] - r["return_base"] for r in pub)
     return None if not pub or gap <= 0 else \
         sum(r["return_published"] - r["return_base"] for r in pub) / gap
@@ -351,12 +362,22 @@ def heldout_set() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+DEVELOPMENT_SEEDS = 1_000_000
+"""Development instances are numbered from here up (``seed + DEVELOPMENT_SEEDS``); held-out and
+calibration seeds stay below half of it, so their instances never reach these."""
+
+
 def instance_seed(split: str, seed: int) -> int:
     """The seed of a split's instance: even for held-out, odd for calibration, so no held-out
     instance can ever draw a calibration instance's data, corruption or model (and the splits'
-    shifts are disjoint sets as well, ``exploits.SHIFTS``)."""
+    shifts are disjoint sets as well, ``exploits.SHIFTS``); development instances are numbered
+    from ``DEVELOPMENT_SEEDS`` up, on shifts of their own."""
     if seed < 0:
         raise ValueError(f"instance seeds are >= 0, got {seed}")
+    if split == "development":
+        return DEVELOPMENT_SEEDS + seed
+    if seed >= DEVELOPMENT_SEEDS // 2:
+        raise ValueError(f"{split} seeds are below {DEVELOPMENT_SEEDS // 2}, got {seed}")
     return 2 * seed + (1 if split == "calibration" else 0)
 
 
@@ -365,18 +386,18 @@ def bench_audit(cfg: AuditBenchConfig | None = None) -> dict[str, Any]:
     cfg = cfg or AuditBenchConfig()
     t0 = time.perf_counter()
     if len(cfg.splits) != 1 or cfg.splits[0] not in SHIFTS:
-        raise ConfigError(f"bench audit runs one split at a time (calibration or heldout), got "
-                          f"{cfg.splits}")
+        raise ConfigError(f"bench audit runs one split at a time (calibration, heldout or "
+                          f"development), got {cfg.splits}")
     split = cfg.splits[0]
     unknown = [f for f in cfg.families if f not in FAMILIES]
     if unknown:
         raise ConfigError(f"unknown families {unknown}; known: {list(FAMILIES)}")
     thresholds = load_thresholds(cfg.thresholds)
     provenance: dict[str, Any] = {}
+    if split != "calibration" and (cfg.overrides or cfg.write_thresholds):
+        raise ConfigError(f"the {split} split only reads the thresholds: --set and "
+                          "--write-thresholds belong to --split calibration")
     if split == "heldout":
-        if cfg.overrides or cfg.write_thresholds:
-            raise ConfigError("the held-out split only reads the thresholds: --set and "
-                              "--write-thresholds belong to --split calibration")
         provenance = check_heldout(thresholds, ledger_for(thresholds),
                                    allow_recalibrated=cfg.allow_recalibrated,
                                    heldout_set=heldout_set())
