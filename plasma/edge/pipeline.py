@@ -38,7 +38,7 @@ from .merge import MergeEngine, MergeError, Staged
 from .probes import AuditThresholds, ObservationRing
 from .runtime import PolicyRuntime
 
-__all__ = ["AdapterPipeline", "Outcome"]
+__all__ = ["AdapterPipeline", "Outcome", "StageClock"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Outcome:
         return f"{verb} {what}: {reasons}"
 
 
-class _StageClock:
+class StageClock:
     """Milliseconds between successive ``mark`` calls (perf_counter), by stage name."""
 
     __slots__ = ("ms", "_last")
@@ -157,7 +157,7 @@ class AdapterPipeline:
     def handle(self, data: bytes, source: str = "", received_at: float | None = None) -> Outcome:
         """Judge one packet and make it live if it passes. Never raises for bad input."""
         t0 = time.perf_counter() if received_at is None else received_at
-        clock = _StageClock()
+        clock = StageClock()
         ctx = replace(self.ctx, highest_version=self.journal.highest())
         if source in SLOTS:  # mix-and-match: a packet is judged for the topic it came on
             ctx = replace(ctx, slots=(source,))
@@ -171,7 +171,7 @@ class AdapterPipeline:
         return Outcome(record, packet, len(data), time.perf_counter() - t0, source, clock.ms)
 
     def _merge(self, packet: DecodedPacket, data: bytes, ctx: AuditContext,
-               clock: _StageClock) -> AuditRecord:
+               clock: StageClock) -> AuditRecord:
         slot, version = packet.header.slot, packet.header.version
         try:  # the disk syncs while the candidate is staged and probed (journal.begin)
             pending = self.journal.begin(slot, data, version)

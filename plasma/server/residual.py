@@ -141,9 +141,14 @@ class ResidualModel(PhysicsModel):
         nxt = super().step_member(member, obs, act)
         if self.residual is None:
             return nxt
+        return nxt + self._correction(member, obs, act, nxt.dtype)
+
+    def _correction(self, member: int, obs: np.ndarray, act: np.ndarray, dtype: np.dtype
+                    ) -> np.ndarray:
+        """What member ``member``'s residual net adds to the simulator's next observation."""
+        assert self.residual is not None
         net = getattr(self.members[member], "net", member) % len(self.residual.members)
-        delta = self.residual.step_member(net, obs, act) - obs
-        return nxt + delta.astype(nxt.dtype, copy=False)
+        return (self.residual.step_member(net, obs, act) - obs).astype(dtype, copy=False)
 
     def step_blocks(self, obs: np.ndarray, act: np.ndarray, blocks: Sequence[tuple[int, slice]]
                     ) -> np.ndarray | None:
@@ -155,9 +160,7 @@ class ResidualModel(PhysicsModel):
         if nxt is None or self.residual is None:
             return nxt
         for member, sl in blocks:
-            net = getattr(self.members[member], "net", member) % len(self.residual.members)
-            delta = self.residual.step_member(net, obs[sl], act[sl]) - obs[sl]
-            nxt[sl] = nxt[sl] + delta.astype(nxt.dtype, copy=False)
+            nxt[sl] = nxt[sl] + self._correction(member, obs[sl], act[sl], nxt.dtype)
         return nxt
 
 

@@ -228,10 +228,11 @@ class DeviceSlots:
             return None  # it refused the newest: what it runs is what it keeps
         if self.landing_timeout > 0:
             sent = self.store.published_at(self.fleet, "fleet", self.fleet, newest)
-            if sent is not None and self.clock() - sent > self.landing_timeout:
+            age = self.clock() - sent if sent is not None else 0.0
+            if age > self.landing_timeout:
                 log.warning("device %s: fleet adapter v%d went out %.0f s ago and it still reports "
                             "v%d without refusing it; its round fits what it reports",
-                            device, newest, self.clock() - sent, runs.fleet_version)
+                            device, newest, age, runs.fleet_version)
                 return None
         return f"fleet adapter v{newest} has landed or been refused (it runs v{runs.fleet_version})"
 

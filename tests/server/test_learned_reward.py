@@ -116,6 +116,7 @@ def test_near_the_data_a_learned_reward_is_held_under_what_its_neighbours_allow(
     from types import SimpleNamespace
 
     from plasma.server.judicial import JudicialAuditor
+    from plasma.server.judicial.evidence import RewardBound
 
     task = get_task(ENV)
     assert task.reward is not None
@@ -130,7 +131,9 @@ def test_near_the_data_a_learned_reward_is_held_under_what_its_neighbours_allow(
     act = real.act[idx].reshape(n, h, -1)
     recorded = real.rew[idx].reshape(n, h)
     flattered = recorded + 2 * real.rew.std()
-    sup = auditor._supported_returns(trust, real, (obs, act, recorded),  # type: ignore[arg-type]
+    cfg = JudicialConfig()
+    bound = RewardBound(real, trust.scale, cfg.support_points, cfg.seed)
+    sup = auditor._supported_returns(trust, bound, (obs, act, recorded),  # type: ignore[arg-type]
                                      (obs, act, flattered))
     kept, lured = sup["ref_supported_returns"], sup["cand_supported_returns"]
     assert np.all(kept >= recorded.sum(1) - 0.05 * np.abs(recorded.sum(1)))

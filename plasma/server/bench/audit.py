@@ -186,10 +186,10 @@ def _reference_returns(env_id: str, base: MLPPolicy, physics: dict[str, float], 
     key = (env_id, repr(sorted(physics.items())), str(episodes))
     if key not in _RETURNS:
         _RETURNS[key] = _returns(env_id, base, None, physics, episodes)
-    if key + ("oracle",) not in _RETURNS and oracle:
-        _RETURNS[key + ("oracle",)] = oracle_return(env_id, physics, episodes, base=oracle_base)
     if not oracle:
         return _RETURNS[key], None
+    if key + ("oracle",) not in _RETURNS:
+        _RETURNS[key + ("oracle",)] = oracle_return(env_id, physics, episodes, base=oracle_base)
     return _RETURNS[key], _RETURNS[key + ("oracle",)]
 
 

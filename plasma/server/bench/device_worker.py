@@ -32,7 +32,7 @@ from plasma.edge.audit import AuditContext
 from plasma.edge.canary import Canary, CanaryConfig
 from plasma.edge.journal import Journal
 from plasma.edge.merge import MergeEngine
-from plasma.edge.pipeline import AdapterPipeline
+from plasma.edge.pipeline import AdapterPipeline, StageClock
 from plasma.edge.probes import behaviour_scores, judge_behaviour, probe_observations
 from plasma.edge.runtime import PolicyRuntime
 from plasma.protocol import AuditRecord, TrustStore, topics
@@ -156,31 +156,26 @@ class BenchDevice:
         action bounds, perturbation sensitivity against the shipped base), swap one reference."""
         import onnxruntime as ort
 
-        stages, last = {}, time.perf_counter()
-
-        def mark(stage: str) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            stages[f"stage_ms.{stage}"], last = (now - last) * 1e3, now
-
+        clock = StageClock()
         key_id, signature, model = msg.payload[:16].hex(), msg.payload[16:80], msg.payload[80:]
         ok = self.trust.verify(key_id, signature, model) is True
-        mark("verify")
+        clock.mark("verify")
         if ok:
             _durable_write(self.model_store, model)
-            mark("write_sync")
+            clock.mark("write_sync")
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-            mark("build")
+            clock.mark("build")
             ok = not self._probe(session)
-            mark("probes")
+            clock.mark("probes")
             if ok:
                 self.reload_session = session  # the swap: one reference
         done = time.time()
         record = AuditRecord(auditor="edge", subject="model-push", fleet=self.fleet,
                              device=self.device, verdict="accepted" if ok else "rejected",
-                             scores={"t_swap": done, **stages})
+                             scores={"t_swap": done,
+                                     **{f"stage_ms.{k}": v for k, v in clock.ms.items()}})
         self.bus.publish(self.audit_topic, record.model_dump_json().encode(), qos=1)
 
     def _probe(self, session: Any) -> tuple[Reason, ...]:

@@ -19,6 +19,7 @@ from typing import Any
 from plasma.protocol.errors import ConfigError
 
 from ..judicial.thresholds import Thresholds
+from .guard import write_json
 
 __all__ = ["HeldoutRefused", "check_heldout", "ledger_for", "record_heldout"]
 
@@ -78,7 +79,5 @@ def record_heldout(ledger: Path, provenance: Mapping[str, Any], summary: Mapping
     entry = {"ran_at": (now or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
              **provenance, "summary": dict(summary)}
     runs.append(entry)
-    tmp = ledger.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"kind": KIND, "runs": runs}, indent=1) + "\n")
-    tmp.replace(ledger)
+    write_json({"kind": KIND, "runs": runs}, ledger)
     return entry

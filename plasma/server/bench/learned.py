@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..judicial import RealData
+from ..judicial.trust import nearest_distance
 
 __all__ = ["FlatteringLearnedReward", "HonestLearnedReward"]
 
@@ -119,30 +120,15 @@ class FlatteringLearnedReward:
         self.true, self.at = true, at
         self.scale = real.obs.std(0) + 1e-6
         self.points = (real.obs / self.scale).astype(np.float32)
-        d, _ = _nearest(self.points, self.points, exclude_self=True)
+        d = nearest_distance(self.points, self.points, exclude_self=True)
         self.radius = float(np.quantile(d, 0.99)) + 1e-6
         self.best = float(real.rew.max() + sigmas * real.rew.std())
 
     def __call__(self, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
         r = self.true(obs, act, next_obs)
         flat = obs.reshape(-1, obs.shape[-1]) / self.scale
-        d = _nearest(flat, self.points)[0].reshape(obs.shape[:-1]) / self.radius
+        d = nearest_distance(flat, self.points).reshape(obs.shape[:-1]) / self.radius
         w = np.clip(d - self.at, 0.0, 1.0)
         out: np.ndarray = (1 - w) * r + w * self.best
         return out.astype(np.float32)
 
-
-def _nearest(queries: np.ndarray, points: np.ndarray, exclude_self: bool = False,
-             chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(q,) distance from each query to its nearest point, and that point's index."""
-    dist = np.empty(len(queries), np.float32)
-    idx = np.empty(len(queries), np.int64)
-    p2 = (points**2).sum(1)
-    for i in range(0, len(queries), chunk):
-        q = queries[i:i + chunk].astype(np.float32)
-        d2 = (q**2).sum(1)[:, None] + p2[None] - 2 * q @ points.T
-        if exclude_self:
-            d2[np.arange(len(q)), np.arange(i, i + len(q))] = np.inf
-        idx[i:i + chunk] = d2.argmin(1)
-        dist[i:i + chunk] = np.sqrt(np.maximum(d2.min(1), 0))
-    return dist, idx

@@ -20,6 +20,9 @@ from .trust import TrustModel
 
 __all__ = ["Evidence", "EvidenceGatherer", "RewardBound"]
 
+_Paths = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""``rollout_paths``' answer: obs (N, H + 1, od), act (N, H, ad), rew (N, H)."""
+
 
 @dataclass
 class Evidence:
@@ -197,6 +200,9 @@ class EvidenceGatherer:
         dyn = ModelDynamics(model)
         ref = rollout_paths(dyn, task, self.policy, reference, starts, cfg.horizon)
         cand = rollout_paths(dyn, task, self.policy, candidate, starts, cfg.horizon)
+        bound = RewardBound(real, trust.scale, cfg.support_points, cfg.seed) \
+            if reward_is_learned(task) else None  # one neighbour table for every capped return
+        whole = self._episode_starts() if trust.prior is not None or bound is not None else None
         (ref_dis, ref_sup), (cand_dis, cand_sup) = self._trust_along(trust, ref), \
             self._trust_along(trust, cand)
         untrust_r, untrust_c = np.maximum(ref_dis - 1, 0), np.maximum(cand_dis - 1, 0)
@@ -220,10 +226,10 @@ class EvidenceGatherer:
             anchored=not reward_is_learned(task) or trust.prior is not None,
             ref_prior_error=trust.prior_error(ref[0], ref[1]),
             cand_prior_error=trust.prior_error(cand[0], cand[1]),
-            **self._supported_returns(trust, real, ref, cand),
-            **self._episode_supported(dyn, trust, real, starts, candidate, reference),
+            **self._supported_returns(trust, bound, ref, cand),
+            **self._episode_supported(dyn, trust, bound, whole, candidate, reference),
             prior_error_on_real=self._prior_errors(trust, real),
-            **self._prior_returns(trust, real, candidate, reference, rng),
+            **self._prior_returns(trust, bound, whole, candidate, reference),
         )
 
     def _prior_errors(self, trust: TrustModel, real: RealData) -> np.ndarray:
@@ -232,56 +238,59 @@ class EvidenceGatherer:
         pred = self.task.project_obs(trust.prior(real.obs, real.act))
         return (np.abs(pred - real.next_obs) / trust.scale).max(-1).astype(np.float32)
 
-    def _prior_returns(self, trust: TrustModel, real: RealData, candidate: LoRA,
-                       reference: LoRA | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def _episode_starts(self) -> np.ndarray:
+        """The environment's reset states that the whole-episode checks start from (whole
+        episodes: a failed swing-up shows only late)."""
+        from ..basepolicy import _reset_states
+
+        n = max(self.cfg.paths // 2, 1)
+        return _reset_states(self.task, self.task.physics(), n, 7_000_000 + self.cfg.seed * n)
+
+    def _whole_episodes(self, dyn: ModelDynamics | _PriorDynamics, starts: np.ndarray,
+                        candidate: LoRA, reference: LoRA | None) -> tuple[_Paths, _Paths]:
+        """Reference and candidate paths over whole episodes from ``starts``."""
+        steps = self.task.episode_steps
+        return (rollout_paths(dyn, self.task, self.policy, reference, starts, steps),
+                rollout_paths(dyn, self.task, self.policy, candidate, starts, steps))
+
+    def _prior_returns(self, trust: TrustModel, bound: RewardBound | None,
+                       starts: np.ndarray | None, candidate: LoRA, reference: LoRA | None
+                       ) -> dict[str, np.ndarray]:
         """Reference and candidate in the auditor's identified physics from reset start states
         (a learned reward capped off the real data as in ``_supported_returns``: the prior
         vouches for the dynamics of these episodes, not for the reward they collect)."""
-        if trust.prior is None:
+        if trust.prior is None or starts is None:
             return {}
-        from ..basepolicy import _reset_states
-
-        task, n = self.task, max(self.cfg.paths // 2, 1)
-        starts = _reset_states(task, task.physics(), n, 7_000_000 + self.cfg.seed * n)
-        dyn = _PriorDynamics(trust)
-        steps = task.episode_steps  # whole episodes: a failed swing-up shows only late
-        ref = rollout_paths(dyn, task, self.policy, reference, starts, steps)
-        cand = rollout_paths(dyn, task, self.policy, candidate, starts, steps)
-        if reward_is_learned(task):
-            sup = self._supported_returns(trust, real, ref, cand)
+        ref, cand = self._whole_episodes(_PriorDynamics(trust), starts, candidate, reference)
+        if bound is not None:
+            sup = self._supported_returns(trust, bound, ref, cand)
             return {"prior_ref_returns": sup["ref_supported_returns"],
                     "prior_cand_returns": sup["cand_supported_returns"]}
         return {"prior_ref_returns": ref[2].sum(1), "prior_cand_returns": cand[2].sum(1)}
 
-    def _episode_supported(self, dyn: ModelDynamics, trust: TrustModel, real: RealData,
-                           starts: np.ndarray, candidate: LoRA, reference: LoRA | None
+    def _episode_supported(self, dyn: ModelDynamics, trust: TrustModel, bound: RewardBound | None,
+                           starts: np.ndarray | None, candidate: LoRA, reference: LoRA | None
                            ) -> dict[str, np.ndarray]:
-        """Learned rewards: whole episodes in the world model from the audit's start states,
-        with capped rewards (``_supported_returns``)."""
-        if not reward_is_learned(self.task):
+        """Learned rewards: whole episodes in the world model from the reset start states, with
+        capped rewards (``_supported_returns``)."""
+        if bound is None or starts is None:
             return {}
-        from ..basepolicy import _reset_states
-
-        n = max(self.cfg.paths // 2, 1)
-        starts = _reset_states(self.task, self.task.physics(), n, 7_000_000 + self.cfg.seed * n)
-        steps = self.task.episode_steps
-        ref = rollout_paths(dyn, self.task, self.policy, reference, starts, steps)
-        cand = rollout_paths(dyn, self.task, self.policy, candidate, starts, steps)
-        sup = self._supported_returns(trust, real, ref, cand)
+        sup = self._supported_returns(trust, bound, *self._whole_episodes(dyn, starts, candidate,
+                                                                          reference))
         return {"ref_episode_supported": sup["ref_supported_returns"],
                 "cand_episode_supported": sup["cand_supported_returns"]}
 
-    def _supported_returns(self, trust: TrustModel, real: RealData,
+    def _supported_returns(self, trust: TrustModel, bound: RewardBound | None,
                            *paths: tuple[np.ndarray, np.ndarray, np.ndarray]
                            ) -> dict[str, np.ndarray]:
         """Learned rewards: path returns with every reward at a state far from the real data
         (raw nearest-neighbour rule: the prior vouches for dynamics, never for a learned reward)
         capped by what the recorded rewards allow there (``RewardBound``); near the data, every
         reward capped by the most its recorded neighbours allow (``RewardBound.ceiling``: a
-        reward flattering actions the device never took next to poorer recorded rewards)."""
-        if not reward_is_learned(self.task):
+        reward flattering actions the device never took next to poorer recorded rewards). ``bound``
+        is None when the reward is the task's own."""
+        if bound is None:
             return {}
-        bound = RewardBound(real, trust.scale, self.cfg.support_points, self.cfg.seed)
         out = []
         for obs, _, rew in paths:
             n, h = rew.shape

@@ -10,7 +10,7 @@ from ..tasks import TaskSpec
 from ..worldmodel import WorldModel
 from .config import JudicialConfig, RealData
 
-__all__ = ["TrustModel"]
+__all__ = ["TrustModel", "nearest_distance"]
 
 
 class TrustModel:
@@ -34,7 +34,7 @@ class TrustModel:
         self.scale = real.obs.std(0) + 1e-6  # (od,)
         keep = rng.choice(len(real.obs), min(cfg.support_points, len(real.obs)), replace=False)
         self.points = (real.obs[keep] / self.scale).astype(np.float32)  # (m, od)
-        nn = _nearest(self.points, self.points, exclude_self=True)
+        nn = nearest_distance(self.points, self.points, exclude_self=True)
         self.support_radius = float(np.quantile(nn, cfg.support_quantile)) + 1e-6 \
             if len(nn) > 1 else 1.0
         dis = model.disagreement(real.obs, real.act)
@@ -47,7 +47,7 @@ class TrustModel:
         return self.model.disagreement(obs, act) / self.trusted_disagreement
 
     def support_ratio(self, obs: np.ndarray) -> np.ndarray:
-        return _nearest(obs / self.scale, self.points) / self.support_radius
+        return nearest_distance(obs / self.scale, self.points) / self.support_radius
 
     def box_excess(self, obs: np.ndarray) -> np.ndarray:
         """Cheap support proxy for the planner: distance outside the real range, in spans."""
@@ -84,8 +84,8 @@ class TrustModel:
         return (self.untrust(obs, act) <= 0) & (self.support_ratio(obs) <= max_support)
 
 
-def _nearest(queries: np.ndarray, points: np.ndarray, exclude_self: bool = False,
-             chunk: int = 2048) -> np.ndarray:
+def nearest_distance(queries: np.ndarray, points: np.ndarray, exclude_self: bool = False,
+                     chunk: int = 2048) -> np.ndarray:
     """(q,) Euclidean distance from each query to its nearest point."""
     out = np.empty(len(queries), np.float32)
     p2 = (points**2).sum(1)  # (m,)
